@@ -1,0 +1,47 @@
+"""The Celery app both sides build from ``Settings``: JSON only, late acks, one queue.
+
+Configured here and nowhere else. The producer only sends ``TASK_SCORE_CHUNK`` by name;
+the workers register the task body on an app built by the same function.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from broker.settings import Settings
+
+TASK_SCORE_CHUNK = "rewardq.score_chunk"
+QUEUE_JUDGE = "rewardq.judge"
+
+
+def create_app(settings: Settings) -> Celery:
+    """A Celery app for ``settings``: Redis broker and backend, JSON serialization only.
+
+    Late acks with reject-on-worker-lost and a prefetch of one mean a chunk whose worker
+    dies is redelivered instead of lost; the visibility timeout sits beyond a chunk's
+    deadline so a slow but live chunk is not handed out twice.
+    """
+    url = settings.broker_url
+    app = Celery("rewardq", broker=url, backend=url, set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_queues=[Queue(QUEUE_JUDGE, routing_key=QUEUE_JUDGE)],
+        task_default_queue=QUEUE_JUDGE,
+        task_routes={TASK_SCORE_CHUNK: {"queue": QUEUE_JUDGE}},
+        result_expires=settings.result_expires_s,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        result_backend_transport_options={"retry_policy": {"timeout": 5.0}},
+        broker_connection_retry_on_startup=True,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        worker_hijack_root_logger=False,
+        enable_utc=True,
+    )
+    return app

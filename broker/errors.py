@@ -1,0 +1,63 @@
+"""rewardq's exception tree.
+
+    RewardqError
+     ├── ConfigError            settings or config values that cannot work (permanent)
+     ├── InvalidItemError       an item failed validation at an edge (permanent)
+     ├── BrokerUnavailableError Redis could not be reached within the deadline
+     ├── ScoringTimeoutError    results did not arrive within the caller's timeout
+     ├── DeadLetterNotFound     a dead-letter id that is not (or no longer) recorded
+     └── JudgeError             a judge call did not produce a score
+          ├── TransientJudgeError   worth retrying: 429, 408/409, 5xx, timeouts, network
+          └── PermanentJudgeError   not worth retrying: 400, 401/403, unparseable reply
+
+Catch ``TransientJudgeError`` apart from ``PermanentJudgeError`` to decide on retries.
+"""
+
+from __future__ import annotations
+
+
+class RewardqError(Exception):
+    """Root of every error rewardq raises on purpose."""
+
+
+class ConfigError(RewardqError, ValueError):
+    """A setting or config value that cannot work."""
+
+
+class InvalidItemError(RewardqError, ValueError):
+    """One or more items failed validation; the message names each item and field."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        head = f"{len(problems)} invalid item field(s):\n  " if len(problems) > 1 else ""
+        super().__init__(head + "\n  ".join(problems))
+
+
+class BrokerUnavailableError(RewardqError, ConnectionError):
+    """Redis (broker, backend or cache) could not be reached within the deadline."""
+
+
+class ScoringTimeoutError(RewardqError, TimeoutError):
+    """Results did not all arrive within the caller's timeout."""
+
+
+class DeadLetterNotFound(RewardqError, KeyError):
+    """A dead-letter id that is not recorded (never was, replayed, or expired)."""
+
+
+class JudgeError(RewardqError):
+    """A judge call that did not produce a score."""
+
+    def __init__(self, message: str, *, status_code: int | None = None,
+                 retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.retry_after_s = retry_after_s
+
+
+class TransientJudgeError(JudgeError):
+    """Worth retrying: rate limits, timeouts, server and network errors."""
+
+
+class PermanentJudgeError(JudgeError):
+    """Not worth retrying: bad request, auth, or a reply that cannot be parsed."""

@@ -1,0 +1,62 @@
+"""Every Redis key rewardq writes, its type and its TTL, in one place.
+
+=====================================  ======  ============================================
+key                                    type    meaning, TTL
+=====================================  ======  ============================================
+``rewardq:cache:<sha256>``             STRING  JSON ``JudgeVerdict`` for one (spec, item);
+                                               TTL ``Settings.cache_ttl_s``
+``rewardq:inflight:<sha256>``          STRING  owner token of the one judge call in flight
+                                               for that cache key; TTL judge timeout + slack
+``rewardq:dead:index``                 ZSET    dead-letter id -> failed-at unix time
+``rewardq:dead:<id>``                  STRING  JSON dead letter (payload, error, attempts,
+                                               step, timestamps); TTL
+                                               ``Settings.dead_letter_ttl_s``
+``rewardq:rl:<model>:rpm``             STRING  GCRA theoretical arrival time (requests)
+``rewardq:rl:<model>:tpm``             STRING  GCRA theoretical arrival time (tokens)
+``rewardq.judge``                      LIST    the Celery/kombu queue of ``ScoreChunk`` s
+``celery-task-meta-<task id>``         STRING  Celery result of one chunk; TTL
+                                               ``Settings.result_expires_s``
+=====================================  ======  ============================================
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from broker.schemas import JudgeSpec, ScoreItem
+
+PREFIX = "rewardq"
+DEAD_INDEX = f"{PREFIX}:dead:index"
+
+
+def judge_fingerprint(spec: JudgeSpec, item: ScoreItem) -> str:
+    """SHA-256 over everything that changes the judge's answer for ``item``.
+
+    Ids, uids, data sources and metadata do not change the answer and are left out, so
+    the same pair submitted under another id is a cache hit.
+    """
+    material = [spec.model, spec.prompt_version, spec.temperature, spec.max_tokens,
+                item.rubric, item.prompt, item.response, item.reference]
+    blob = json.dumps(material, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def cache_key(fingerprint: str) -> str:
+    """Key of the cached ``JudgeVerdict`` for a fingerprint."""
+    return f"{PREFIX}:cache:{fingerprint}"
+
+
+def inflight_key(fingerprint: str) -> str:
+    """Key of the lock held by the one worker judging a fingerprint right now."""
+    return f"{PREFIX}:inflight:{fingerprint}"
+
+
+def dead_letter_key(letter_id: str) -> str:
+    """Key of one dead letter's JSON body."""
+    return f"{PREFIX}:dead:{letter_id}"
+
+
+def rate_limit_key(model: str, dimension: str) -> str:
+    """Key of the fleet-wide GCRA state for ``model`` (``rpm`` or ``tpm``)."""
+    return f"{PREFIX}:rl:{model}:{dimension}"

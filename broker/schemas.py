@@ -1,0 +1,162 @@
+"""Wire schemas: what crosses the broker and the JSONL files, as JSON only.
+
+``ScoreItem`` is one (prompt, response) pair a trainer wants scored, ``ScoreChunk`` a
+Celery task's payload (a slice of a step's items plus the judge spec), ``ScoreResult``
+the answer for one item, and ``JudgeVerdict`` what the cache stores per judged pair.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from broker.errors import InvalidItemError
+
+MAX_ID_CHARS = 256
+MAX_TEXT_CHARS = 64_000
+MAX_METADATA_JSON_CHARS = 16_000
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class ScoreItem(_Wire):
+    """One (prompt, response) pair to score; ``reference`` selects the correctness rubric."""
+
+    id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
+    prompt: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
+    response: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
+    reference: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)
+    data_source: str | None = Field(default=None, max_length=MAX_ID_CHARS)
+    uid: str | None = Field(default=None, max_length=MAX_ID_CHARS)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def rubric(self) -> str:
+        """``correctness`` when a reference answer is given, else ``quality``."""
+        return "correctness" if self.reference is not None else "quality"
+
+
+class JudgeSpec(_Wire):
+    """Everything besides the item that changes the judge's answer (part of the cache key)."""
+
+    model: str = Field(min_length=1)
+    prompt_version: str = Field(min_length=1)
+    temperature: float = 0.0
+    max_tokens: int = Field(default=64, ge=1)
+
+
+class ScoreChunk(_Wire):
+    """A Celery task's payload: a slice of one step's items and how to judge them."""
+
+    job_id: str
+    chunk_index: int = Field(ge=0)
+    step: int | None = None
+    spec: JudgeSpec
+    items: list[ScoreItem] = Field(min_length=1)
+    #: Absolute unix time after which nobody waits for this chunk any more.
+    deadline: float
+
+
+class ResultStatus(str, enum.Enum):
+    """What became of one item."""
+
+    OK = "ok"
+    FAILED = "failed"
+    TIMEOUT = "timeout"
+    INVALID = "invalid"
+
+
+class Usage(_Wire):
+    """Token counts from the judge's reply (``usage`` of chat completions)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class JudgeVerdict(_Wire):
+    """A successful judgement of one (spec, item) pair; what the cache holds."""
+
+    score: float = Field(ge=0.0, le=1.0, description="Normalized to [0, 1].")
+    raw_score: float
+    usage: Usage = Field(default_factory=Usage)
+
+
+class ScoreResult(BaseModel):
+    """The answer for one item, in the order the items were submitted."""
+
+    model_config = ConfigDict(extra="forbid", use_enum_values=False)
+
+    id: str
+    status: ResultStatus
+    score: float | None = None
+    raw_score: float | None = None
+    cached: bool = False
+    attempts: int = 0
+    latency_ms: float = 0.0
+    usage: Usage | None = None
+    error: str | None = None
+
+    @classmethod
+    def from_verdict(cls, item_id: str, verdict: JudgeVerdict, *, cached: bool,
+                     attempts: int = 0, latency_ms: float = 0.0) -> ScoreResult:
+        """An ``ok`` result carrying ``verdict``'s score."""
+        return cls(id=item_id, status=ResultStatus.OK, score=verdict.score,
+                   raw_score=verdict.raw_score, cached=cached, attempts=attempts,
+                   latency_ms=latency_ms, usage=verdict.usage)
+
+    @classmethod
+    def failure(cls, item_id: str, status: ResultStatus, error: str, *,
+                attempts: int = 0, latency_ms: float = 0.0) -> ScoreResult:
+        """A non-``ok`` result; ``score`` stays ``None`` so nobody trains on a silent 0."""
+        return cls(id=item_id, status=status, error=error, attempts=attempts,
+                   latency_ms=latency_ms)
+
+
+def _describe(index: int, raw: object, err: Mapping[str, Any]) -> str:
+    item_id = raw.get("id") if isinstance(raw, Mapping) else None
+    where = f"item {index}" + (f" (id={item_id!r})" if isinstance(item_id, str) else "")
+    field = ".".join(str(p) for p in err.get("loc", ())) or "<item>"
+    return f"{where}: field {field!r}: {err.get('msg', 'invalid')}"
+
+
+def parse_items(raw_items: Iterable[object], *, start: int = 0) -> list[ScoreItem]:
+    """Validate raw mappings (or ``ScoreItem`` s) into items, all problems reported at once.
+
+    Args:
+        raw_items: mappings with the item JSON fields, or ``ScoreItem`` instances.
+        start: index of the first item, so messages can name lines of a larger file.
+
+    Raises:
+        InvalidItemError: one line per bad field, naming the item index, id and field.
+    """
+    items: list[ScoreItem] = []
+    problems: list[str] = []
+    for offset, raw in enumerate(raw_items):
+        if isinstance(raw, ScoreItem):
+            items.append(raw)
+            continue
+        index = start + offset
+        if not isinstance(raw, Mapping):
+            problems.append(f"item {index}: expected a JSON object, got {type(raw).__name__}")
+            continue
+        try:
+            item = ScoreItem.model_validate(dict(raw))
+        except ValidationError as exc:
+            problems.extend(_describe(index, raw, e) for e in exc.errors())
+            continue
+        if len(json.dumps(item.metadata, default=str)) > MAX_METADATA_JSON_CHARS:
+            problems.append(_describe(index, raw, {
+                "loc": ("metadata",),
+                "msg": f"larger than {MAX_METADATA_JSON_CHARS} characters as JSON"}))
+            continue
+        items.append(item)
+    if problems:
+        raise InvalidItemError(problems)
+    return items
+

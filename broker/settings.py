@@ -1,0 +1,77 @@
+"""One typed settings object, built once at an entry point and passed in.
+
+Only entry points (the CLI, the worker module Celery loads, ``RewardClient.from_env``)
+read the environment; everything else receives a :class:`Settings`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EMBEDDED_REDIS_PORT = 6389
+LOCAL_JUDGE_PORT = 8008
+
+
+class Settings(BaseSettings):
+    """rewardq settings; every field reads ``REWARDQ_<FIELD>`` from the environment.
+
+    The judge API key is the exception: it reads the standard ``OPENAI_API_KEY`` and is
+    only ever used inside worker processes (never put in a message, result or log).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="REWARDQ_", extra="ignore", frozen=True)
+
+    # Redis: broker, result backend, cache, locks and dead letters.
+    redis_url: str | None = Field(
+        default=None, description="Unset = the embedded Redis at 127.0.0.1:6389."
+    )
+    embedded_redis_port: int = EMBEDDED_REDIS_PORT
+
+    # Judge endpoint (OpenAI-compatible chat completions).
+    judge_base_url: str = f"http://127.0.0.1:{LOCAL_JUDGE_PORT}/v1"
+    judge_model: str = "rewardq-local-judge"
+    judge_api_key: SecretStr = Field(
+        default=SecretStr("local-judge-needs-no-key"),
+        validation_alias=AliasChoices("OPENAI_API_KEY", "REWARDQ_JUDGE_API_KEY"),
+    )
+    judge_prompt_version: str = "v1"
+    judge_temperature: float = 0.0
+    judge_max_tokens: int = 64
+    judge_transport: Literal["aiohttp", "httpx"] = "aiohttp"
+    judge_timeout_s: float = Field(default=30.0, gt=0)
+    judge_max_attempts: int = Field(default=5, ge=1)
+    judge_rpm: int | None = Field(default=None, gt=0)
+    judge_tpm: int | None = Field(default=None, gt=0)
+
+    # Worker fleet.
+    max_concurrent_requests: int = Field(
+        default=256, ge=1, description="Judge requests in flight at once per worker process."
+    )
+    worker_concurrency: int = Field(default=64, ge=1, description="gevent pool size.")
+    chunk_size: int = Field(default=16, ge=1, le=1000, description="Items per Celery task.")
+    chunk_deadline_s: float = Field(default=600.0, gt=0)
+
+    # Retention.
+    cache_ttl_s: int = Field(default=7 * 24 * 3600, gt=0)
+    result_expires_s: int = Field(default=3600, gt=0)
+    dead_letter_ttl_s: int = Field(default=7 * 24 * 3600, gt=0)
+
+    metrics_port: int | None = None
+
+    @field_validator("judge_base_url")
+    @classmethod
+    def _strip_slash(cls, v: str) -> str:
+        return v.rstrip("/")
+
+    @property
+    def broker_url(self) -> str:
+        """The Redis URL every component uses: the configured one or the embedded default."""
+        return self.redis_url or f"redis://127.0.0.1:{self.embedded_redis_port}/0"
+
+    @property
+    def visibility_timeout_s(self) -> int:
+        """Redelivery delay for unacked chunks: comfortably beyond one chunk's deadline."""
+        return int(self.chunk_deadline_s * 2 + 60)

@@ -1,0 +1,1 @@
+"""The worker fleet: Celery tasks that judge chunks of items on a gevent pool."""

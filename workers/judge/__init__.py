@@ -1,0 +1,1 @@
+"""The LLM judge: pure prompt building and reply parsing, and a thin async client."""
