@@ -1,0 +1,1 @@
+"""What a trainer imports: ``RewardClient``, length penalties, the verl and TRL adapters."""
