@@ -1,0 +1,22 @@
+"""The local judge: an OpenAI-compatible chat-completions server that grades by rule.
+
+No machine here reaches a real LLM API, so the demo, the tests and the benchmarks judge
+against this server. It is a real HTTP server (aiohttp) that the ``openai`` SDK talks
+to unchanged; it grades the prompts ``workers.judge.prompts`` builds deterministically,
+so a test can predict every score, and it injects the trouble a hosted API causes
+(latency, 429s with ``Retry-After``, 5xx, hangs, scoreless replies, a per-minute quota)
+while counting what it saw, so a test can prove what the workers did.
+
+Modules:
+    grading     pure grading: ``final_answer``, ``expected_raw_score``, ``grade_messages``
+    config      ``JudgeConfig``, the runtime knobs
+    protocol    the chat-completions wire format
+    faults      seeded fault and latency draws
+    rate_limit  the sliding-minute ``rpm_limit`` window
+    stats       the ``GET /stats`` counters
+    app         the aiohttp application (``build_app``)
+    server      ``serve`` / ``run`` / ``BackgroundJudgeServer``
+    __main__    ``python -m judge_server``
+
+Nothing is imported here, so ``judge_server.grading`` loads without aiohttp.
+"""

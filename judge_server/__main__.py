@@ -1,0 +1,95 @@
+"""``python -m judge_server``: the local judge in the foreground.
+
+Prints ``judge server listening on http://HOST:PORT/v1`` once it accepts connections
+(with the real port when ``--port 0``) and exits 0 on SIGINT or SIGTERM. ``rewardq
+judge-server`` calls :func:`main` with its own arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from judge_server.config import (
+    DEFAULT_MODEL,
+    DEFAULT_PORT,
+    FAULT_KINDS,
+    ConfigValueError,
+    JudgeConfig,
+    parse_error_kinds,
+)
+from judge_server.server import LOOPS, run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of the judge server (every knob of ``JudgeConfig``)."""
+    defaults = JudgeConfig()
+    parser = argparse.ArgumentParser(
+        prog="judge_server",
+        description="Local OpenAI-compatible LLM judge: deterministic grading, "
+                    "injectable latency, faults and rate limits.")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+                        help=f"TCP port; 0 picks a free one (default {DEFAULT_PORT})")
+    parser.add_argument("--latency-ms", type=float, default=defaults.latency_ms,
+                        help="time each answer takes")
+    parser.add_argument("--jitter-ms", type=float, default=defaults.jitter_ms,
+                        help="latency varies uniformly by +/- this much")
+    parser.add_argument("--error-rate", type=float, default=defaults.error_rate,
+                        help="fraction of requests (0..1) answered with an injected fault")
+    parser.add_argument("--error-kinds", default=",".join(defaults.error_kinds),
+                        help=f"comma-separated faults to inject, from {','.join(FAULT_KINDS)}")
+    parser.add_argument("--retry-after-s", type=float, default=defaults.retry_after_s,
+                        help="Retry-After of an injected 429")
+    parser.add_argument("--timeout-sleep-s", type=float, default=defaults.timeout_sleep_s,
+                        help="how long a 'timeout' fault stalls")
+    parser.add_argument("--rpm-limit", type=int, default=defaults.rpm_limit,
+                        help="requests accepted per sliding minute; 0 = unlimited")
+    parser.add_argument("--seed", type=int, default=defaults.seed,
+                        help="seed of the jitter and fault draws")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="model name /v1/models lists")
+    parser.add_argument("--loop", choices=LOOPS, default="auto",
+                        help="event loop; auto = uvloop when installed")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> JudgeConfig:
+    """The ``JudgeConfig`` the parsed flags describe.
+
+    Raises:
+        ConfigValueError: a flag value out of range.
+    """
+    return JudgeConfig(
+        latency_ms=args.latency_ms, jitter_ms=args.jitter_ms, seed=args.seed,
+        error_rate=args.error_rate, error_kinds=parse_error_kinds(args.error_kinds),
+        retry_after_s=args.retry_after_s, timeout_sleep_s=args.timeout_sleep_s,
+        rpm_limit=args.rpm_limit, model=args.model)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the judge server until SIGINT/SIGTERM; returns the exit status.
+
+    Args:
+        argv: the arguments (without the program name); ``None`` reads ``sys.argv``.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ConfigValueError as exc:
+        parser.error(str(exc))
+
+    def announce(url: str) -> None:
+        print(f"judge server listening on {url}", flush=True)
+
+    try:
+        run(args.host, args.port, config, ready_callback=announce, loop=args.loop)
+    except OSError as exc:
+        print(f"judge server cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""The local judge's behaviour knobs: one frozen value, replaced whole at runtime.
+
+Set at startup from CLI flags and changed while running by ``POST /admin/config`` with
+any subset of the fields as JSON; a request handler reads the current value once, so a
+change never tears a request in half.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+#: The port rewardq's settings point at by default (``broker.settings.LOCAL_JUDGE_PORT``).
+#: Repeated, not imported: the judge stands in for a third-party API and shares no code
+#: with its clients.
+DEFAULT_PORT = 8008
+#: The model name rewardq's settings ask for by default (``REWARDQ_JUDGE_MODEL``).
+DEFAULT_MODEL = "rewardq-local-judge"
+
+#: Fault kinds ``error_kinds`` may name: HTTP statuses, plus a hang and a scoreless reply.
+FAULT_KINDS = ("429", "500", "503", "400", "401", "timeout", "malformed")
+
+
+class ConfigValueError(ValueError):
+    """A judge-server knob with an unknown name or a value it cannot take."""
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    """How the local judge behaves.
+
+    Attributes:
+        latency_ms: time spent "thinking" before each answer.
+        jitter_ms: latency varies uniformly within ``latency_ms ± jitter_ms`` (not below 0).
+        seed: seeds the generator that draws jitter and faults, for reproducible runs.
+        error_rate: fraction (0..1) of requests answered with an injected fault.
+        error_kinds: faults to draw from, uniformly; see ``FAULT_KINDS``.
+        retry_after_s: ``Retry-After`` sent with an injected 429.
+        timeout_sleep_s: how long a ``timeout`` fault stalls before answering normally.
+        rpm_limit: accepted requests per sliding 60 s window; 0 means unlimited.
+        model: the model ``GET /v1/models`` lists (any requested model is accepted).
+
+    Raises:
+        ConfigValueError: a value out of range or of the wrong type.
+    """
+
+    latency_ms: float = 0.0
+    jitter_ms: float = 0.0
+    seed: int = 0
+    error_rate: float = 0.0
+    error_kinds: tuple[str, ...] = ("429", "500")
+    retry_after_s: float = 0.2
+    timeout_sleep_s: float = 30.0
+    rpm_limit: int = 0
+    model: str = DEFAULT_MODEL
+
+    def __post_init__(self) -> None:
+        for name in ("latency_ms", "jitter_ms", "retry_after_s", "timeout_sleep_s"):
+            _require(_is_real(getattr(self, name)) and getattr(self, name) >= 0,
+                     name, "a finite number >= 0")
+            object.__setattr__(self, name, float(getattr(self, name)))
+        _require(_is_real(self.error_rate) and 0.0 <= self.error_rate <= 1.0,
+                 "error_rate", "a number in [0, 1]")
+        object.__setattr__(self, "error_rate", float(self.error_rate))
+        _require(_is_int(self.seed), "seed", "an integer")
+        _require(_is_int(self.rpm_limit) and self.rpm_limit >= 0, "rpm_limit",
+                 "an integer >= 0 (0 = unlimited)")
+        _require(isinstance(self.model, str) and bool(self.model), "model", "a non-empty string")
+        _require(isinstance(self.error_kinds, tuple) and bool(self.error_kinds)
+                 and all(kind in FAULT_KINDS for kind in self.error_kinds),
+                 "error_kinds", f"a non-empty list drawn from {list(FAULT_KINDS)}")
+
+    def updated(self, changes: Mapping[str, Any]) -> JudgeConfig:
+        """A copy with ``changes`` applied, as JSON gives them (lists, ``null``, numbers).
+
+        ``error_kinds`` may be a list or a comma-separated string; ``rpm_limit`` ``null``
+        means unlimited.
+
+        Raises:
+            ConfigValueError: an unknown field or an invalid value; nothing is applied.
+        """
+        known = {field.name for field in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ConfigValueError(f"unknown config field(s) {unknown}; known: {sorted(known)}")
+        values = dict(changes)
+        if "error_kinds" in values:
+            values["error_kinds"] = parse_error_kinds(values["error_kinds"])
+        if "rpm_limit" in values and values["rpm_limit"] is None:
+            values["rpm_limit"] = 0
+        return dataclasses.replace(self, **values)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The knobs as JSON-ready values (what ``GET /admin/config`` returns)."""
+        values = dataclasses.asdict(self)
+        values["error_kinds"] = list(self.error_kinds)
+        return values
+
+
+def parse_error_kinds(value: str | Iterable[Any]) -> tuple[str, ...]:
+    """``"429,500"`` or ``["429", 500]`` as a tuple of fault-kind strings.
+
+    Raises:
+        ConfigValueError: not a string or a list of strings/integers.
+    """
+    if isinstance(value, str):
+        return tuple(kind.strip() for kind in value.split(",") if kind.strip())
+    if isinstance(value, list | tuple) and all(
+        isinstance(kind, str) or _is_int(kind) for kind in value
+    ):
+        return tuple(str(kind).strip() for kind in value)
+    raise ConfigValueError(f"error_kinds must be a list or a comma-separated string: {value!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _require(ok: bool, name: str, expected: str) -> None:
+    if not ok:
+        raise ConfigValueError(f"{name} must be {expected}")
