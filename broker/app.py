@@ -23,6 +23,8 @@ def create_app(settings: Settings) -> Celery:
     deadline so a slow but live chunk is not handed out twice.
     """
     url = settings.broker_url
+    # Every greenlet of a gevent worker may hold a connection at once (acks, results).
+    max_connections = 2 * settings.worker_concurrency + 32
     app = Celery("rewardq", broker=url, backend=url, set_as_current=False)
     app.conf.update(
         task_serializer="json",
@@ -36,7 +38,9 @@ def create_app(settings: Settings) -> Celery:
         task_default_queue=QUEUE_JUDGE,
         task_routes={TASK_SCORE_CHUNK: {"queue": QUEUE_JUDGE}},
         result_expires=settings.result_expires_s,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s,
+                                  "max_connections": max_connections},
+        redis_max_connections=max_connections,
         result_backend_transport_options={"retry_policy": {"timeout": 5.0}},
         broker_connection_retry_on_startup=True,
         worker_send_task_events=True,

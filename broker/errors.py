@@ -8,7 +8,8 @@
      ├── DeadLetterNotFound     a dead-letter id that is not (or no longer) recorded
      └── JudgeError             a judge call did not produce a score
           ├── TransientJudgeError   worth retrying: 429, 408/409, 5xx, timeouts, network
-          └── PermanentJudgeError   not worth retrying: 400, 401/403, unparseable reply
+          └── PermanentJudgeError   not worth retrying: 400, 401/403
+               └── UnparseableReplyError  no score in the reply (retried while attempts last)
 
 Catch ``TransientJudgeError`` apart from ``PermanentJudgeError`` to decide on retries.
 """
@@ -61,3 +62,7 @@ class TransientJudgeError(JudgeError):
 
 class PermanentJudgeError(JudgeError):
     """Not worth retrying: bad request, auth, or a reply that cannot be parsed."""
+
+
+class UnparseableReplyError(PermanentJudgeError):
+    """The judge answered, but no score could be read from its reply."""

@@ -12,7 +12,7 @@ import json
 import math
 import re
 
-from broker.errors import PermanentJudgeError
+from broker.errors import UnparseableReplyError
 from workers.judge.prompts import SCALE_MAX, SCALE_MIN
 
 _OBJECT = re.compile(r"\{.*?\}", re.DOTALL)
@@ -23,10 +23,10 @@ def extract_raw_score(reply: str | None) -> float:
     """The judge's score as written, before clamping.
 
     Raises:
-        PermanentJudgeError: no score could be read from the reply.
+        UnparseableReplyError: no score could be read from the reply.
     """
     if not reply or not reply.strip():
-        raise PermanentJudgeError("judge reply is empty")
+        raise UnparseableReplyError("judge reply is empty")
     text = reply.strip()
     for candidate in (text, *(m.group(0) for m in _OBJECT.finditer(text))):
         score = _score_from_json(candidate)
@@ -34,10 +34,10 @@ def extract_raw_score(reply: str | None) -> float:
             return score
     match = _NUMBER.search(text)
     if match is None:
-        raise PermanentJudgeError(f"no score in judge reply: {text[:200]!r}")
+        raise UnparseableReplyError(f"no score in judge reply: {text[:200]!r}")
     value = float(match.group(0))
     if not math.isfinite(value):
-        raise PermanentJudgeError(f"non-finite score in judge reply: {text[:200]!r}")
+        raise UnparseableReplyError(f"non-finite score in judge reply: {text[:200]!r}")
     return value
 
 

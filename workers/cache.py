@@ -1,0 +1,140 @@
+"""The judge cache and the in-flight locks, in Redis (keys in ``broker.keys``).
+
+A verdict is cached under the fingerprint of everything that changes the judge's
+answer. While one worker judges a fingerprint it holds ``rewardq:inflight:<fp>``; any
+other worker wanting the same fingerprint waits for the cached verdict instead of
+calling the judge again. Claiming a whole chunk's fingerprints is one Lua call, and
+storing a verdict with releasing its lock is another, so a judged item costs one Redis
+round trip besides its chunk's claim.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from broker.keys import cache_key, inflight_key
+from broker.schemas import JudgeVerdict
+
+# Claim a batch of fingerprints.
+# KEYS: 2n keys, pairs (rewardq:cache:<fp> STRING verdict JSON,
+#                       rewardq:inflight:<fp> STRING owner token, TTL ARGV[2] ms).
+# ARGV[1] = owner token, ARGV[2] = lock TTL in ms.
+# Returns, per pair, the cached verdict JSON, or 1 (now ours), or 0 (another owner).
+_CLAIM = """
+local out = {}
+for i = 1, #KEYS, 2 do
+  local v = redis.call('GET', KEYS[i])
+  if v then
+    out[#out + 1] = v
+  elseif redis.call('SET', KEYS[i + 1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
+end
+return out
+"""
+# Store a verdict and release our lock. KEYS[1] = cache key, KEYS[2] = inflight key;
+# ARGV[1] = verdict JSON, ARGV[2] = cache TTL s, ARGV[3] = owner token.
+_STORE = """
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+if redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
+return 1
+"""
+# KEYS[1] = inflight key; ARGV[1] = token, ARGV[2] = TTL ms: extend only our own lock.
+_EXTEND = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+# KEYS[1] = inflight key; ARGV[1] = token: delete only our own lock.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class ClaimState(enum.Enum):
+    """What a claim found for one fingerprint."""
+
+    CACHED = "cached"  #: a verdict is cached: no judge call needed
+    OWNED = "owned"  #: the lock is ours: we call the judge
+    BUSY = "busy"  #: another caller holds the lock: wait for its verdict
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The outcome of claiming one fingerprint (``verdict`` set when ``CACHED``)."""
+
+    state: ClaimState
+    verdict: JudgeVerdict | None = None
+
+
+class JudgeCache:
+    """Cached verdicts and in-flight locks for one worker process.
+
+    Args:
+        redis: an asyncio Redis client on the worker's loop.
+        ttl_s: how long a verdict stays cached.
+        lock_ttl_ms: how long an in-flight lock outlives a silent (e.g. killed) owner.
+        poll_s: how often a waiter looks for the owner's verdict.
+    """
+
+    def __init__(self, redis: aioredis.Redis, ttl_s: int, lock_ttl_ms: int,
+                 poll_s: float = 0.02) -> None:
+        self._redis = redis
+        self._ttl_s = ttl_s
+        self._lock_ttl_ms = lock_ttl_ms
+        self._poll_s = poll_s
+        self._claim = redis.register_script(_CLAIM)
+        self._store = redis.register_script(_STORE)
+        self._extend = redis.register_script(_EXTEND)
+        self._release = redis.register_script(_RELEASE)
+
+    async def claim(self, fingerprints: list[str], token: str) -> list[Claim]:
+        """For each fingerprint: its cached verdict, or its lock (``token``), or busy."""
+        if not fingerprints:
+            return []
+        keys = [k for fp in fingerprints for k in (cache_key(fp), inflight_key(fp))]
+        raw = await self._claim(keys=keys, args=[token, self._lock_ttl_ms])
+        return [Claim(ClaimState.CACHED, JudgeVerdict.model_validate_json(v))
+                if isinstance(v, bytes | str)
+                else Claim(ClaimState.OWNED if v == 1 else ClaimState.BUSY) for v in raw]
+
+    async def store(self, fingerprint: str, verdict: JudgeVerdict, token: str) -> None:
+        """Cache ``verdict`` with the configured TTL and release our lock, atomically."""
+        await self._store(keys=[cache_key(fingerprint), inflight_key(fingerprint)],
+                          args=[verdict.model_dump_json(), self._ttl_s, token])
+
+    async def extend_lock(self, fingerprint: str, token: str) -> None:
+        """Push our lock's expiry out again (before each retry of a long call)."""
+        await self._extend(keys=[inflight_key(fingerprint)], args=[token, self._lock_ttl_ms])
+
+    async def release_lock(self, fingerprint: str, token: str) -> None:
+        """Release our lock without a verdict; a lock re-taken by another is left alone."""
+        await self._release(keys=[inflight_key(fingerprint)], args=[token])
+
+    async def wait_for_owner(self, fingerprint: str, deadline: float) -> JudgeVerdict | None:
+        """Wait while another caller judges ``fingerprint``.
+
+        Returns:
+            The owner's verdict, or ``None`` once the lock is gone without one (the owner
+            failed or died) or ``deadline`` (loop time) passed: the caller decides then.
+        """
+        loop = asyncio.get_running_loop()
+        while loop.time() < deadline:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.get(cache_key(fingerprint))
+                pipe.exists(inflight_key(fingerprint))
+                value, locked = await pipe.execute()
+            if value is not None:
+                return JudgeVerdict.model_validate_json(value)
+            if not locked:
+                return None
+            await asyncio.sleep(self._poll_s)
+        return None

@@ -1,0 +1,76 @@
+"""Per-process worker resources: the asyncio bridge and what lives on its loop.
+
+Built lazily on a process's first task (after Celery forked or started its pool), torn
+down at worker shutdown: one loop thread, one ``AsyncOpenAI`` client, one asyncio
+Redis client and one ``ChunkScorer``, shared by every greenlet of the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import redis.asyncio as aioredis
+
+from broker.schemas import ScoreChunk, ScoreResult
+from broker.settings import Settings
+from workers.bridge import AsyncioBridge
+from workers.cache import JudgeCache
+from workers.judge.client import JudgeClient
+from workers.retry import RetryPolicy
+from workers.scoring import ChunkScorer
+
+
+class WorkerRuntime:
+    """Everything one worker process shares across its tasks.
+
+    Args:
+        settings: the worker's settings (judge endpoint, key, limits, Redis URL).
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.bridge = AsyncioBridge()
+        self._scorer: ChunkScorer | None = None
+        self._judge: JudgeClient | None = None
+        self._redis: aioredis.Redis | None = None
+
+    def score(self, chunk: ScoreChunk, timeout_s: float) -> list[ScoreResult]:
+        """Score ``chunk`` on the loop thread; cooperative for the calling greenlet.
+
+        Raises:
+            TimeoutError: the chunk took longer than ``timeout_s``.
+        """
+        scorer = self._scorer or self.bridge.run(self._build(), timeout=30)
+        return self.bridge.run(scorer.score(chunk), timeout=timeout_s)
+
+    async def _build(self) -> ChunkScorer:
+        # Runs on the loop thread, so the clients bind to the loop that will use them.
+        if self._scorer is None:
+            s = self.settings
+            # Blocking pool: hundreds of coroutines share a bounded set of connections.
+            pool = aioredis.BlockingConnectionPool.from_url(
+                s.broker_url, max_connections=64, timeout=30, health_check_interval=30)
+            self._redis = aioredis.Redis(connection_pool=pool)
+            self._judge = JudgeClient(s)
+            lock_ttl_ms = int((s.judge_timeout_s + 10.0) * 1000)
+            cache = JudgeCache(self._redis, ttl_s=s.cache_ttl_s, lock_ttl_ms=lock_ttl_ms)
+            policy = RetryPolicy(max_attempts=s.judge_max_attempts)
+            self._scorer = ChunkScorer(self._judge, cache, policy)
+        return self._scorer
+
+    def close(self) -> None:
+        """Close the clients and stop the loop thread."""
+        if self._scorer is not None:
+            # Blocking wait on purpose: at shutdown the gevent hub may no longer switch.
+            future = asyncio.run_coroutine_threadsafe(self._close(), self.bridge.loop)
+            with contextlib.suppress(Exception):
+                future.result(timeout=10)
+        self.bridge.close()
+
+    async def _close(self) -> None:
+        if self._judge is not None:
+            await self._judge.close()
+        if self._redis is not None:
+            await self._redis.aclose()
+        self._scorer = None

@@ -1,0 +1,169 @@
+"""Scoring one chunk: cache, in-flight dedup, judge calls with retries; all async.
+
+Runs on the worker process's asyncio loop (see ``workers.bridge``). A chunk's
+fingerprints are claimed in one Redis call: cached ones answer at once, owned ones are
+judged here, busy ones (another process is judging them) wait for that verdict. Within
+the process, every fingerprint has at most one ``asyncio.Task`` resolving it, which
+duplicates in the same or in other chunks join. One item's failure never takes its
+chunk down: it becomes a ``failed`` or ``timeout`` result carrying its error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Protocol
+
+from broker.errors import JudgeError
+from broker.keys import judge_fingerprint
+from broker.schemas import JudgeSpec, JudgeVerdict, ResultStatus, ScoreChunk, ScoreItem, \
+    ScoreResult
+from workers.cache import Claim, ClaimState, JudgeCache
+from workers.retry import RetryPolicy, decide
+
+
+class Judge(Protocol):
+    """What the scorer needs from a judge: one call, no retries, no cache."""
+
+    async def judge(self, spec: JudgeSpec, item: ScoreItem) -> JudgeVerdict: ...
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A verdict and how it was obtained (``attempts`` = judge calls made for it)."""
+
+    verdict: JudgeVerdict
+    attempts: int
+    cached: bool
+
+
+class JudgeFailed(Exception):
+    """An item's judge calls failed for good (carries the attempts made)."""
+
+    def __init__(self, error: JudgeError, attempts: int) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.attempts = attempts
+
+
+class ChunkScorer:
+    """Scores chunks for one worker process.
+
+    Args:
+        judge: makes one judge call.
+        cache: verdict cache and in-flight locks.
+        policy: retry limits and backoff.
+    """
+
+    def __init__(self, judge: Judge, cache: JudgeCache, policy: RetryPolicy) -> None:
+        self._judge = judge
+        self._cache = cache
+        self._policy = policy
+        self._resolving: dict[str, asyncio.Task[Outcome]] = {}
+
+    async def score(self, chunk: ScoreChunk) -> list[ScoreResult]:
+        """One result per item of ``chunk``, in order."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, chunk.deadline - time.time())
+        fingerprints = [judge_fingerprint(chunk.spec, item) for item in chunk.items]
+        first_item = dict(zip(fingerprints, chunk.items, strict=True))
+        token = uuid.uuid4().hex
+        # Snapshot before awaiting anything: a task that finishes meanwhile stays joinable.
+        joined = {fp: self._resolving[fp] for fp in fingerprints if fp in self._resolving}
+        to_claim = [fp for fp in dict.fromkeys(fingerprints) if fp not in joined]
+        claims = dict(zip(to_claim, await self._cache.claim(to_claim, token), strict=True))
+        owners: dict[str, asyncio.Task[Outcome]] = {}
+        for fp, claim in claims.items():
+            if claim.state is ClaimState.CACHED:
+                continue
+            task = loop.create_task(self._resolve(chunk.spec, first_item[fp], fp, claim,
+                                                  token, deadline))
+            self._resolving[fp] = task
+            task.add_done_callback(lambda _t, fp=fp: self._resolving.pop(fp, None))
+            owners[fp] = task
+        seen: set[str] = set()
+        results = []
+        for item, fp in zip(chunk.items, fingerprints, strict=True):
+            claim = claims.get(fp)
+            if claim is not None and claim.verdict is not None:
+                results.append(self._cached_result(item, claim.verdict))
+                continue
+            owner = fp in owners and fp not in seen
+            seen.add(fp)
+            results.append(self._await_result(item, owners.get(fp) or joined[fp], owner,
+                                              deadline))
+        return list(await asyncio.gather(*results))
+
+    @staticmethod
+    async def _cached_result(item: ScoreItem, verdict: JudgeVerdict) -> ScoreResult:
+        return ScoreResult.from_verdict(item.id, verdict, cached=True)
+
+    async def _await_result(self, item: ScoreItem, task: asyncio.Task[Outcome],
+                            owner: bool, deadline: float) -> ScoreResult:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+
+        def ms() -> float:
+            return (loop.time() - started) * 1000
+
+        try:
+            outcome = await asyncio.wait_for(asyncio.shield(task),
+                                             timeout=max(0.0, deadline - started))
+        except JudgeFailed as exc:
+            return ScoreResult.failure(item.id, ResultStatus.FAILED, str(exc.error),
+                                       attempts=exc.attempts if owner else 0, latency_ms=ms())
+        except TimeoutError:
+            return ScoreResult.failure(item.id, ResultStatus.TIMEOUT,
+                                       "deadline passed before the judge answered",
+                                       latency_ms=ms())
+        if owner:
+            return ScoreResult.from_verdict(item.id, outcome.verdict, cached=outcome.cached,
+                                            attempts=outcome.attempts, latency_ms=ms())
+        return ScoreResult.from_verdict(item.id, outcome.verdict, cached=True, latency_ms=ms())
+
+    async def _resolve(self, spec: JudgeSpec, item: ScoreItem, fingerprint: str,
+                       claim: Claim, token: str, deadline: float) -> Outcome:
+        """Judge ``fingerprint`` if we own it, else wait for its owner (or take over)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if claim.state is ClaimState.CACHED and claim.verdict is not None:
+                return Outcome(claim.verdict, 0, cached=True)
+            if claim.state is ClaimState.OWNED:
+                return await self._judge_owned(spec, item, fingerprint, token, deadline)
+            verdict = await self._cache.wait_for_owner(fingerprint, deadline)
+            if verdict is not None:
+                return Outcome(verdict, 0, cached=True)
+            if loop.time() >= deadline:
+                raise TimeoutError
+            # The owner vanished without a verdict (failed or died): try to take over.
+            claim = (await self._cache.claim([fingerprint], token))[0]
+
+    async def _judge_owned(self, spec: JudgeSpec, item: ScoreItem, fingerprint: str,
+                           token: str, deadline: float) -> Outcome:
+        stored = False
+        try:
+            verdict, attempts = await self._judge_with_retries(spec, item, fingerprint, token,
+                                                               deadline)
+            await self._cache.store(fingerprint, verdict, token)
+            stored = True
+            return Outcome(verdict, attempts, cached=False)
+        finally:
+            if not stored:
+                await asyncio.shield(self._cache.release_lock(fingerprint, token))
+
+    async def _judge_with_retries(self, spec: JudgeSpec, item: ScoreItem, fingerprint: str,
+                                  token: str, deadline: float) -> tuple[JudgeVerdict, int]:
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await self._judge.judge(spec, item), attempt
+            except JudgeError as exc:
+                decision = decide(self._policy, exc, attempt, deadline - loop.time())
+                if not decision.retry:
+                    raise JudgeFailed(exc, attempt) from exc
+            await asyncio.sleep(decision.delay_s)
+            await self._cache.extend_lock(fingerprint, token)
