@@ -16,7 +16,7 @@ from broker.schemas import ScoreChunk, ScoreResult
 from broker.settings import Settings
 from workers.bridge import AsyncioBridge
 from workers.cache import JudgeCache
-from workers.judge.client import JudgeClient
+from workers.judge_client import JudgeClient
 from workers.retry import RetryPolicy
 from workers.scoring import ChunkScorer
 

@@ -13,7 +13,7 @@ import math
 import re
 
 from broker.errors import UnparseableReplyError
-from workers.judge.prompts import SCALE_MAX, SCALE_MIN
+from broker.prompts import SCALE_MAX, SCALE_MIN
 
 _OBJECT = re.compile(r"\{.*?\}", re.DOTALL)
 _NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")

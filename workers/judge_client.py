@@ -14,8 +14,8 @@ import openai
 from broker.errors import JudgeError, PermanentJudgeError, TransientJudgeError
 from broker.schemas import JudgeSpec, JudgeVerdict, ScoreItem, Usage
 from broker.settings import Settings
-from workers.judge.prompts import template_for
-from workers.judge.verdicts import extract_raw_score, normalize
+from broker.prompts import template_for
+from broker.verdicts import extract_raw_score, normalize
 
 
 class JudgeClient:
