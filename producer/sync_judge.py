@@ -1,0 +1,196 @@
+"""``SyncJudge``: the in-process synchronous judge loop, for development and tests.
+
+No Redis, no workers: one plain ``openai.OpenAI`` client and a loop over the items, one
+call at a time. Simplicity is the point of this mode; throughput is the fleet's job.
+It builds the same messages (``broker.prompts``) from the same ``JudgeSpec`` (model,
+prompt version, temperature, max tokens, all from ``Settings``) and reads the reply with
+the same parser (``broker.verdicts``) as the workers do, so for the same judge answers
+both modes give the same scores.
+
+Retries are left to the SDK (``max_retries``, honouring ``Retry-After``); a result's
+``attempts`` is 1 for every item that reached the judge, however many HTTP retries the
+SDK made underneath. One item's failure never raises: it becomes a ``failed`` result.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from types import TracebackType
+from typing import Any
+
+import openai
+from pydantic import SecretStr
+
+from broker.errors import JudgeError, PermanentJudgeError, RewardqError, TransientJudgeError
+from broker.prompts import template_for
+from broker.schemas import (
+    JudgeSpec,
+    JudgeVerdict,
+    ResultStatus,
+    ScoreItem,
+    ScoreResult,
+    Usage,
+    parse_items,
+)
+from broker.settings import Settings
+from broker.verdicts import extract_raw_score, normalize
+
+__all__ = ["SyncJudge", "judge_spec"]
+
+#: Retries the SDK makes per call (408/409/429/5xx, timeouts, connection errors).
+DEFAULT_MAX_RETRIES = 2
+
+
+def judge_spec(settings: Settings) -> JudgeSpec:
+    """The ``JudgeSpec`` both modes judge with: everything in ``settings`` that changes
+    the judge's answer (the same fields ``RewardClient`` puts on every chunk).
+    """
+    return JudgeSpec(
+        model=settings.judge_model,
+        prompt_version=settings.judge_prompt_version,
+        temperature=settings.judge_temperature,
+        max_tokens=settings.judge_max_tokens,
+    )
+
+
+class SyncJudge:
+    """Judges items one at a time with a synchronous OpenAI-compatible client.
+
+    Args:
+        settings: judge endpoint, model, prompt version, temperature and max tokens.
+        api_key: overrides ``settings.judge_api_key`` (e.g. ``LengthPenaltyConfig.api_key``).
+        base_url: overrides ``settings.judge_base_url``.
+        timeout_s: timeout of one call; default ``settings.judge_timeout_s``.
+        max_retries: retries the SDK makes per call.
+
+    Raises:
+        ConfigError: ``settings.judge_prompt_version`` names no known template.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        api_key: str | SecretStr | None = None,
+        base_url: str | None = None,
+        timeout_s: float | None = None,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+    ) -> None:
+        key = api_key if api_key is not None else settings.judge_api_key
+        self.settings = settings
+        self.spec = judge_spec(settings)
+        self.template = template_for(self.spec.prompt_version)
+        self.base_url = (base_url or settings.judge_base_url).rstrip("/")
+        self._client = openai.OpenAI(
+            base_url=self.base_url,
+            api_key=key.get_secret_value() if isinstance(key, SecretStr) else key,
+            timeout=timeout_s if timeout_s is not None else settings.judge_timeout_s,
+            max_retries=max_retries,
+        )
+
+    def judge(self, item: ScoreItem) -> JudgeVerdict:
+        """One judge call for ``item`` (the SDK's retries included), no cache.
+
+        Args:
+            item: the pair to judge.
+
+        Returns:
+            The normalized score, the raw score as written, and the token usage.
+
+        Raises:
+            TransientJudgeError: timeout, network error, 408/409/429/5xx after the SDK's
+                retries.
+            PermanentJudgeError: any other HTTP error.
+            UnparseableReplyError: the reply holds no readable score.
+        """
+        messages: Any = self.template.messages(item)
+        try:
+            reply = self._client.chat.completions.create(
+                model=self.spec.model,
+                messages=messages,
+                temperature=self.spec.temperature,
+                max_tokens=self.spec.max_tokens,
+            )
+        except openai.APIError as exc:
+            raise _classify(exc) from exc
+        content = reply.choices[0].message.content if reply.choices else None
+        usage = (
+            Usage(
+                prompt_tokens=reply.usage.prompt_tokens,
+                completion_tokens=reply.usage.completion_tokens,
+            )
+            if reply.usage
+            else Usage()
+        )
+        raw = extract_raw_score(content)
+        return JudgeVerdict(score=normalize(raw), raw_score=raw, usage=usage)
+
+    def score_one(self, item: ScoreItem) -> ScoreResult:
+        """``item``'s result: ``ok`` with its score, or ``failed`` with the error; never raises
+        for a judge failure.
+        """
+        started = time.perf_counter()
+        try:
+            verdict = self.judge(item)
+        except (RewardqError, openai.OpenAIError, ValueError) as exc:
+            # ValueError: a body the SDK could not decode; still this item's failure only.
+            return ScoreResult.failure(
+                item.id,
+                ResultStatus.FAILED,
+                str(exc) or type(exc).__name__,
+                attempts=1,
+                latency_ms=_ms_since(started),
+            )
+        return ScoreResult.from_verdict(
+            item.id, verdict, cached=False, attempts=1, latency_ms=_ms_since(started)
+        )
+
+    def score(self, items: Iterable[ScoreItem | Mapping[str, Any]]) -> list[ScoreResult]:
+        """One result per item, in order, judging one item at a time.
+
+        Args:
+            items: ``ScoreItem`` s or mappings with the item JSON fields.
+
+        Returns:
+            ``ok`` results with score, raw score, usage, ``attempts=1`` and latency, or
+            ``failed`` results carrying the error.
+
+        Raises:
+            InvalidItemError: some item is invalid (checked before any call is made).
+        """
+        return [self.score_one(item) for item in parse_items(items)]
+
+    def close(self) -> None:
+        """Close the client's connection pool."""
+        self._client.close()
+
+    def __enter__(self) -> SyncJudge:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _classify(exc: openai.APIError) -> JudgeError:
+    """The workers' classification of SDK errors, with the same messages."""
+    if isinstance(exc, openai.APITimeoutError):
+        return TransientJudgeError(f"judge timed out: {exc}")
+    if isinstance(exc, openai.APIConnectionError):
+        return TransientJudgeError(f"judge unreachable: {exc}")
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        message = f"judge answered HTTP {status}: {str(exc.message)[:200]}"
+        if status in (408, 409, 429) or status >= 500:
+            return TransientJudgeError(message, status_code=status)
+        return PermanentJudgeError(message, status_code=status)
+    return PermanentJudgeError(f"judge error: {exc}")
+
+
+def _ms_since(started: float) -> float:
+    return (time.perf_counter() - started) * 1000.0

@@ -1,0 +1,248 @@
+"""rewardq as a TRL reward function (``GRPOTrainer(reward_funcs=[...])``).
+
+TRL calls ``reward(prompts=..., completions=..., **columns)`` with one entry per
+completion (each prompt repeated ``num_generations`` times), every other dataset column
+as a keyword list aligned with them, plus its own extras (``trainer_state``,
+``completion_ids``, ...). Prompts and completions are strings (standard format) or lists
+of ``{"role", "content"}`` messages (conversational format). The function returns one
+float per completion, in order: the judge's score normalized to [0, 1], or ``None``
+where the judge failed, timed out or the item is invalid (TRL treats ``None`` as "no
+reward from this function" rather than a silent 0).
+
+Three variants, one item-building and one result-reading path:
+
+- :func:`make_trl_reward`: through the worker fleet, blocking until the scores are in;
+- :func:`make_async_trl_reward`: the same as a coroutine function, for TRL's async
+  reward functions (the blocking Redis work runs in a thread);
+- :func:`make_sync_trl_reward`: the in-process ``SyncJudge`` loop, no Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from broker.schemas import ResultStatus, ScoreItem, ScoreResult
+from broker.settings import Settings
+from producer.client import RewardClient
+from producer.sync_judge import SyncJudge
+
+__all__ = [
+    "AsyncTrlReward",
+    "TrlReward",
+    "make_async_trl_reward",
+    "make_sync_trl_reward",
+    "make_trl_reward",
+    "message_text",
+    "score_list",
+    "trl_items",
+]
+
+#: ``reward(prompts, completions, **kwargs) -> one float or None per completion``.
+TrlReward = Callable[..., list[float | None]]
+#: The coroutine-function form of :data:`TrlReward`.
+AsyncTrlReward = Callable[..., Awaitable[list[float | None]]]
+
+DEFAULT_NAME = "rewardq_judge"
+DEFAULT_TIMEOUT_S = 600.0
+
+
+def message_text(value: Any) -> str:
+    """A prompt or completion as text, in either of TRL's formats.
+
+    A string is returned as is. A conversation (a list of ``{"role", "content"}``
+    messages, content a string or a list of ``{"type": "text", "text"}`` parts) becomes
+    its single message's content, or, with several messages, ``"role: content"`` blocks
+    separated by blank lines, so the judge sees the system prompt and earlier turns too.
+
+    Args:
+        value: a string, a message dict, or a list of message dicts.
+
+    Returns:
+        The text (empty if there is none).
+    """
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping):
+        return _content(value.get("content"))
+    if isinstance(value, Sequence):
+        messages = [m for m in value if isinstance(m, Mapping)]
+        if len(messages) == 1:
+            return _content(messages[0].get("content"))
+        return "\n\n".join(f"{m.get('role', 'user')}: {_content(m.get('content'))}"
+                           for m in messages)
+    return "" if value is None else str(value)
+
+
+def _content(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, Sequence):
+        return "".join(part if isinstance(part, str) else str(part.get("text", ""))
+                       for part in content if isinstance(part, str | Mapping))
+    return ""
+
+
+def trl_items(prompts: Sequence[Any], completions: Sequence[Any], columns: Mapping[str, Any],
+              *, reference_key: str | None) -> tuple[list[ScoreItem], list[ScoreResult | None]]:
+    """The judge items of one TRL call, and ``invalid`` results for what cannot be one.
+
+    Args:
+        prompts: one prompt per completion (string or conversation).
+        completions: the completions (string or conversation).
+        columns: TRL's keyword arguments; ``columns[reference_key]`` (a list aligned
+            with the completions), if present, holds the reference answers.
+        reference_key: the dataset column with the reference answer; ``None``: none.
+
+    Returns:
+        ``(items, results)``: the valid items (id = position), and a list as long as
+        ``completions`` holding an ``invalid`` result at each position that is no valid
+        item (an empty completion, say) and ``None`` elsewhere.
+
+    Raises:
+        ValueError: ``prompts`` or the reference column is not as long as ``completions``.
+    """
+    n = len(completions)
+    if len(prompts) != n:
+        raise ValueError(f"{len(prompts)} prompts for {n} completions: TRL passes one each")
+    references: Sequence[Any] = [None] * n
+    if reference_key is not None and columns.get(reference_key) is not None:
+        references = columns[reference_key]
+        if len(references) != n:
+            raise ValueError(f"column {reference_key!r} has {len(references)} entries for "
+                             f"{n} completions")
+    items: list[ScoreItem] = []
+    results: list[ScoreResult | None] = [None] * n
+    for i, (prompt, completion, reference) in enumerate(zip(prompts, completions, references,
+                                                            strict=True)):
+        try:
+            items.append(ScoreItem(id=str(i), prompt=message_text(prompt),
+                                   response=message_text(completion),
+                                   reference=None if reference is None else str(reference)))
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                 for e in exc.errors())
+            results[i] = ScoreResult.failure(str(i), ResultStatus.INVALID,
+                                             f"not a valid judge item: {problems}")
+    return items, results
+
+
+def score_list(results: Sequence[ScoreResult | None], judged: Sequence[ScoreResult]
+               ) -> list[float | None]:
+    """Merge judge results into ``results`` by id and read one score (or ``None``) each.
+
+    Args:
+        results: from :func:`trl_items` (``invalid`` entries, ``None`` elsewhere).
+        judged: the judge's results for the valid items, ids being positions.
+
+    Returns:
+        The normalized score of each ``ok`` result, ``None`` for every other position.
+    """
+    merged = list(results)
+    for result in judged:
+        merged[int(result.id)] = result
+    return [r.score if r is not None and r.status is ResultStatus.OK else None for r in merged]
+
+
+def _step(columns: Mapping[str, Any]) -> int | None:
+    step = getattr(columns.get("trainer_state"), "global_step", None)
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def _client(client_or_settings: RewardClient | Settings) -> RewardClient:
+    if isinstance(client_or_settings, Settings):
+        return RewardClient(client_or_settings)
+    return client_or_settings
+
+
+def make_trl_reward(client_or_settings: RewardClient | Settings, *,
+                    reference_key: str | None = "solution",
+                    timeout_s: float = DEFAULT_TIMEOUT_S,
+                    name: str = DEFAULT_NAME) -> TrlReward:
+    """A TRL reward function that scores through the worker fleet and waits.
+
+    Args:
+        client_or_settings: a ``RewardClient``, or ``Settings`` to build one from.
+        reference_key: dataset column with the reference answer (correctness rubric);
+            rows without it, or ``None``, are judged with the quality rubric.
+        timeout_s: how long one call waits for the fleet; items still pending then
+            get ``None``.
+        name: the function's ``__name__``, which TRL logs the reward under.
+
+    Returns:
+        ``reward(prompts, completions, **kwargs) -> list[float | None]``.
+
+    Raises:
+        (from the returned function) BrokerUnavailableError: Redis could not be reached;
+        ValueError: prompts or references not aligned with the completions.
+    """
+    client = _client(client_or_settings)
+
+    def reward(prompts: Sequence[Any], completions: Sequence[Any],
+               **kwargs: Any) -> list[float | None]:
+        items, results = trl_items(prompts, completions, kwargs, reference_key=reference_key)
+        judged: list[ScoreResult] = []
+        if items:
+            pending = client.submit(items, step=_step(kwargs))
+            judged = pending.result(timeout=timeout_s, partial=True)
+        return score_list(results, judged)
+
+    reward.__name__ = reward.__qualname__ = name
+    return reward
+
+
+def make_async_trl_reward(client_or_settings: RewardClient | Settings, *,
+                          reference_key: str | None = "solution",
+                          timeout_s: float = DEFAULT_TIMEOUT_S,
+                          name: str = DEFAULT_NAME) -> AsyncTrlReward:
+    """:func:`make_trl_reward` as a coroutine function (TRL's async reward functions).
+
+    Submitting and waiting are blocking Redis calls; both run in a worker thread
+    (``asyncio.to_thread``), so the event loop keeps serving other reward functions.
+    Arguments, return value and errors as for :func:`make_trl_reward`.
+    """
+    client = _client(client_or_settings)
+
+    async def reward(prompts: Sequence[Any], completions: Sequence[Any],
+                     **kwargs: Any) -> list[float | None]:
+        items, results = trl_items(prompts, completions, kwargs, reference_key=reference_key)
+        judged: list[ScoreResult] = []
+        if items:
+            pending = await asyncio.to_thread(client.submit, items, step=_step(kwargs))
+            judged = await asyncio.to_thread(pending.result, timeout_s, partial=True)
+        return score_list(results, judged)
+
+    reward.__name__ = reward.__qualname__ = name
+    return reward
+
+
+def make_sync_trl_reward(judge_or_settings: SyncJudge | Settings, *,
+                         reference_key: str | None = "solution",
+                         name: str = DEFAULT_NAME) -> TrlReward:
+    """A TRL reward function that judges in-process, one completion at a time (no Redis).
+
+    Args:
+        judge_or_settings: a ``SyncJudge``, or ``Settings`` to build one from.
+        reference_key: as for :func:`make_trl_reward`.
+        name: the function's ``__name__``.
+
+    Returns:
+        ``reward(prompts, completions, **kwargs) -> list[float | None]``; a failed judge
+        call gives ``None`` at its position, never an exception.
+
+    Raises:
+        (from the returned function) ValueError: prompts or references not aligned.
+    """
+    judge = (SyncJudge(judge_or_settings) if isinstance(judge_or_settings, Settings)
+             else judge_or_settings)
+
+    def reward(prompts: Sequence[Any], completions: Sequence[Any],
+               **kwargs: Any) -> list[float | None]:
+        items, results = trl_items(prompts, completions, kwargs, reference_key=reference_key)
+        return score_list(results, judge.score(items))
+
+    reward.__name__ = reward.__qualname__ = name
+    return reward
