@@ -230,6 +230,7 @@ class LengthPenaltyRewardManager:
                               f"injected client judges with {client.spec.model!r}")
         self._settings = settings if settings is not None else (
             client.settings if client is not None else None)
+        self._resolved: Settings | None = None
         self._client = client
         self._sync_judge = sync_judge
         self._owned: list[RewardClient | SyncJudge] = []
@@ -243,16 +244,15 @@ class LengthPenaltyRewardManager:
     def settings(self) -> Settings:
         """The settings in use: the injected ones or ``Settings()``, with the config's
         ``model_name``/``judge_base_url`` applied."""
-        if self._settings is None:
-            self._settings = Settings()
-        updates: dict[str, Any] = {}
-        if self.config.model_name:
-            updates["judge_model"] = self.config.model_name
-        if self.config.judge_base_url:
-            updates["judge_base_url"] = self.config.judge_base_url.rstrip("/")
-        if updates:
-            self._settings = self._settings.model_copy(update=updates)
-        return self._settings
+        if self._resolved is None:
+            base = self._settings if self._settings is not None else Settings()
+            updates: dict[str, Any] = {}
+            if self.config.model_name:
+                updates["judge_model"] = self.config.model_name
+            if self.config.judge_base_url:
+                updates["judge_base_url"] = self.config.judge_base_url.rstrip("/")
+            self._resolved = base.model_copy(update=updates) if updates else base
+        return self._resolved
 
     @property
     def client(self) -> RewardClient:
@@ -308,7 +308,7 @@ class LengthPenaltyRewardManager:
         responses: Tensor = data.batch["responses"]
         mask: Tensor = data.batch["attention_mask"]
         prompt_len = prompts.shape[-1]
-        samples = self._decode(data, prompts, mask)
+        samples = self._decode(data, prompts, responses, mask)
         rule_scores, rule_extras = self._rule_scores(samples)
 
         to_judge = self._judge_indices(rule_scores)
@@ -355,7 +355,7 @@ class LengthPenaltyRewardManager:
         rule_t = torch.tensor(rule_scores, dtype=torch.float64)
         reward = combine_rewards(rule_t, judged, penalty, cfg)
         reward_tensor = place_at_last_token(reward, lengths, tuple(responses.shape))
-        statuses = self._statuses(judged, to_judge)
+        statuses = self._statuses(judged)
         self._examine(samples, rule_scores, judged, statuses, lengths, penalty, reward)
         self.last_timing = StepTiming(
             mode=mode, items=len(samples.prompts), judged=len(items), submit_s=submit_s,
@@ -379,7 +379,8 @@ class LengthPenaltyRewardManager:
 
     # ------------------------------------------------------------------ steps of a call
 
-    def _decode(self, data: DataProtoLike, prompts: Tensor, mask: Tensor) -> _Samples:
+    def _decode(self, data: DataProtoLike, prompts: Tensor, responses: Tensor, mask: Tensor
+                ) -> _Samples:
         """Prompts (valid left-padded part) and responses (valid part) as text, plus the
         per-sample metadata, missing columns tolerated."""
         batch_size = prompts.shape[0]
@@ -388,7 +389,7 @@ class LengthPenaltyRewardManager:
         prompt_valid = mask_cpu[:, :prompt_len].sum(-1).tolist()
         response_valid = mask_cpu[:, prompt_len:].sum(-1).tolist()
         prompt_rows = prompts.detach().cpu().tolist()
-        response_rows = data.batch["responses"].detach().cpu().tolist()
+        response_rows = responses.detach().cpu().tolist()
         prompt_ids = [row[prompt_len - int(n):] for row, n in zip(prompt_rows, prompt_valid,
                                                                    strict=True)]
         response_ids = [row[:int(n)] for row, n in zip(response_rows, response_valid,
@@ -455,12 +456,10 @@ class LengthPenaltyRewardManager:
                                                 f"not a valid judge item: {problems}")
         return items
 
-    def _statuses(self, judged: Sequence[ScoreResult | None], to_judge: Sequence[int]
-                  ) -> list[str]:
-        asked = set(to_judge)
+    def _statuses(self, judged: Sequence[ScoreResult | None]) -> list[str]:
+        # Every sample asked about has a result; ``None`` means it was not asked.
         off = DISABLED if not self.config.enable_openai_reward else SKIPPED
-        return [r.status.value if r is not None else (off if i not in asked else "failed")
-                for i, r in enumerate(judged)]
+        return [r.status.value if r is not None else off for r in judged]
 
     def _examine(self, samples: _Samples, rule_scores: Sequence[float],
                  judged: Sequence[ScoreResult | None], statuses: Sequence[str],
