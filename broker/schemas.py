@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -63,7 +63,7 @@ class ScoreChunk(_Wire):
     deadline: float
 
 
-class ResultStatus(str, enum.Enum):
+class ResultStatus(enum.StrEnum):
     """What became of one item."""
 
     OK = "ok"
@@ -118,40 +118,40 @@ class ScoreResult(BaseModel):
                    latency_ms=latency_ms)
 
 
-def _describe(index: int, raw: object, err: Mapping[str, Any]) -> str:
+def _describe(label: str, raw: object, err: Mapping[str, Any]) -> str:
     item_id = raw.get("id") if isinstance(raw, Mapping) else None
-    where = f"item {index}" + (f" (id={item_id!r})" if isinstance(item_id, str) else "")
+    where = label + (f" (id={item_id!r})" if isinstance(item_id, str) else "")
     field = ".".join(str(p) for p in err.get("loc", ())) or "<item>"
     return f"{where}: field {field!r}: {err.get('msg', 'invalid')}"
 
 
-def parse_items(raw_items: Iterable[object], *, start: int = 0) -> list[ScoreItem]:
+def parse_items(raw_items: Iterable[object], *,
+                label: Callable[[int], str] = "item {}".format) -> list[ScoreItem]:
     """Validate raw mappings (or ``ScoreItem`` s) into items, all problems reported at once.
 
     Args:
         raw_items: mappings with the item JSON fields, or ``ScoreItem`` instances.
-        start: index of the first item, so messages can name lines of a larger file.
+        label: names the item at an index in messages (e.g. its line in a file).
 
     Raises:
         InvalidItemError: one line per bad field, naming the item index, id and field.
     """
     items: list[ScoreItem] = []
     problems: list[str] = []
-    for offset, raw in enumerate(raw_items):
+    for index, raw in enumerate(raw_items):
         if isinstance(raw, ScoreItem):
             items.append(raw)
             continue
-        index = start + offset
         if not isinstance(raw, Mapping):
-            problems.append(f"item {index}: expected a JSON object, got {type(raw).__name__}")
+            problems.append(f"{label(index)}: expected a JSON object, got {type(raw).__name__}")
             continue
         try:
             item = ScoreItem.model_validate(dict(raw))
         except ValidationError as exc:
-            problems.extend(_describe(index, raw, e) for e in exc.errors())
+            problems.extend(_describe(label(index), raw, e) for e in exc.errors())
             continue
         if len(json.dumps(item.metadata, default=str)) > MAX_METADATA_JSON_CHARS:
-            problems.append(_describe(index, raw, {
+            problems.append(_describe(label(index), raw, {
                 "loc": ("metadata",),
                 "msg": f"larger than {MAX_METADATA_JSON_CHARS} characters as JSON"}))
             continue

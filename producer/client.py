@@ -22,8 +22,15 @@ from celery.result import AsyncResult, ResultSet
 from broker.app import TASK_SCORE_CHUNK, create_app
 from broker.errors import BrokerUnavailableError, ScoringTimeoutError
 from broker.keys import cache_key, judge_fingerprint
-from broker.schemas import JudgeSpec, JudgeVerdict, ResultStatus, ScoreChunk, ScoreItem, \
-    ScoreResult, parse_items
+from broker.schemas import (
+    JudgeSpec,
+    JudgeVerdict,
+    ResultStatus,
+    ScoreChunk,
+    ScoreItem,
+    ScoreResult,
+    parse_items,
+)
 from broker.settings import Settings
 
 
@@ -132,7 +139,8 @@ class PendingScores:
         self.job_id = job_id
         self.step = step
         self.cache_hits_at_submit = len(items) - sum(len(p) for p, _ in chunks)
-        self.submitted_at = time.perf_counter()
+        self._submitted_perf = time.perf_counter()
+        self._submitted_unix = time.time()
 
     @property
     def chunk_count(self) -> int:
@@ -187,6 +195,17 @@ class PendingScores:
             for i in positions:
                 self._results[i] = ScoreResult.failure(self._items[i].id, ResultStatus.FAILED,
                                                        error)
+
+    def finished_at_perf(self) -> float | None:
+        """When the last chunk's result was stored, on ``time.perf_counter``'s clock.
+
+        ``None`` until every chunk is done, and when nothing was enqueued.
+        """
+        stamps = [handle.date_done for _, handle in self._chunks]
+        if not stamps or any(s is None for s in stamps):
+            return None
+        last = max(s.timestamp() for s in stamps if s is not None)
+        return self._submitted_perf + (last - self._submitted_unix)
 
     def __await__(self) -> Generator[Any, None, list[ScoreResult]]:
         return asyncio.to_thread(self.result).__await__()

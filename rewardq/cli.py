@@ -1,0 +1,151 @@
+"""The ``rewardq`` console script: one subcommand per job, settings read once here."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from broker.app import QUEUE_JUDGE
+from broker.errors import InvalidItemError, RewardqError
+from broker.settings import EMBEDDED_REDIS_PORT, Settings
+
+
+def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    from rewardq.demo import DemoOptions, run_demo
+
+    return run_demo(settings, DemoOptions(steps=args.steps, batch=args.batch, group=args.group,
+                                          latency_ms=args.latency_ms, workers=args.workers,
+                                          mode=args.mode, gpu_ms=args.gpu_ms))
+
+
+def _redis(args: argparse.Namespace, settings: Settings) -> int:
+    from broker.embedded import EmbeddedRedis
+
+    data_dir = Path(args.dir) if args.dir else None
+    with EmbeddedRedis(port=args.port, data_dir=data_dir, persist=data_dir is not None) as r:
+        print(f"embedded Redis listening on {r.url}  (Ctrl-C stops it)", flush=True)
+        try:
+            assert r.process is not None
+            r.process.wait()
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def _judge_server(args: argparse.Namespace, _settings: Settings) -> int:
+    from judge_server.__main__ import main as judge_main
+
+    return judge_main(args.judge_args)
+
+
+def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    # Celery's own command line patches gevent in before anything else is imported.
+    cmd = [sys.executable, "-m", "celery", "-A", "workers.main", "worker", "-P", "gevent",
+           "-c", str(args.concurrency or settings.worker_concurrency),
+           "-Q", args.queues, "--loglevel", args.loglevel]
+    if args.name:
+        cmd += ["-n", args.name]
+    os.execv(sys.executable, cmd)
+
+
+def _submit(args: argparse.Namespace, settings: Settings) -> int:
+    from producer.client import RewardClient
+    from rewardq.jsonl import read_items, write_results
+
+    try:
+        items = read_items(Path(args.file))
+    except InvalidItemError as exc:
+        print(f"error: {args.file}: {exc}", file=sys.stderr)
+        return 2
+    client = RewardClient(settings)
+    try:
+        started = time.perf_counter()
+        pending = client.submit(items)
+        print(f"submitted {len(items)} items ({pending.cache_hits_at_submit} cached, "
+              f"{pending.chunk_count} chunks)", file=sys.stderr)
+        results = pending.result(timeout=args.timeout, partial=True)
+    finally:
+        client.close()
+    out = Path(args.out) if args.out else None
+    write_results(results, out)
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r.status.value] = counts.get(r.status.value, 0) + 1
+    print(f"scored {len(results)} items in {time.perf_counter() - started:.2f}s: "
+          + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())), file=sys.stderr)
+    return 0 if counts.get("ok", 0) == len(results) else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``rewardq`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="rewardq", description="Distributed LLM-judge reward scoring for RL training.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run a simulated training loop on the local stack")
+    demo.add_argument("--steps", type=int, default=5)
+    demo.add_argument("--batch", type=int, default=32, help="prompts per step")
+    demo.add_argument("--group", type=int, default=8, help="responses per prompt (GRPO)")
+    demo.add_argument("--latency-ms", type=float, default=100, help="local judge latency")
+    demo.add_argument("--workers", type=int, default=2, help="worker processes")
+    demo.add_argument("--mode", choices=["async", "sync", "both"], default="async",
+                      help="async: the fleet; sync: the in-process loop; both: compare")
+    demo.add_argument("--gpu-ms", type=float, default=200,
+                      help="simulated GPU work per step while the judge works")
+    demo.set_defaults(func=_demo)
+
+    redis = sub.add_parser("redis", help="embedded Redis in the foreground")
+    redis.add_argument("--port", type=int, default=EMBEDDED_REDIS_PORT)
+    redis.add_argument("--dir", help="data directory (keeps an append-only file)")
+    redis.set_defaults(func=_redis)
+
+    judge = sub.add_parser("judge-server", add_help=False,
+                           help="the local OpenAI-compatible judge (see --help)")
+    judge.add_argument("judge_args", nargs=argparse.REMAINDER)
+    judge.set_defaults(func=_judge_server)
+
+    worker = sub.add_parser("worker", help="a gevent-pooled Celery worker")
+    worker.add_argument("--concurrency", type=int, default=None,
+                        help="greenlets (tasks at once); default REWARDQ_WORKER_CONCURRENCY")
+    worker.add_argument("--queues", default=QUEUE_JUDGE)
+    worker.add_argument("--name", default=None, help="worker node name, e.g. w1@%%h")
+    worker.add_argument("--loglevel", default="INFO")
+    worker.set_defaults(func=_worker)
+
+    submit = sub.add_parser("submit", help="score a JSONL file of items")
+    submit.add_argument("file")
+    submit.add_argument("--out", help="results JSONL (default: stdout)")
+    submit.add_argument("--timeout", type=float, default=600.0,
+                        help="seconds to wait; unfinished items are written as timeout")
+    submit.set_defaults(func=_submit)
+    return parser
+
+
+def _raise_interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``rewardq`` console script."""
+    args = build_parser().parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so every child process started here is stopped.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    settings = Settings()
+    try:
+        code: int = args.func(args, settings)
+    except RewardqError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
