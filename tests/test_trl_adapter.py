@@ -126,7 +126,7 @@ def test_message_text_reads_both_formats() -> None:
                         ) == "system: s\n\nuser: u"
 
 
-def test_fleet_rewards_blocking_and_async(settings: Settings, workers: Any, judge: Any) -> None:
+def test_fleet_rewards_blocking_and_async(settings: Settings, workers: Any) -> None:
     """Through Redis and worker processes: the same scores, from both fleet variants."""
     workers(n=1)
     prompts, completions, kwargs = grpo_call(conversational=True)
