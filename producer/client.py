@@ -9,15 +9,14 @@ splits the rest into chunks (one Celery task per chunk, never per item) and retu
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 import uuid
 from collections.abc import Generator, Iterable, Sequence
+from datetime import datetime
 from typing import Any
 
 import redis
-from celery import Celery
-from celery.result import AsyncResult, ResultSet
+from celery import Celery, states
 
 from broker.app import TASK_SCORE_CHUNK, create_app
 from broker.errors import BrokerUnavailableError, ScoringTimeoutError
@@ -33,6 +32,9 @@ from broker.schemas import (
 )
 from broker.settings import Settings
 
+_FIRST_POLL_S = 0.002
+_MAX_POLL_S = 0.025
+
 
 class RewardClient:
     """Submits scoring jobs to the worker fleet and hands back their results.
@@ -40,20 +42,20 @@ class RewardClient:
     Args:
         settings: Redis URL, judge model and prompt version, chunk size, deadlines.
 
-    One client per trainer process; it is thread-safe, but waits are serialized because
-    the result backend's pub/sub connection is not (one consumer per process).
+    Results are read from Celery's Redis result backend by polling the chunks' result
+    keys with one MGET per round (a few ms apart), not by pub/sub: no subscription can
+    miss a chunk that finished before it, and any number of threads may wait at once.
     """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.app: Celery = create_app(settings)
-        self._redis = redis.Redis.from_url(settings.broker_url, socket_timeout=10,
+        self.redis = redis.Redis.from_url(settings.broker_url, socket_timeout=10,
                                            socket_connect_timeout=5)
         self.spec = JudgeSpec(model=settings.judge_model,
                               prompt_version=settings.judge_prompt_version,
                               temperature=settings.judge_temperature,
                               max_tokens=settings.judge_max_tokens)
-        self.wait_lock = threading.Lock()
 
     @classmethod
     def from_env(cls) -> RewardClient:
@@ -79,7 +81,7 @@ class RewardClient:
         fingerprints = [judge_fingerprint(self.spec, item) for item in parsed]
         results: list[ScoreResult | None] = [None] * len(parsed)
         try:
-            cached = self._redis.mget([cache_key(fp) for fp in fingerprints]) if parsed else []
+            cached = self.redis.mget([cache_key(fp) for fp in fingerprints]) if parsed else []
         except redis.RedisError as exc:
             raise BrokerUnavailableError(f"cannot read the judge cache: {exc}") from exc
         misses: list[int] = []
@@ -92,16 +94,16 @@ class RewardClient:
         job_id = uuid.uuid4().hex
         deadline = time.time() + (deadline_s or self.settings.chunk_deadline_s)
         size = self.settings.chunk_size
-        chunks: list[tuple[list[int], AsyncResult]] = []
+        chunks: list[tuple[list[int], str]] = []
         try:
             for n, start in enumerate(range(0, len(misses), size)):
                 positions = misses[start:start + size]
                 chunk = ScoreChunk(job_id=job_id, chunk_index=n, step=step, spec=self.spec,
                                    items=[parsed[i] for i in positions], deadline=deadline)
-                handle = self.app.send_task(TASK_SCORE_CHUNK,
-                                            args=[chunk.model_dump(mode="json")],
-                                            task_id=f"{job_id}-{n}")
-                chunks.append((positions, handle))
+                task_id = f"{job_id}-{n}"
+                self.app.send_task(TASK_SCORE_CHUNK, args=[chunk.model_dump(mode="json")],
+                                   task_id=task_id)
+                chunks.append((positions, task_id))
         except Exception as exc:  # kombu raises its own and redis' connection errors
             if isinstance(exc, (redis.RedisError, ConnectionError, OSError)):
                 raise BrokerUnavailableError(f"cannot enqueue scoring jobs: {exc}") from exc
@@ -115,8 +117,14 @@ class RewardClient:
 
     def close(self) -> None:
         """Release Redis connections and the Celery producer pool."""
-        self._redis.close()
+        self.redis.close()
         self.app.close()
+
+    def __enter__(self) -> RewardClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class PendingScores:
@@ -129,13 +137,15 @@ class PendingScores:
     """
 
     def __init__(self, client: RewardClient, items: Sequence[ScoreItem],
-                 results: list[ScoreResult | None],
-                 chunks: list[tuple[list[int], AsyncResult]], *, job_id: str,
-                 step: int | None) -> None:
+                 results: list[ScoreResult | None], chunks: list[tuple[list[int], str]], *,
+                 job_id: str, step: int | None) -> None:
         self._client = client
         self._items = items
         self._results = results
-        self._chunks = chunks
+        # task id -> item positions, until its result is read
+        self._pending = {task_id: positions for positions, task_id in chunks}
+        self._chunk_count = len(chunks)
+        self._done_at: list[float] = []
         self.job_id = job_id
         self.step = step
         self.cache_hits_at_submit = len(items) - sum(len(p) for p, _ in chunks)
@@ -145,18 +155,19 @@ class PendingScores:
     @property
     def chunk_count(self) -> int:
         """How many Celery tasks this submit enqueued."""
-        return len(self._chunks)
+        return self._chunk_count
 
     def done(self) -> bool:
-        """True once every chunk has finished (without waiting)."""
-        return all(handle.ready() for _, handle in self._chunks)
+        """True once every chunk has finished (one Redis round trip, no waiting)."""
+        self._poll()
+        return not self._pending
 
     def result(self, timeout: float | None = None, *, partial: bool = False
                ) -> list[ScoreResult]:
         """One result per submitted item, in input order.
 
         Args:
-            timeout: seconds to wait; ``None`` waits until the chunks' deadline.
+            timeout: seconds to wait; ``None`` waits for as long as it takes.
             partial: on timeout, return what is done and mark the rest ``timeout``
                 instead of raising (late results still land in the cache).
 
@@ -164,48 +175,62 @@ class PendingScores:
             ScoringTimeoutError: ``timeout`` passed and ``partial`` is false.
             BrokerUnavailableError: the result backend could not be reached.
         """
-        pending = [handle for _, handle in self._chunks if not handle.ready()]
-        if pending:
-            with self._client.wait_lock:
-                try:
-                    ResultSet(pending, app=self._client.app).join_native(
-                        timeout=timeout, propagate=False)
-                except TimeoutError as exc:
-                    if not partial:
-                        raise ScoringTimeoutError(
-                            f"job {self.job_id}: {len(pending)} chunk(s) pending after "
-                            f"{timeout}s") from exc
-                except redis.RedisError as exc:
-                    raise BrokerUnavailableError(f"result backend unreachable: {exc}") from exc
-        for positions, handle in self._chunks:
-            self._collect(positions, handle)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        interval = _FIRST_POLL_S
+        while not self.done():
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                if not partial:
+                    raise ScoringTimeoutError(
+                        f"job {self.job_id}: {len(self._pending)} of {self._chunk_count} "
+                        f"chunk(s) still pending after {timeout}s")
+                break
+            time.sleep(interval if left is None else min(interval, left))
+            interval = min(interval * 1.5, _MAX_POLL_S)
         return [r if r is not None else ScoreResult.failure(
                     self._items[i].id, ResultStatus.TIMEOUT,
                     "no result before the caller's timeout")
                 for i, r in enumerate(self._results)]
 
-    def _collect(self, positions: list[int], handle: AsyncResult) -> None:
-        if self._results[positions[0]] is not None or not handle.ready():
+    def _poll(self) -> None:
+        if not self._pending:
             return
-        if handle.successful():
-            for i, raw in zip(positions, handle.result, strict=True):
+        backend = self._client.app.backend
+        task_ids = list(self._pending)
+        try:
+            raws = self._client.redis.mget([backend.get_key_for_task(t) for t in task_ids])
+        except redis.RedisError as exc:
+            raise BrokerUnavailableError(f"result backend unreachable: {exc}") from exc
+        for task_id, raw in zip(task_ids, raws, strict=True):
+            if raw is None:
+                continue
+            meta = backend.decode_result(raw)
+            if meta["status"] not in states.READY_STATES:
+                continue
+            self._collect(self._pending.pop(task_id), meta)
+            if meta.get("date_done"):
+                self._done_at.append(datetime.fromisoformat(meta["date_done"]).timestamp())
+
+    def _collect(self, positions: list[int], meta: dict[str, Any]) -> None:
+        if meta["status"] == states.SUCCESS:
+            for i, raw in zip(positions, meta["result"], strict=True):
                 self._results[i] = ScoreResult.model_validate(raw)
-        else:
-            error = f"chunk task failed: {handle.result!r}"
-            for i in positions:
-                self._results[i] = ScoreResult.failure(self._items[i].id, ResultStatus.FAILED,
-                                                       error)
+            return
+        error = meta.get("result")
+        if isinstance(error, dict):
+            error = f"{error.get('exc_type')}: {error.get('exc_message')}"
+        for i in positions:
+            self._results[i] = ScoreResult.failure(
+                self._items[i].id, ResultStatus.FAILED, f"chunk task failed: {error}")
 
     def finished_at_perf(self) -> float | None:
         """When the last chunk's result was stored, on ``time.perf_counter``'s clock.
 
         ``None`` until every chunk is done, and when nothing was enqueued.
         """
-        stamps = [handle.date_done for _, handle in self._chunks]
-        if not stamps or any(s is None for s in stamps):
+        if self._pending or not self._done_at:
             return None
-        last = max(s.timestamp() for s in stamps if s is not None)
-        return self._submitted_perf + (last - self._submitted_unix)
+        return self._submitted_perf + (max(self._done_at) - self._submitted_unix)
 
     def __await__(self) -> Generator[Any, None, list[ScoreResult]]:
         return asyncio.to_thread(self.result).__await__()

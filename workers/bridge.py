@@ -13,7 +13,6 @@ coroutine cannot finish before anyone listens.
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Coroutine
 from concurrent.futures import Future
 from typing import Any, TypeVar
@@ -34,8 +33,7 @@ class AsyncioBridge:
     def __init__(self, name: str = "rewardq-asyncio") -> None:
         self.name = name
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._started = threading.Event()
-        self._lock = monkey.get_original("threading", "Lock")()
+        self._lock = monkey.get_original("_thread", "allocate_lock")()
         self._native_thread_id: int | None = None
 
     @property
@@ -49,22 +47,27 @@ class AsyncioBridge:
         return self._loop
 
     def _start(self) -> None:
+        # Native primitives only, and nothing that yields to gevent while ``_lock`` is held:
+        # a greenlet switch here would let another greenlet block the OS thread on it.
         start_new_thread = monkey.get_original("_thread", "start_new_thread")
-        ready = monkey.get_original("threading", "Event")()
+        ready = monkey.get_original("_thread", "allocate_lock")()
+        ready.acquire()
         box: list[asyncio.AbstractEventLoop] = []
 
         def main() -> None:
-            loop = asyncio.new_event_loop()
+            # The real epoll selector: gevent's patched one would need a hub in this thread.
+            selector = monkey.get_original("selectors", "DefaultSelector")()
+            loop = asyncio.SelectorEventLoop(selector)
             asyncio.set_event_loop(loop)
             box.append(loop)
-            ready.set()
+            ready.release()
             try:
                 loop.run_forever()
             finally:
                 loop.close()
 
         start_new_thread(main, ())
-        ready.wait()
+        ready.acquire()
         self._loop = box[0]
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:

@@ -12,9 +12,9 @@ import asyncio
 import openai
 
 from broker.errors import JudgeError, PermanentJudgeError, TransientJudgeError
+from broker.prompts import template_for
 from broker.schemas import JudgeSpec, JudgeVerdict, ScoreItem, Usage
 from broker.settings import Settings
-from broker.prompts import template_for
 from broker.verdicts import extract_raw_score, normalize
 
 

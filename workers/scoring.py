@@ -18,8 +18,7 @@ from typing import Protocol
 
 from broker.errors import JudgeError
 from broker.keys import judge_fingerprint
-from broker.schemas import JudgeSpec, JudgeVerdict, ResultStatus, ScoreChunk, ScoreItem, \
-    ScoreResult
+from broker.schemas import JudgeSpec, JudgeVerdict, ResultStatus, ScoreChunk, ScoreItem, ScoreResult
 from workers.cache import Claim, ClaimState, JudgeCache
 from workers.retry import RetryPolicy, decide
 
