@@ -465,6 +465,7 @@ def test_async_mode_gives_the_sync_rewards(tokenizer: PreTrainedTokenizerFast,
     finally:
         sync.close()
         fleet.close()
+    assert got["reward_extra_info"] == expected["reward_extra_info"]
     assert torch.equal(got["reward_tensor"], expected["reward_tensor"])
     assert torch.equal(again["reward_tensor"], expected["reward_tensor"])
     for key in ("judge_status", "length", "group_median", "penalty", "rule_score"):

@@ -55,9 +55,11 @@ class AsyncioBridge:
         box: list[asyncio.AbstractEventLoop] = []
 
         def main() -> None:
-            # The real epoll selector: gevent's patched one would need a hub in this thread.
-            selector = monkey.get_original("selectors", "DefaultSelector")()
-            loop = asyncio.SelectorEventLoop(selector)
+            # Under patch_all this loop selects through gevent, so this thread runs a hub of
+            # its own; patched sockets and greenlet "threads" (e.g. run_in_executor) created
+            # here keep working. With the raw epoll selector they never ran (measured: the
+            # last judge call of a chunk hung until the deadline).
+            loop = asyncio.new_event_loop()
             asyncio.set_event_loop(loop)
             box.append(loop)
             ready.release()
