@@ -34,9 +34,9 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from broker.prompts import template_for  # noqa: E402
 from broker.schemas import ScoreItem  # noqa: E402  (needs ROOT on the path)
 from judge_server.server import loop_factory  # noqa: E402
-from workers.judge.prompts import template_for  # noqa: E402
 
 
 @dataclass(frozen=True)

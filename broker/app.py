@@ -7,7 +7,7 @@ the workers register the task body on an app built by the same function.
 from __future__ import annotations
 
 from celery import Celery
-from kombu import Queue
+from kombu.entity import Queue
 
 from broker.settings import Settings
 
@@ -35,7 +35,7 @@ def create_app(settings: Settings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        task_queues=[Queue(QUEUE_JUDGE, routing_key=QUEUE_JUDGE)],
+        task_queues=[Queue(QUEUE_JUDGE, routing_key=QUEUE_JUDGE)],  # type: ignore[no-untyped-call]
         task_default_queue=QUEUE_JUDGE,
         task_routes={TASK_SCORE_CHUNK: {"queue": QUEUE_JUDGE}},
         result_expires=settings.result_expires_s,

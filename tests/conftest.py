@@ -21,8 +21,7 @@ import redis
 
 from broker.embedded import EmbeddedRedis
 from broker.settings import Settings
-from rewardq.stack import JudgeProcess, start_judge, start_worker, stop_process, \
-    wait_for_workers
+from rewardq.stack import JudgeProcess, start_judge, start_worker, stop_process, wait_for_workers
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))

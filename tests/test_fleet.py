@@ -7,12 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from scoring_data import expected, make_items
+
 from broker.app import create_app
 from broker.schemas import ResultStatus
 from broker.settings import Settings
 from producer.client import RewardClient
 from rewardq.stack import JudgeProcess, settings_env
-from scoring_data import expected, make_items
 
 
 def test_two_workers_score_600_items_exactly_as_the_judge_answers(

@@ -24,6 +24,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from broker.prompts import template_for
 from broker.schemas import ScoreItem
 from judge_server.config import ConfigValueError, JudgeConfig
 from judge_server.faults import FaultInjector
@@ -42,7 +43,6 @@ from judge_server.protocol import count_tokens
 from judge_server.rate_limit import SlidingWindowLimiter
 from judge_server.server import BackgroundJudgeServer
 from judge_server.stats import JudgeStats
-from workers.judge.prompts import template_for
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "rewardq-local-judge"

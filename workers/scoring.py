@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -80,20 +81,25 @@ class ChunkScorer:
             task = loop.create_task(self._resolve(chunk.spec, first_item[fp], fp, claim,
                                                   token, deadline))
             self._resolving[fp] = task
-            task.add_done_callback(lambda _t, fp=fp: self._resolving.pop(fp, None))
+            task.add_done_callback(self._forget_when_done(fp))
             owners[fp] = task
         seen: set[str] = set()
         results = []
         for item, fp in zip(chunk.items, fingerprints, strict=True):
-            claim = claims.get(fp)
-            if claim is not None and claim.verdict is not None:
-                results.append(self._cached_result(item, claim.verdict))
+            found = claims.get(fp)
+            if found is not None and found.verdict is not None:
+                results.append(self._cached_result(item, found.verdict))
                 continue
             owner = fp in owners and fp not in seen
             seen.add(fp)
             results.append(self._await_result(item, owners.get(fp) or joined[fp], owner,
                                               deadline))
         return list(await asyncio.gather(*results))
+
+    def _forget_when_done(self, fingerprint: str) -> Callable[[asyncio.Task[Outcome]], None]:
+        def forget(_task: asyncio.Task[Outcome]) -> None:
+            self._resolving.pop(fingerprint, None)
+        return forget
 
     @staticmethod
     async def _cached_result(item: ScoreItem, verdict: JudgeVerdict) -> ScoreResult:
