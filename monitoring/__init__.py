@@ -1,0 +1,1 @@
+"""Operations: Prometheus metrics, cost accounting, Flower, the stats view."""
