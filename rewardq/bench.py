@@ -1,0 +1,461 @@
+"""``rewardq bench``: the fleet against the alternatives a user would pick, in one run.
+
+Starts the local stack (embedded Redis, the local judge at latency L, W gevent worker
+processes with ``max_concurrent_requests = C // W`` each, so C judge calls fleet-wide)
+and scores a step of N items with distinct content in each of these ways:
+
+* ``ideal``: ceil(N/C)·L, the floor at concurrency C (computed, not run);
+* ``sync``: ``SyncJudge``, one blocking call at a time, on a small N; extrapolated to N;
+* ``asyncio``: one process, one ``AsyncOpenAI`` client on the aiohttp transport, a
+  semaphore of C: the in-process design. It runs in a child process of its own (kept
+  alive across repeats, like a trainer's client across steps) so its CPU is its own;
+* ``rewardq``: ``RewardClient.submit`` → ``result()``: cold cache, then the same items
+  again (warm: all cached), then a fresh step with 30% duplicates.
+
+Every phase reports its wall time, items/s and CPU seconds per item of *our* processes
+(the bench process = the producer, the worker processes, the asyncio child), read from
+``/proc/<pid>/stat`` — never the judge server's. Redis' CPU is reported on its own.
+Timed phases are interleaved per repeat (so load from other users of the machine hits
+all of them alike), each repeat on a fresh item set, and the medians are reported.
+One untimed warm-up step first opens the connection pools and builds the workers'
+runtimes, as a training run's first step would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from broker.errors import RewardqError
+from broker.schemas import ResultStatus, ScoreResult
+from broker.settings import Settings
+from producer.client import RewardClient
+from producer.sync_judge import SyncJudge
+from rewardq.stack import LocalStack, settings_env, stop_process
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+_WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel")
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What ``rewardq bench`` runs.
+
+    Args:
+        items: N, items per step.
+        latency_ms: L, the local judge's latency.
+        concurrency: C, judge calls in flight fleet-wide (and the asyncio semaphore).
+        workers: W, worker processes; each gets ``C // W`` concurrent judge calls.
+        repeats: timed runs per phase; medians are reported.
+        sync_items: items the sequential loop actually judges (it is extrapolated to N).
+        duplicate_fraction: share of the duplicates step's items that repeat another.
+        log_dir: where worker logs go (``None``: discarded).
+    """
+
+    items: int = 2048
+    latency_ms: float = 100.0
+    concurrency: int = 256
+    workers: int = 2
+    repeats: int = 3
+    sync_items: int = 32
+    duplicate_fraction: float = 0.3
+    log_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.items < 1 or self.repeats < 1 or self.sync_items < 1 or self.workers < 1:
+            raise RewardqError("items, repeats, sync items and workers must be >= 1")
+        if self.concurrency < self.workers:
+            raise RewardqError(f"concurrency {self.concurrency} < workers {self.workers}: "
+                               "each worker process needs at least one judge slot")
+        if not 0 <= self.duplicate_fraction < 1:
+            raise RewardqError("duplicate fraction must be in [0, 1)")
+
+
+@dataclass
+class Run:
+    """One timed run of one phase."""
+
+    wall_s: float
+    cpu_s: float
+    items: int
+    judge_requests: int = 0
+    max_in_flight: int = 0
+    redis_cpu_s: float = 0.0
+    failed: int = 0
+
+
+@dataclass
+class Phase:
+    """A phase's medians over its runs (``wall_s`` extrapolated to N for ``sync``)."""
+
+    name: str
+    items: int
+    wall_s: float
+    items_per_s: float
+    cpu_s_per_item: float
+    judge_requests: int = 0
+    max_in_flight: int = 0
+    redis_cpu_s_per_item: float = 0.0
+    failed: int = 0
+    runs_wall_s: list[float] = field(default_factory=list)
+    note: str = ""
+
+
+def make_items(n: int, nonce: str, duplicate_fraction: float = 0.0) -> list[dict[str, Any]]:
+    """``n`` item mappings; ``nonce`` makes the set's content new (a cold cache).
+
+    With ``duplicate_fraction`` f, the first ``n - round(f·n)`` items are distinct and
+    the rest repeat earlier ones' prompt and response under their own ids, spread
+    through the step as a trainer's batch would have them.
+    """
+    distinct = n - round(duplicate_fraction * n)
+    items = []
+    for i in range(n):
+        k = i if i < distinct else (i * 7919) % distinct
+        a, b = k % 97, k // 97
+        words = " ".join(_WORDS[(k + j) % len(_WORDS)] for j in range(1 + k % 5))
+        items.append({"id": f"{nonce}-{i}", "prompt": f"[{nonce}] What is {a} + {b}?",
+                      "response": f"{words}. The answer is {a + b + (k % 3 == 0)}.",
+                      "reference": str(a + b), "uid": f"{nonce}-{k // 8}"})
+    if distinct < n:  # interleave the duplicates with the originals
+        items = items[::2] + items[1::2]
+    return items
+
+
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (all its threads), from ``/proc``."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def _count_failed(results: Sequence[ScoreResult]) -> int:
+    return sum(r.status is not ResultStatus.OK for r in results)
+
+
+class AsyncioBaseline:
+    """The in-process asyncio design, in a child process driven over its stdin/stdout."""
+
+    def __init__(self, settings: Settings, concurrency: int) -> None:
+        code = "from rewardq.bench import asyncio_child_main; asyncio_child_main()"
+        env = settings_env(settings, {"REWARDQ_BENCH_CONCURRENCY": str(concurrency)})
+        self.process = subprocess.Popen([sys.executable, "-c", code], env=env, text=True,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def run(self, n: int, nonce: str) -> Run:
+        """Judge ``make_items(n, nonce)`` in the child; its wall and CPU seconds."""
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(json.dumps({"n": n, "nonce": nonce}) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RewardqError(f"the asyncio baseline exited ({self.process.poll()})")
+        reply = json.loads(line)
+        return Run(wall_s=reply["wall_s"], cpu_s=reply["cpu_s"], items=n,
+                   failed=reply["failed"])
+
+    def close(self) -> None:
+        """End the child (EOF on its stdin, then SIGTERM if it lingers)."""
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        try:
+            self.process.wait(5)
+        except subprocess.TimeoutExpired:
+            stop_process(self.process)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+
+def asyncio_child_main() -> None:
+    """Entry point of the asyncio baseline's child process (settings from the env).
+
+    Reads ``{"n", "nonce"}`` lines; for each, judges those items with one long-lived
+    ``AsyncOpenAI`` client and a semaphore of ``REWARDQ_BENCH_CONCURRENCY``, and writes
+    ``{"wall_s", "cpu_s", "failed"}``. CPU is the process's own (``process_time``).
+    """
+    import openai
+
+    from broker.prompts import template_for
+    from broker.schemas import ScoreItem
+    from broker.verdicts import extract_raw_score, normalize
+    from producer.sync_judge import judge_spec
+
+    settings = Settings()
+    spec = judge_spec(settings)
+    template = template_for(spec.prompt_version)
+    concurrency = int(os.environ["REWARDQ_BENCH_CONCURRENCY"])
+
+    async def main() -> None:
+        client = openai.AsyncOpenAI(
+            base_url=settings.judge_base_url, max_retries=2,
+            api_key=settings.judge_api_key.get_secret_value(),
+            timeout=settings.judge_timeout_s, http_client=openai.DefaultAioHttpClient())
+        slots = asyncio.Semaphore(concurrency)
+
+        async def judge(raw: dict[str, Any]) -> float | None:
+            messages: Any = template.messages(ScoreItem.model_validate(raw))
+            async with slots:
+                try:
+                    reply = await client.chat.completions.create(
+                        model=spec.model, messages=messages, temperature=spec.temperature,
+                        max_tokens=spec.max_tokens)
+                except openai.APIError:
+                    return None
+            return normalize(extract_raw_score(reply.choices[0].message.content))
+
+        loop = asyncio.get_running_loop()
+        async with client:
+            while line := await loop.run_in_executor(None, sys.stdin.readline):
+                request = json.loads(line)
+                items = make_items(request["n"], request["nonce"])
+                cpu0, t0 = time.process_time(), time.perf_counter()
+                scores = await asyncio.gather(*(judge(raw) for raw in items))
+                wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+                failed = sum(s is None for s in scores)
+                print(json.dumps({"wall_s": wall, "cpu_s": cpu, "failed": failed}), flush=True)
+
+    asyncio.run(main())
+
+
+class Bench:
+    """The phases, run against one ``LocalStack``; CPU read from our processes' ``/proc``."""
+
+    def __init__(self, stack: LocalStack) -> None:
+        self.stack = stack
+        assert stack.judge is not None
+        self.judge = stack.judge
+        self.client = RewardClient(stack.settings)
+        self._pids = [p.pid for p in stack.worker_processes]
+        self._redis_pid = stack.redis.process.pid if stack.redis and stack.redis.process \
+            else None
+
+    def _ours_cpu_s(self, fleet: bool) -> float:
+        workers = sum(proc_cpu_s(pid) for pid in self._pids) if fleet else 0.0
+        return time.process_time() + workers
+
+    def _redis_cpu_s(self) -> float:
+        return proc_cpu_s(self._redis_pid) if self._redis_pid else 0.0
+
+    def measured(self, action: Callable[[], Run], *, fleet: bool = True) -> Run:
+        """Run ``action`` with judge stats reset; adds our CPU, Redis CPU and judge stats.
+
+        Args:
+            action: runs and times one phase (its ``cpu_s``: CPU of a child it drove).
+            fleet: count the worker processes' CPU too (not while they sit idle).
+
+        CPU deltas span ``action`` whole (including work outside its own clock), which
+        only errs against the measured design.
+        """
+        self.judge.reset_stats()
+        cpu0, redis0 = self._ours_cpu_s(fleet), self._redis_cpu_s()
+        run = action()
+        run.cpu_s += self._ours_cpu_s(fleet) - cpu0
+        run.redis_cpu_s = self._redis_cpu_s() - redis0
+        stats = self.judge.stats()
+        run.judge_requests = int(stats["requests_total"])
+        run.max_in_flight = int(stats["max_in_flight"])
+        return run
+
+    def rewardq_step(self, items: list[dict[str, Any]]) -> Run:
+        """``submit`` → ``result()`` for ``items``; wall from submit to all results."""
+        started = time.perf_counter()
+        results = self.client.submit(items).result(
+            timeout=self.stack.settings.chunk_deadline_s, partial=True)
+        return Run(wall_s=time.perf_counter() - started, cpu_s=0.0, items=len(items),
+                   failed=_count_failed(results))
+
+    def sync_step(self, items: list[dict[str, Any]]) -> Run:
+        """The sequential loop over ``items``."""
+        with SyncJudge(self.stack.settings) as judge:
+            judge.score(items[:1])  # connect outside the clock, as a long-lived loop would
+            started = time.perf_counter()
+            results = judge.score(items)
+            wall = time.perf_counter() - started
+        return Run(wall_s=wall, cpu_s=0.0, items=len(items), failed=_count_failed(results))
+
+    def close(self) -> None:
+        """Release the producer's connections."""
+        self.client.close()
+
+
+def summarize(name: str, runs: list[Run], *, scale_to: int | None = None,
+              note: str = "") -> Phase:
+    """Medians of ``runs``; ``scale_to`` extrapolates wall time linearly to that many items."""
+    items = runs[0].items
+    wall = statistics.median(r.wall_s for r in runs)
+    per_item_cpu = statistics.median(r.cpu_s / r.items for r in runs)
+    n = scale_to or items
+    wall_n = wall * n / items
+    return Phase(name=name, items=n, wall_s=wall_n, items_per_s=n / wall_n,
+                 cpu_s_per_item=per_item_cpu,
+                 judge_requests=int(statistics.median(r.judge_requests for r in runs)),
+                 max_in_flight=max(r.max_in_flight for r in runs),
+                 redis_cpu_s_per_item=statistics.median(r.redis_cpu_s / r.items for r in runs),
+                 failed=sum(r.failed for r in runs),
+                 runs_wall_s=[round(r.wall_s, 4) for r in runs], note=note)
+
+
+def bench_settings(settings: Settings, options: BenchOptions) -> Settings:
+    """``settings`` on the embedded stack with ``C // W`` judge calls per worker process."""
+    return settings.model_copy(update={
+        "redis_url": None,
+        "judge_base_url": Settings.model_fields["judge_base_url"].default,
+        "max_concurrent_requests": max(1, options.concurrency // options.workers),
+    })
+
+
+def run_bench(settings: Settings, options: BenchOptions,
+              progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+    """Start the stack, run every phase, stop everything; the report as JSON-able data.
+
+    Raises:
+        RewardqError: the stack did not start, or the asyncio child died.
+    """
+    n, c = options.items, options.concurrency
+    base = bench_settings(settings, options)
+    progress(f"starting embedded Redis, the local judge ({options.latency_ms:g} ms) and "
+             f"{options.workers} workers x {base.max_concurrent_requests} judge calls ...")
+    with LocalStack(base, workers=options.workers, judge_latency_ms=options.latency_ms,
+                    log_dir=options.log_dir) as stack:
+        bench = Bench(stack)
+        baseline = AsyncioBaseline(stack.settings, c)
+        try:
+            warm_up = make_items(min(n, 2 * c), f"warmup-{uuid.uuid4().hex[:8]}")
+            bench.rewardq_step(warm_up)
+            baseline.run(min(n, 2 * c), f"warmup-{uuid.uuid4().hex[:8]}")
+            progress(f"sync loop on {options.sync_items} items ...")
+            sync_items = make_items(min(options.sync_items, n), f"sync-{uuid.uuid4().hex[:8]}")
+            sync = [bench.measured(partial(bench.sync_step, sync_items), fleet=False)]
+            runs: dict[str, list[Run]] = {"asyncio": [], "cold": [], "warm": [], "dup": []}
+            for r in range(options.repeats):
+                progress(f"repeat {r + 1}/{options.repeats}: asyncio, rewardq cold, warm, "
+                         f"{options.duplicate_fraction:.0%} duplicates ...")
+                nonce = uuid.uuid4().hex[:12]
+                runs["asyncio"].append(
+                    bench.measured(partial(baseline.run, n, f"a-{nonce}"), fleet=False))
+                items = make_items(n, f"r-{nonce}")
+                runs["cold"].append(bench.measured(partial(bench.rewardq_step, items)))
+                runs["warm"].append(bench.measured(partial(bench.rewardq_step, items)))
+                dups = make_items(n, f"d-{nonce}", options.duplicate_fraction)
+                runs["dup"].append(bench.measured(partial(bench.rewardq_step, dups)))
+        finally:
+            baseline.close()
+            bench.close()
+        settings_used = stack.settings
+    return build_report(options, settings_used, sync, runs)
+
+
+def build_report(options: BenchOptions, settings: Settings, sync: list[Run],
+                 runs: dict[str, list[Run]]) -> dict[str, Any]:
+    """Phases, ratios and configuration as one JSON-able mapping."""
+    n, c = options.items, options.concurrency
+    ideal_s = math.ceil(n / c) * options.latency_ms / 1000
+    dup_pct = f"{options.duplicate_fraction:.0%}"
+    phases = [
+        Phase("ideal", n, ideal_s, n / ideal_s, 0.0, note=f"ceil(N/C)*L, C={c}"),
+        summarize("sync", sync, scale_to=n,
+                  note=f"extrapolated from {sync[0].items} items, one at a time"),
+        summarize("asyncio", runs["asyncio"], note=f"1 process, semaphore {c}"),
+        summarize("rewardq", runs["cold"], note="cold cache"),
+        summarize("rewardq_warm", runs["warm"], note="same items again, all cached"),
+        summarize("rewardq_dup", runs["dup"], note=f"{dup_pct} duplicates, cold"),
+    ]
+    by_name = {p.name: p for p in phases}
+    rewardq = by_name["rewardq"].wall_s
+    ratios = {
+        "rewardq_over_asyncio": rewardq / by_name["asyncio"].wall_s,
+        "rewardq_over_ideal": rewardq / ideal_s,
+        "sync_over_rewardq": by_name["sync"].wall_s / rewardq,
+        "warm_ms": by_name["rewardq_warm"].wall_s * 1000,
+    }
+    return {
+        "config": {
+            **{k: v for k, v in asdict(options).items() if k != "log_dir"},
+            "per_process_concurrency": settings.max_concurrent_requests,
+            "chunk_size": settings.chunk_size,
+            "worker_concurrency": settings.worker_concurrency,
+            "judge_transport": settings.judge_transport,
+        },
+        "machine": {"cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
+                    "python": platform.python_version()},
+        "phases": {p.name: asdict(p) for p in phases},
+        "ratios": ratios,
+        "failed_items": sum(p.failed for p in phases),
+    }
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report as a fixed-width table plus the ratios line."""
+    header = (f"{'phase':<13} {'items':>6} {'wall s':>8} {'items/s':>9} "
+              f"{'CPU ms/item':>11} {'redis ms/it':>11} {'judge reqs':>10} {'in flight':>9}  note")
+    lines = [header, "-" * len(header)]
+    for p in report["phases"].values():
+        lines.append(f"{p['name']:<13} {p['items']:>6} {p['wall_s']:>8.3f} "
+                     f"{p['items_per_s']:>9.0f} {p['cpu_s_per_item'] * 1000:>11.3f} "
+                     f"{p['redis_cpu_s_per_item'] * 1000:>11.3f} {p['judge_requests']:>10} "
+                     f"{p['max_in_flight']:>9}  {p['note']}")
+    r = report["ratios"]
+    lines.append(f"rewardq/asyncio {r['rewardq_over_asyncio']:.3f}   "
+                 f"rewardq/ideal {r['rewardq_over_ideal']:.3f}   "
+                 f"sync/rewardq {r['sync_over_rewardq']:.1f}   warm {r['warm_ms']:.1f} ms")
+    return "\n".join(lines)
+
+
+def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``rewardq bench`` on the CLI's subparsers (``func=run``)."""
+    d = BenchOptions()
+    bench = subparsers.add_parser(
+        "bench", help="time the fleet against ideal, sync and in-process asyncio")
+    bench.add_argument("--items", type=int, default=d.items, help="N, items per step")
+    bench.add_argument("--latency-ms", type=float, default=d.latency_ms,
+                       help="L, the local judge's latency")
+    bench.add_argument("--concurrency", type=int, default=d.concurrency,
+                       help="C, judge calls in flight fleet-wide (C // W per worker)")
+    bench.add_argument("--workers", type=int, default=d.workers, help="W, worker processes")
+    bench.add_argument("--repeats", type=int, default=d.repeats,
+                       help="timed runs per phase (medians reported)")
+    bench.add_argument("--json", dest="json_path", help="also write the report here")
+    bench.set_defaults(func=run)
+    return bench
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    """``rewardq bench``: print the table, write JSON; 0 when every item scored."""
+    options = BenchOptions(items=args.items, latency_ms=args.latency_ms,
+                           concurrency=args.concurrency, workers=args.workers,
+                           repeats=args.repeats)
+    report = run_bench(settings, options, progress=lambda m: print(m, flush=True))
+    print(format_table(report), flush=True)
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(report, indent=2) + "\n")
+    if report["failed_items"]:
+        print(f"warning: {report['failed_items']} items did not score ok", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m rewardq.bench``: the same as ``rewardq bench`` (settings from the env)."""
+    parser = argparse.ArgumentParser(prog="rewardq")
+    add_bench_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
+    code: int = args.func(args, Settings())
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
