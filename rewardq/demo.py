@@ -17,11 +17,12 @@ from typing import Any
 
 import torch
 
-from broker.schemas import ResultStatus, ScoreResult
+from broker.schemas import ResultStatus, ScoreResult, parse_items
 from broker.settings import Settings
 from producer.client import RewardClient
 from producer.config import LengthPenaltyConfig
 from producer.penalties import length_penalty
+from producer.sync_judge import SyncJudge
 from rewardq.stack import LocalStack
 
 _FILLER = [
@@ -111,6 +112,18 @@ def run_step(client: RewardClient, step: int, items: list[dict[str, Any]],
                 wait=ended - wait_started)
 
 
+def run_sync_step(judge: SyncJudge, step: int, items: list[dict[str, Any]],
+                  gpu_ms: float) -> StepRow:
+    """The simple sync mode: judge every item in a loop, then the GPU work, in series."""
+    started = time.perf_counter()
+    results = judge.score(parse_items(items))
+    judged = time.perf_counter()
+    simulate_gpu_step(items, gpu_ms)
+    ended = time.perf_counter()
+    return _row(step, results, wall=ended - started, judge=judged - started,
+                wait=judged - started)
+
+
 def _row(step: int, results: list[ScoreResult], *, wall: float, judge: float,
          wait: float) -> StepRow:
     ok = [r.score for r in results if r.status is ResultStatus.OK and r.score is not None]
@@ -135,33 +148,52 @@ def format_row(row: StepRow) -> str:
 
 
 def run_demo(settings: Settings, options: DemoOptions) -> int:
-    """Start the local stack, run the loop, print the table; 0 when every item scored."""
+    """Start the local stack, run the loop(s), print the tables; 0 when every item scored."""
     rng = random.Random(options.seed)
     batches = [make_batch(s, options.batch, options.group, rng) for s in range(options.steps)]
+    modes = ["async", "sync"] if options.mode == "both" else [options.mode]
+    workers = options.workers if "async" in modes else 0
     print(f"rewardq demo: {options.steps} steps x {options.batch} prompts x {options.group} "
-          f"responses, judge latency {options.latency_ms:.0f} ms, {options.workers} workers, "
+          f"responses, judge latency {options.latency_ms:.0f} ms, {workers} workers, "
           f"{options.gpu_ms:.0f} ms simulated GPU work per step", flush=True)
     print("starting embedded Redis, the local judge and the workers ...", flush=True)
-    with LocalStack(settings, workers=options.workers, judge_latency_ms=options.latency_ms,
+    summaries: dict[str, list[StepRow]] = {}
+    with LocalStack(settings, workers=workers, judge_latency_ms=options.latency_ms,
                     log_dir=options.log_dir) as stack:
-        client = RewardClient(stack.settings)
-        try:
+        for mode in modes:
+            print(f"\n{mode} mode " + ("(the worker fleet; the GPU works while it judges)"
+                                       if mode == "async" else
+                                       "(in-process loop; the GPU waits for every call)"))
             print(_HEADER, flush=True)
-            rows = []
+            summaries[mode] = _run_mode(mode, stack.settings, batches, options.gpu_ms)
+    for mode, rows in summaries.items():
+        _print_summary(mode, rows)
+    if len(summaries) == 2:
+        wait = {m: statistics.fmean(r.gpu_wait_ms for r in rows) for m, rows in summaries.items()}
+        print(f"GPU wait, sync / async: {wait['sync'] / max(wait['async'], 1e-3):.1f}x")
+    return 0 if all(r.failed == 0 for rows in summaries.values() for r in rows) else 1
+
+
+def _run_mode(mode: str, settings: Settings, batches: list[list[dict[str, Any]]],
+              gpu_ms: float) -> list[StepRow]:
+    rows = []
+    if mode == "async":
+        with RewardClient(settings) as client:
             for step, items in enumerate(batches):
-                row = run_step(client, step, items, options.gpu_ms)
-                rows.append(row)
-                print(format_row(row), flush=True)
-        finally:
-            client.close()
-    _print_summary(rows)
-    return 0 if all(r.failed == 0 for r in rows) else 1
+                rows.append(run_step(client, step, items, gpu_ms))
+                print(format_row(rows[-1]), flush=True)
+    else:
+        with SyncJudge(settings) as judge:
+            for step, items in enumerate(batches):
+                rows.append(run_sync_step(judge, step, items, gpu_ms))
+                print(format_row(rows[-1]), flush=True)
+    return rows
 
 
-def _print_summary(rows: list[StepRow]) -> None:
+def _print_summary(mode: str, rows: list[StepRow]) -> None:
     items = sum(r.items for r in rows)
     hits = sum(r.cache_hits for r in rows)
-    print(f"\n{items} items in {len(rows)} steps: {hits} cache hits ({hits / items:.0%}), "
+    print(f"\n{mode}: {items} items in {len(rows)} steps: {hits} cache hits ({hits / items:.0%}), "
           f"{sum(r.judge_calls for r in rows)} judge calls, {sum(r.failed for r in rows)} "
           f"failed; mean step wall {statistics.fmean(r.wall_ms for r in rows):.0f} ms, "
           f"mean GPU wait {statistics.fmean(r.gpu_wait_ms for r in rows):.0f} ms")
