@@ -65,6 +65,22 @@ class Settings(BaseSettings):
 
     metrics_port: int | None = None
 
+    # Reliability: leases, locks and outages (see workers/tasks.py, workers/cache.py).
+    chunk_lease_s: float = Field(
+        default=30.0, gt=0,
+        description="A worker renews the lease of every chunk it holds each third of this; "
+                    "a chunk whose worker died (SIGKILL, lost host) goes to another worker "
+                    "about this long after the last renewal. Workers use it as the Redis "
+                    "transport's visibility timeout.")
+    inflight_lock_ttl_s: float = Field(
+        default=15.0, gt=0,
+        description="In-flight judge locks are renewed each third of this by their owner; a "
+                    "dead owner's locks expire after it, so waiters take over.")
+    redis_retry_s: float = Field(
+        default=30.0, gt=0,
+        description="How long workers and the producer keep retrying an unreachable Redis "
+                    "(restart, failover) before giving up with BrokerUnavailableError.")
+
     @field_validator("judge_base_url")
     @classmethod
     def _strip_slash(cls, v: str) -> str:

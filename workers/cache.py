@@ -6,18 +6,27 @@ other worker wanting the same fingerprint waits for the cached verdict instead o
 calling the judge again. Claiming a whole chunk's fingerprints is one Lua call, and
 storing a verdict with releasing its lock is another, so a judged item costs one Redis
 round trip besides its chunk's claim.
+
+Locks are leases: the owning process renews all the locks it holds in one Lua call every
+third of their TTL, however long a call waits for a concurrency slot or backs off between
+retries. A process that dies (SIGKILL) stops renewing, so its locks lapse within one TTL
+and a waiter takes the work over.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
+import logging
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
 from broker.keys import cache_key, inflight_key
 from broker.schemas import JudgeVerdict
+
+log = logging.getLogger(__name__)
 
 # Claim a batch of fingerprints.
 # KEYS: 2n keys, pairs (rewardq:cache:<fp> STRING verdict JSON,
@@ -45,12 +54,17 @@ redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 if redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
 return 1
 """
-# KEYS[1] = inflight key; ARGV[1] = token, ARGV[2] = TTL ms: extend only our own lock.
-_EXTEND = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+# Renew our locks. KEYS = n inflight keys; ARGV[1] = TTL ms, ARGV[1 + i] = our token for
+# KEYS[i]. Only locks still holding our token are extended; returns how many were.
+_RENEW = """
+local renewed = 0
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[i + 1] then
+    redis.call('PEXPIRE', KEYS[i], ARGV[1])
+    renewed = renewed + 1
+  end
 end
-return 0
+return renewed
 """
 # KEYS[1] = inflight key; ARGV[1] = token: delete only our own lock.
 _RELEASE = """
@@ -81,7 +95,8 @@ class JudgeCache:
     Args:
         redis: an asyncio Redis client on the worker's loop.
         ttl_s: how long a verdict stays cached.
-        lock_ttl_ms: how long an in-flight lock outlives a silent (e.g. killed) owner.
+        lock_ttl_ms: how long an in-flight lock outlives a silent (e.g. killed) owner;
+            live owners renew theirs every third of it.
         poll_s: how often a waiter looks for the owner's verdict.
     """
 
@@ -93,31 +108,79 @@ class JudgeCache:
         self._poll_s = poll_s
         self._claim = redis.register_script(_CLAIM)
         self._store = redis.register_script(_STORE)
-        self._extend = redis.register_script(_EXTEND)
+        self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
+        #: fingerprint -> our token, for every lock this process holds right now
+        self._held: dict[str, str] = {}
+        self._renewer: asyncio.Task[None] | None = None
+
+    @property
+    def held_locks(self) -> int:
+        """How many in-flight locks this process holds (and renews) right now."""
+        return len(self._held)
 
     async def claim(self, fingerprints: list[str], token: str) -> list[Claim]:
-        """For each fingerprint: its cached verdict, or its lock (``token``), or busy."""
+        """For each fingerprint: its cached verdict, or its lock (``token``), or busy.
+
+        Locks won here are renewed in the background until ``store`` or ``release_lock``.
+        """
         if not fingerprints:
             return []
+        self._start_renewer()
         keys = [k for fp in fingerprints for k in (cache_key(fp), inflight_key(fp))]
         raw = await self._claim(keys=keys, args=[token, self._lock_ttl_ms])
-        return [Claim(ClaimState.CACHED, JudgeVerdict.model_validate_json(v))
-                if isinstance(v, bytes | str)
-                else Claim(ClaimState.OWNED if v == 1 else ClaimState.BUSY) for v in raw]
+        claims = [Claim(ClaimState.CACHED, JudgeVerdict.model_validate_json(v))
+                  if isinstance(v, bytes | str)
+                  else Claim(ClaimState.OWNED if v == 1 else ClaimState.BUSY) for v in raw]
+        for fp, claim in zip(fingerprints, claims, strict=True):
+            if claim.state is ClaimState.OWNED:
+                self._held[fp] = token
+        return claims
 
     async def store(self, fingerprint: str, verdict: JudgeVerdict, token: str) -> None:
         """Cache ``verdict`` with the configured TTL and release our lock, atomically."""
         await self._store(keys=[cache_key(fingerprint), inflight_key(fingerprint)],
                           args=[verdict.model_dump_json(), self._ttl_s, token])
-
-    async def extend_lock(self, fingerprint: str, token: str) -> None:
-        """Push our lock's expiry out again (before each retry of a long call)."""
-        await self._extend(keys=[inflight_key(fingerprint)], args=[token, self._lock_ttl_ms])
+        self._forget(fingerprint, token)
 
     async def release_lock(self, fingerprint: str, token: str) -> None:
         """Release our lock without a verdict; a lock re-taken by another is left alone."""
+        self._forget(fingerprint, token)
         await self._release(keys=[inflight_key(fingerprint)], args=[token])
+
+    async def renew_locks(self) -> int:
+        """Push the expiry of every lock we hold out by a full TTL; returns how many."""
+        held = list(self._held.items())
+        if not held:
+            return 0
+        renewed: int = await self._renew(keys=[inflight_key(fp) for fp, _ in held],
+                                         args=[self._lock_ttl_ms, *(t for _, t in held)])
+        return renewed
+
+    async def close(self) -> None:
+        """Stop renewing locks (they lapse within one TTL)."""
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
+            self._renewer = None
+
+    def _forget(self, fingerprint: str, token: str) -> None:
+        if self._held.get(fingerprint) == token:
+            del self._held[fingerprint]
+
+    def _start_renewer(self) -> None:
+        if self._renewer is None or self._renewer.done():
+            self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
+
+    async def _renew_forever(self) -> None:
+        period = self._lock_ttl_ms / 3000
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self.renew_locks()
+            except Exception:  # Redis away for a moment: the next round tries again
+                log.warning("could not renew in-flight locks", exc_info=True)
 
     async def wait_for_owner(self, fingerprint: str, deadline: float) -> JudgeVerdict | None:
         """Wait while another caller judges ``fingerprint``.

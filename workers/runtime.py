@@ -34,6 +34,7 @@ class WorkerRuntime:
         self._scorer: ChunkScorer | None = None
         self._judge: JudgeClient | None = None
         self._redis: aioredis.Redis | None = None
+        self._cache: JudgeCache | None = None
 
     def score(self, chunk: ScoreChunk, timeout_s: float) -> list[ScoreResult]:
         """Score ``chunk`` on the loop thread; cooperative for the calling greenlet.
@@ -53,10 +54,12 @@ class WorkerRuntime:
                 s.broker_url, max_connections=64, timeout=30, health_check_interval=30)
             self._redis = aioredis.Redis(connection_pool=pool)
             self._judge = JudgeClient(s)
-            lock_ttl_ms = int((s.judge_timeout_s + 10.0) * 1000)
-            cache = JudgeCache(self._redis, ttl_s=s.cache_ttl_s, lock_ttl_ms=lock_ttl_ms)
+            # Locks are renewed while held (see ``JudgeCache``), so their TTL only bounds
+            # how long a dead worker's locks keep others waiting.
+            self._cache = JudgeCache(self._redis, ttl_s=s.cache_ttl_s,
+                                     lock_ttl_ms=int(s.inflight_lock_ttl_s * 1000))
             policy = RetryPolicy(max_attempts=s.judge_max_attempts)
-            self._scorer = ChunkScorer(self._judge, cache, policy)
+            self._scorer = ChunkScorer(self._judge, self._cache, policy)
         return self._scorer
 
     def close(self) -> None:
@@ -69,6 +72,8 @@ class WorkerRuntime:
         self.bridge.close()
 
     async def _close(self) -> None:
+        if self._cache is not None:
+            await self._cache.close()
         if self._judge is not None:
             await self._judge.close()
         if self._redis is not None:

@@ -11,6 +11,7 @@ chunk down: it becomes a ``failed`` or ``timeout`` result carrying its error.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -21,7 +22,9 @@ from broker.errors import JudgeError
 from broker.keys import judge_fingerprint
 from broker.schemas import JudgeSpec, JudgeVerdict, ResultStatus, ScoreChunk, ScoreItem, ScoreResult
 from workers.cache import Claim, ClaimState, JudgeCache
-from workers.retry import RetryPolicy, decide
+from workers.retry import OUTAGE_ERRORS, RetryPolicy, decide
+
+log = logging.getLogger(__name__)
 
 
 class Judge(Protocol):
@@ -114,6 +117,7 @@ class ChunkScorer:
             return (loop.time() - started) * 1000
 
         try:
+            # Shielded: a call still running at the deadline goes on and caches its verdict.
             outcome = await asyncio.wait_for(asyncio.shield(task),
                                              timeout=max(0.0, deadline - started))
         except JudgeFailed as exc:
@@ -122,6 +126,13 @@ class ChunkScorer:
         except TimeoutError:
             return ScoreResult.failure(item.id, ResultStatus.TIMEOUT,
                                        "deadline passed before the judge answered",
+                                       latency_ms=ms())
+        except OUTAGE_ERRORS:
+            raise  # Redis is away: the whole chunk is retried (``workers.tasks``)
+        except Exception as exc:  # a bug must cost one item, not its chunk
+            log.exception("scoring item %r failed", item.id)
+            return ScoreResult.failure(item.id, ResultStatus.FAILED,
+                                       f"internal error: {type(exc).__name__}: {exc}",
                                        latency_ms=ms())
         if owner:
             return ScoreResult.from_verdict(item.id, outcome.verdict, cached=outcome.cached,
@@ -163,6 +174,8 @@ class ChunkScorer:
         loop = asyncio.get_running_loop()
         attempt = 0
         while True:
+            if loop.time() >= deadline:
+                raise TimeoutError  # a chunk redelivered too late: no call nobody awaits
             attempt += 1
             try:
                 return await self._judge.judge(spec, item), attempt
@@ -170,5 +183,5 @@ class ChunkScorer:
                 decision = decide(self._policy, exc, attempt, deadline - loop.time())
                 if not decision.retry:
                     raise JudgeFailed(exc, attempt) from exc
+            # The cache renews our lock while we back off (see ``JudgeCache``).
             await asyncio.sleep(decision.delay_s)
-            await self._cache.extend_lock(fingerprint, token)
