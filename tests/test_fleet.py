@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from conftest import SYSTEM_RABBITMQ, SYSTEM_SERVICES
+from kombu import Connection
 from scoring_data import expected, make_items
 
-from broker.app import create_app
+from broker.app import QUEUE_JUDGE, create_app
 from broker.schemas import ResultStatus
 from broker.settings import Settings
 from producer.client import RewardClient
@@ -91,3 +94,17 @@ def test_submit_command_writes_one_result_line_per_item_in_order(
     assert all(r["status"] == "ok" for r in lines)
     assert [r["score"] for r in lines] == [expected(i)[0] for i in items]
     assert "scored 41 items" in done.stderr
+
+
+@pytest.mark.skipif(not SYSTEM_SERVICES, reason="REWARDQ_TEST_SYSTEM_SERVICES=1 asks for it")
+def test_rabbitmq_can_be_the_celery_broker(settings: Settings, workers,
+                                           judge: JudgeProcess) -> None:
+    with Connection(SYSTEM_RABBITMQ) as conn:  # start from an empty queue
+        conn.SimpleQueue(QUEUE_JUDGE).queue.purge()  # type: ignore[no-untyped-call]
+    rabbit = settings.model_copy(update={"celery_broker_url": SYSTEM_RABBITMQ})
+    workers(1, celery_broker_url=SYSTEM_RABBITMQ)
+    items = make_items(50, "rabbit")
+    with RewardClient(rabbit) as client:
+        results = client.score(items, timeout=60)
+    assert [r.score for r in results] == [expected(i)[0] for i in items]
+    assert judge.stats()["requests_total"] == 50
