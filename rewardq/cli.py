@@ -13,6 +13,7 @@ from pathlib import Path
 from broker.app import QUEUE_JUDGE
 from broker.errors import InvalidItemError, RewardqError
 from broker.settings import EMBEDDED_REDIS_PORT, Settings
+from rewardq.failed_cli import add_failed_parser
 
 
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
@@ -123,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--timeout", type=float, default=600.0,
                         help="seconds to wait; unfinished items are written as timeout")
     submit.set_defaults(func=_submit)
+
+    add_failed_parser(sub)
     return parser
 
 

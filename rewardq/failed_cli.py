@@ -11,15 +11,20 @@ import argparse
 import datetime
 import json
 import sys
-from typing import Any
+from collections.abc import Callable
 
 from broker.errors import BrokerUnavailableError, DeadLetterNotFound
 from broker.settings import Settings
 from workers.dead_letters import DeadLetter, DeadLetters
 
 
-def add_failed_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``failed`` and its subcommands on ``rewardq``'s subparsers."""
+def add_failed_parser(
+        subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
+    """Register ``failed`` and its subcommands on ``rewardq``'s subparsers.
+
+    Each subcommand sets ``func(args, settings) -> int`` (the exit status).
+    """
     failed = subparsers.add_parser("failed", help="list, show, replay or purge dead letters")
     actions = failed.add_subparsers(dest="failed_command", required=True)
 
@@ -103,7 +108,7 @@ def _purge(args: argparse.Namespace, settings: Settings) -> int:
     return _with_letters(settings, run)
 
 
-def _with_letters(settings: Settings, run: Any) -> int:
+def _with_letters(settings: Settings, run: Callable[[DeadLetters], int]) -> int:
     letters = DeadLetters.from_settings(settings)
     try:
         code: int = run(letters)
