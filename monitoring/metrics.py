@@ -1,0 +1,403 @@
+"""Prometheus metrics of one worker process, and the HTTP endpoint that serves them.
+
+Every name starts with ``rewardq_``:
+
+====================================================  =========  ==========================
+metric                                                type       labels
+====================================================  =========  ==========================
+``rewardq_judge_requests_total``                      counter    model, status
+``rewardq_judge_latency_seconds``                     histogram  model
+``rewardq_judge_prompt_tokens_total``                 counter    model
+``rewardq_judge_completion_tokens_total``             counter    model
+``rewardq_judge_cost_usd_total``                      counter    model
+``rewardq_cache_hits_total``                          counter
+``rewardq_cache_misses_total``                        counter
+``rewardq_dedup_waits_total``                         counter
+``rewardq_rate_limit_waits_total``                    counter
+``rewardq_rate_limit_wait_seconds_total``             counter
+``rewardq_retries_total``                             counter    reason
+``rewardq_dead_letters_total``                        counter    kind
+``rewardq_chunks_total``                              counter    status
+``rewardq_items_total``                               counter    status
+====================================================  =========  ==========================
+
+``status`` of a judge request is ``ok`` (scored), ``unparseable`` (a 200 without a
+score), the HTTP status of an error answer (``429``, ``500``...), ``timeout`` or
+``network`` (see :func:`call_status`); every label takes a handful of values, never an
+item id, so the series stay few.
+
+Why not ``prometheus_client.Counter``: a worker updates its metrics from two threads
+(the gevent hub thread and the asyncio loop thread of ``workers.bridge``), and under
+``gevent.monkey.patch_all`` the client's ``threading.Lock`` is a gevent lock, which a
+native thread must not block on. :class:`WorkerMetrics` keeps plain numbers behind one
+*native* lock whose critical sections never yield, and a collector turns them into
+samples at scrape time; an update costs a lock round trip and a dict write (< 1 µs).
+
+Where the endpoint listens (``REWARDQ_METRICS_PORT``, see :func:`serve_worker_metrics`):
+
+- unset: no endpoint;
+- ``0``: a free port the OS picks;
+- ``P``: the first free port of ``P .. P + METRICS_PORT_SPAN - 1``, so several worker
+  processes on one host each get their own (in docker-compose each container has its
+  own network namespace and they all get ``P``).
+
+The real port is logged (INFO) and advertised over Celery's remote control: every
+worker answers the ``rewardq_metrics`` inspect command with its endpoint, which is how
+``rewardq stats`` and the tests find the endpoints (:func:`discover_endpoints`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import socket
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from broker.errors import JudgeError, UnparseableReplyError
+
+log = logging.getLogger(__name__)
+
+PREFIX = "rewardq"
+METRICS_PORT_SPAN = 64
+"""How many consecutive ports a worker tries, from ``REWARDQ_METRICS_PORT`` on."""
+
+LATENCY_BUCKETS_S = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
+                     120.0)
+"""Judge latency buckets: a local judge answers in ms, hosted LLMs in 0.1-30 s."""
+
+INSPECT_COMMAND = "rewardq_metrics"
+"""The Celery inspect command every serving worker answers with its endpoint."""
+
+
+def _native_lock() -> Any:
+    """A lock of the OS, even under ``gevent.monkey.patch_all``."""
+    try:
+        from gevent import monkey
+    except ImportError:  # pragma: no cover - gevent is a dependency
+        return threading.Lock()
+    return monkey.get_original("_thread", "allocate_lock")()
+
+
+class _Histogram:
+    """Cumulative-on-read bucket counts of one label set (not thread-safe on its own)."""
+
+    __slots__ = ("counts", "total", "count")
+
+    def __init__(self, n_buckets: int) -> None:
+        self.counts = [0] * (n_buckets + 1)  # the last one is +Inf
+        self.total = 0.0
+        self.count = 0
+
+
+class WorkerMetrics:
+    """The counters of one worker process, cheap to update from any thread or greenlet.
+
+    Args:
+        registry: where the collector is registered; ``None`` makes a fresh
+            ``CollectorRegistry`` (``self.registry``), so two instances never clash.
+        buckets: upper bounds of the judge latency histogram, in seconds.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None,
+                 buckets: Iterable[float] = LATENCY_BUCKETS_S) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.buckets = tuple(sorted(buckets))
+        self._lock = _native_lock()
+        self._requests: dict[tuple[str, str], float] = {}
+        self._latency: dict[str, _Histogram] = {}
+        self._prompt_tokens: dict[str, float] = {}
+        self._completion_tokens: dict[str, float] = {}
+        self._cost: dict[str, float] = {}
+        self._retries: dict[str, float] = {}
+        self._dead_letters: dict[str, float] = {}
+        self._chunks: dict[str, float] = {}
+        self._items: dict[str, float] = {}
+        self._scalars = {"cache_hits": 0.0, "cache_misses": 0.0, "dedup_waits": 0.0,
+                         "rate_limit_waits": 0.0, "rate_limit_wait_seconds": 0.0}
+        self.registry.register(_Collector(self))
+
+    # -- hot path -----------------------------------------------------------------
+
+    def judge_call(self, model: str, status: str, latency_s: float) -> None:
+        """One judge request finished (answered or not) after ``latency_s`` seconds.
+
+        Args:
+            model: the judge model asked.
+            status: see :func:`call_status` (``ok``, ``unparseable``, ``429``, ...).
+            latency_s: wall time of the request.
+        """
+        key = (model, status)
+        with self._lock:
+            self._requests[key] = self._requests.get(key, 0.0) + 1.0
+            hist = self._latency.get(model)
+            if hist is None:
+                hist = self._latency[model] = _Histogram(len(self.buckets))
+            hist.counts[bisect.bisect_left(self.buckets, latency_s)] += 1
+            hist.total += latency_s
+            hist.count += 1
+
+    def cache_lookup(self, hits: int, misses: int) -> None:
+        """A claim found ``hits`` cached verdicts and ``misses`` fingerprints to judge."""
+        with self._lock:
+            self._scalars["cache_hits"] += hits
+            self._scalars["cache_misses"] += misses
+
+    def dedup_wait(self) -> None:
+        """An item waited for another caller's judge call instead of making its own."""
+        with self._lock:
+            self._scalars["dedup_waits"] += 1
+
+    def rate_limited(self, seconds: float) -> None:
+        """A judge call waited ``seconds`` for the fleet-wide rate limiter."""
+        with self._lock:
+            self._scalars["rate_limit_waits"] += 1
+            self._scalars["rate_limit_wait_seconds"] += seconds
+
+    def retry(self, reason: str) -> None:
+        """A judge call is about to be retried; ``reason`` as from :func:`call_status`."""
+        with self._lock:
+            self._retries[reason] = self._retries.get(reason, 0.0) + 1
+
+    def dead_letter(self, kind: str) -> None:
+        """A dead letter of ``kind`` (e.g. ``item``, ``chunk``) was recorded."""
+        with self._lock:
+            self._dead_letters[kind] = self._dead_letters.get(kind, 0.0) + 1
+
+    def usage(self, model: str, prompt_tokens: int, completion_tokens: int,
+              cost_usd: float) -> None:
+        """Tokens (and their price) of one judge reply that the provider bills."""
+        with self._lock:
+            self._prompt_tokens[model] = self._prompt_tokens.get(model, 0.0) + prompt_tokens
+            self._completion_tokens[model] = (self._completion_tokens.get(model, 0.0)
+                                              + completion_tokens)
+            self._cost[model] = self._cost.get(model, 0.0) + cost_usd
+
+    def chunk(self, status: str, item_statuses: Iterable[str] = ()) -> None:
+        """A chunk task ended with ``status`` (``ok``, ``failed``...); its items' statuses."""
+        counted: dict[str, int] = {}
+        for s in item_statuses:
+            counted[s] = counted.get(s, 0) + 1
+        with self._lock:
+            self._chunks[status] = self._chunks.get(status, 0.0) + 1
+            for s, n in counted.items():
+                self._items[s] = self._items.get(s, 0.0) + n
+
+    # -- reading ------------------------------------------------------------------
+
+    def snapshot(self) -> MetricsSnapshot:
+        """A consistent copy of every counter (taken under the lock)."""
+        with self._lock:
+            return MetricsSnapshot(
+                requests=dict(self._requests),
+                latency={m: (list(h.counts), h.total, h.count)
+                         for m, h in self._latency.items()},
+                prompt_tokens=dict(self._prompt_tokens),
+                completion_tokens=dict(self._completion_tokens),
+                cost_usd=dict(self._cost), retries=dict(self._retries),
+                dead_letters=dict(self._dead_letters), chunks=dict(self._chunks),
+                items=dict(self._items), scalars=dict(self._scalars))
+
+
+@dataclass(frozen=True)
+class MetricsSnapshot:
+    """Plain copies of a :class:`WorkerMetrics`' counters at one instant."""
+
+    requests: Mapping[tuple[str, str], float]
+    latency: Mapping[str, tuple[list[int], float, int]]
+    prompt_tokens: Mapping[str, float]
+    completion_tokens: Mapping[str, float]
+    cost_usd: Mapping[str, float]
+    retries: Mapping[str, float]
+    dead_letters: Mapping[str, float]
+    chunks: Mapping[str, float]
+    items: Mapping[str, float]
+    scalars: Mapping[str, float]
+
+
+class _Collector(Collector):
+    """Turns a :class:`WorkerMetrics` snapshot into Prometheus metric families."""
+
+    def __init__(self, metrics: WorkerMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._metrics.snapshot()
+        yield _counter("judge_requests", "Judge requests by model and outcome.",
+                       ["model", "status"], {k: v for k, v in s.requests.items()})
+        latency = HistogramMetricFamily(f"{PREFIX}_judge_latency_seconds",
+                                        "Wall time of one judge request.", labels=["model"])
+        bounds = [*(repr(float(b)) for b in self._metrics.buckets), "+Inf"]
+        for model, (counts, total, _count) in s.latency.items():
+            cumulative, running = [], 0
+            for bound, n in zip(bounds, counts, strict=True):
+                running += n
+                cumulative.append((bound, float(running)))
+            latency.add_metric([model], cumulative, total)
+        yield latency
+        for name, doc, values in (
+                ("judge_prompt_tokens", "Prompt (input) tokens billed.", s.prompt_tokens),
+                ("judge_completion_tokens", "Completion (output) tokens billed.",
+                 s.completion_tokens),
+                ("judge_cost_usd", "Judge cost in US dollars (price table x tokens).",
+                 s.cost_usd)):
+            yield _counter(name, doc, ["model"], {(m,): v for m, v in values.items()})
+        for name, doc in (
+                ("cache_hits", "Fingerprints answered from the verdict cache."),
+                ("cache_misses", "Fingerprints not in the cache when claimed."),
+                ("dedup_waits", "Items that waited for another caller's judge call."),
+                ("rate_limit_waits", "Judge calls held back by the fleet-wide rate limiter."),
+                ("rate_limit_wait_seconds", "Seconds judge calls waited for the rate limiter.")):
+            yield _counter(name, doc, [], {(): s.scalars[name]})
+        yield _counter("retries", "Judge calls retried, by reason.", ["reason"],
+                       {(k,): v for k, v in s.retries.items()})
+        yield _counter("dead_letters", "Dead letters recorded, by kind.", ["kind"],
+                       {(k,): v for k, v in s.dead_letters.items()})
+        yield _counter("chunks", "Chunk tasks finished, by outcome.", ["status"],
+                       {(k,): v for k, v in s.chunks.items()})
+        yield _counter("items", "Items scored, by result status.", ["status"],
+                       {(k,): v for k, v in s.items.items()})
+
+
+def _counter(name: str, doc: str, labels: list[str],
+             values: Mapping[tuple[str, ...], float]) -> CounterMetricFamily:
+    family = CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=labels)
+    for label_values, value in values.items():
+        family.add_metric(list(label_values), value)
+    return family
+
+
+def call_status(error: BaseException | None) -> str:
+    """The ``status`` label of a judge request that raised ``error`` (``None``: scored).
+
+    ``unparseable`` for a 200 without a score, the HTTP status when the judge answered
+    with an error, ``timeout`` for a request that timed out and ``network`` for any
+    other failure to get an answer. Takes an ``openai`` SDK error or a ``JudgeError``
+    (whose ``__cause__`` is the SDK error).
+    """
+    if error is None:
+        return "ok"
+    if isinstance(error, UnparseableReplyError):
+        return "unparseable"
+    for exc in (error, error.__cause__):
+        code = getattr(exc, "status_code", None)
+        if isinstance(code, int):
+            return str(code)
+    for exc in (error, error.__cause__):
+        if exc is not None and ("Timeout" in type(exc).__name__
+                                or isinstance(exc, TimeoutError)):
+            return "timeout"
+    if isinstance(error, JudgeError) and "timed out" in str(error):
+        return "timeout"
+    return "network"
+
+
+# -- the endpoint -----------------------------------------------------------------
+
+_served: dict[str, Any] = {}
+"""This process's endpoint, for the inspect command (Celery's panel is process-global)."""
+
+
+def start_metrics_server(port: int, registry: CollectorRegistry, *, addr: str = "0.0.0.0",
+                         span: int = METRICS_PORT_SPAN) -> int:
+    """Serve ``registry`` at ``http://addr:<port>/metrics`` from a daemon thread.
+
+    Args:
+        port: ``0`` for a free port the OS picks; otherwise the first port of
+            ``port .. port + span - 1`` that is free.
+        registry: what to serve (``WorkerMetrics.registry``).
+        addr: the interface to bind; metrics hold no secrets, and Prometheus scrapes
+            from another host or container.
+        span: how many consecutive ports to try.
+
+    Returns:
+        The port actually bound.
+
+    Raises:
+        OSError: every port of the range is taken.
+    """
+    candidates = [0] if port == 0 else list(range(port, port + max(1, span)))
+    last_error: OSError | None = None
+    for candidate in candidates:
+        try:
+            server, _thread = start_http_server(candidate, addr=addr, registry=registry)
+        except OSError as exc:
+            last_error = exc
+            continue
+        bound: int = server.server_port
+        return bound
+    raise OSError(f"no free metrics port in {port}..{port + span - 1}: {last_error}")
+
+
+def serve_worker_metrics(metrics: WorkerMetrics, port: int, *, node: str,
+                         addr: str = "0.0.0.0") -> int:
+    """Start a worker process's endpoint and advertise it (log line + inspect command).
+
+    Call once per worker process, after the worker is up (Celery's ``worker_ready``):
+    not at import time, or ``celery inspect`` would open endpoints too.
+
+    Args:
+        metrics: the process's metrics.
+        port: ``Settings.metrics_port`` (see the module docstring for 0 and ranges).
+        node: the worker's Celery node name (``sender.hostname`` of ``worker_ready``).
+        addr: the interface to bind.
+
+    Returns:
+        The port bound.
+    """
+    bound = start_metrics_server(port, metrics.registry, addr=addr)
+    host = socket.gethostname() if addr in ("0.0.0.0", "::", "") else addr
+    _served.update(node=node, port=bound, url=f"http://{host}:{bound}/metrics")
+    log.info("worker %s serves metrics at %s", node, _served["url"])
+    return bound
+
+
+def _register_inspect_command() -> None:
+    from celery.worker.control import inspect_command
+
+    @inspect_command(name=INSPECT_COMMAND)  # type: ignore[misc]
+    def rewardq_metrics(state: Any) -> dict[str, Any]:
+        """The worker's Prometheus endpoint ({} when it serves none)."""
+        return dict(_served)
+
+
+_register_inspect_command()
+
+
+@dataclass(frozen=True)
+class MetricsEndpoint:
+    """Where one worker serves its metrics."""
+
+    node: str
+    port: int
+    url: str
+
+    def url_for(self, host: str) -> str:
+        """The endpoint's URL with ``host`` instead of the worker's own host name."""
+        return f"http://{host}:{self.port}/metrics"
+
+
+def discover_endpoints(app: Any, timeout_s: float = 1.0) -> dict[str, MetricsEndpoint]:
+    """Ask every worker for its endpoint (the ``rewardq_metrics`` inspect command).
+
+    Args:
+        app: a Celery app on the fleet's broker (``broker.app.create_app``).
+        timeout_s: how long to collect replies.
+
+    Returns:
+        Celery node name -> endpoint, for the workers that serve one.
+    """
+    replies = app.control.broadcast(INSPECT_COMMAND, reply=True, timeout=timeout_s) or []
+    found = {}
+    for answer in replies:
+        for node, reply in answer.items():
+            if isinstance(reply, dict) and reply.get("port"):
+                found[node] = MetricsEndpoint(node=node, port=int(reply["port"]),
+                                              url=str(reply["url"]))
+    return found

@@ -1,0 +1,296 @@
+"""``rewardq stats``: a live terminal view of the fleet, refreshing in place.
+
+Where each number comes from (one snapshot costs three Celery broadcasts, a Redis
+pipeline and one HTTP scrape per worker):
+
+- queue depth: ``LLEN rewardq.judge`` (chunks waiting; kombu's base priority list);
+  in progress: ``HLEN unacked`` (chunks delivered to a worker and not yet acked);
+- dead letters: ``ZCARD rewardq:dead:index``;
+- workers: Celery ``inspect stats`` (pid, pool size, chunks processed) and
+  ``inspect active`` (chunks running now);
+- judge requests and failures, cache hit rate, items by status, retries, tokens and
+  cost: the sum of every worker's Prometheus endpoint (``monitoring.metrics``), found
+  with the ``rewardq_metrics`` inspect command. Workers run without an endpoint when
+  ``REWARDQ_METRICS_PORT`` is unset; these rows then read ``-``. Cache hits answered
+  by the producer before enqueueing (``cache_hits_at_submit``) never reach a worker
+  and are not in the hit rate;
+- throughput: the difference between two snapshots (chunks/s from Celery's counts,
+  items/s and judge calls/s from the metrics), so ``--once`` shows totals only.
+
+Counters of a worker restart from zero with it; a rate that would go negative is shown
+as ``-`` for that refresh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, TextIO
+
+import httpx
+import redis
+from celery import Celery
+from prometheus_client.parser import text_string_to_metric_families
+
+from broker.app import QUEUE_JUDGE, TASK_SCORE_CHUNK, create_app
+from broker.keys import DEAD_INDEX
+from broker.settings import Settings
+from monitoring.metrics import INSPECT_COMMAND
+
+UNACKED_HASH = "unacked"
+"""kombu's Redis transport keeps delivered, unacknowledged messages in this hash."""
+
+CLEAR_SCREEN = "\x1b[H\x1b[2J"
+
+
+@dataclass(frozen=True)
+class WorkerRow:
+    """One worker as Celery reports it."""
+
+    node: str
+    pid: int | None
+    concurrency: int | None
+    processed: int
+    active: int
+    metrics_url: str | None = None
+
+
+@dataclass
+class FleetMetrics:
+    """Worker metrics summed over every endpoint scraped."""
+
+    judge_requests: float = 0.0
+    judge_errors: float = 0.0
+    cache_hits: float = 0.0
+    cache_misses: float = 0.0
+    dedup_waits: float = 0.0
+    rate_limit_wait_s: float = 0.0
+    retries: float = 0.0
+    items: dict[str, float] = field(default_factory=dict)
+    chunks: dict[str, float] = field(default_factory=dict)
+    prompt_tokens: float = 0.0
+    completion_tokens: float = 0.0
+    cost_usd: float = 0.0
+
+    @property
+    def cache_hit_rate(self) -> float | None:
+        """Hits / (hits + misses), ``None`` before any lookup."""
+        lookups = self.cache_hits + self.cache_misses
+        return self.cache_hits / lookups if lookups else None
+
+    @property
+    def items_failed(self) -> float:
+        """Items whose result is not ``ok``."""
+        return sum(n for status, n in self.items.items() if status != "ok")
+
+    def add_exposition(self, text: str) -> None:
+        """Add the ``rewardq_*`` samples of one endpoint's scrape."""
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                self._add(sample.name, sample.labels, sample.value)
+
+    def _add(self, name: str, labels: Mapping[str, str], value: float) -> None:
+        scalar = {"rewardq_cache_hits_total": "cache_hits",
+                  "rewardq_cache_misses_total": "cache_misses",
+                  "rewardq_dedup_waits_total": "dedup_waits",
+                  "rewardq_rate_limit_wait_seconds_total": "rate_limit_wait_s",
+                  "rewardq_retries_total": "retries",
+                  "rewardq_judge_prompt_tokens_total": "prompt_tokens",
+                  "rewardq_judge_completion_tokens_total": "completion_tokens",
+                  "rewardq_judge_cost_usd_total": "cost_usd"}.get(name)
+        if scalar is not None:
+            setattr(self, scalar, getattr(self, scalar) + value)
+        elif name == "rewardq_judge_requests_total":
+            self.judge_requests += value
+            if labels.get("status") != "ok":
+                self.judge_errors += value
+        elif name in ("rewardq_items_total", "rewardq_chunks_total"):
+            into = self.items if name == "rewardq_items_total" else self.chunks
+            status = labels.get("status", "?")
+            into[status] = into.get(status, 0.0) + value
+
+
+@dataclass(frozen=True)
+class StatsSnapshot:
+    """What the fleet looked like at ``taken_at`` (unix time)."""
+
+    taken_at: float
+    queue_depth: int
+    in_progress: int
+    dead_letters: int
+    workers: list[WorkerRow]
+    metrics: FleetMetrics | None
+    endpoints_scraped: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def chunks_processed(self) -> int:
+        """Chunks the live workers have finished (Celery's per-process counts)."""
+        return sum(w.processed for w in self.workers)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form (``rewardq stats --once --json``)."""
+        data = asdict(self)
+        if self.metrics is not None:
+            data["metrics"]["cache_hit_rate"] = self.metrics.cache_hit_rate
+            data["metrics"]["items_failed"] = self.metrics.items_failed
+        data["chunks_processed"] = self.chunks_processed
+        return data
+
+
+def collect(app: Celery, client: redis.Redis, *, timeout_s: float = 1.0,
+            http: httpx.Client | None = None) -> StatsSnapshot:
+    """Take one snapshot of the fleet.
+
+    Args:
+        app: a Celery app on the fleet's broker.
+        client: a Redis client on the same Redis.
+        timeout_s: how long to wait for the workers' broadcast replies.
+        http: the client that scrapes metrics endpoints (one is made if ``None``).
+    """
+    errors: list[str] = []
+    with client.pipeline(transaction=False) as pipe:
+        pipe.llen(QUEUE_JUDGE)
+        pipe.hlen(UNACKED_HASH)
+        pipe.zcard(DEAD_INDEX)
+        depth, in_progress, dead = pipe.execute()
+    stats = app.control.inspect(timeout=timeout_s).stats() or {}
+    # The stats replies say how many workers there are: the next broadcasts stop waiting
+    # as soon as that many have answered.
+    limit = len(stats) or None
+    active = app.control.inspect(timeout=timeout_s, limit=limit).active() or {} \
+        if stats else {}
+    advertised: dict[str, Any] = {}
+    if stats:
+        for answer in app.control.broadcast(INSPECT_COMMAND, reply=True, timeout=timeout_s,
+                                            limit=limit) or []:
+            advertised.update(answer)
+    rows = []
+    for node, info in sorted(stats.items()):
+        endpoint = advertised.get(node)
+        url = endpoint.get("url") if isinstance(endpoint, dict) else None
+        rows.append(WorkerRow(node=node, pid=info.get("pid"),
+                              concurrency=(info.get("pool") or {}).get("max-concurrency"),
+                              processed=int((info.get("total") or {}).get(TASK_SCORE_CHUNK, 0)),
+                              active=len(active.get(node) or []), metrics_url=url))
+    metrics, scraped = _scrape([r.metrics_url for r in rows if r.metrics_url], http, errors)
+    return StatsSnapshot(taken_at=time.time(), queue_depth=int(depth),
+                         in_progress=int(in_progress), dead_letters=int(dead),
+                         workers=rows, metrics=metrics, endpoints_scraped=scraped,
+                         errors=errors)
+
+
+def _scrape(urls: Iterable[str], http: httpx.Client | None,
+            errors: list[str]) -> tuple[FleetMetrics | None, int]:
+    urls = list(urls)
+    if not urls:
+        return None, 0
+    own = http is None
+    client = http or httpx.Client(timeout=2.0)
+    total, scraped = FleetMetrics(), 0
+    try:
+        for url in urls:
+            try:
+                response = client.get(url)
+                response.raise_for_status()
+            except httpx.HTTPError as exc:
+                errors.append(f"cannot scrape {url}: {exc}")
+                continue
+            total.add_exposition(response.text)
+            scraped += 1
+    finally:
+        if own:
+            client.close()
+    return (total if scraped else None), scraped
+
+
+def _rate(now: float, before: float, seconds: float) -> str:
+    if seconds <= 0 or now < before:
+        return "-"
+    return f"{(now - before) / seconds:,.1f}/s"
+
+
+def render(current: StatsSnapshot, previous: StatsSnapshot | None = None) -> str:
+    """The text of one refresh; rates need ``previous`` (else they read ``-``)."""
+    dt = current.taken_at - previous.taken_at if previous else 0.0
+    m, pm = current.metrics, previous.metrics if previous else None
+    when = time.strftime("%H:%M:%S", time.localtime(current.taken_at))
+    chunk_rate = _rate(current.chunks_processed, previous.chunks_processed, dt) \
+        if previous else "-"
+    lines = [f"rewardq stats  {when}  (Ctrl-C quits)", "",
+             f"queue depth     {current.queue_depth:>10,} chunks waiting"
+             f"   in progress {current.in_progress:,}",
+             f"dead letters    {current.dead_letters:>10,}",
+             f"workers         {len(current.workers):>10,}"
+             f"   chunks done {current.chunks_processed:,} ({chunk_rate})"]
+    if m is None:
+        lines.append("metrics         no worker serves metrics (set REWARDQ_METRICS_PORT)")
+    else:
+        items_ok = m.items.get("ok", 0.0)
+        item_rate = _rate(items_ok + m.items_failed,
+                          pm.items.get("ok", 0.0) + pm.items_failed, dt) if pm else "-"
+        call_rate = _rate(m.judge_requests, pm.judge_requests, dt) if pm else "-"
+        hit = f"{m.cache_hit_rate:.1%}" if m.cache_hit_rate is not None else "-"
+        lines += [
+            f"items           {items_ok:>10,.0f} ok   {m.items_failed:,.0f} failed"
+            f"   ({item_rate})",
+            f"judge calls     {m.judge_requests:>10,.0f}   errors {m.judge_errors:,.0f}"
+            f"   retries {m.retries:,.0f}   ({call_rate})",
+            f"cache hit rate  {hit:>10}   dedup waits {m.dedup_waits:,.0f}"
+            f"   rate-limit wait {m.rate_limit_wait_s:,.1f}s",
+            f"tokens          {m.prompt_tokens:>10,.0f} in   {m.completion_tokens:,.0f} out",
+            f"cost            {m.cost_usd:>10,.4f} USD",
+        ]
+    if current.workers:
+        lines += ["", f"{'worker':<32} {'pid':>8} {'pool':>6} {'active':>7} {'done':>8}"]
+        for w in current.workers:
+            lines.append(f"{w.node:<32} {w.pid or '-':>8} {w.concurrency or '-':>6} "
+                         f"{w.active:>7} {w.processed:>8}")
+    lines += [f"! {e}" for e in current.errors]
+    return "\n".join(lines)
+
+
+def run_stats(settings: Settings, *, once: bool = False, interval_s: float = 2.0,
+              as_json: bool = False, out: TextIO | None = None,
+              timeout_s: float = 1.0) -> int:
+    """Show the fleet: refreshing every ``interval_s`` until Ctrl-C, or one snapshot.
+
+    Args:
+        settings: the broker to look at.
+        once: print one snapshot and return.
+        interval_s: seconds between refreshes.
+        as_json: print snapshots as JSON lines instead of text.
+        out: where to write (default stdout).
+        timeout_s: how long to wait for the workers' broadcast replies.
+
+    Returns:
+        The exit status: 0.
+    """
+    out = out or sys.stdout
+    app = create_app(settings)
+    client = redis.Redis.from_url(settings.broker_url, socket_timeout=5,
+                                  socket_connect_timeout=5)
+    live = not once and not as_json and out.isatty()
+    previous: StatsSnapshot | None = None
+    try:
+        with httpx.Client(timeout=2.0) as http, contextlib.suppress(KeyboardInterrupt):
+            while True:
+                current = collect(app, client, timeout_s=timeout_s, http=http)
+                if as_json:
+                    out.write(json.dumps(current.as_dict()) + "\n")
+                else:
+                    out.write((CLEAR_SCREEN if live else "") + render(current, previous)
+                              + "\n" + ("" if live else "\n"))
+                out.flush()
+                if once:
+                    return 0
+                previous = current
+                time.sleep(max(0.0, interval_s - (time.time() - current.taken_at)))
+    finally:
+        client.close()
+        app.close()
+    return 0
