@@ -361,7 +361,7 @@ def serve_worker_metrics(metrics: WorkerMetrics, port: int, *, node: str,
 def _register_inspect_command() -> None:
     from celery.worker.control import inspect_command
 
-    @inspect_command(name=INSPECT_COMMAND)  # type: ignore[misc]
+    @inspect_command(name=INSPECT_COMMAND)  # type: ignore[untyped-decorator]
     def rewardq_metrics(state: Any) -> dict[str, Any]:
         """The worker's Prometheus endpoint ({} when it serves none)."""
         return dict(_served)
