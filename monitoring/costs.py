@@ -180,8 +180,8 @@ class CostLedger:
     Example::
 
         ledger = CostLedger(PriceTable.from_settings(settings), settings.judge_model)
-        step_cost = ledger.record(results, step=3)
-        print(step_cost.cost_usd, ledger.total.cost_usd)
+        batch = ledger.record(results, step=3)
+        print(batch.cost_usd, ledger.steps[3].cost_usd, ledger.total.cost_usd)
     """
 
     prices: PriceTable | Mapping[str, PriceSpec]
@@ -197,10 +197,11 @@ class CostLedger:
         """Count one batch of results into ``step`` and the total.
 
         Returns:
-            The step's totals so far (a step may be recorded in several batches).
+            This batch's totals; ``steps[step]`` holds the step's totals so far (a step
+            may be recorded in several batches) and ``total`` the run's.
         """
         assert isinstance(self.prices, PriceTable)
         batch = totals_of(results, self.model, self.prices)
         self.steps.setdefault(step, CostTotals()).add(batch)
         self.total.add(batch)
-        return self.steps[step]
+        return batch
