@@ -5,9 +5,15 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
+import re
+import shutil
 import socket
+import subprocess
 import threading
 from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -268,3 +274,105 @@ def test_worker_endpoints_count_exactly_what_the_run_did(
     assert 90 <= total(found, "rewardq_cache_misses_total") <= 100
     assert total(found, "rewardq_cache_hits_total") \
         + total(found, "rewardq_dedup_waits_total") >= 10
+
+
+# -- deployment files -------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+MONITORING = ROOT / "monitoring"
+COMPOSE_ENV = {"REDIS_PASSWORD": "compose-test-redis", "FLOWER_PASSWORD": "compose-test-flower",
+               "GRAFANA_PASSWORD": "compose-test-grafana"}
+
+
+def _exposed_names() -> set[str]:
+    """Every sample name a worker exposes once each family has a value."""
+    m = WorkerMetrics()
+    m.judge_call("m", "ok", 0.1)
+    m.usage("m", 1, 1, 0.1)
+    m.retry("429")
+    m.dead_letter("item")
+    m.chunk("ok", ["ok"])
+    return {name for name, _ in scrape(m)}
+
+
+def _flower_names() -> set[str]:
+    import flower.events
+
+    source = Path(flower.events.__file__).read_text()
+    names = set(re.findall(r"['\"](flower_[a-z_]+)['\"]", source))
+    return names | {f"{n}_{suffix}" for n in names for suffix in ("bucket", "sum", "count")}
+
+
+def _metric_names(expr: str, prefix: str) -> set[str]:
+    return set(re.findall(rf"\b({prefix}_[a-z_]+)", expr))
+
+
+def _dashboard_exprs() -> list[str]:
+    board = json.loads((MONITORING / "grafana" / "rewardq-dashboard.json").read_text())
+    return [t["expr"] for p in board["panels"] for t in p.get("targets", [])]
+
+
+def _alert_rules() -> list[dict[str, Any]]:
+    yaml = pytest.importorskip("yaml")
+    doc = yaml.safe_load((MONITORING / "alerts.yml").read_text())
+    return [rule for group in doc["groups"] for rule in group["rules"]]
+
+
+def test_dashboard_and_alerts_only_use_metrics_that_exist() -> None:
+    ours, flowers = _exposed_names(), _flower_names()
+    exprs = _dashboard_exprs() + [rule["expr"] for rule in _alert_rules()]
+    used = set().union(*(_metric_names(e, "rewardq") for e in exprs))
+    assert used and used <= ours, used - ours
+    used_flower = set().union(*(_metric_names(e, "flower") for e in exprs))
+    assert used_flower and used_flower <= flowers, used_flower - flowers
+
+
+def test_alert_rules_cover_worker_down_failure_ratio_and_queue_backlog() -> None:
+    rules = {rule["alert"]: rule for rule in _alert_rules()}
+    for rule in rules.values():
+        assert rule["labels"]["severity"] in {"info", "warning", "critical"}
+        assert rule["annotations"]["summary"]
+    assert 'up{job="rewardq-worker"} == 0' in rules["RewardqWorkerDown"]["expr"]
+    assert "rewardq_judge_requests_total" in rules["RewardqJudgeFailureRatioHigh"]["expr"]
+    assert 'redis_key_size{key="rewardq.judge"}' in rules["RewardqQueueBacklog"]["expr"]
+    yaml = pytest.importorskip("yaml")
+    scrape_jobs = {job["job_name"]: job for job in
+                   yaml.safe_load((MONITORING / "prometheus.yml").read_text())["scrape_configs"]}
+    assert scrape_jobs["rewardq-worker"]["dns_sd_configs"][0]["names"] == ["worker"]
+    assert scrape_jobs["flower"]["static_configs"][0]["targets"] == ["flower:5555"]
+
+
+def _compose_cli() -> list[str]:
+    for cmd in (["docker", "compose"], ["docker-compose"]):
+        if shutil.which(cmd[0]) is None:
+            continue
+        probe = subprocess.run([*cmd, "version"], capture_output=True, text=True)
+        if probe.returncode == 0:
+            return cmd
+    pytest.skip("no docker compose (plugin or docker-compose) on PATH")
+
+
+def test_docker_compose_config_passes_and_describes_the_stack() -> None:
+    cmd = _compose_cli()
+    env = {**os.environ, **COMPOSE_ENV}
+    done = subprocess.run([*cmd, "--profile", "local-judge", "config"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    yaml = pytest.importorskip("yaml")
+    services = yaml.safe_load(done.stdout)["services"]
+    assert {"redis", "worker", "flower", "prometheus", "grafana", "judge"} <= set(services)
+    redis_cmd = " ".join(services["redis"]["command"])
+    for flag in ("--requirepass", "--appendonly yes", "--maxmemory-policy noeviction"):
+        assert flag in redis_cmd
+    worker = services["worker"]
+    assert "ports" not in worker and "container_name" not in worker  # --scale worker=N
+    assert worker["environment"]["REWARDQ_METRICS_PORT"] == "9808"
+    assert "compose-test-redis" in worker["environment"]["REWARDQ_REDIS_URL"]
+    assert services["judge"]["profiles"] == ["local-judge"]
+    assert "--address" in services["flower"]["command"]
+    assert "OPENAI_API_KEY" not in services["flower"]["environment"]
+
+    no_password = {k: v for k, v in env.items() if k != "REDIS_PASSWORD"}
+    refused = subprocess.run([*cmd, "config"], cwd=ROOT, env=no_password,
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "REDIS_PASSWORD" in refused.stderr
