@@ -1,5 +1,8 @@
 """Reading a score out of the judge's reply; pure, no I/O.
 
+``classify`` maps an ``openai`` SDK error to rewardq's transient/permanent judge errors,
+so the workers and the in-process sync judge decide retries the same way.
+
 The judge is asked for ``{"score": <1-10>, ...}``. Real models wrap that in prose or
 code fences, or answer with a bare number, so the parser tries, in order: the whole
 reply as JSON, the first ``{...}`` object in it, then the first plain number. The score
@@ -12,7 +15,14 @@ import json
 import math
 import re
 
-from broker.errors import UnparseableReplyError
+import openai
+
+from broker.errors import (
+    JudgeError,
+    PermanentJudgeError,
+    TransientJudgeError,
+    UnparseableReplyError,
+)
 from broker.prompts import SCALE_MAX, SCALE_MIN
 
 _OBJECT = re.compile(r"\{.*?\}", re.DOTALL)
@@ -65,3 +75,39 @@ def _score_from_json(candidate: str) -> float | None:
     if isinstance(value, (int, float)) and math.isfinite(value):
         return float(value)
     return None
+
+
+def classify(exc: openai.APIError) -> JudgeError:
+    """Map an SDK error to a transient or permanent ``JudgeError``.
+
+    Transient: timeouts, connection errors, 408, 409, 429 and 5xx. Permanent: the rest.
+    """
+    if isinstance(exc, openai.APITimeoutError):
+        return TransientJudgeError(f"judge timed out: {exc}")
+    if isinstance(exc, openai.APIConnectionError):
+        return TransientJudgeError(f"judge unreachable: {exc}")
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        retry_after = _retry_after_s(exc)
+        message = f"judge answered HTTP {status}: {_short(exc)}"
+        if status in (408, 409, 429) or status >= 500:
+            return TransientJudgeError(message, status_code=status, retry_after_s=retry_after)
+        return PermanentJudgeError(message, status_code=status)
+    return PermanentJudgeError(f"judge error: {exc}")
+
+
+def _retry_after_s(exc: openai.APIStatusError) -> float | None:
+    headers = exc.response.headers
+    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            return max(0.0, float(value) * scale)
+        except ValueError:
+            continue
+    return None
+
+
+def _short(exc: openai.APIStatusError) -> str:
+    return str(exc.message)[:200]

@@ -22,7 +22,7 @@ from typing import Any
 import openai
 from pydantic import SecretStr
 
-from broker.errors import JudgeError, PermanentJudgeError, RewardqError, TransientJudgeError
+from broker.errors import RewardqError
 from broker.prompts import template_for
 from broker.schemas import (
     JudgeSpec,
@@ -34,7 +34,7 @@ from broker.schemas import (
     parse_items,
 )
 from broker.settings import Settings
-from broker.verdicts import extract_raw_score, normalize
+from broker.verdicts import classify, extract_raw_score, normalize
 
 __all__ = ["SyncJudge", "judge_spec"]
 
@@ -113,7 +113,7 @@ class SyncJudge:
                 max_tokens=self.spec.max_tokens,
             )
         except openai.APIError as exc:
-            raise _classify(exc) from exc
+            raise classify(exc) from exc
         content = reply.choices[0].message.content if reply.choices else None
         usage = (
             Usage(
@@ -175,21 +175,6 @@ class SyncJudge:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-def _classify(exc: openai.APIError) -> JudgeError:
-    """The workers' classification of SDK errors, with the same messages."""
-    if isinstance(exc, openai.APITimeoutError):
-        return TransientJudgeError(f"judge timed out: {exc}")
-    if isinstance(exc, openai.APIConnectionError):
-        return TransientJudgeError(f"judge unreachable: {exc}")
-    if isinstance(exc, openai.APIStatusError):
-        status = exc.status_code
-        message = f"judge answered HTTP {status}: {str(exc.message)[:200]}"
-        if status in (408, 409, 429) or status >= 500:
-            return TransientJudgeError(message, status_code=status)
-        return PermanentJudgeError(message, status_code=status)
-    return PermanentJudgeError(f"judge error: {exc}")
 
 
 def _ms_since(started: float) -> float:
