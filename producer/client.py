@@ -173,11 +173,28 @@ class PendingScores:
 
         Raises:
             ScoringTimeoutError: ``timeout`` passed and ``partial`` is false.
-            BrokerUnavailableError: the result backend could not be reached.
+            BrokerUnavailableError: the result backend stayed unreachable for
+                ``settings.redis_retry_s`` (or until ``timeout``); shorter outages, such
+                as a Redis restart, are waited out.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         interval = _FIRST_POLL_S
-        while not self.done():
+        outage_since: float | None = None
+        while True:
+            try:
+                if self.done():
+                    break
+                outage_since = None
+            except BrokerUnavailableError:
+                # Redis restarting or failing over: keep polling for a while, then give up.
+                now = time.monotonic()
+                outage_since = outage_since or now
+                if deadline is not None and now >= deadline and partial:
+                    break
+                patience = self._client.settings.redis_retry_s
+                if now - outage_since >= patience or (deadline is not None and now >= deadline):
+                    raise
+                interval = _MAX_POLL_S * 10
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 if not partial:

@@ -63,7 +63,8 @@ def queued_messages(settings: Settings) -> list[tuple[str, list[Any]]]:
     return out
 
 
-def run_cli(settings: Settings, *argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run_cli(settings: Settings, *argv: str,
+            timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """``rewardq <argv>`` in a child process with ``settings`` in its environment."""
     return subprocess.run([sys.executable, "-m", "rewardq.cli", *argv],
                           env=settings_env(settings), capture_output=True, text=True,

@@ -62,7 +62,9 @@ def create_worker_app(settings: Settings) -> Celery:
     app.conf.broker_transport_options = {
         **app.conf.broker_transport_options,
         "visibility_timeout": settings.chunk_lease_s,
-        "unacked_restore_throttle": 1,  # look for lapsed leases on every idle poll
+        # A worker killed inside kombu's restore must not block every restore for the
+        # default 5 minutes; restoring is a WATCHed transaction, safe without the mutex.
+        "unacked_mutex_expire": max(1.0, settings.chunk_lease_s),
     }
     runtime = WorkerRuntime(settings)
     letters = _LazyDeadLetters(settings)
@@ -212,13 +214,20 @@ def with_outage_retries(operation: Callable[[], T], patience_s: float,
 
 
 class ChunkLeases:
-    """Keeps the chunks this worker holds invisible to others for as long as it lives.
+    """Leases on chunks: live workers keep theirs, a dead worker's go back to the queue.
 
     The Redis transport hands an unacked message out again once its delivery time in
-    ``unacked_index`` is older than the visibility timeout. Every third of
-    ``Settings.chunk_lease_s`` this bumps that time for every message the worker has
-    reserved or is running (``ZADD XX``: a message acked meanwhile is not re-added). A
-    killed worker stops bumping, so its chunks return to the queue one lease later.
+    ``unacked_index`` is older than the visibility timeout (``Settings.chunk_lease_s``).
+    Every third of a lease this
+
+    - bumps that time for every message this worker has reserved or is running
+      (``ZADD XX``: a message acked meanwhile is not re-added), so a slow chunk is never
+      handed out twice;
+    - runs kombu's own restore of lapsed messages. Kombu only does that on an idle poll
+      of its synchronous loop, which the gevent pool never reaches while a BRPOP is
+      pending (measured: a SIGKILLed worker's chunks stayed unacked for good).
+
+    A killed worker stops bumping, so its chunks return to the queue one lease later.
 
     Args:
         app: the worker's Celery app (its broker and transport options).
@@ -229,10 +238,12 @@ class ChunkLeases:
         url = settings.celery_broker_url or settings.broker_url
         self.enabled = url.startswith(("redis://", "rediss://", "unix://"))
         options = app.conf.broker_transport_options or {}
+        self._app = app
         self._index = str(options.get("unacked_index_key", UNACKED_INDEX))
         self._period_s = settings.chunk_lease_s / 3
         self._redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5) \
             if self.enabled else None
+        self._connection: Any = None
 
     def renew(self) -> int:
         """Renew the lease of every message held now; returns how many were renewed."""
@@ -245,14 +256,26 @@ class ChunkLeases:
         renewed = self._redis.zadd(self._index, dict.fromkeys(tags, now), xx=True, ch=True)
         return int(renewed or 0)
 
+    def restore_lapsed(self) -> None:
+        """Put messages whose lease lapsed back on their queue (kombu's restore)."""
+        if self._connection is None:
+            self._connection = self._app.connection_for_read()
+        try:
+            self._connection.default_channel.qos.restore_visible(num=None, interval=1)
+        except Exception:
+            self._connection.release()
+            self._connection = None
+            raise
+
     def run_forever(self) -> None:
-        """Renew every third of a lease until the process ends."""
+        """Renew and restore every third of a lease until the process ends."""
         while True:
             gevent.sleep(self._period_s)
             try:
                 self.renew()
-            except redis.RedisError as exc:  # the next round tries again
-                log.warning("could not renew chunk leases: %s", exc)
+                self.restore_lapsed()
+            except Exception as exc:  # Redis away: the next round tries again
+                log.warning("could not renew or restore chunk leases: %s", exc)
 
 
 class _LazyDeadLetters:
