@@ -16,15 +16,18 @@ from pathlib import Path
 
 import pytest
 from conftest import worker_logs
+from hypothesis import given
+from hypothesis import strategies as st
 from scoring_data import expected, make_items
 
 from broker.app import create_app
 from broker.embedded import EmbeddedRedis, free_port
-from broker.errors import BrokerUnavailableError, ScoringTimeoutError
-from broker.schemas import ResultStatus
+from broker.errors import BrokerUnavailableError, InvalidItemError, ScoringTimeoutError
+from broker.schemas import JudgeSpec, ResultStatus, ScoreItem, parse_items
 from broker.settings import Settings
 from producer.client import RewardClient
 from rewardq.stack import JudgeProcess
+from workers.tasks import MalformedChunkError, parse_chunk_message
 
 
 def wait_for_calls(judge: JudgeProcess, at_least: int, timeout: float = 120.0) -> None:
@@ -44,6 +47,56 @@ def tasks_run_per_worker(settings: Settings) -> dict[str, int]:
     finally:
         app.close()
     return {name: s["total"].get("rewardq.score_chunk", 0) for name, s in stats.items()}
+
+
+# --- bad input at the edges: pure, fuzzed ----------------------------------------------
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner,
+                                                                max_size=4),
+    max_leaves=12)
+_item_like = st.fixed_dictionaries(
+    {}, optional={"id": _json | st.text(min_size=1, max_size=8), "prompt": _json | st.text(),
+                  "response": _json | st.text(), "reference": _json, "uid": _json,
+                  "metadata": _json, "extra": _json})
+
+
+@given(st.lists(_item_like | _json, max_size=6))
+def test_item_validation_names_each_bad_item_and_raises_nothing_else(raw: list[object]
+                                                                     ) -> None:
+    try:
+        items = parse_items(raw)
+    except InvalidItemError as exc:
+        assert exc.problems
+        assert all(p.startswith("item ") for p in exc.problems)
+        bad = {int(p.split()[1].split(":")[0]) for p in exc.problems}
+        assert bad <= set(range(len(raw)))
+        return
+    assert len(items) == len(raw) and all(isinstance(i, ScoreItem) for i in items)
+
+
+_SPEC = JudgeSpec(model="m", prompt_version="v1").model_dump(mode="json")
+
+
+@given(items=st.lists(_item_like | _json, min_size=1, max_size=6),
+       envelope=st.fixed_dictionaries({}, optional={
+           "job_id": _json, "chunk_index": _json, "step": _json, "spec": _json | st.just(_SPEC),
+           "deadline": _json, "junk": _json}),
+       extra_args=st.lists(_json, max_size=2))
+def test_any_task_message_parses_to_items_and_invalid_results_or_is_malformed(
+        items: list[object], envelope: dict[str, object], extra_args: list[object]) -> None:
+    payload = {"job_id": "j", "chunk_index": 0, "spec": _SPEC, "deadline": 1e10,
+               **envelope, "items": items}
+    try:
+        chunk, invalid = parse_chunk_message((payload, *extra_args), {})
+    except MalformedChunkError as exc:
+        assert str(exc).startswith("malformed chunk message: ")
+        return
+    assert not extra_args
+    valid = len(chunk.items) if chunk is not None else 0
+    assert valid + len(invalid) == len(items)
+    assert all(r.status is ResultStatus.INVALID and r.error for r in invalid.values())
 
 
 @pytest.mark.timeout(300)

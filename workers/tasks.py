@@ -89,10 +89,19 @@ def create_worker_app(settings: Settings) -> Celery:
         scored: Iterator[ScoreResult] = iter(())
         if chunk is not None:
             budget = max(1.0, chunk.deadline - time.time())
-            # The gevent pool has no soft time limit: the bridge's wait is the limit.
-            scored = iter(with_outage_retries(
-                lambda: runtime.score(chunk, timeout_s=budget + 5.0), patience,
-                deadline=chunk.deadline))
+            try:
+                # The gevent pool has no soft time limit: the bridge's wait is the limit.
+                scored = iter(with_outage_retries(
+                    lambda: runtime.score(chunk, timeout_s=budget + 5.0), patience,
+                    deadline=chunk.deadline))
+            except Exception as exc:  # the chunk as a whole: Redis gone for good, a bug
+                _record_quietly(letters, DeadLetter(
+                    id=request.id or f"unknown-{time.time_ns()}", kind=LetterKind.CHUNK,
+                    reason="failed", error=f"{type(exc).__name__}: {exc}",
+                    job_id=chunk.job_id, chunk_index=chunk.chunk_index, step=chunk.step,
+                    task_id=request.id, worker=request.hostname, payload=list(args),
+                    received_at=received, failed_at=time.time()))
+                raise
         results = [invalid[i] if i in invalid else next(scored)
                    for i in range(len(args[0]["items"]))]
         dead = item_letters(args[0], results, chunk, request.id, request.hostname, received)
@@ -296,13 +305,21 @@ def _record_rejected(letters: _LazyDeadLetters, message: Any, reason: str, error
     """Dead-letter a message the worker could not even hand to a task."""
     try:
         body = message.payload if message is not None else None
-        args = body[0] if isinstance(body, list | tuple) and body else body
-        letters.get().record([DeadLetter(
-            id=task_id or f"message-{time.time_ns()}", kind=LetterKind.CHUNK, reason=reason,
-            error=error, task_id=task_id, payload=args if isinstance(args, list) else [args],
-            failed_at=time.time())])
+    except Exception as exc:  # an undecodable body: keep what can be said about it
+        body = f"<undecodable body: {exc}>"
+    args = body[0] if isinstance(body, list | tuple) and body else body
+    _record_quietly(letters, DeadLetter(
+        id=task_id or f"message-{time.time_ns()}", kind=LetterKind.CHUNK, reason=reason,
+        error=error, task_id=task_id, payload=args if isinstance(args, list) else [args],
+        failed_at=time.time()))
+
+
+def _record_quietly(letters: _LazyDeadLetters, letter: DeadLetter) -> None:
+    """Record ``letter`` if Redis lets us; a failure is logged, never raised."""
+    try:
+        letters.get().record([letter])
     except Exception:  # never let a bad message take the consumer down
-        log.exception("could not dead-letter a rejected message")
+        log.exception("could not record dead letter %s: %s", letter.id, letter.error)
 
 
 def _item_id(raw: object, position: int) -> str:
