@@ -72,6 +72,9 @@ LATENCY_BUCKETS_S = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.
                      120.0)
 """Judge latency buckets: a local judge answers in ms, hosted LLMs in 0.1-30 s."""
 
+RATE_LIMIT_WAIT_MIN_S = 0.005
+"""A rate-limiter admission that took less than this was not held back."""
+
 INSPECT_COMMAND = "rewardq_metrics"
 """The Celery inspect command every serving worker answers with its endpoint."""
 
@@ -155,9 +158,15 @@ class WorkerMetrics:
             self._scalars["dedup_waits"] += 1
 
     def rate_limited(self, seconds: float) -> None:
-        """A judge call waited ``seconds`` for the fleet-wide rate limiter."""
+        """A judge call spent ``seconds`` in the fleet-wide rate limiter.
+
+        Pass what ``RedisRateLimiter.acquire`` returns, for every call: the seconds add
+        up, and a call counts as held back when it waited at least
+        ``RATE_LIMIT_WAIT_MIN_S`` (an admission at once still costs a Redis round trip).
+        """
         with self._lock:
-            self._scalars["rate_limit_waits"] += 1
+            if seconds >= RATE_LIMIT_WAIT_MIN_S:
+                self._scalars["rate_limit_waits"] += 1
             self._scalars["rate_limit_wait_seconds"] += seconds
 
     def retry(self, reason: str) -> None:

@@ -68,6 +68,7 @@ def test_each_recording_method_shows_up_under_its_rewardq_name() -> None:
     m.dedup_wait()
     m.rate_limited(0.25)
     m.rate_limited(0.5)
+    m.rate_limited(0.0)  # admitted at once: not a wait
     m.retry("429")
     m.dead_letter("item")
     m.usage("judge-a", 100, 7, 0.0012)
