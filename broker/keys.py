@@ -6,7 +6,9 @@ key                                    type    meaning, TTL
 ``rewardq:cache:<sha256>``             STRING  JSON ``JudgeVerdict`` for one (spec, item);
                                                TTL ``Settings.cache_ttl_s``
 ``rewardq:inflight:<sha256>``          STRING  owner token of the one judge call in flight
-                                               for that cache key; TTL judge timeout + slack
+                                               for that cache key; TTL
+                                               ``Settings.inflight_lock_ttl_s``, renewed by
+                                               its live owner every third of it
 ``rewardq:dead:index``                 ZSET    dead-letter id -> failed-at unix time
 ``rewardq:dead:<id>``                  STRING  JSON dead letter (payload, error, attempts,
                                                step, timestamps); TTL
@@ -14,6 +16,12 @@ key                                    type    meaning, TTL
 ``rewardq:rl:<model>:rpm``             STRING  GCRA theoretical arrival time (requests)
 ``rewardq:rl:<model>:tpm``             STRING  GCRA theoretical arrival time (tokens)
 ``rewardq.judge``                      LIST    the Celery/kombu queue of ``ScoreChunk`` s
+``unacked_index``                      ZSET    kombu's unacked delivery tag -> delivery time;
+                                               workers bump their own tags every
+                                               ``Settings.chunk_lease_s`` / 3 (chunk leases,
+                                               ``workers.tasks.ChunkLeases``); no TTL
+``unacked`` / ``unacked_mutex``        HASH /  kombu's unacked messages by tag, and the lock
+                                       STRING  of its restore sweep (``chunk_lease_s``)
 ``celery-task-meta-<task id>``         STRING  Celery result of one chunk; TTL
                                                ``Settings.result_expires_s``
 =====================================  ======  ============================================
@@ -23,6 +31,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
+from typing import Any
 
 from broker.schemas import JudgeSpec, ScoreItem
 
@@ -60,3 +70,8 @@ def dead_letter_key(letter_id: str) -> str:
 def rate_limit_key(model: str, dimension: str) -> str:
     """Key of the fleet-wide GCRA state for ``model`` (``rpm`` or ``tpm``)."""
     return f"{PREFIX}:rl:{model}:{dimension}"
+
+
+def chunk_lease_key(transport_options: Mapping[str, Any] | None = None) -> str:
+    """Kombu's ZSET of unacked delivery tags whose scores chunk leases renew."""
+    return str((transport_options or {}).get("unacked_index_key", "unacked_index"))

@@ -37,6 +37,7 @@ from pydantic import ValidationError
 
 from broker.app import TASK_SCORE_CHUNK, create_app
 from broker.errors import InvalidItemError
+from broker.keys import chunk_lease_key
 from broker.schemas import ResultStatus, ScoreChunk, ScoreItem, ScoreResult, parse_items
 from broker.settings import Settings
 from workers.dead_letters import DeadLetter, DeadLetters, LetterKind
@@ -46,8 +47,6 @@ from workers.runtime import WorkerRuntime
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-#: The Redis transport's ZSET of unacked delivery tags -> delivery time (kombu's name).
-UNACKED_INDEX = "unacked_index"
 _PLACEHOLDER_ITEM = {"id": "-", "prompt": "-", "response": "-"}
 
 
@@ -248,7 +247,7 @@ class ChunkLeases:
         self.enabled = url.startswith(("redis://", "rediss://", "unix://"))
         options = app.conf.broker_transport_options or {}
         self._app = app
-        self._index = str(options.get("unacked_index_key", UNACKED_INDEX))
+        self._index = chunk_lease_key(options)
         self._period_s = settings.chunk_lease_s / 3
         self._redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5) \
             if self.enabled else None
