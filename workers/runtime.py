@@ -41,6 +41,8 @@ class WorkerRuntime:
 
         Raises:
             TimeoutError: the chunk took longer than ``timeout_s``.
+            redis.ConnectionError, redis.TimeoutError: Redis went away mid-chunk (the
+                task scores the chunk again once it is back).
         """
         scorer = self._scorer or self.bridge.run(self._build(), timeout=30)
         return self.bridge.run(scorer.score(chunk), timeout=timeout_s)
