@@ -179,10 +179,10 @@ def test_200_copies_of_one_item_across_two_workers_make_one_judge_call(
 @pytest.mark.timeout(180)
 def test_a_judge_call_longer_than_the_lock_ttl_is_not_duplicated(
         settings: Settings, workers, judge: JudgeProcess) -> None:
-    """In-flight locks are renewed while held: a 4 s call under a 1.5 s lock TTL stays
+    """In-flight locks are renewed while held: a 6 s call under a 2.4 s lock TTL stays
     the only call, though a second worker wants the same item all along."""
-    judge.configure(latency_ms=4000)
-    workers(2, inflight_lock_ttl_s=1.5, worker_concurrency=1)
+    judge.configure(latency_ms=6000)
+    workers(2, inflight_lock_ttl_s=2.4, worker_concurrency=1)
     one = make_items(1, "slow")[0]
     with RewardClient(settings.model_copy(update={"chunk_size": 1})) as client:
         results = client.score([{**one, "id": f"slow-{n}"} for n in range(2)], timeout=60)
@@ -195,9 +195,9 @@ def test_a_judge_call_longer_than_the_lock_ttl_is_not_duplicated(
 @pytest.mark.timeout(180)
 def test_a_chunk_running_longer_than_its_lease_is_not_handed_out_twice(
         settings: Settings, workers, judge: JudgeProcess) -> None:
-    """A live worker renews its chunks' leases: a chunk taking 3x its lease runs once."""
-    judge.configure(latency_ms=6000)
-    workers(2, chunk_lease_s=2.0)
+    """A live worker renews its chunks' leases: a chunk taking 2.5x its lease runs once."""
+    judge.configure(latency_ms=7500)
+    workers(2, chunk_lease_s=3.0)
     with RewardClient(settings) as client:
         results = client.score(make_items(4, "lease"), timeout=60)
 
