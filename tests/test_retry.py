@@ -20,7 +20,7 @@ from broker.errors import (
     TransientJudgeError,
     UnparseableReplyError,
 )
-from workers.judge_client import classify
+from broker.verdicts import classify
 from workers.retry import RetryDecision, RetryPolicy, decide, outage_delay
 
 POLICY = RetryPolicy(max_attempts=5, base_delay_s=0.1, max_delay_s=1.0)

@@ -3,6 +3,8 @@
 One ``JudgeClient`` per worker process, living on the process's asyncio loop, holding
 one ``AsyncOpenAI`` client (and so one connection pool) reused across tasks. The SDK's
 own retries are off (``max_retries=0``): ``workers.retry`` is the one layer that retries.
+SDK errors become transient or permanent ``JudgeError`` s by ``broker.verdicts.classify``,
+the one classification the sync judge shares.
 """
 
 from __future__ import annotations
@@ -11,11 +13,10 @@ import asyncio
 
 import openai
 
-from broker.errors import JudgeError, PermanentJudgeError, TransientJudgeError
 from broker.prompts import template_for
 from broker.schemas import JudgeSpec, JudgeVerdict, ScoreItem, Usage
 from broker.settings import Settings
-from broker.verdicts import extract_raw_score, normalize
+from broker.verdicts import classify, extract_raw_score, normalize
 
 
 class JudgeClient:
@@ -63,39 +64,3 @@ class JudgeClient:
     async def close(self) -> None:
         """Close the connection pool."""
         await self._client.close()
-
-
-def classify(exc: openai.APIError) -> JudgeError:
-    """Map an SDK error to a transient or permanent ``JudgeError``.
-
-    Transient: timeouts, connection errors, 408, 409, 429 and 5xx. Permanent: the rest.
-    """
-    if isinstance(exc, openai.APITimeoutError):
-        return TransientJudgeError(f"judge timed out: {exc}")
-    if isinstance(exc, openai.APIConnectionError):
-        return TransientJudgeError(f"judge unreachable: {exc}")
-    if isinstance(exc, openai.APIStatusError):
-        status = exc.status_code
-        retry_after = _retry_after_s(exc)
-        message = f"judge answered HTTP {status}: {_short(exc)}"
-        if status in (408, 409, 429) or status >= 500:
-            return TransientJudgeError(message, status_code=status, retry_after_s=retry_after)
-        return PermanentJudgeError(message, status_code=status)
-    return PermanentJudgeError(f"judge error: {exc}")
-
-
-def _retry_after_s(exc: openai.APIStatusError) -> float | None:
-    headers = exc.response.headers
-    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
-        value = headers.get(name)
-        if value is None:
-            continue
-        try:
-            return max(0.0, float(value) * scale)
-        except ValueError:
-            continue
-    return None
-
-
-def _short(exc: openai.APIStatusError) -> str:
-    return str(exc.message)[:200]
