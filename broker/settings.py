@@ -63,7 +63,16 @@ class Settings(BaseSettings):
     result_expires_s: int = Field(default=3600, gt=0)
     dead_letter_ttl_s: int = Field(default=7 * 24 * 3600, gt=0)
 
-    metrics_port: int | None = None
+    # Operations: metrics, cost, Flower.
+    metrics_port: int | None = Field(
+        default=None, description="Prometheus endpoint of each worker process: the first free "
+                                  "port from here (0 = any free port); unset = none.")
+    judge_prices: dict[str, tuple[float, float]] = Field(
+        default_factory=dict,
+        description="USD per 1M (input, output) tokens per judge model, as JSON, e.g. "
+                    '{"gpt-4o-mini": [0.15, 0.6]}; the key "*" prices any other model.')
+    flower_user: str | None = None
+    flower_password: SecretStr | None = None
 
     # Reliability: leases, locks and outages (see workers/tasks.py, workers/cache.py).
     chunk_lease_s: float = Field(

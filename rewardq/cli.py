@@ -13,6 +13,7 @@ from pathlib import Path
 from broker.app import QUEUE_JUDGE
 from broker.errors import InvalidItemError, RewardqError
 from broker.settings import EMBEDDED_REDIS_PORT, Settings
+from monitoring.ops_cli import add_ops_parsers
 from rewardq.failed_cli import add_failed_parser
 
 
@@ -126,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.set_defaults(func=_submit)
 
     add_failed_parser(sub)
+    add_ops_parsers(sub)
     return parser
 
 

@@ -8,6 +8,7 @@ separate processes, exactly as a deployment does, and stop every one of them on 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import subprocess
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from pydantic import SecretStr
 
 from broker.app import QUEUE_JUDGE, create_app
 from broker.embedded import EmbeddedRedis
@@ -47,6 +49,10 @@ def settings_env(settings: Settings, extra: Mapping[str, str] | None = None) -> 
         key = f"REWARDQ_{name.upper()}"
         if value is None:
             env.pop(key, None)
+        elif isinstance(value, SecretStr):
+            env[key] = value.get_secret_value()
+        elif isinstance(value, dict | list | tuple):
+            env[key] = json.dumps(value)  # pydantic-settings parses complex fields as JSON
         else:
             env[key] = str(value)
     env["OPENAI_API_KEY"] = settings.judge_api_key.get_secret_value()
