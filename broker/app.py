@@ -18,9 +18,11 @@ QUEUE_JUDGE = "rewardq.judge"
 def create_app(settings: Settings) -> Celery:
     """A Celery app for ``settings``: Redis broker and backend, JSON serialization only.
 
-    Late acks with reject-on-worker-lost and a prefetch of one mean a chunk whose worker
-    dies is redelivered instead of lost; the visibility timeout sits beyond a chunk's
-    deadline so a slow but live chunk is not handed out twice.
+    Late acks with reject-on-worker-lost mean a chunk whose worker dies is redelivered
+    instead of lost. Chunks are leased: the visibility timeout is ``chunk_lease_s``, and
+    a live worker renews the lease of every chunk it holds (``workers.tasks.ChunkLeases``),
+    so a slow but live chunk is never handed out twice while a dead worker's chunks go
+    to another worker within about one lease.
     """
     url = settings.broker_url
     # Every greenlet of a gevent worker may hold a connection at once (acks, results).
@@ -39,8 +41,13 @@ def create_app(settings: Settings) -> Celery:
         task_default_queue=QUEUE_JUDGE,
         task_routes={TASK_SCORE_CHUNK: {"queue": QUEUE_JUDGE}},
         result_expires=settings.result_expires_s,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s,
-                                  "max_connections": max_connections},
+        broker_transport_options={
+            "visibility_timeout": settings.chunk_lease_s,
+            # A worker killed inside kombu's restore must not block every restore for the
+            # default 5 minutes; restoring is a WATCHed transaction, safe without the mutex.
+            "unacked_mutex_expire": max(1.0, settings.chunk_lease_s),
+            "max_connections": max_connections,
+        },
         redis_max_connections=max_connections,
         result_backend_transport_options={"retry_policy": {"timeout": 5.0}},
         broker_connection_retry_on_startup=True,

@@ -99,8 +99,3 @@ class Settings(BaseSettings):
     def broker_url(self) -> str:
         """The Redis URL every component uses: the configured one or the embedded default."""
         return self.redis_url or f"redis://127.0.0.1:{self.embedded_redis_port}/0"
-
-    @property
-    def visibility_timeout_s(self) -> int:
-        """Redelivery delay for unacked chunks: comfortably beyond one chunk's deadline."""
-        return int(self.chunk_deadline_s * 2 + 60)

@@ -26,28 +26,29 @@ from broker.errors import (
 from broker.prompts import SCALE_MAX, SCALE_MIN
 
 _OBJECT = re.compile(r"\{.*?\}", re.DOTALL)
-_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
+_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
 
 
 def extract_raw_score(reply: str | None) -> float:
     """The judge's score as written, before clamping.
 
     Raises:
-        UnparseableReplyError: no score could be read from the reply.
+        UnparseableReplyError: no score could be read from the reply, or a JSON object's
+            ``score`` is not a finite number.
     """
     if not reply or not reply.strip():
         raise UnparseableReplyError("judge reply is empty")
     text = reply.strip()
     for candidate in (text, *(m.group(0) for m in _OBJECT.finditer(text))):
-        score = _score_from_json(candidate)
-        if score is not None:
+        found, score = _score_from_json(candidate)
+        if found:
+            if score is None:
+                raise UnparseableReplyError(f"score is not a finite number: {text[:200]!r}")
             return score
     match = _NUMBER.search(text)
-    if match is None:
-        raise UnparseableReplyError(f"no score in judge reply: {text[:200]!r}")
-    value = float(match.group(0))
+    value = float(match.group(0)) if match else math.nan
     if not math.isfinite(value):
-        raise UnparseableReplyError(f"non-finite score in judge reply: {text[:200]!r}")
+        raise UnparseableReplyError(f"no score in judge reply: {text[:200]!r}")
     return value
 
 
@@ -57,24 +58,27 @@ def normalize(raw: float) -> float:
     return (clamped - SCALE_MIN) / (SCALE_MAX - SCALE_MIN)
 
 
-def _score_from_json(candidate: str) -> float | None:
+def _score_from_json(candidate: str) -> tuple[bool, float | None]:
+    """(whether ``candidate`` is a JSON object with a score, that score if usable)."""
     try:
         data = json.loads(candidate)
     except (ValueError, RecursionError):
-        return None
+        return False, None
     if not isinstance(data, dict) or "score" not in data:
-        return None
+        return False, None
     value = data["score"]
-    if isinstance(value, bool):
-        return None
     if isinstance(value, str):
         try:
             value = float(value.strip())
         except ValueError:
-            return None
-    if isinstance(value, (int, float)) and math.isfinite(value):
-        return float(value)
-    return None
+            return True, None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return True, None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond float range
+        return True, None
+    return True, number if math.isfinite(number) else None
 
 
 def classify(exc: openai.APIError) -> JudgeError:

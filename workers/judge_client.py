@@ -4,29 +4,42 @@ One ``JudgeClient`` per worker process, living on the process's asyncio loop, ho
 one ``AsyncOpenAI`` client (and so one connection pool) reused across tasks. The SDK's
 own retries are off (``max_retries=0``): ``workers.retry`` is the one layer that retries.
 SDK errors become transient or permanent ``JudgeError`` s by ``broker.verdicts.classify``,
-the one classification the sync judge shares.
+the one classification the sync judge shares. Before each call the fleet-wide rate
+limiter (when ``REWARDQ_JUDGE_RPM``/``TPM`` are set) admits it, and after it the
+reply's token usage is reconciled with the estimate that was debited.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import openai
+import redis.asyncio as aioredis
 
+from broker.errors import UnparseableReplyError
 from broker.prompts import template_for
 from broker.schemas import JudgeSpec, JudgeVerdict, ScoreItem, Usage
 from broker.settings import Settings
 from broker.verdicts import classify, extract_raw_score, normalize
+from monitoring.costs import PriceTable
+from monitoring.metrics import WorkerMetrics, call_status
+from workers.rate_limit import RateLimit, RedisRateLimiter, estimate_tokens
 
 
 class JudgeClient:
     """Calls an OpenAI-compatible chat-completions endpoint and reads a score back.
 
     Args:
-        settings: endpoint, key, transport, timeout and per-process concurrency.
+        settings: endpoint, key, transport, timeout, rate limits, per-process concurrency.
+        redis: the worker's asyncio Redis client (holds the fleet-wide rate-limit state).
+        metrics: where calls, tokens, cost and rate-limit waits are counted.
+        prices: the price table for cost accounting.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, redis: aioredis.Redis | None = None,
+                 metrics: WorkerMetrics | None = None, prices: PriceTable | None = None
+                 ) -> None:
         http_client = openai.DefaultAioHttpClient() if settings.judge_transport == "aiohttp" \
             else None
         self._client = openai.AsyncOpenAI(
@@ -37,6 +50,18 @@ class JudgeClient:
             http_client=http_client,
         )
         self._slots = asyncio.Semaphore(settings.max_concurrent_requests)
+        self._metrics = metrics or WorkerMetrics()
+        self._prices = prices or PriceTable.from_settings(settings)
+        self._limit = RateLimit.from_settings(settings)
+        self._redis = redis
+        self._limiters: dict[str, RedisRateLimiter] = {}
+
+    def _limiter(self, model: str) -> RedisRateLimiter | None:
+        if self._limit.unlimited or self._redis is None:
+            return None
+        if model not in self._limiters:
+            self._limiters[model] = RedisRateLimiter(self._redis, model, self._limit)
+        return self._limiters[model]
 
     async def judge(self, spec: JudgeSpec, item: ScoreItem) -> JudgeVerdict:
         """One judge call for ``item`` (no retries, no cache).
@@ -45,20 +70,39 @@ class JudgeClient:
             TransientJudgeError: rate limit, timeout, 408/409/5xx or a network error.
             PermanentJudgeError: any other HTTP error.
             UnparseableReplyError: the reply holds no readable score.
+            BrokerUnavailableError: the rate limiter could not reach Redis.
         """
         messages = template_for(spec.prompt_version).messages(item)
+        limiter = self._limiter(spec.model)
+        estimate = estimate_tokens(messages, spec.max_tokens)
         async with self._slots:
+            if limiter is not None:
+                self._metrics.rate_limited(await limiter.acquire(estimate))
+            started = time.perf_counter()
             try:
                 reply = await self._client.chat.completions.create(
                     model=spec.model, messages=messages,  # type: ignore[arg-type]
                     temperature=spec.temperature, max_tokens=spec.max_tokens)
             except openai.APIError as exc:
+                self._metrics.judge_call(spec.model, call_status(exc),
+                                         time.perf_counter() - started)
                 raise classify(exc) from exc
+            latency_s = time.perf_counter() - started
         content = reply.choices[0].message.content if reply.choices else None
         usage = Usage(prompt_tokens=reply.usage.prompt_tokens,
                       completion_tokens=reply.usage.completion_tokens) if reply.usage \
             else Usage()
-        raw = extract_raw_score(content)
+        if limiter is not None and reply.usage:
+            await limiter.reconcile(estimate, usage.prompt_tokens + usage.completion_tokens)
+        self._metrics.usage(spec.model, usage.prompt_tokens, usage.completion_tokens,
+                            self._prices.cost(spec.model, usage.prompt_tokens,
+                                              usage.completion_tokens))
+        try:
+            raw = extract_raw_score(content)
+        except UnparseableReplyError:
+            self._metrics.judge_call(spec.model, "unparseable", latency_s)
+            raise
+        self._metrics.judge_call(spec.model, "ok", latency_s)
         return JudgeVerdict(score=normalize(raw), raw_score=raw, usage=usage)
 
     async def close(self) -> None:

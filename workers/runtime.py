@@ -14,6 +14,8 @@ import redis.asyncio as aioredis
 
 from broker.schemas import ScoreChunk, ScoreResult
 from broker.settings import Settings
+from monitoring.costs import PriceTable
+from monitoring.metrics import WorkerMetrics
 from workers.bridge import AsyncioBridge
 from workers.cache import JudgeCache
 from workers.judge_client import JudgeClient
@@ -28,8 +30,9 @@ class WorkerRuntime:
         settings: the worker's settings (judge endpoint, key, limits, Redis URL).
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics: WorkerMetrics | None = None) -> None:
         self.settings = settings
+        self.metrics = metrics or WorkerMetrics()
         self.bridge = AsyncioBridge()
         self._scorer: ChunkScorer | None = None
         self._judge: JudgeClient | None = None
@@ -55,13 +58,13 @@ class WorkerRuntime:
             pool = aioredis.BlockingConnectionPool.from_url(
                 s.broker_url, max_connections=64, timeout=30, health_check_interval=30)
             self._redis = aioredis.Redis(connection_pool=pool)
-            self._judge = JudgeClient(s)
+            self._judge = JudgeClient(s, self._redis, self.metrics, PriceTable.from_settings(s))
             # Locks are renewed while held (see ``JudgeCache``), so their TTL only bounds
             # how long a dead worker's locks keep others waiting.
             self._cache = JudgeCache(self._redis, ttl_s=s.cache_ttl_s,
                                      lock_ttl_ms=int(s.inflight_lock_ttl_s * 1000))
             policy = RetryPolicy(max_attempts=s.judge_max_attempts)
-            self._scorer = ChunkScorer(self._judge, self._cache, policy)
+            self._scorer = ChunkScorer(self._judge, self._cache, policy, self.metrics)
         return self._scorer
 
     def close(self) -> None:

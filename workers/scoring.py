@@ -21,6 +21,7 @@ from typing import Protocol
 from broker.errors import JudgeError
 from broker.keys import judge_fingerprint
 from broker.schemas import JudgeSpec, JudgeVerdict, ResultStatus, ScoreChunk, ScoreItem, ScoreResult
+from monitoring.metrics import WorkerMetrics, call_status
 from workers.cache import Claim, ClaimState, JudgeCache
 from workers.retry import OUTAGE_ERRORS, RetryPolicy, decide
 
@@ -60,8 +61,10 @@ class ChunkScorer:
         policy: retry limits and backoff.
     """
 
-    def __init__(self, judge: Judge, cache: JudgeCache, policy: RetryPolicy) -> None:
+    def __init__(self, judge: Judge, cache: JudgeCache, policy: RetryPolicy,
+                 metrics: WorkerMetrics | None = None) -> None:
         self._judge = judge
+        self._metrics = metrics or WorkerMetrics()
         self._cache = cache
         self._policy = policy
         self._resolving: dict[str, asyncio.Task[Outcome]] = {}
@@ -77,6 +80,8 @@ class ChunkScorer:
         joined = {fp: self._resolving[fp] for fp in fingerprints if fp in self._resolving}
         to_claim = [fp for fp in dict.fromkeys(fingerprints) if fp not in joined]
         claims = dict(zip(to_claim, await self._cache.claim(to_claim, token), strict=True))
+        hits = sum(1 for c in claims.values() if c.state is ClaimState.CACHED)
+        self._metrics.cache_lookup(hits, len(claims) - hits)
         owners: dict[str, asyncio.Task[Outcome]] = {}
         for fp, claim in claims.items():
             if claim.state is ClaimState.CACHED:
@@ -116,6 +121,8 @@ class ChunkScorer:
         def ms() -> float:
             return (loop.time() - started) * 1000
 
+        if not owner:
+            self._metrics.dedup_wait()
         try:
             # Shielded: a call still running at the deadline goes on and caches its verdict.
             outcome = await asyncio.wait_for(asyncio.shield(task),
@@ -148,6 +155,7 @@ class ChunkScorer:
                 return Outcome(claim.verdict, 0, cached=True)
             if claim.state is ClaimState.OWNED:
                 return await self._judge_owned(spec, item, fingerprint, token, deadline)
+            self._metrics.dedup_wait()  # another process is judging it: wait for that
             verdict = await self._cache.wait_for_owner(fingerprint, deadline)
             if verdict is not None:
                 return Outcome(verdict, 0, cached=True)
@@ -183,5 +191,6 @@ class ChunkScorer:
                 decision = decide(self._policy, exc, attempt, deadline - loop.time())
                 if not decision.retry:
                     raise JudgeFailed(exc, attempt) from exc
+                self._metrics.retry(call_status(exc))
             # The cache renews our lock while we back off (see ``JudgeCache``).
             await asyncio.sleep(decision.delay_s)

@@ -40,6 +40,7 @@ from broker.errors import InvalidItemError
 from broker.keys import chunk_lease_key
 from broker.schemas import ResultStatus, ScoreChunk, ScoreItem, ScoreResult, parse_items
 from broker.settings import Settings
+from monitoring.metrics import serve_worker_metrics
 from workers.dead_letters import DeadLetter, DeadLetters, LetterKind
 from workers.retry import OUTAGE_ERRORS, outage_delay
 from workers.runtime import WorkerRuntime
@@ -57,14 +58,6 @@ class MalformedChunkError(ValueError):
 def create_worker_app(settings: Settings) -> Celery:
     """The Celery app with the scoring task bound to one ``WorkerRuntime`` per process."""
     app = create_app(settings)
-    # Chunks are leased, not parked for a fixed hour: see ``ChunkLeases``.
-    app.conf.broker_transport_options = {
-        **app.conf.broker_transport_options,
-        "visibility_timeout": settings.chunk_lease_s,
-        # A worker killed inside kombu's restore must not block every restore for the
-        # default 5 minutes; restoring is a WATCHed transaction, safe without the mutex.
-        "unacked_mutex_expire": max(1.0, settings.chunk_lease_s),
-    }
     runtime = WorkerRuntime(settings)
     letters = _LazyDeadLetters(settings)
 
@@ -84,6 +77,8 @@ def create_worker_app(settings: Settings) -> Celery:
                 worker=request.hostname, payload=list(args), received_at=received,
                 failed_at=time.time())
             with_outage_retries(lambda: letters.get().record([letter]), patience)
+            runtime.metrics.dead_letter(letter.kind.value)
+            runtime.metrics.chunk("malformed")
             raise
         scored: Iterator[ScoreResult] = iter(())
         if chunk is not None:
@@ -100,12 +95,23 @@ def create_worker_app(settings: Settings) -> Celery:
                     job_id=chunk.job_id, chunk_index=chunk.chunk_index, step=chunk.step,
                     task_id=request.id, worker=request.hostname, payload=list(args),
                     received_at=received, failed_at=time.time()))
+                runtime.metrics.dead_letter(LetterKind.CHUNK.value)
+                runtime.metrics.chunk("failed")
                 raise
         results = [invalid[i] if i in invalid else next(scored)
                    for i in range(len(args[0]["items"]))]
         dead = item_letters(args[0], results, chunk, request.id, request.hostname, received)
         with_outage_retries(lambda: letters.get().record(dead), patience)
+        for letter in dead:
+            runtime.metrics.dead_letter(letter.kind.value)
+        runtime.metrics.chunk("ok", (r.status.value for r in results))
         return [r.model_dump(mode="json") for r in results]
+
+    @worker_ready.connect(weak=False)  # type: ignore[untyped-decorator]
+    def _serve_metrics(sender: Any = None, **_: Any) -> None:
+        if settings.metrics_port is not None:
+            serve_worker_metrics(runtime.metrics, settings.metrics_port,
+                                 node=sender.hostname)
 
     @worker_ready.connect(weak=False)  # type: ignore[untyped-decorator]
     def _start_leases(**_: Any) -> None:
@@ -117,11 +123,13 @@ def create_worker_app(settings: Settings) -> Celery:
     def _unknown_task(message: Any = None, name: str | None = None, id: str | None = None,
                       **_: Any) -> None:
         _record_rejected(letters, message, "unknown task", f"no task named {name!r}", id)
+        runtime.metrics.dead_letter(LetterKind.CHUNK.value)
 
     @task_rejected.connect(weak=False)  # type: ignore[untyped-decorator]
     def _rejected(message: Any = None, exc: BaseException | None = None, **_: Any) -> None:
         _record_rejected(letters, message, "rejected",
                          f"not a task message: {exc}" if exc else "not a task message", None)
+        runtime.metrics.dead_letter(LetterKind.CHUNK.value)
 
     @worker_shutting_down.connect(weak=False)  # type: ignore[untyped-decorator]
     def _exit_once_idle(**_: Any) -> None:
