@@ -14,7 +14,10 @@ and scores a step of N items with distinct content in each of these ways:
 
 Every phase reports its wall time, items/s and CPU seconds per item of *our* processes
 (the bench process = the producer, the worker processes, the asyncio child), read from
-``/proc/<pid>/stat`` — never the judge server's. Redis' CPU is reported on its own.
+``/proc/<pid>/stat`` — never the judge server's; Redis' and the judge's CPU are shown
+beside it, with Redis commands per item and the result delivery lag (last chunk
+stored → ``result()`` returned). Together they give the host's CPU bound, cores /
+CPU per item: on a small machine that, not ``ideal``, is the floor the fleet meets.
 Timed phases are interleaved per repeat (so load from other users of the machine hits
 all of them alike), each repeat on a fresh item set, and the medians are reported.
 One untimed warm-up step first opens the connection pools and builds the workers'
@@ -29,6 +32,7 @@ import json
 import math
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -87,29 +91,48 @@ class BenchOptions:
 
 @dataclass
 class Run:
-    """One timed run of one phase."""
+    """One timed run of one phase; CPU in seconds, per process group."""
 
     wall_s: float
-    cpu_s: float
     items: int
+    failed: int = 0
+    child_cpu_s: float = 0.0  #: the asyncio baseline's own process
+    producer_cpu_s: float = 0.0  #: this process (``RewardClient`` or ``SyncJudge``)
+    workers_cpu_s: float = 0.0
+    redis_cpu_s: float = 0.0
+    judge_cpu_s: float = 0.0
+    redis_commands: int = 0
     judge_requests: int = 0
     max_in_flight: int = 0
-    redis_cpu_s: float = 0.0
-    failed: int = 0
+    delivery_ms: float = 0.0  #: last chunk's result stored -> ``result()`` returned
+
+    @property
+    def cpu_s(self) -> float:
+        """CPU of our processes: the asyncio child, the producer and the workers."""
+        return self.child_cpu_s + self.producer_cpu_s + self.workers_cpu_s
 
 
 @dataclass
 class Phase:
-    """A phase's medians over its runs (``wall_s`` extrapolated to N for ``sync``)."""
+    """A phase's medians over its runs (``wall_s`` extrapolated to N for ``sync``).
+
+    CPU figures are seconds per item; ``cpu_s_per_item`` is ours (producer, workers or
+    asyncio child), the others break it down or show the shared services beside it.
+    """
 
     name: str
     items: int
     wall_s: float
     items_per_s: float
     cpu_s_per_item: float
+    producer_cpu_s_per_item: float = 0.0
+    workers_cpu_s_per_item: float = 0.0
+    redis_cpu_s_per_item: float = 0.0
+    judge_cpu_s_per_item: float = 0.0
+    redis_commands_per_item: float = 0.0
     judge_requests: int = 0
     max_in_flight: int = 0
-    redis_cpu_s_per_item: float = 0.0
+    delivery_ms: float = 0.0
     failed: int = 0
     runs_wall_s: list[float] = field(default_factory=list)
     note: str = ""
@@ -119,8 +142,8 @@ def make_items(n: int, nonce: str, duplicate_fraction: float = 0.0) -> list[dict
     """``n`` item mappings; ``nonce`` makes the set's content new (a cold cache).
 
     With ``duplicate_fraction`` f, the first ``n - round(f·n)`` items are distinct and
-    the rest repeat earlier ones' prompt and response under their own ids, spread
-    through the step as a trainer's batch would have them.
+    the rest repeat earlier ones' prompt and response under their own ids; the order is
+    shuffled (seeded by ``nonce``) so duplicates spread through the step's chunks.
     """
     distinct = n - round(duplicate_fraction * n)
     items = []
@@ -131,8 +154,7 @@ def make_items(n: int, nonce: str, duplicate_fraction: float = 0.0) -> list[dict
         items.append({"id": f"{nonce}-{i}", "prompt": f"[{nonce}] What is {a} + {b}?",
                       "response": f"{words}. The answer is {a + b + (k % 3 == 0)}.",
                       "reference": str(a + b), "uid": f"{nonce}-{k // 8}"})
-    if distinct < n:  # interleave the duplicates with the originals
-        items = items[::2] + items[1::2]
+    random.Random(nonce).shuffle(items)
     return items
 
 
@@ -165,8 +187,8 @@ class AsyncioBaseline:
         if not line:
             raise RewardqError(f"the asyncio baseline exited ({self.process.poll()})")
         reply = json.loads(line)
-        return Run(wall_s=reply["wall_s"], cpu_s=reply["cpu_s"], items=n,
-                   failed=reply["failed"])
+        return Run(wall_s=reply["wall_s"], items=n, failed=reply["failed"],
+                   child_cpu_s=reply["cpu_s"])
 
     def close(self) -> None:
         """End the child (EOF on its stdin, then SIGTERM if it lingers)."""
@@ -243,29 +265,37 @@ class Bench:
         self._redis_pid = stack.redis.process.pid if stack.redis and stack.redis.process \
             else None
 
-    def _ours_cpu_s(self, fleet: bool) -> float:
-        workers = sum(proc_cpu_s(pid) for pid in self._pids) if fleet else 0.0
-        return time.process_time() + workers
+    def _workers_cpu_s(self) -> float:
+        return sum(proc_cpu_s(pid) for pid in self._pids)
 
     def _redis_cpu_s(self) -> float:
         return proc_cpu_s(self._redis_pid) if self._redis_pid else 0.0
 
+    def _redis_commands(self) -> int:
+        return int(self.client.redis.info("stats")["total_commands_processed"])
+
     def measured(self, action: Callable[[], Run], *, fleet: bool = True) -> Run:
-        """Run ``action`` with judge stats reset; adds our CPU, Redis CPU and judge stats.
+        """Run ``action`` with judge stats reset; adds CPU, Redis and judge figures.
 
         Args:
-            action: runs and times one phase (its ``cpu_s``: CPU of a child it drove).
+            action: runs and times one phase (its ``child_cpu_s``: a child it drove).
             fleet: count the worker processes' CPU too (not while they sit idle).
 
         CPU deltas span ``action`` whole (including work outside its own clock), which
         only errs against the measured design.
         """
         self.judge.reset_stats()
-        cpu0, redis0 = self._ours_cpu_s(fleet), self._redis_cpu_s()
+        judge0 = self.judge.stats()["process_cpu_s"]
+        commands0 = self._redis_commands()
+        workers0 = self._workers_cpu_s() if fleet else 0.0
+        producer0, redis0 = time.process_time(), self._redis_cpu_s()
         run = action()
-        run.cpu_s += self._ours_cpu_s(fleet) - cpu0
+        run.producer_cpu_s = time.process_time() - producer0
         run.redis_cpu_s = self._redis_cpu_s() - redis0
+        run.workers_cpu_s = self._workers_cpu_s() - workers0 if fleet else 0.0
+        run.redis_commands = self._redis_commands() - commands0 - 1  # less our own INFO
         stats = self.judge.stats()
+        run.judge_cpu_s = stats["process_cpu_s"] - judge0
         run.judge_requests = int(stats["requests_total"])
         run.max_in_flight = int(stats["max_in_flight"])
         return run
@@ -273,10 +303,12 @@ class Bench:
     def rewardq_step(self, items: list[dict[str, Any]]) -> Run:
         """``submit`` → ``result()`` for ``items``; wall from submit to all results."""
         started = time.perf_counter()
-        results = self.client.submit(items).result(
-            timeout=self.stack.settings.chunk_deadline_s, partial=True)
-        return Run(wall_s=time.perf_counter() - started, cpu_s=0.0, items=len(items),
-                   failed=_count_failed(results))
+        pending = self.client.submit(items)
+        results = pending.result(timeout=self.stack.settings.chunk_deadline_s, partial=True)
+        ended = time.perf_counter()
+        last_stored = pending.finished_at_perf()
+        return Run(wall_s=ended - started, items=len(items), failed=_count_failed(results),
+                   delivery_ms=(ended - last_stored) * 1000 if last_stored else 0.0)
 
     def sync_step(self, items: list[dict[str, Any]]) -> Run:
         """The sequential loop over ``items``."""
@@ -285,7 +317,7 @@ class Bench:
             started = time.perf_counter()
             results = judge.score(items)
             wall = time.perf_counter() - started
-        return Run(wall_s=wall, cpu_s=0.0, items=len(items), failed=_count_failed(results))
+        return Run(wall_s=wall, items=len(items), failed=_count_failed(results))
 
     def close(self) -> None:
         """Release the producer's connections."""
@@ -296,15 +328,23 @@ def summarize(name: str, runs: list[Run], *, scale_to: int | None = None,
               note: str = "") -> Phase:
     """Medians of ``runs``; ``scale_to`` extrapolates wall time linearly to that many items."""
     items = runs[0].items
+
+    def per_item(value: Callable[[Run], float]) -> float:
+        return statistics.median(value(r) / r.items for r in runs)
+
     wall = statistics.median(r.wall_s for r in runs)
-    per_item_cpu = statistics.median(r.cpu_s / r.items for r in runs)
     n = scale_to or items
     wall_n = wall * n / items
     return Phase(name=name, items=n, wall_s=wall_n, items_per_s=n / wall_n,
-                 cpu_s_per_item=per_item_cpu,
+                 cpu_s_per_item=per_item(lambda r: r.cpu_s),
+                 producer_cpu_s_per_item=per_item(lambda r: r.producer_cpu_s),
+                 workers_cpu_s_per_item=per_item(lambda r: r.workers_cpu_s),
+                 redis_cpu_s_per_item=per_item(lambda r: r.redis_cpu_s),
+                 judge_cpu_s_per_item=per_item(lambda r: r.judge_cpu_s),
+                 redis_commands_per_item=per_item(lambda r: r.redis_commands),
                  judge_requests=int(statistics.median(r.judge_requests for r in runs)),
                  max_in_flight=max(r.max_in_flight for r in runs),
-                 redis_cpu_s_per_item=statistics.median(r.redis_cpu_s / r.items for r in runs),
+                 delivery_ms=statistics.median(r.delivery_ms for r in runs),
                  failed=sum(r.failed for r in runs),
                  runs_wall_s=[round(r.wall_s, 4) for r in runs], note=note)
 
@@ -382,6 +422,12 @@ def build_report(options: BenchOptions, settings: Settings, sync: list[Run],
         "sync_over_rewardq": by_name["sync"].wall_s / rewardq,
         "warm_ms": by_name["rewardq_warm"].wall_s * 1000,
     }
+    cores = os.cpu_count() or 1
+
+    def cpu_bound(p: Phase) -> float:
+        every = p.cpu_s_per_item + p.redis_cpu_s_per_item + p.judge_cpu_s_per_item
+        return cores / every if every > 0 else 0.0
+
     return {
         "config": {
             **{k: v for k, v in asdict(options).items() if k != "log_dir"},
@@ -394,24 +440,40 @@ def build_report(options: BenchOptions, settings: Settings, sync: list[Run],
                     "python": platform.python_version()},
         "phases": {p.name: asdict(p) for p in phases},
         "ratios": ratios,
+        # No design on this host beats cores / (CPU per item of every process involved).
+        "cpu_bound_items_per_s": {name: cpu_bound(by_name[name])
+                                  for name in ("asyncio", "rewardq")},
         "failed_items": sum(p.failed for p in phases),
     }
 
 
 def format_table(report: dict[str, Any]) -> str:
-    """The report as a fixed-width table plus the ratios line."""
-    header = (f"{'phase':<13} {'items':>6} {'wall s':>8} {'items/s':>9} "
-              f"{'CPU ms/item':>11} {'redis ms/it':>11} {'judge reqs':>10} {'in flight':>9}  note")
-    lines = [header, "-" * len(header)]
+    """The report as a fixed-width table plus the ratios line.
+
+    CPU columns are ms per item: ``ours`` = producer + workers (or the asyncio child),
+    then the producer's share, and Redis and the judge server beside them.
+    """
+    header = (f"{'phase':<13} {'items':>5} {'wall s':>8} {'items/s':>8} {'ours':>6} "
+              f"{'prod':>6} {'redis':>6} {'judge':>6} {'cmd/it':>6} {'reqs':>5} "
+              f"{'flight':>6}  note")
+    lines = ["CPU in ms per item; cmd/it: Redis commands per item; reqs: judge calls",
+             header, "-" * len(header)]
     for p in report["phases"].values():
-        lines.append(f"{p['name']:<13} {p['items']:>6} {p['wall_s']:>8.3f} "
-                     f"{p['items_per_s']:>9.0f} {p['cpu_s_per_item'] * 1000:>11.3f} "
-                     f"{p['redis_cpu_s_per_item'] * 1000:>11.3f} {p['judge_requests']:>10} "
-                     f"{p['max_in_flight']:>9}  {p['note']}")
+        lines.append(
+            f"{p['name']:<13} {p['items']:>5} {p['wall_s']:>8.3f} {p['items_per_s']:>8.0f} "
+            f"{p['cpu_s_per_item'] * 1000:>6.3f} {p['producer_cpu_s_per_item'] * 1000:>6.3f} "
+            f"{p['redis_cpu_s_per_item'] * 1000:>6.3f} {p['judge_cpu_s_per_item'] * 1000:>6.3f} "
+            f"{p['redis_commands_per_item']:>6.2f} {p['judge_requests']:>5} "
+            f"{p['max_in_flight']:>6}  {p['note']}")
     r = report["ratios"]
     lines.append(f"rewardq/asyncio {r['rewardq_over_asyncio']:.3f}   "
                  f"rewardq/ideal {r['rewardq_over_ideal']:.3f}   "
-                 f"sync/rewardq {r['sync_over_rewardq']:.1f}   warm {r['warm_ms']:.1f} ms")
+                 f"sync/rewardq {r['sync_over_rewardq']:.1f}   warm {r['warm_ms']:.1f} ms   "
+                 f"result delivery lag {report['phases']['rewardq']['delivery_ms']:.1f} ms")
+    bound = report["cpu_bound_items_per_s"]
+    lines.append(f"CPU bound of this host (cores / CPU per item, judge and Redis included): "
+                 f"asyncio {bound['asyncio']:.0f} items/s, rewardq {bound['rewardq']:.0f} "
+                 f"items/s; ideal {report['phases']['ideal']['items_per_s']:.0f} items/s")
     return "\n".join(lines)
 
 
