@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(max_concurrent_requests=args.per_process).model_copy(
         update={"redis_url": None,
                 "judge_base_url": Settings.model_fields["judge_base_url"].default})
-    rounds = []
+    rounds: list[dict[str, Any]] = []
     print(f"N={args.items} L={args.latency_ms:g} ms, {args.per_process} judge calls per "
           f"process, {os.cpu_count()} CPUs", flush=True)
     print(f"{'W':>2} {'C':>5} {'wall s':>7} {'items/s':>8} {'x W=1':>6} {'ideal/s':>8} "

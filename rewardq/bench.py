@@ -480,7 +480,7 @@ def format_table(report: dict[str, Any]) -> str:
 def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``rewardq bench`` on the CLI's subparsers (``func=run``)."""
     d = BenchOptions()
-    bench = subparsers.add_parser(
+    bench: argparse.ArgumentParser = subparsers.add_parser(
         "bench", help="time the fleet against ideal, sync and in-process asyncio")
     bench.add_argument("--items", type=int, default=d.items, help="N, items per step")
     bench.add_argument("--latency-ms", type=float, default=d.latency_ms,
