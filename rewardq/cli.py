@@ -14,6 +14,7 @@ from broker.app import QUEUE_JUDGE
 from broker.errors import InvalidItemError, RewardqError
 from broker.settings import EMBEDDED_REDIS_PORT, Settings
 from monitoring.ops_cli import add_ops_parsers
+from rewardq.bench import add_bench_parser
 from rewardq.failed_cli import add_failed_parser
 
 
@@ -128,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_failed_parser(sub)
     add_ops_parsers(sub)
+    add_bench_parser(sub)
     return parser
 
 
