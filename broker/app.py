@@ -51,6 +51,10 @@ def create_app(settings: Settings) -> Celery:
         redis_max_connections=max_connections,
         result_backend_transport_options={"retry_policy": {"timeout": 5.0}},
         broker_connection_retry_on_startup=True,
+        # gevent patches threading.local, so a per-thread result backend is one backend
+        # (and one Redis pool) per greenlet: ~130 new connections per 2048-item step and
+        # results stored behind a connection handshake. Share one (redis-py pools are).
+        result_backend_thread_safe=True,
         worker_send_task_events=True,
         task_send_sent_event=True,
         worker_hijack_root_logger=False,

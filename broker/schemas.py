@@ -146,11 +146,12 @@ def parse_items(raw_items: Iterable[object], *,
             problems.append(f"{label(index)}: expected a JSON object, got {type(raw).__name__}")
             continue
         try:
-            item = ScoreItem.model_validate(dict(raw))
+            item = ScoreItem.model_validate(raw if isinstance(raw, dict) else dict(raw))
         except ValidationError as exc:
             problems.extend(_describe(label(index), raw, e) for e in exc.errors())
             continue
-        if len(json.dumps(item.metadata, default=str)) > MAX_METADATA_JSON_CHARS:
+        if item.metadata and len(json.dumps(item.metadata, default=str)) > \
+                MAX_METADATA_JSON_CHARS:
             problems.append(_describe(label(index), raw, {
                 "loc": ("metadata",),
                 "msg": f"larger than {MAX_METADATA_JSON_CHARS} characters as JSON"}))

@@ -55,7 +55,7 @@ class Settings(BaseSettings):
         default=256, ge=1, description="Judge requests in flight at once per worker process."
     )
     worker_concurrency: int = Field(default=64, ge=1, description="gevent pool size.")
-    chunk_size: int = Field(default=16, ge=1, le=1000, description="Items per Celery task.")
+    chunk_size: int = Field(default=64, ge=1, le=1000, description="Items per Celery task.")
     chunk_deadline_s: float = Field(default=600.0, gt=0)
 
     # Retention.

@@ -125,8 +125,8 @@ def test_a_worker_sigkilled_mid_run_loses_nothing(
     assert not bad, f"{len(bad)} not ok, e.g. {bad[:3]}\n{worker_logs(tmp_path)[-3000:]}"
     assert [r.score for r in results] == [expected(i)[0] for i in items]
     # The redelivered chunks cost only what was in flight in the dead worker
-    # (8 chunks of 16 items at most), not their finished items.
-    assert 1000 <= calls <= 1000 + 8 * 16
+    # (8 chunks of chunk_size items at most), not their finished items.
+    assert 1000 <= calls <= 1000 + 8 * settings.chunk_size
 
 
 @pytest.mark.timeout(240)

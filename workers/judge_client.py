@@ -12,8 +12,11 @@ reply's token usage is reconciled with the estimate that was debited.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+from typing import Any
 
+import httpx2
 import openai
 import redis.asyncio as aioredis
 
@@ -80,19 +83,21 @@ class JudgeClient:
                 self._metrics.rate_limited(await limiter.acquire(estimate))
             started = time.perf_counter()
             try:
-                reply = await self._client.chat.completions.create(
-                    model=spec.model, messages=messages,  # type: ignore[arg-type]
-                    temperature=spec.temperature, max_tokens=spec.max_tokens)
+                # The raw route: the SDK's per-call transform of the params (TypedDict
+                # introspection) and pydantic parse of the reply cost more client CPU
+                # than the HTTP exchange itself (issue 5: 1.7 -> 0.9 ms per call).
+                response = await self._client.post(
+                    "/chat/completions", cast_to=httpx2.Response,
+                    body={"model": spec.model, "messages": messages,
+                          "temperature": spec.temperature, "max_tokens": spec.max_tokens})
             except openai.APIError as exc:
                 self._metrics.judge_call(spec.model, call_status(exc),
                                          time.perf_counter() - started)
                 raise classify(exc) from exc
             latency_s = time.perf_counter() - started
-        content = reply.choices[0].message.content if reply.choices else None
-        usage = Usage(prompt_tokens=reply.usage.prompt_tokens,
-                      completion_tokens=reply.usage.completion_tokens) if reply.usage \
-            else Usage()
-        if limiter is not None and reply.usage:
+        content, reported = read_completion(response.content)
+        usage = reported or Usage()
+        if limiter is not None and reported is not None:
             await limiter.reconcile(estimate, usage.prompt_tokens + usage.completion_tokens)
         self._metrics.usage(spec.model, usage.prompt_tokens, usage.completion_tokens,
                             self._prices.cost(spec.model, usage.prompt_tokens,
@@ -108,3 +113,21 @@ class JudgeClient:
     async def close(self) -> None:
         """Close the connection pool."""
         await self._client.close()
+
+
+def read_completion(body: bytes) -> tuple[str | None, Usage | None]:
+    """The first choice's message content and the token usage of a chat completion.
+
+    Raises:
+        UnparseableReplyError: the body is not a chat-completion JSON object.
+    """
+    try:
+        reply: Any = json.loads(body)
+        choices = reply.get("choices") or []
+        content = choices[0]["message"].get("content") if choices else None
+        usage = reply.get("usage")
+        return content, (Usage(prompt_tokens=usage.get("prompt_tokens") or 0,
+                               completion_tokens=usage.get("completion_tokens") or 0)
+                         if usage else None)
+    except (ValueError, TypeError, LookupError, AttributeError) as exc:
+        raise UnparseableReplyError(f"judge reply is not a chat completion: {exc}") from exc
