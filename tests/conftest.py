@@ -21,6 +21,8 @@ import redis
 
 from broker.embedded import EmbeddedRedis
 from broker.settings import Settings
+from judge_server.config import JudgeConfig
+from judge_server.server import BackgroundJudgeServer
 from rewardq.stack import JudgeProcess, start_judge, start_worker, stop_process, wait_for_workers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,6 +81,20 @@ def settings(redis_url: str, judge: JudgeProcess) -> Settings:
     """Settings pointing at this test's Redis database and the local judge."""
     return Settings(redis_url=redis_url, judge_base_url=judge.base_url,
                     judge_timeout_s=10, chunk_deadline_s=120, worker_concurrency=32)
+
+
+@pytest.fixture(scope="module")
+def local_judge() -> Iterator[BackgroundJudgeServer]:
+    """A judge server in a thread of the test process (for the in-process sync path)."""
+    with BackgroundJudgeServer(JudgeConfig()) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def failing_judge() -> Iterator[BackgroundJudgeServer]:
+    """Answers every call with HTTP 400: a permanent error, so nothing retries it."""
+    with BackgroundJudgeServer(JudgeConfig(error_rate=1.0, error_kinds=("400",))) as server:
+        yield server
 
 
 WorkerFactory = Callable[..., list[subprocess.Popen[bytes]]]

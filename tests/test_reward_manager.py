@@ -29,7 +29,6 @@ from transformers import PreTrainedTokenizerFast
 from broker.schemas import ResultStatus
 from broker.settings import Settings
 from broker.verdicts import normalize
-from judge_server.config import JudgeConfig
 from judge_server.grading import expected_raw_score
 from judge_server.server import BackgroundJudgeServer
 from producer.config import LengthPenaltyConfig
@@ -211,19 +210,6 @@ def assert_rewards(actual: Sequence[float], expected: Sequence[float]) -> None:
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerFast:
     return build_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def local_judge() -> Iterator[BackgroundJudgeServer]:
-    with BackgroundJudgeServer(JudgeConfig()) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def failing_judge() -> Iterator[BackgroundJudgeServer]:
-    """Answers every call with HTTP 400: a permanent error, so the SDK does not retry."""
-    with BackgroundJudgeServer(JudgeConfig(error_rate=1.0, error_kinds=("400",))) as server:
-        yield server
 
 
 def judge_settings(server: BackgroundJudgeServer) -> Settings:

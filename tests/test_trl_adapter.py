@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any
 
@@ -18,7 +18,6 @@ import pytest
 
 from broker.settings import Settings
 from broker.verdicts import normalize
-from judge_server.config import JudgeConfig
 from judge_server.grading import expected_raw_score
 from judge_server.server import BackgroundJudgeServer
 from producer.sync_judge import SyncJudge
@@ -65,17 +64,6 @@ def expected_scores(prompts: Sequence[Any], completions: Sequence[Any],
             if message_text(c) else None
             for p, c, r in zip(prompts, completions, references, strict=True)]
 
-
-@pytest.fixture(scope="module")
-def local_judge() -> Iterator[BackgroundJudgeServer]:
-    with BackgroundJudgeServer(JudgeConfig()) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def failing_judge() -> Iterator[BackgroundJudgeServer]:
-    with BackgroundJudgeServer(JudgeConfig(error_rate=1.0, error_kinds=("400",))) as server:
-        yield server
 
 
 @pytest.mark.parametrize("conversational", [False, True])
