@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 import redis
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 
 from broker.embedded import EmbeddedRedis
 from broker.settings import Settings
@@ -32,6 +34,20 @@ SYSTEM_SERVICES = os.environ.get("REWARDQ_TEST_SYSTEM_SERVICES") == "1"
 SYSTEM_REDIS = "redis://127.0.0.1:6379"
 SYSTEM_RABBITMQ = "amqp://guest:guest@127.0.0.1:5672//"
 _DATABASES = 200
+
+# Speed is measured in benchmarks/, never asserted by a test, so hypothesis' own timing
+# checks (the per-example deadline, the too_slow health check) are off in every profile.
+# Without this a fresh clone failed every time: the first st.text() draw builds
+# hypothesis' Unicode tables (1.5-3 s, cached in .hypothesis/ only afterwards) and trips
+# too_slow. In CI hypothesis has loaded its built-in "ci" profile (derandomized, no example
+# database) by now; that stays the parent there.
+_IN_CI = hypothesis_settings.get_current_profile_name() == "ci"
+_NO_TIMING_CHECKS = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
+hypothesis_settings.register_profile("rewardq-ci", hypothesis_settings.get_profile("ci"),
+                                     **_NO_TIMING_CHECKS)
+hypothesis_settings.register_profile("rewardq-dev", **_NO_TIMING_CHECKS)
+hypothesis_settings.load_profile(os.environ.get(
+    "HYPOTHESIS_PROFILE", "rewardq-ci" if _IN_CI else "rewardq-dev"))
 
 
 @pytest.fixture(scope="session")
