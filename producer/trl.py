@@ -6,20 +6,34 @@ as a keyword list aligned with them, plus its own extras (``trainer_state``,
 ``completion_ids``, ...). Prompts and completions are strings (standard format) or lists
 of ``{"role", "content"}`` messages (conversational format). The function returns one
 float per completion, in order: the judge's score normalized to [0, 1], or ``None``
-where the judge failed, timed out or the item is invalid (TRL treats ``None`` as "no
-reward from this function" rather than a silent 0).
+where the judge failed, timed out or the item is invalid (TRL turns ``None`` into NaN,
+"no reward from this function", rather than a silent 0).
 
-Three variants, one item-building and one result-reading path:
+Where TRL passes its ``log_metric(name, value)`` hook (``GRPOTrainer`` and
+``RLOOTrainer`` do, on every call), each call also reports how many of its items ended
+in each status, as ``rewardq/<function name>/ok``, ``.../failed``, ``.../timeout`` and
+``.../invalid``. TRL averages a metric over the calls of a logging step (and over
+processes), so the logged value is the mean count per reward call; all four are
+reported every call, zeros included, so that mean is not biased. Without the hook (a
+custom loop, another trainer) nothing is reported.
 
-- :func:`make_trl_reward`: through the worker fleet, blocking until the scores are in;
-- :func:`make_async_trl_reward`: the same as a coroutine function, for TRL's async
-  reward functions (the blocking Redis work runs in a thread);
-- :func:`make_sync_trl_reward`: the in-process ``SyncJudge`` loop, no Redis.
+Three variants, one item-building and one result-reading path; each has a default
+``__name__`` of its own, because TRL names a function's reward column and metrics after
+it (two functions of one name would be averaged into one ``rewards/<name>/mean`` and
+mix up the completions table):
+
+- :func:`make_trl_reward` (``rewardq_judge``): through the worker fleet, blocking until
+  the scores are in;
+- :func:`make_async_trl_reward` (``rewardq_judge_async``): the same as a coroutine
+  function, for TRL's async reward functions (the blocking Redis work runs in a thread);
+- :func:`make_sync_trl_reward` (``rewardq_judge_sync``): the in-process ``SyncJudge``
+  loop, no Redis.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -31,12 +45,19 @@ from producer.client import RewardClient
 from producer.sync_judge import SyncJudge
 
 __all__ = [
+    "ASYNC_DEFAULT_NAME",
+    "DEFAULT_NAME",
+    "METRIC_PREFIX",
+    "SYNC_DEFAULT_NAME",
     "AsyncTrlReward",
     "TrlReward",
     "make_async_trl_reward",
     "make_sync_trl_reward",
     "make_trl_reward",
+    "merge_results",
     "message_text",
+    "metric_name",
+    "report_statuses",
     "score_list",
     "trl_items",
 ]
@@ -46,7 +67,14 @@ TrlReward = Callable[..., list[float | None]]
 #: The coroutine-function form of :data:`TrlReward`.
 AsyncTrlReward = Callable[..., Awaitable[list[float | None]]]
 
+#: Default ``__name__`` of :func:`make_trl_reward`'s function.
 DEFAULT_NAME = "rewardq_judge"
+#: Default ``__name__`` of :func:`make_async_trl_reward`'s function.
+ASYNC_DEFAULT_NAME = "rewardq_judge_async"
+#: Default ``__name__`` of :func:`make_sync_trl_reward`'s function.
+SYNC_DEFAULT_NAME = "rewardq_judge_sync"
+#: First part of every metric the adapters log through TRL.
+METRIC_PREFIX = "rewardq"
 DEFAULT_TIMEOUT_S = 600.0
 
 
@@ -130,6 +158,23 @@ def trl_items(prompts: Sequence[Any], completions: Sequence[Any], columns: Mappi
     return items, results
 
 
+def merge_results(results: Sequence[ScoreResult | None], judged: Sequence[ScoreResult]
+                  ) -> list[ScoreResult | None]:
+    """Judge results put into ``results`` by id (their position).
+
+    Args:
+        results: from :func:`trl_items` (``invalid`` entries, ``None`` elsewhere).
+        judged: the judge's results for the valid items, ids being positions.
+
+    Returns:
+        A copy of ``results`` with each judged result at its position.
+    """
+    merged = list(results)
+    for result in judged:
+        merged[int(result.id)] = result
+    return merged
+
+
 def score_list(results: Sequence[ScoreResult | None], judged: Sequence[ScoreResult]
                ) -> list[float | None]:
     """Merge judge results into ``results`` by id and read one score (or ``None``) each.
@@ -141,10 +186,42 @@ def score_list(results: Sequence[ScoreResult | None], judged: Sequence[ScoreResu
     Returns:
         The normalized score of each ``ok`` result, ``None`` for every other position.
     """
-    merged = list(results)
-    for result in judged:
-        merged[int(result.id)] = result
+    return _scores(merge_results(results, judged))
+
+
+def _scores(merged: Sequence[ScoreResult | None]) -> list[float | None]:
     return [r.score if r is not None and r.status is ResultStatus.OK else None for r in merged]
+
+
+def metric_name(function_name: str, status: ResultStatus) -> str:
+    """The TRL metric counting one status: ``rewardq/<function_name>/<status>``."""
+    return f"{METRIC_PREFIX}/{function_name}/{status.value}"
+
+
+def report_statuses(columns: Mapping[str, Any], function_name: str,
+                    results: Sequence[ScoreResult | None]) -> None:
+    """Log how many ``results`` ended in each status, through TRL's hook if it was passed.
+
+    Args:
+        columns: the reward function's keyword arguments; ``columns["log_metric"]``, if
+            callable, is TRL's ``log_metric(name, value)``; without it nothing happens.
+        function_name: the reward function's ``__name__`` (part of each metric name).
+        results: one result per completion (a position without one counts nowhere).
+    """
+    log_metric = columns.get("log_metric")
+    if not callable(log_metric):
+        return
+    counts = Counter(r.status for r in results if r is not None)
+    for status in ResultStatus:  # zeros too: TRL averages over the calls that logged
+        log_metric(metric_name(function_name, status), float(counts[status]))
+
+
+def _finish(columns: Mapping[str, Any], function_name: str,
+            results: Sequence[ScoreResult | None], judged: Sequence[ScoreResult]
+            ) -> list[float | None]:
+    merged = merge_results(results, judged)
+    report_statuses(columns, function_name, merged)
+    return _scores(merged)
 
 
 def _step(columns: Mapping[str, Any]) -> int | None:
@@ -170,10 +247,14 @@ def make_trl_reward(client_or_settings: RewardClient | Settings, *,
             rows without it, or ``None``, are judged with the quality rubric.
         timeout_s: how long one call waits for the fleet; items still pending then
             get ``None``.
-        name: the function's ``__name__``, which TRL logs the reward under.
+        name: the function's ``__name__``: TRL logs the reward as
+            ``rewards/<name>/mean``, and the status counts go to ``rewardq/<name>/...``
+            (read at each call, so renaming the function later renames them too).
 
     Returns:
-        ``reward(prompts, completions, **kwargs) -> list[float | None]``.
+        ``reward(prompts, completions, **kwargs) -> list[float | None]``; with a
+        callable ``log_metric`` keyword it also reports the call's status counts
+        (see :func:`report_statuses`).
 
     Raises:
         (from the returned function) BrokerUnavailableError: Redis could not be reached;
@@ -188,7 +269,7 @@ def make_trl_reward(client_or_settings: RewardClient | Settings, *,
         if items:
             pending = client.submit(items, step=_step(kwargs))
             judged = pending.result(timeout=timeout_s, partial=True)
-        return score_list(results, judged)
+        return _finish(kwargs, reward.__name__, results, judged)
 
     reward.__name__ = reward.__qualname__ = name
     return reward
@@ -197,12 +278,13 @@ def make_trl_reward(client_or_settings: RewardClient | Settings, *,
 def make_async_trl_reward(client_or_settings: RewardClient | Settings, *,
                           reference_key: str | None = "solution",
                           timeout_s: float = DEFAULT_TIMEOUT_S,
-                          name: str = DEFAULT_NAME) -> AsyncTrlReward:
+                          name: str = ASYNC_DEFAULT_NAME) -> AsyncTrlReward:
     """:func:`make_trl_reward` as a coroutine function (TRL's async reward functions).
 
     Submitting and waiting are blocking Redis calls; both run in a worker thread
     (``asyncio.to_thread``), so the event loop keeps serving other reward functions.
-    Arguments, return value and errors as for :func:`make_trl_reward`.
+    Arguments, return value, status metrics and errors as for :func:`make_trl_reward`;
+    only the default ``name`` differs, so both kinds can train side by side.
     """
     client = _client(client_or_settings)
 
@@ -213,7 +295,7 @@ def make_async_trl_reward(client_or_settings: RewardClient | Settings, *,
         if items:
             pending = await asyncio.to_thread(client.submit, items, step=_step(kwargs))
             judged = await asyncio.to_thread(pending.result, timeout_s, partial=True)
-        return score_list(results, judged)
+        return _finish(kwargs, reward.__name__, results, judged)
 
     reward.__name__ = reward.__qualname__ = name
     return reward
@@ -221,17 +303,18 @@ def make_async_trl_reward(client_or_settings: RewardClient | Settings, *,
 
 def make_sync_trl_reward(judge_or_settings: SyncJudge | Settings, *,
                          reference_key: str | None = "solution",
-                         name: str = DEFAULT_NAME) -> TrlReward:
+                         name: str = SYNC_DEFAULT_NAME) -> TrlReward:
     """A TRL reward function that judges in-process, one completion at a time (no Redis).
 
     Args:
         judge_or_settings: a ``SyncJudge``, or ``Settings`` to build one from.
         reference_key: as for :func:`make_trl_reward`.
-        name: the function's ``__name__``.
+        name: the function's ``__name__``, as for :func:`make_trl_reward`.
 
     Returns:
         ``reward(prompts, completions, **kwargs) -> list[float | None]``; a failed judge
-        call gives ``None`` at its position, never an exception.
+        call gives ``None`` at its position, never an exception. Status counts are
+        reported through ``log_metric`` as for :func:`make_trl_reward`.
 
     Raises:
         (from the returned function) ValueError: prompts or references not aligned.
@@ -242,7 +325,7 @@ def make_sync_trl_reward(judge_or_settings: SyncJudge | Settings, *,
     def reward(prompts: Sequence[Any], completions: Sequence[Any],
                **kwargs: Any) -> list[float | None]:
         items, results = trl_items(prompts, completions, kwargs, reference_key=reference_key)
-        return score_list(results, judge.score(items))
+        return _finish(kwargs, reward.__name__, results, judge.score(items))
 
     reward.__name__ = reward.__qualname__ = name
     return reward

@@ -2,14 +2,16 @@
 
 TRL passes one prompt per completion (each prompt repeated ``num_generations`` times),
 the dataset's other columns as aligned keyword lists, and extras of its own
-(``completion_ids``, ``trainer_state``). Every expected score comes from
-``judge_server.grading.expected_raw_score``, what the real local judge answers.
+(``completion_ids``, ``trainer_state``, ``log_extra``, ``log_metric``). Every expected
+score comes from ``judge_server.grading.expected_raw_score``, what the real local judge
+answers. ``tests/test_trl_grpo.py`` drives the same functions inside a real trainer step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+from collections import defaultdict
 from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any
@@ -22,6 +24,9 @@ from judge_server.grading import expected_raw_score
 from judge_server.server import BackgroundJudgeServer
 from producer.sync_judge import SyncJudge
 from producer.trl import (
+    ASYNC_DEFAULT_NAME,
+    DEFAULT_NAME,
+    SYNC_DEFAULT_NAME,
     make_async_trl_reward,
     make_sync_trl_reward,
     make_trl_reward,
@@ -40,6 +45,23 @@ COMPLETIONS = [
 GENERATIONS = 3
 
 
+class MetricLog:
+    """TRL's ``log_metric(name, value)`` keyword: ``GRPOTrainer._log_metric`` appends the
+    value to ``_pending_metrics[name]``; this keeps them the same way."""
+
+    def __init__(self) -> None:
+        self.values: defaultdict[str, list[float]] = defaultdict(list)
+
+    def __call__(self, name: str, value: float) -> None:
+        self.values[name].append(value)
+
+    def counts(self, function_name: str) -> dict[str, list[float]]:
+        """The status metrics logged for one function, status -> values, one per call."""
+        prefix = f"rewardq/{function_name}/"
+        return {name.removeprefix(prefix): values for name, values in self.values.items()
+                if name.startswith(prefix)}
+
+
 def grpo_call(conversational: bool = False, *, with_solution: bool = True
               ) -> tuple[list[Any], list[Any], dict[str, Any]]:
     """``(prompts, completions, kwargs)`` as GRPOTrainer passes them for one step."""
@@ -52,6 +74,7 @@ def grpo_call(conversational: bool = False, *, with_solution: bool = True
     kwargs: dict[str, Any] = {
         "completion_ids": [[1, 2, 3]] * len(completions),
         "trainer_state": SimpleNamespace(global_step=3),
+        "log_extra": lambda column, values: None,
     }
     if with_solution:
         kwargs["solution"] = [a for _, a in QUESTIONS for _ in range(GENERATIONS)]
@@ -75,7 +98,7 @@ def test_sync_reward_one_score_per_completion_in_order(
     assert scores == expected_scores(prompts, completions, kwargs["solution"])
     assert scores[2] is None
     assert scores[0] == 1.0 and scores[1] == 0.0  # correctness rubric: right, wrong
-    assert reward.__name__ == "rewardq_judge"
+    assert reward.__name__ == "rewardq_judge_sync"
 
 
 def test_sync_reward_without_reference_uses_the_quality_rubric(
@@ -93,6 +116,42 @@ def test_failed_judge_items_are_none(failing_judge: BackgroundJudgeServer) -> No
     reward = make_sync_trl_reward(Settings(judge_base_url=failing_judge.base_url))
     prompts, completions, kwargs = grpo_call()
     assert reward(prompts, completions, **kwargs) == [None] * len(completions)
+
+
+def test_status_counts_go_to_log_metric_once_per_call(
+        local_judge: BackgroundJudgeServer, failing_judge: BackgroundJudgeServer) -> None:
+    """Every status, zeros included, one value per call, under the function's name."""
+    log = MetricLog()
+    good = make_sync_trl_reward(Settings(judge_base_url=local_judge.base_url))
+    bad = make_sync_trl_reward(Settings(judge_base_url=failing_judge.base_url), name="bad")
+    prompts, completions, kwargs = grpo_call()
+    good(prompts, completions, log_metric=log, **kwargs)
+    good(prompts, completions[:2] + [""] * 4, log_metric=log, **kwargs)
+    bad(prompts, completions, log_metric=log, **kwargs)
+    assert log.counts("rewardq_judge_sync") == {
+        "ok": [5.0, 2.0], "failed": [0.0, 0.0], "timeout": [0.0, 0.0], "invalid": [1.0, 4.0]}
+    assert log.counts("bad") == {"ok": [0.0], "failed": [5.0], "timeout": [0.0],
+                                 "invalid": [1.0]}
+    assert len(log.values) == 8
+
+
+def test_metrics_follow_a_later_rename(local_judge: BackgroundJudgeServer) -> None:
+    log = MetricLog()
+    reward = make_sync_trl_reward(Settings(judge_base_url=local_judge.base_url))
+    reward.__name__ = "renamed"
+    prompts, completions, kwargs = grpo_call()
+    reward(prompts, completions, log_metric=log, **kwargs)
+    assert log.counts("renamed")["ok"] == [5.0]
+    assert not log.counts(SYNC_DEFAULT_NAME)
+
+
+def test_default_names_differ_per_kind(settings: Settings) -> None:
+    """TRL keys reward columns and metrics by ``__name__``: equal names would collide."""
+    kinds = [make_trl_reward(settings), make_async_trl_reward(settings),
+             make_sync_trl_reward(settings)]
+    assert [f.__name__ for f in kinds] == [DEFAULT_NAME, ASYNC_DEFAULT_NAME, SYNC_DEFAULT_NAME]
+    assert len({DEFAULT_NAME, ASYNC_DEFAULT_NAME, SYNC_DEFAULT_NAME}) == 3
+    assert make_async_trl_reward(settings, name="mine").__name__ == "mine"
 
 
 def test_misaligned_columns_are_a_clear_error(local_judge: BackgroundJudgeServer) -> None:
@@ -117,14 +176,17 @@ def test_message_text_reads_both_formats() -> None:
 def test_fleet_rewards_blocking_and_async(settings: Settings, workers: Any) -> None:
     """Through Redis and worker processes: the same scores, from both fleet variants."""
     workers(n=1)
+    log = MetricLog()
     prompts, completions, kwargs = grpo_call(conversational=True)
     expected = expected_scores(prompts, completions, kwargs["solution"])
     blocking = make_trl_reward(settings, timeout_s=60)
-    assert blocking(prompts, completions, **kwargs) == expected
-    async_reward = make_async_trl_reward(settings, timeout_s=60, name="judge_async")
+    assert blocking(prompts, completions, log_metric=log, **kwargs) == expected
+    async_reward = make_async_trl_reward(settings, timeout_s=60)
     assert inspect.iscoroutinefunction(async_reward)
-    assert async_reward.__name__ == "judge_async"
     fresh = [c + [{"role": "assistant", "content": " Done."}] if c[0]["content"] else c
              for c in completions]  # not in the fleet's cache yet
-    assert asyncio.run(async_reward(prompts, fresh, **kwargs)) == expected_scores(
-        prompts, fresh, kwargs["solution"])
+    assert asyncio.run(async_reward(prompts, fresh, log_metric=log, **kwargs)
+                       ) == expected_scores(prompts, fresh, kwargs["solution"])
+    ok_and_one_invalid = {"ok": [5.0], "failed": [0.0], "timeout": [0.0], "invalid": [1.0]}
+    assert log.counts("rewardq_judge") == ok_and_one_invalid
+    assert log.counts("rewardq_judge_async") == ok_and_one_invalid
