@@ -5,6 +5,7 @@
      ├── InvalidItemError       an item failed validation at an edge (permanent)
      ├── BrokerUnavailableError Redis could not be reached within the deadline
      ├── ScoringTimeoutError    results did not arrive within the caller's timeout
+     ├── NoWorkersError         no live worker consumes the queue the work was sent to
      ├── DeadLetterNotFound     a dead-letter id that is not (or no longer) recorded
      └── JudgeError             a judge call did not produce a score
           ├── TransientJudgeError   worth retrying: 429, 408/409, 5xx, timeouts, network
@@ -40,6 +41,10 @@ class BrokerUnavailableError(RewardqError, ConnectionError):
 
 class ScoringTimeoutError(RewardqError, TimeoutError):
     """Results did not all arrive within the caller's timeout."""
+
+
+class NoWorkersError(RewardqError):
+    """No live worker consumes the queue the work was sent to (no heartbeat in Redis)."""
 
 
 class DeadLetterNotFound(RewardqError, KeyError):

@@ -15,6 +15,20 @@ key                                    type    meaning, TTL
                                                ``Settings.dead_letter_ttl_s``
 ``rewardq:rl:<model>:rpm``             STRING  GCRA theoretical arrival time (requests)
 ``rewardq:rl:<model>:tpm``             STRING  GCRA theoretical arrival time (tokens)
+``rewardq:worker:<node>``              STRING  JSON ``broker.fleet.WorkerBeat`` of one live
+                                               worker process (Celery node name); rewritten
+                                               every ``broker.fleet.BEAT_INTERVAL_S`` (2 s),
+                                               TTL ``BEAT_TTL_S`` (6 s); deleted on a clean
+                                               shutdown
+``rewardq:workers``                    SET     node names that have beaten (index of the
+                                               above); readers remove members whose beat
+                                               expired; no TTL
+``rewardq:group:<uid>``                HASH    one GRPO group scored sample by sample
+                                               (``producer.groups``): ``m:<member>`` ->
+                                               length, ``c:<member>`` -> arrivals,
+                                               ``sealed`` -> JSON median/size/status; TTL
+                                               max(1 h, 2 x the group wait), renewed per
+                                               arrival
 ``rewardq.judge``                      LIST    the Celery/kombu queue of ``ScoreChunk`` s
 ``unacked_index``                      ZSET    kombu's unacked delivery tag -> delivery time;
                                                workers bump their own tags every
@@ -38,6 +52,7 @@ from broker.schemas import JudgeSpec, ScoreItem
 
 PREFIX = "rewardq"
 DEAD_INDEX = f"{PREFIX}:dead:index"
+WORKER_INDEX = f"{PREFIX}:workers"
 
 
 def judge_fingerprint(spec: JudgeSpec, item: ScoreItem) -> str:
@@ -72,6 +87,16 @@ def rate_limit_key(model: str, dimension: str) -> str:
     return f"{PREFIX}:rl:{model}:{dimension}"
 
 
+def worker_key(node: str) -> str:
+    """Key of the latest heartbeat of the worker process with Celery node name ``node``."""
+    return f"{PREFIX}:worker:{node}"
+
+
 def chunk_lease_key(transport_options: Mapping[str, Any] | None = None) -> str:
     """Kombu's ZSET of unacked delivery tags whose scores chunk leases renew."""
     return str((transport_options or {}).get("unacked_index_key", "unacked_index"))
+
+
+def group_key(uid: str) -> str:
+    """Key of the hash where the members of GRPO group ``uid`` meet."""
+    return f"{PREFIX}:group:{uid}"

@@ -30,7 +30,13 @@ from typing import Any, TypeVar
 import gevent
 import redis
 from celery import Celery, Task
-from celery.signals import task_rejected, task_unknown, worker_ready, worker_shutting_down
+from celery.signals import (
+    task_rejected,
+    task_unknown,
+    worker_ready,
+    worker_shutdown,
+    worker_shutting_down,
+)
 from celery.worker import state as worker_state
 from gevent import monkey
 from pydantic import ValidationError
@@ -42,6 +48,7 @@ from broker.schemas import ResultStatus, ScoreChunk, ScoreItem, ScoreResult, par
 from broker.settings import Settings
 from monitoring.metrics import serve_worker_metrics
 from workers.dead_letters import DeadLetter, DeadLetters, LetterKind
+from workers.heartbeat import WorkerHeartbeat
 from workers.retry import OUTAGE_ERRORS, outage_delay
 from workers.runtime import WorkerRuntime
 
@@ -119,6 +126,19 @@ def create_worker_app(settings: Settings) -> Celery:
         if leases.enabled:
             gevent.spawn(leases.run_forever)
 
+    heartbeat: WorkerHeartbeat | None = None
+
+    @worker_ready.connect(weak=False)  # type: ignore[untyped-decorator]
+    def _start_heartbeat(sender: Any = None, **_: Any) -> None:
+        nonlocal heartbeat
+        heartbeat = WorkerHeartbeat.for_worker(settings, sender)
+        heartbeat.start()
+
+    @worker_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]
+    def _stop_heartbeat(**_: Any) -> None:  # a shutdown without a signal (remote control)
+        if heartbeat is not None:
+            heartbeat.stop()
+
     @task_unknown.connect(weak=False)  # type: ignore[untyped-decorator]
     def _unknown_task(message: Any = None, name: str | None = None, id: str | None = None,
                       **_: Any) -> None:
@@ -133,6 +153,9 @@ def create_worker_app(settings: Settings) -> Celery:
 
     @worker_shutting_down.connect(weak=False)  # type: ignore[untyped-decorator]
     def _exit_once_idle(**_: Any) -> None:
+        # A signal handler: the heartbeat's delete runs in a greenlet of its own.
+        if heartbeat is not None:
+            heartbeat.stop_soon()
         start_watchdog(runtime)
 
     return app

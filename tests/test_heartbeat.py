@@ -1,0 +1,209 @@
+"""Worker heartbeats with real parts: gevent worker processes beat into a real Redis, and
+``live_workers`` tells who is alive and what each consumes (issue 9: no silent waiting)."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import gevent
+import pytest
+import redis
+from conftest import worker_logs
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from broker.app import QUEUE_JUDGE, create_app
+from broker.fleet import BEAT_TTL_S, WorkerBeat, live_workers
+from broker.keys import WORKER_INDEX, worker_key
+from broker.settings import Settings
+from rewardq.stack import settings_env, stop_process, wait_for_workers
+from workers.heartbeat import WorkerHeartbeat
+
+OTHER_QUEUE = "rewardq.other"
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[redis.Redis]:
+    c = redis.Redis.from_url(settings.broker_url)
+    yield c
+    c.close()
+
+
+def poll(read: Callable[[], list[WorkerBeat]], done: Callable[[list[WorkerBeat]], bool],
+         timeout_s: float = 20.0) -> list[WorkerBeat]:
+    """``read()`` until ``done`` holds or ``timeout_s`` passes; the last reading."""
+    deadline = time.monotonic() + timeout_s
+    beats = read()
+    while not done(beats) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        beats = read()
+    return beats
+
+
+def short(beats: list[WorkerBeat]) -> set[str]:
+    return {b.node.split("@")[0] for b in beats}
+
+
+def test_two_workers_beat_with_their_pid_and_the_judge_queue(
+        settings: Settings, workers, client: redis.Redis, tmp_path: Path) -> None:
+    procs = workers(2)
+
+    beats = poll(lambda: live_workers(client), lambda b: len(b) == 2)
+
+    assert short(beats) == {"w0", "w1"}, worker_logs(tmp_path)
+    assert {b.pid for b in beats} == {p.pid for p in procs}
+    assert all(b.queues == (QUEUE_JUDGE,) for b in beats)
+    assert all(b.started_at <= b.beat_at for b in beats)
+    # The beat is renewed: a later reading carries a later beat time.
+    first = {b.node: b.beat_at for b in beats}
+    later = poll(lambda: live_workers(client),
+                 lambda b: all(x.beat_at > first[x.node] for x in b) and len(b) == 2)
+    assert all(b.beat_at > first[b.node] for b in later)
+
+
+def test_a_killed_worker_disappears_and_the_other_stays(
+        settings: Settings, workers, client: redis.Redis) -> None:
+    victim, survivor = workers(2)
+    beats = poll(lambda: live_workers(client), lambda b: len(b) == 2)
+    node = {b.pid: b.node for b in beats}[victim.pid]
+
+    victim.kill()
+    victim.wait()
+    beats = poll(lambda: live_workers(client), lambda b: node not in {x.node for x in b},
+                 timeout_s=BEAT_TTL_S + 15)
+
+    assert [b.pid for b in beats] == [survivor.pid]
+    assert client.exists(worker_key(node)) == 0
+    assert node.encode() not in client.smembers(WORKER_INDEX)  # the reader pruned it
+
+
+def test_a_cleanly_stopped_worker_deletes_its_beat_before_it_would_expire(
+        settings: Settings, workers, client: redis.Redis) -> None:
+    (proc,) = workers(1)
+    (beat,) = poll(lambda: live_workers(client), lambda b: len(b) == 1)
+    # Wait for a fresh beat, so the key would outlive the process if it were not deleted.
+    fresh = poll(lambda: live_workers(client),
+                 lambda b: len(b) == 1 and b[0].beat_at > beat.beat_at)
+    expires_at = fresh[0].beat_at + BEAT_TTL_S
+
+    proc.terminate()
+    proc.wait(timeout=30)
+
+    assert proc.returncode == 0
+    assert time.time() < expires_at, "the worker took longer to stop than a beat lives"
+    assert client.exists(worker_key(beat.node)) == 0
+    assert live_workers(client, queue=None) == []
+
+
+def test_a_worker_stopped_by_remote_control_deletes_its_beat(
+        settings: Settings, workers, client: redis.Redis) -> None:
+    (proc,) = workers(1)
+    (beat,) = poll(lambda: live_workers(client), lambda b: len(b) == 1)
+    fresh = poll(lambda: live_workers(client),
+                 lambda b: len(b) == 1 and b[0].beat_at > beat.beat_at)
+    expires_at = fresh[0].beat_at + BEAT_TTL_S
+
+    app = create_app(settings)
+    app.control.shutdown(destination=[beat.node])  # `celery control shutdown`: no signal
+    app.close()
+    proc.wait(timeout=30)
+
+    assert time.time() < expires_at, "the worker took longer to stop than a beat lives"
+    assert client.exists(worker_key(beat.node)) == 0
+
+
+def test_a_queue_added_at_run_time_shows_in_the_next_beat(
+        settings: Settings, workers, client: redis.Redis) -> None:
+    workers(1)
+    (beat,) = poll(lambda: live_workers(client), lambda b: len(b) == 1)
+
+    app = create_app(settings)
+    app.control.add_consumer(OTHER_QUEUE, destination=[beat.node], reply=True, timeout=5)
+    app.close()
+    beats = poll(lambda: live_workers(client, queue=OTHER_QUEUE), lambda b: len(b) == 1)
+
+    assert [(b.node, set(b.queues)) for b in beats] == [(beat.node, {QUEUE_JUDGE, OTHER_QUEUE})]
+
+
+def test_a_worker_on_another_queue_is_not_a_judge_worker(
+        settings: Settings, workers, client: redis.Redis, tmp_path: Path) -> None:
+    (judge_worker,) = workers(1)
+    # What a user runs: `rewardq worker --queues rewardq.other`.
+    log = open(tmp_path / "other.log", "ab")  # noqa: SIM115
+    other = subprocess.Popen(
+        [str(Path(sys.executable).parent / "rewardq"), "worker", "--queues", OTHER_QUEUE,
+         "--name", "other@%h", "--loglevel", "WARNING", "--concurrency", "4"],
+        env=settings_env(settings), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_workers(settings, ["other"], processes=[other])
+        everyone = poll(lambda: live_workers(client, queue=None), lambda b: len(b) == 2)
+
+        assert short(everyone) == {"w0", "other"}, (tmp_path / "other.log").read_text()
+        assert [b.pid for b in live_workers(client)] == [judge_worker.pid]
+        (on_other,) = live_workers(client, queue=OTHER_QUEUE)
+        assert on_other.pid == other.pid and on_other.queues == (OTHER_QUEUE,)
+    finally:
+        stop_process(other, grace_s=15)
+        log.close()
+
+
+def test_readers_skip_and_prune_beats_that_expired_or_cannot_be_read(
+        client: redis.Redis) -> None:
+    alive = WorkerHeartbeat(client, "alive@h", lambda: [QUEUE_JUDGE, OTHER_QUEUE])
+    alive.beat()
+    client.sadd(WORKER_INDEX, "expired@h")  # indexed, but its beat is gone
+    client.sadd(WORKER_INDEX, "garbled@h")
+    client.set(worker_key("garbled@h"), "{not json", ex=60)
+
+    beats = live_workers(client)
+
+    assert [(b.node, b.queues) for b in beats] == [("alive@h", (QUEUE_JUDGE, OTHER_QUEUE))]
+    assert b"expired@h" not in client.smembers(WORKER_INDEX)
+    assert 0 < client.pttl(worker_key("alive@h")) <= BEAT_TTL_S * 1000
+    assert live_workers(client, queue="rewardq.nobody") == []
+
+
+def test_a_stopped_heartbeat_deletes_its_beat_and_keeps_queues_while_reconnecting(
+        client: redis.Redis) -> None:
+    answers: list[list[str] | None] = [[QUEUE_JUDGE], None]
+    heartbeat = WorkerHeartbeat(client, "w@h", lambda: answers.pop(0) if answers else None)
+    heartbeat.beat()
+    again = heartbeat.beat()  # the consumer is reconnecting: the last queues stand
+
+    assert again.queues == (QUEUE_JUDGE,)
+    heartbeat.stop()
+    heartbeat.stop()  # idempotent
+    assert client.exists(worker_key("w@h")) == 0
+    assert client.smembers(WORKER_INDEX) == set()
+
+
+def test_an_unreachable_redis_is_logged_once_and_never_ends_the_beat(
+        caplog: pytest.LogCaptureFixture) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    dead = redis.Redis(port=port, socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0))
+    attempts = 0
+
+    def queues() -> list[str]:
+        nonlocal attempts
+        attempts += 1
+        return [QUEUE_JUDGE]
+
+    heartbeat = WorkerHeartbeat(dead, "w@h", queues, interval_s=0.01)
+    caplog.set_level(logging.DEBUG, logger="workers.heartbeat")
+    heartbeat.start()
+    gevent.sleep(0.5)
+    still_beating = attempts
+    gevent.sleep(0.2)
+
+    assert still_beating >= 5 and attempts > still_beating
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "w@h" in warnings[0].getMessage()
+    heartbeat.stop(timeout_s=2)  # cannot delete: logged, not raised
