@@ -3,7 +3,14 @@
 ``submit`` validates the items at the edge, answers cached pairs straight from Redis,
 splits the rest into chunks (one Celery task per chunk, never per item) and returns a
 ``PendingScores`` handle at once, so the trainer can keep its GPU busy. The handle's
-``result()`` (or ``await handle``) gives one ``ScoreResult`` per item, in input order.
+``result()`` (or ``await handle``) gives one ``ScoreResult`` per item, in input order;
+``as_completed()`` gives them as their chunks finish.
+
+Results are read in one place, :meth:`RewardClient.read_chunks` (one MGET over the
+chunks' result keys), which the blocking waits here and the asyncio client
+(:mod:`producer.async_client`) both use. A wait that finds no live worker consuming the
+queue says so (:class:`~broker.errors.NoWorkersError`) within seconds instead of
+sitting out its timeout.
 """
 
 from __future__ import annotations
@@ -11,15 +18,17 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Generator, Iterable, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
 import redis
 from celery import Celery, states
+from kombu.utils.url import maybe_sanitize_url
 
-from broker.app import TASK_SCORE_CHUNK, create_app
-from broker.errors import BrokerUnavailableError, ScoringTimeoutError
+from broker.app import QUEUE_JUDGE, TASK_SCORE_CHUNK, create_app
+from broker.errors import BrokerUnavailableError, NoWorkersError, ScoringTimeoutError
+from broker.fleet import live_workers
 from broker.keys import cache_key, judge_fingerprint
 from broker.schemas import (
     JudgeSpec,
@@ -34,6 +43,13 @@ from broker.settings import Settings
 
 _FIRST_POLL_S = 0.002
 _MAX_POLL_S = 0.025
+#: A job pending this long with no live worker for its queue fails with NoWorkersError.
+#: Longer than a worker heartbeat's period, so a worker that is starting is not missed.
+NO_WORKER_GRACE_S = 3.0
+_WORKER_CHECK_EVERY_S = 1.0
+
+#: A chunk's Celery result as stored by the backend (``status``, ``result``, ``date_done``).
+ChunkMeta = dict[str, Any]
 
 
 class RewardClient:
@@ -56,6 +72,7 @@ class RewardClient:
                               prompt_version=settings.judge_prompt_version,
                               temperature=settings.judge_temperature,
                               max_tokens=settings.judge_max_tokens)
+        self.queue = QUEUE_JUDGE
 
     @classmethod
     def from_env(cls) -> RewardClient:
@@ -115,6 +132,46 @@ class RewardClient:
         """``submit`` then ``result``: blocks until every item has a result."""
         return self.submit(items, step=step).result(timeout=timeout)
 
+    def read_chunks(self, task_ids: Sequence[str]) -> dict[str, ChunkMeta]:
+        """The finished chunks among ``task_ids`` and their stored results (one MGET).
+
+        Raises:
+            BrokerUnavailableError: the result backend could not be reached.
+        """
+        if not task_ids:
+            return {}
+        backend = self.app.backend
+        try:
+            raws = self.redis.mget([backend.get_key_for_task(t) for t in task_ids])
+        except redis.RedisError as exc:
+            raise BrokerUnavailableError(f"result backend unreachable: {exc}") from exc
+        done: dict[str, ChunkMeta] = {}
+        for task_id, raw in zip(task_ids, raws, strict=True):
+            if raw is None:
+                continue
+            meta = backend.decode_result(raw)
+            if meta["status"] in states.READY_STATES:
+                done[task_id] = meta
+        return done
+
+    def require_workers(self, waiting_chunks: int, job_id: str) -> None:
+        """Raise unless some live worker consumes this client's queue.
+
+        Raises:
+            NoWorkersError: no worker has sent a heartbeat for the queue lately.
+            BrokerUnavailableError: Redis could not be reached.
+        """
+        try:
+            alive = live_workers(self.redis, self.queue)
+        except redis.RedisError as exc:
+            raise BrokerUnavailableError(f"cannot read worker heartbeats: {exc}") from exc
+        if not alive:
+            raise NoWorkersError(
+                f"no rewardq worker is consuming queue {self.queue!r} on "
+                f"{maybe_sanitize_url(self.settings.broker_url)}: {waiting_chunks} chunk(s) of job "
+                f"{job_id} are waiting. Start one with `rewardq worker` (same "
+                f"REWARDQ_REDIS_URL); the chunks stay queued and run once one is up.")
+
     def close(self) -> None:
         """Release Redis connections and the Celery producer pool."""
         self.redis.close()
@@ -146,21 +203,62 @@ class PendingScores:
         self._pending = {task_id: positions for positions, task_id in chunks}
         self._chunk_count = len(chunks)
         self._done_at: list[float] = []
+        # positions known but not yet handed out by as_completed()
+        self._fresh = [i for i, r in enumerate(results) if r is not None]
         self.job_id = job_id
         self.step = step
         self.cache_hits_at_submit = len(items) - sum(len(p) for p, _ in chunks)
         self._submitted_perf = time.perf_counter()
         self._submitted_unix = time.time()
+        self._next_worker_check = time.monotonic() + NO_WORKER_GRACE_S
 
     @property
     def chunk_count(self) -> int:
         """How many Celery tasks this submit enqueued."""
         return self._chunk_count
 
+    def __len__(self) -> int:
+        """How many items were submitted."""
+        return len(self._items)
+
+    @property
+    def pending_task_ids(self) -> list[str]:
+        """Task ids of the chunks whose results have not been read yet."""
+        return list(self._pending)
+
     def done(self) -> bool:
         """True once every chunk has finished (one Redis round trip, no waiting)."""
-        self._poll()
+        self.absorb(self._client.read_chunks(self.pending_task_ids))
         return not self._pending
+
+    def absorb(self, finished: dict[str, ChunkMeta]) -> None:
+        """Take in the finished chunks among ``finished`` (others' task ids are ignored)."""
+        for task_id, meta in finished.items():
+            positions = self._pending.pop(task_id, None)
+            if positions is None:
+                continue
+            self._collect(positions, meta)
+            self._fresh.extend(positions)
+            if meta.get("date_done"):
+                self._done_at.append(datetime.fromisoformat(meta["date_done"]).timestamp())
+
+    def take_fresh(self) -> list[tuple[int, ScoreResult]]:
+        """The ``(position, result)`` pairs that arrived since the last call."""
+        fresh, self._fresh = self._fresh, []
+        return [(i, r) for i in fresh if (r := self._results[i]) is not None]
+
+    def check_workers(self) -> None:
+        """While chunks wait, make sure some worker consumes the queue (every second,
+        after a short grace), so a fleet that is not running is reported, not waited on.
+
+        Raises:
+            NoWorkersError: chunks are pending and no live worker consumes the queue.
+        """
+        now = time.monotonic()
+        if not self._pending or now < self._next_worker_check:
+            return
+        self._next_worker_check = now + _WORKER_CHECK_EVERY_S
+        self._client.require_workers(len(self._pending), self.job_id)
 
     def result(self, timeout: float | None = None, *, partial: bool = False
                ) -> list[ScoreResult]:
@@ -173,24 +271,53 @@ class PendingScores:
 
         Raises:
             ScoringTimeoutError: ``timeout`` passed and ``partial`` is false.
+            NoWorkersError: chunks are pending and no live worker consumes the queue
+                (checked every second after the first few seconds).
             BrokerUnavailableError: the result backend stayed unreachable for
                 ``settings.redis_retry_s`` (or until ``timeout``); shorter outages, such
                 as a Redis restart, are waited out.
         """
+        for _ in self._wait(timeout, partial=partial):
+            pass
+        return self._final()
+
+    def as_completed(self, timeout: float | None = None, *, partial: bool = False
+                     ) -> Iterator[tuple[int, ScoreResult]]:
+        """``(position, result)`` pairs as their chunks finish; cache hits come first.
+
+        Every position is yielded exactly once. Args and errors as :meth:`result`; with
+        ``partial``, the items still pending at the timeout are yielded last as
+        ``timeout`` results.
+        """
+        yield from self.take_fresh()
+        for _ in self._wait(timeout, partial=partial):
+            yield from self.take_fresh()
+        yield from self.take_fresh()
+        final = self._final()
+        for i in range(len(final)):
+            if self._results[i] is None:
+                yield i, final[i]
+
+    def _wait(self, timeout: float | None, *, partial: bool) -> Iterator[None]:
+        """Poll until done (yielding after each round that found something) or timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         interval = _FIRST_POLL_S
         outage_since: float | None = None
         while True:
             try:
+                before = len(self._pending)
                 if self.done():
-                    break
+                    return
+                if len(self._pending) < before:
+                    yield
+                self.check_workers()
                 outage_since = None
             except BrokerUnavailableError:
                 # Redis restarting or failing over: keep polling for a while, then give up.
                 now = time.monotonic()
                 outage_since = outage_since or now
                 if deadline is not None and now >= deadline and partial:
-                    break
+                    return
                 patience = self._client.settings.redis_retry_s
                 if now - outage_since >= patience or (deadline is not None and now >= deadline):
                     raise
@@ -201,34 +328,17 @@ class PendingScores:
                     raise ScoringTimeoutError(
                         f"job {self.job_id}: {len(self._pending)} of {self._chunk_count} "
                         f"chunk(s) still pending after {timeout}s")
-                break
+                return
             time.sleep(interval if left is None else min(interval, left))
             interval = min(interval * 1.5, _MAX_POLL_S)
+
+    def _final(self) -> list[ScoreResult]:
         return [r if r is not None else ScoreResult.failure(
                     self._items[i].id, ResultStatus.TIMEOUT,
                     "no result before the caller's timeout")
                 for i, r in enumerate(self._results)]
 
-    def _poll(self) -> None:
-        if not self._pending:
-            return
-        backend = self._client.app.backend
-        task_ids = list(self._pending)
-        try:
-            raws = self._client.redis.mget([backend.get_key_for_task(t) for t in task_ids])
-        except redis.RedisError as exc:
-            raise BrokerUnavailableError(f"result backend unreachable: {exc}") from exc
-        for task_id, raw in zip(task_ids, raws, strict=True):
-            if raw is None:
-                continue
-            meta = backend.decode_result(raw)
-            if meta["status"] not in states.READY_STATES:
-                continue
-            self._collect(self._pending.pop(task_id), meta)
-            if meta.get("date_done"):
-                self._done_at.append(datetime.fromisoformat(meta["date_done"]).timestamp())
-
-    def _collect(self, positions: list[int], meta: dict[str, Any]) -> None:
+    def _collect(self, positions: list[int], meta: ChunkMeta) -> None:
         if meta["status"] == states.SUCCESS:
             for i, raw in zip(positions, meta["result"], strict=True):
                 self._results[i] = ScoreResult.model_validate(raw)
@@ -251,3 +361,4 @@ class PendingScores:
 
     def __await__(self) -> Generator[Any, None, list[ScoreResult]]:
         return asyncio.to_thread(self.result).__await__()
+

@@ -1,0 +1,260 @@
+"""``rewardq.verl`` driven by verl 0.9.1's own reward loop, in both of its paths.
+
+verl's ``RewardLoopWorker`` (its class, built from an OmegaConf config the way the Ray
+actor builds it, with an offline tokenizer saved as the model path) runs in two OS
+processes of its own (``tests/verl_harness.py``), loads ``RewardqRewardManager`` through
+``reward.reward_manager.source=importlib`` and verl's rule function through
+``custom_reward_function``, and scores a real ``DataProto`` of GRPO groups:
+
+- batch path: verl's ``pad_dataproto_to_divisor`` + ``chunk`` over three reward-loop
+  workers (two in one process, one in the other), ``compute_score_batch`` on each, then
+  verl's ``assemble_rm_scores`` — a group straddles chunks, and the padding copies the
+  first rows;
+- streaming path: every sample alone, unpadded with an all-ones mask and no meta_info,
+  through ``compute_score`` on a random one of the two processes, shuffled, at spread
+  times, as the agent loop sends finished rollouts.
+
+Every reward is checked against the formula computed here independently
+(``tests/penalty_reference.py``, the judge's deterministic grading), and the judge must
+have seen exactly one call per distinct judged pair.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("verl", reason="verl is in the test extra (pip install -e '.[test]')")
+
+from omegaconf import OmegaConf  # noqa: E402  (verl brings it)
+from verl import DataProto  # noqa: E402
+from verl.protocol import pad_dataproto_to_divisor  # noqa: E402
+
+from broker.settings import Settings  # noqa: E402
+from broker.verdicts import normalize  # noqa: E402
+from judge_server.grading import expected_raw_score  # noqa: E402
+from producer.config import LengthPenaltyConfig  # noqa: E402
+from producer.reward_manager import exact_final_answer  # noqa: E402
+from rewardq.stack import JudgeProcess  # noqa: E402
+from rewardq.verl import EXTRA_KEYS, RewardqRewardManager  # noqa: E402
+
+try:
+    from tests import penalty_reference as ref
+    from tests import verl_harness
+    from tests.tokenizer_factory import build_tokenizer, encode
+except ImportError:  # pytest put tests/ itself, not the repository root, on sys.path
+    import penalty_reference as ref  # type: ignore[no-redef]
+    import verl_harness  # type: ignore[no-redef]
+    from tokenizer_factory import build_tokenizer, encode  # type: ignore[no-redef]
+
+TESTS = Path(__file__).resolve().parent
+GROUPS, N = 8, 4
+FILLER = ["let me think step by step.", "first we add.", "then we compute the sum.",
+          "hmm wait.", "so the result is it.", "yes."]
+
+
+# --------------------------------------------------------------------------- the rollouts
+
+
+def rollouts(seed: int) -> list[dict[str, Any]]:
+    """GROUPS x N samples: varied lengths, right and wrong answers, all texts distinct."""
+    rng = random.Random(seed)
+    out = []
+    for g in range(GROUPS):
+        a, b = rng.randint(2, 40), rng.randint(2, 40)
+        prompt = f"what is {a} plus {b}?"
+        for k in range(N):
+            right = k != 1 and rng.random() < 0.75
+            value = a + b if right else a + b + 1 + k
+            steps = " ".join(rng.choice(FILLER) for _ in range(rng.randint(0, 3 + 4 * (k % 3))))
+            response = f"{steps} {a} plus {b} = {value}. the answer is {value}." if steps \
+                else f"the answer is {value}."
+            out.append({"prompt": prompt, "response": response,
+                        "truth": str(a + b), "uid": f"uid-{seed}-{g}"})
+    return out
+
+
+def tokenize(tokenizer: Any, samples: list[dict[str, Any]]) -> None:
+    for s in samples:
+        s["prompt_ids"] = encode(tokenizer, s["prompt"])
+        s["response_ids"] = encode(tokenizer, s["response"]) + [tokenizer.eos_token_id]
+        s["prompt_text"] = tokenizer.decode(s["prompt_ids"], skip_special_tokens=True)
+        s["response_text"] = tokenizer.decode(s["response_ids"], skip_special_tokens=True)
+
+
+def non_tensor(samples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    def column(values: list[Any]) -> np.ndarray:
+        out = np.empty(len(values), dtype=object)
+        out[:] = values
+        return out
+    return {
+        "data_source": column(["arith"] * len(samples)),
+        "reward_model": column([{"ground_truth": s["truth"], "style": "rule"}
+                                for s in samples]),
+        "extra_info": column([{"index": i, "split": "train"} for i in range(len(samples))]),
+        "uid": column([s["uid"] for s in samples]),
+    }
+
+
+def padded_batch(samples: list[dict[str, Any]], pad: int) -> DataProto:
+    """The trainer's layout: prompts left-padded, responses right-padded."""
+    wp = max(len(s["prompt_ids"]) for s in samples) + 2
+    wr = max(len(s["response_ids"]) for s in samples) + 3
+    prompts = torch.tensor([[pad] * (wp - len(s["prompt_ids"])) + s["prompt_ids"]
+                            for s in samples])
+    responses = torch.tensor([s["response_ids"] + [pad] * (wr - len(s["response_ids"]))
+                              for s in samples])
+    mask = torch.tensor([[0] * (wp - len(s["prompt_ids"])) + [1] * len(s["prompt_ids"])
+                         + [1] * len(s["response_ids"]) + [0] * (wr - len(s["response_ids"]))
+                         for s in samples])
+    return DataProto.from_dict(
+        tensors={"prompts": prompts, "responses": responses, "attention_mask": mask,
+                 "input_ids": torch.cat([prompts, responses], dim=1)},
+        non_tensors=non_tensor(samples), meta_info={"global_steps": 3})
+
+
+def streamed_sample(sample: dict[str, Any]) -> DataProto:
+    """What the agent loop sends for one finished rollout: unpadded, all-ones mask."""
+    prompts = torch.tensor([sample["prompt_ids"]])
+    responses = torch.tensor([sample["response_ids"]])
+    input_ids = torch.cat([prompts, responses], dim=1)
+    return DataProto.from_dict(
+        tensors={"prompts": prompts, "responses": responses, "input_ids": input_ids,
+                 "attention_mask": torch.ones_like(input_ids)},
+        non_tensors=non_tensor([sample]))
+
+
+# --------------------------------------------------------------------------- expectations
+
+
+def expected(samples: list[dict[str, Any]], cfg: LengthPenaltyConfig) -> list[float]:
+    lengths = [len(s["response_ids"]) for s in samples]
+    penalties = ref.length_penalties(lengths, [s["uid"] for s in samples], cfg)
+    out = []
+    for s, penalty in zip(samples, penalties, strict=True):
+        rule = exact_final_answer("arith", s["response_text"], s["truth"])
+        judge = normalize(expected_raw_score(s["prompt_text"], s["response_text"], s["truth"])) \
+            if rule > 0 else 0.0
+        out.append(rule + cfg.reward_coefficient * judge - cfg.penalty_scale * penalty)
+    return out
+
+
+def judged_pairs(samples: list[dict[str, Any]]) -> int:
+    return len({(s["prompt_text"], s["response_text"]) for s in samples
+                if exact_final_answer("arith", s["response_text"], s["truth"]) > 0})
+
+
+# --------------------------------------------------------------------------- verl config
+
+
+@pytest.fixture
+def verl_config(tmp_path: Path, settings: Settings) -> Any:
+    tokenizer_dir = tmp_path / "tokenizer"
+    build_tokenizer().save_pretrained(tokenizer_dir)
+    return OmegaConf.create({
+        "actor_rollout_ref": {
+            "model": {"path": str(tokenizer_dir), "tokenizer_path": None},
+            "rollout": {"n": N, "val_kwargs": {"n": 1}},
+        },
+        "reward": {
+            "num_workers": 3,
+            "reward_manager": {"source": "importlib", "name": "RewardqRewardManager",
+                               "module": {"path": "pkg://rewardq.verl"}},
+            "reward_model": {"enable": False},
+            "custom_reward_function": {"path": str(TESTS / "verl_rule.py"),
+                                       "name": "compute_score", "reward_kwargs": {}},
+            "reward_kwargs": {"rewardq": {
+                "use_async_io": True, "penalty_scale": 0.5, "reward_coefficient": 2.0,
+                "group_wait_s": 60,
+                "settings": {"redis_url": settings.redis_url,
+                             "judge_base_url": settings.judge_base_url},
+            }},
+        },
+    })
+
+
+def harness(config: Any, count: int) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"),
+                               initializer=verl_harness.init, initargs=(config, count))
+
+
+def check(outputs: list[dict[str, Any]], samples: list[dict[str, Any]],
+          cfg: LengthPenaltyConfig) -> None:
+    want = expected(samples, cfg)
+    for i, (out, reward) in enumerate(zip(outputs, want, strict=True)):
+        info = out["reward_extra_info"]
+        assert set(EXTRA_KEYS) <= set(info), i
+        assert info["group_status"] == "complete" and info["group_size"] == N, (i, info)
+        assert abs(out["reward_score"] - reward) < 1e-4, (i, out, reward)
+
+
+# --------------------------------------------------------------------------- the tests
+
+
+def test_batch_path_over_three_workers_in_two_processes(
+        verl_config: Any, workers, judge: JudgeProcess) -> None:
+    workers(2)
+    tokenizer = build_tokenizer()
+    samples = rollouts(seed=1)
+    tokenize(tokenizer, samples)
+    data = padded_batch(samples, tokenizer.pad_token_id)
+    cfg = LengthPenaltyConfig(penalty_scale=0.5, reward_coefficient=2.0, use_async_io=True)
+
+    # RewardLoopManager.compute_rm_score, minus Ray: pad, chunk, score, unpad, assemble.
+    padded, pad_size = pad_dataproto_to_divisor(data, 3)
+    assert pad_size > 0  # 32 rows over 3 workers: the first row is copied in
+    chunks = padded.chunk(3)
+    with harness(verl_config, 2) as first, harness(verl_config, 1) as second:
+        futures = [first.submit(verl_harness.compute_score_batch, 0, chunks[0]),
+                   second.submit(verl_harness.compute_score_batch, 0, chunks[1]),
+                   first.submit(verl_harness.compute_score_batch, 1, chunks[2])]
+        outputs = [o for f in futures for o in f.result(timeout=180)][:len(data)]
+
+    check(outputs, samples, cfg)
+    rm_scores = RewardqRewardManager.assemble_rm_scores(data, [o["reward_score"]
+                                                               for o in outputs])
+    assert rm_scores.dtype == torch.float32 and rm_scores.shape == data.batch["responses"].shape
+    for i, s in enumerate(samples):
+        row = rm_scores[i]
+        last = len(s["response_ids"]) - 1
+        assert math.isclose(float(row[last]), outputs[i]["reward_score"], abs_tol=1e-5)
+        assert float(row.abs().sum() - row[last].abs()) == 0.0
+    assert judge.stats()["requests_total"] == judged_pairs(samples)
+
+
+def test_streaming_path_one_sample_at_a_time_on_random_processes(
+        verl_config: Any, workers, judge: JudgeProcess) -> None:
+    workers(2)
+    tokenizer = build_tokenizer()
+    samples = rollouts(seed=2)
+    tokenize(tokenizer, samples)
+    cfg = LengthPenaltyConfig(penalty_scale=0.5, reward_coefficient=2.0, use_async_io=True)
+    rng = random.Random(7)
+    order = list(range(len(samples)))
+    rng.shuffle(order)
+    per_process: list[list[int]] = [[], []]
+    for i in order:
+        per_process[rng.randrange(2)].append(i)
+    assert all(per_process)
+
+    with harness(verl_config, 1) as first, harness(verl_config, 1) as second:
+        futures = [pool.submit(verl_harness.compute_score_stream, 0,
+                               [(rng.uniform(0, 0.8), streamed_sample(samples[i]))
+                                for i in mine])
+                   for pool, mine in zip((first, second), per_process, strict=True)]
+        outputs: list[dict[str, Any] | None] = [None] * len(samples)
+        for future, mine in zip(futures, per_process, strict=True):
+            for i, out in zip(mine, future.result(timeout=180), strict=True):
+                outputs[i] = out
+
+    assert all(o is not None for o in outputs)
+    check([o for o in outputs if o is not None], samples, cfg)
+    assert judge.stats()["requests_total"] == judged_pairs(samples)
