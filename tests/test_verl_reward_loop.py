@@ -258,3 +258,70 @@ def test_streaming_path_one_sample_at_a_time_on_random_processes(
     assert all(o is not None for o in outputs)
     check([o for o in outputs if o is not None], samples, cfg)
     assert judge.stats()["requests_total"] == judged_pairs(samples)
+
+
+def test_compute_score_as_verls_custom_reward_function_in_its_naive_manager(
+        verl_config: Any, settings: Settings, workers, judge: JudgeProcess,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """verl's own ``naive`` manager with ``custom_reward_function=pkg://rewardq.verl``:
+    the judge score only, settings from the reward-loop worker's environment."""
+    import asyncio
+
+    from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
+
+    import rewardq.verl as rq_verl
+
+    workers(1)
+    monkeypatch.setenv("REWARDQ_REDIS_URL", settings.redis_url or "")
+    monkeypatch.setenv("REWARDQ_JUDGE_BASE_URL", settings.judge_base_url)
+    monkeypatch.setattr(rq_verl, "_shared", {})  # a fresh per-process client
+    config = verl_config.copy()
+    config.reward.reward_manager = {"source": "register", "name": "naive"}
+    config.reward.custom_reward_function = {"path": "pkg://rewardq.verl",
+                                            "name": "compute_score", "reward_kwargs": {}}
+    tokenizer = build_tokenizer()
+    samples = rollouts(seed=3)[:8]
+    tokenize(tokenizer, samples)
+    batch = [streamed_sample(s) for s in samples]
+    for data, s in zip(batch, samples, strict=True):
+        data.non_tensor_batch["extra_info"][0]["question"] = s["prompt_text"]
+    no_question = streamed_sample(samples[0])
+
+    async def run() -> list[dict[str, Any]]:
+        worker = RewardLoopWorker(config)
+        return list(await asyncio.gather(*(worker.compute_score(d)
+                                           for d in [*batch, no_question])))
+
+    *outputs, unanswerable = asyncio.run(run())
+    for out, s in zip(outputs, samples, strict=True):
+        want = normalize(expected_raw_score(s["prompt_text"], s["response_text"], s["truth"]))
+        assert out["reward_extra_info"]["judge_status"] == "ok"
+        assert abs(out["reward_score"] - want) < 1e-6
+    assert unanswerable["reward_extra_info"]["judge_status"] == "invalid"
+    assert judge.stats()["requests_total"] == len({(s["prompt_text"], s["response_text"])
+                                                   for s in samples})
+
+
+def test_a_streamed_validation_sample_does_not_wait_for_a_training_sized_group(
+        verl_config: Any) -> None:
+    """verl's stream carries no validation flag; the dataset's ``extra_info.split``
+    marks it, and validation groups have ``val_kwargs.n`` (here 1) samples: no wait."""
+    import asyncio
+
+    from producer.reward_manager import exact_final_answer as rule
+
+    config = verl_config.copy()
+    config.reward.reward_kwargs.rewardq.enable_openai_reward = False
+    config.reward.reward_kwargs.rewardq.group_wait_s = 600  # a wait would hang the test
+    tokenizer = build_tokenizer()
+    [sample] = rollouts(seed=4)[:1]
+    tokenize(tokenizer, [sample])
+    data = streamed_sample(sample)
+    data.non_tensor_batch["extra_info"][0]["split"] = "test"
+    manager = RewardqRewardManager(config, tokenizer, rule)
+
+    out = asyncio.run(asyncio.wait_for(manager.run_single(data), timeout=60))
+    info = out["reward_extra_info"]
+    assert (info["group_status"], info["group_size"], info["penalty"]) == ("single", 1, 0.0)
+    assert info["judge_status"] == "disabled"
+    assert out["reward_score"] == rule("arith", sample["response_text"], sample["truth"])
