@@ -8,7 +8,8 @@ is the console script and the local stack that ``rewardq demo`` and ``bench`` st
 
 from broker.schemas import ResultStatus, ScoreItem, ScoreResult
 from broker.settings import Settings
+from producer.async_client import AsyncRewardClient
 from producer.client import PendingScores, RewardClient
 
-__all__ = ["PendingScores", "ResultStatus", "RewardClient", "ScoreItem", "ScoreResult",
-           "Settings"]
+__all__ = ["AsyncRewardClient", "PendingScores", "ResultStatus", "RewardClient", "ScoreItem",
+           "ScoreResult", "Settings"]
