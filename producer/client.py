@@ -25,10 +25,18 @@ from typing import Any
 import redis
 from celery import Celery, states
 from kombu.utils.url import maybe_sanitize_url
+from pydantic_core import PydanticSerializationError
 
-from broker.app import QUEUE_JUDGE, TASK_SCORE_CHUNK, create_app
-from broker.errors import BrokerUnavailableError, NoWorkersError, ScoringTimeoutError
+from broker.app import QUEUE_JUDGE, create_app
+from broker.connections import redis_client
+from broker.errors import (
+    BrokerUnavailableError,
+    InvalidItemError,
+    NoWorkersError,
+    ScoringTimeoutError,
+)
 from broker.fleet import live_workers
+from broker.jobs import ChunkMeta, read_chunks, send_chunk
 from broker.keys import cache_key, judge_fingerprint
 from broker.schemas import (
     JudgeSpec,
@@ -48,8 +56,6 @@ _MAX_POLL_S = 0.025
 NO_WORKER_GRACE_S = 3.0
 _WORKER_CHECK_EVERY_S = 1.0
 
-#: A chunk's Celery result as stored by the backend (``status``, ``result``, ``date_done``).
-ChunkMeta = dict[str, Any]
 
 
 class RewardClient:
@@ -66,8 +72,7 @@ class RewardClient:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.app: Celery = create_app(settings)
-        self.redis = redis.Redis.from_url(settings.broker_url, socket_timeout=10,
-                                           socket_connect_timeout=5)
+        self.redis = redis_client(settings)
         self.spec = JudgeSpec(model=settings.judge_model,
                               prompt_version=settings.judge_prompt_version,
                               temperature=settings.judge_temperature,
@@ -112,19 +117,23 @@ class RewardClient:
         deadline = time.time() + (deadline_s or self.settings.chunk_deadline_s)
         size = self.settings.chunk_size
         chunks: list[tuple[list[int], str]] = []
-        try:
-            for n, start in enumerate(range(0, len(misses), size)):
-                positions = misses[start:start + size]
-                chunk = ScoreChunk(job_id=job_id, chunk_index=n, step=step, spec=self.spec,
-                                   items=[parsed[i] for i in positions], deadline=deadline)
-                task_id = f"{job_id}-{n}"
-                self.app.send_task(TASK_SCORE_CHUNK, args=[chunk.model_dump(mode="json")],
-                                   task_id=task_id)
-                chunks.append((positions, task_id))
-        except Exception as exc:  # kombu raises its own and redis' connection errors
-            if isinstance(exc, (redis.RedisError, ConnectionError, OSError)):
-                raise BrokerUnavailableError(f"cannot enqueue scoring jobs: {exc}") from exc
-            raise
+        # Every chunk is built and serialized before the first is sent: an item that
+        # cannot become JSON fails the submit with nothing enqueued.
+        messages: list[dict[str, Any]] = []
+        problems: list[str] = []
+        for n, start in enumerate(range(0, len(misses), size)):
+            positions = misses[start:start + size]
+            chunk = ScoreChunk(job_id=job_id, chunk_index=n, step=step, spec=self.spec,
+                               items=[parsed[i] for i in positions], deadline=deadline)
+            try:
+                messages.append(chunk.model_dump(mode="json"))
+            except PydanticSerializationError:
+                problems += _unserializable(parsed, positions)
+            chunks.append((positions, f"{job_id}-{n}"))
+        if problems:
+            raise InvalidItemError(problems)
+        for message, (_, task_id) in zip(messages, chunks, strict=True):
+            send_chunk(self.app, [message], task_id)
         return PendingScores(self, parsed, results, chunks, job_id=job_id, step=step)
 
     def score(self, items: Iterable[ScoreItem | dict[str, Any]], *, step: int | None = None,
@@ -138,21 +147,7 @@ class RewardClient:
         Raises:
             BrokerUnavailableError: the result backend could not be reached.
         """
-        if not task_ids:
-            return {}
-        backend = self.app.backend
-        try:
-            raws = self.redis.mget([backend.get_key_for_task(t) for t in task_ids])
-        except redis.RedisError as exc:
-            raise BrokerUnavailableError(f"result backend unreachable: {exc}") from exc
-        done: dict[str, ChunkMeta] = {}
-        for task_id, raw in zip(task_ids, raws, strict=True):
-            if raw is None:
-                continue
-            meta = backend.decode_result(raw)
-            if meta["status"] in states.READY_STATES:
-                done[task_id] = meta
-        return done
+        return read_chunks(self.app, self.redis, task_ids)
 
     def require_workers(self, waiting_chunks: int, job_id: str) -> None:
         """Raise unless some live worker consumes this client's queue.
@@ -362,3 +357,14 @@ class PendingScores:
     def __await__(self) -> Generator[Any, None, list[ScoreResult]]:
         return asyncio.to_thread(self.result).__await__()
 
+
+def _unserializable(items: Sequence[ScoreItem], positions: Sequence[int]) -> list[str]:
+    """One problem per item among ``positions`` that cannot be serialized to JSON."""
+    problems = []
+    for i in positions:
+        try:
+            items[i].model_dump(mode="json")
+        except PydanticSerializationError as exc:
+            problems.append(f"item {i} (id={items[i].id!r}): field 'metadata': not JSON "
+                            f"serializable: {exc}")
+    return problems

@@ -17,6 +17,7 @@ import redis
 from scoring_data import expected, make_items
 
 from broker.app import QUEUE_JUDGE, TASK_SCORE_CHUNK, create_app
+from broker.dead_letters import DeadLetter, DeadLetters, LetterKind
 from broker.embedded import free_port
 from broker.errors import BrokerUnavailableError, DeadLetterNotFound
 from broker.keys import DEAD_INDEX, dead_letter_key
@@ -24,7 +25,6 @@ from broker.schemas import JudgeSpec, ResultStatus
 from broker.settings import Settings
 from producer.client import RewardClient
 from rewardq.stack import JudgeProcess, settings_env
-from workers.dead_letters import DeadLetter, DeadLetters, LetterKind
 
 SPEC = JudgeSpec(model="rewardq-local-judge", prompt_version="v1").model_dump(mode="json")
 

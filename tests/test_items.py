@@ -71,3 +71,14 @@ def test_parse_items_either_accepts_or_explains(raw: dict) -> None:
         assert exc.problems and all(p.startswith("item 0") for p in exc.problems)
     else:
         assert item.id == raw["id"] and item.response == raw["response"]
+
+
+def test_an_unserializable_item_late_in_the_batch_fails_before_any_chunk_is_sent(
+        settings: Settings) -> None:
+    items = [{**GOOD, "id": f"i{n}"} for n in range(100)]
+    items[99] = {**items[99], "metadata": {"tensor": object()}}
+    with RewardClient(settings.model_copy(update={"chunk_size": 10})) as client, \
+            pytest.raises(InvalidItemError, match=r"item 99 \(id='i99'\): field 'metadata'"):
+        client.submit(items)
+    import redis
+    assert redis.Redis.from_url(settings.broker_url).llen("rewardq.judge") == 0

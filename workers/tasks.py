@@ -42,12 +42,12 @@ from gevent import monkey
 from pydantic import ValidationError
 
 from broker.app import TASK_SCORE_CHUNK, create_app
+from broker.dead_letters import DeadLetter, DeadLetters, LetterKind
 from broker.errors import InvalidItemError
 from broker.keys import chunk_lease_key
 from broker.schemas import ResultStatus, ScoreChunk, ScoreItem, ScoreResult, parse_items
 from broker.settings import Settings
 from monitoring.metrics import serve_worker_metrics
-from workers.dead_letters import DeadLetter, DeadLetters, LetterKind
 from workers.heartbeat import WorkerHeartbeat
 from workers.retry import OUTAGE_ERRORS, outage_delay
 from workers.runtime import WorkerRuntime

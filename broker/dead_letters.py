@@ -32,8 +32,10 @@ import redis
 from celery import Celery, states
 from pydantic import BaseModel, ConfigDict
 
-from broker.app import TASK_SCORE_CHUNK, create_app
+from broker.app import create_app
+from broker.connections import redis_client
 from broker.errors import BrokerUnavailableError, DeadLetterNotFound
+from broker.jobs import read_chunks, send_chunk
 from broker.keys import DEAD_INDEX, dead_letter_key
 from broker.settings import Settings
 
@@ -120,8 +122,7 @@ class DeadLetters:
     @classmethod
     def from_settings(cls, settings: Settings) -> DeadLetters:
         """Dead letters in the Redis of ``settings`` (close it with ``close()``)."""
-        return cls(redis.Redis.from_url(settings.broker_url, socket_timeout=10,
-                                        socket_connect_timeout=5), settings)
+        return cls(redis_client(settings), settings)
 
     @property
     def app(self) -> Celery:
@@ -226,17 +227,11 @@ class DeadLetters:
         Items of tasks still running are counted as ``pending``; a task that failed as a
         whole (e.g. a malformed chunk) counts once as ``failed``.
         """
-        backend = self.app.backend
         pending = list(replay.task_ids)
         counts: Counter[str] = Counter()
         deadline = time.monotonic() + timeout_s
         while pending:
-            raws = _redis_call(lambda: self._redis.mget(
-                [backend.get_key_for_task(t) for t in pending]))
-            for task_id, raw in zip(list(pending), raws, strict=True):
-                meta = backend.decode_result(raw) if raw is not None else None
-                if meta is None or meta["status"] not in states.READY_STATES:
-                    continue
+            for task_id, meta in read_chunks(self.app, self._redis, pending).items():
                 pending.remove(task_id)
                 if meta["status"] == states.SUCCESS:
                     counts.update(r["status"] for r in meta["result"])
@@ -261,8 +256,8 @@ class DeadLetters:
         for n, (args, _letters) in enumerate(messages):
             task_id = f"{job_id}-{n}"
             try:
-                self.app.send_task(TASK_SCORE_CHUNK, args=args, task_id=task_id)
-            except Exception as exc:  # kombu raises its own and redis' errors
+                send_chunk(self.app, args, task_id)
+            except BrokerUnavailableError as exc:
                 unsent = [letter for _, rest in messages[n:] for letter in rest]
                 self._keep(unsent)
                 raise BrokerUnavailableError(
