@@ -23,7 +23,9 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
 
     return run_demo(settings, DemoOptions(steps=args.steps, batch=args.batch, group=args.group,
                                           latency_ms=args.latency_ms, workers=args.workers,
-                                          mode=args.mode, gpu_ms=args.gpu_ms))
+                                          mode=args.mode, gpu_ms=args.gpu_ms,
+                                          concurrency=args.concurrency,
+                                          generation_ms=args.generation_ms))
 
 
 def _redis(args: argparse.Namespace, settings: Settings) -> int:
@@ -92,14 +94,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run a simulated training loop on the local stack")
     demo.add_argument("--steps", type=int, default=5)
-    demo.add_argument("--batch", type=int, default=32, help="prompts per step")
+    demo.add_argument("--batch", type=int, default=16, help="prompts per step")
     demo.add_argument("--group", type=int, default=8, help="responses per prompt (GRPO)")
-    demo.add_argument("--latency-ms", type=float, default=100, help="local judge latency")
+    demo.add_argument("--latency-ms", type=float, default=200, help="local judge latency")
     demo.add_argument("--workers", type=int, default=2, help="worker processes")
-    demo.add_argument("--mode", choices=["async", "sync", "both"], default="async",
-                      help="async: the fleet; sync: the in-process loop; both: compare")
+    demo.add_argument("--concurrency", type=int, default=32,
+                      help="judge calls in flight fleet-wide (each worker: this // workers)")
+    demo.add_argument("--mode", choices=["stream", "async", "sync", "both"], default="stream",
+                      help="stream: batch after generation vs streaming each rollout as it "
+                           "finishes, side by side; async: the fleet; sync: the in-process "
+                           "loop; both: async vs sync")
+    demo.add_argument("--generation-ms", type=float, default=1500,
+                      help="stream mode: the generation window rollouts finish over")
     demo.add_argument("--gpu-ms", type=float, default=200,
-                      help="simulated GPU work per step while the judge works")
+                      help="async/sync modes: simulated GPU work per step while the judge works")
     demo.set_defaults(func=_demo)
 
     redis = sub.add_parser("redis", help="embedded Redis in the foreground")

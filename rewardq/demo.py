@@ -1,24 +1,42 @@
 """``rewardq demo``: a simulated GRPO training loop scored by the local fleet.
 
 Each step builds a batch of arithmetic prompts with a group of responses each (some
-right, some wrong, of varied length), submits the batch, spends the step's simulated
-GPU time computing real length penalties with torch while the fleet judges, then
-waits for the scores. One row per step shows how long the trainer was blocked.
+right, some wrong, of varied length). Two ways to run it:
+
+* ``stream`` (the default) simulates the generation phase too: rollouts finish at
+  spread times over a generation window, longer ones later. Each step runs twice on
+  fresh (uncached) items, side by side: *batch after generation* submits the whole
+  batch once the last rollout is done and waits, as a trainer that rewards after
+  ``generate()`` does; *streaming* hands each rollout to :class:`AsyncRewardClient` the
+  moment it finishes, so when generation ends only the last rollouts' judging is left.
+  The GPU wait is the time from the end of generation, less the trainer's own length
+  penalty compute, until the last score is back.
+* ``async`` / ``sync`` / ``both`` submit a ready batch, spend the step's simulated GPU
+  time computing real length penalties with torch while the fleet judges (``async``)
+  or after an in-process judge loop (``sync``), then wait for the scores; recurring
+  questions show the cache at work.
+
+One row per step shows how long the trainer was blocked.
 """
 
 from __future__ import annotations
 
+import asyncio
+import math
 import random
 import statistics
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from broker.errors import ConfigError
 from broker.schemas import ResultStatus, ScoreResult, parse_items
 from broker.settings import Settings
+from producer.async_client import AsyncRewardClient
 from producer.client import RewardClient
 from producer.config import LengthPenaltyConfig
 from producer.penalties import length_penalty
@@ -36,12 +54,16 @@ class DemoOptions:
     """What ``rewardq demo`` runs."""
 
     steps: int = 5
-    batch: int = 32
+    batch: int = 16
     group: int = 8
-    latency_ms: float = 100
+    latency_ms: float = 200
     workers: int = 2
-    mode: str = "async"
+    mode: str = "stream"
     gpu_ms: float = 200
+    #: Judge calls in flight fleet-wide: each worker process gets ``concurrency // workers``.
+    concurrency: int = 32
+    #: ``stream`` mode: the simulated generation phase; the longest rollout ends it.
+    generation_ms: float = 1500
     seed: int = 0
     log_dir: Path | None = None
 
@@ -148,7 +170,15 @@ def format_row(row: StepRow) -> str:
 
 
 def run_demo(settings: Settings, options: DemoOptions) -> int:
-    """Start the local stack, run the loop(s), print the tables; 0 when every item scored."""
+    """Start the local stack, run the loop(s), print the tables; 0 when every item scored.
+
+    Raises:
+        ConfigError: ``stream`` mode without workers.
+    """
+    per_worker = max(1, options.concurrency // max(options.workers, 1))
+    settings = settings.model_copy(update={"max_concurrent_requests": per_worker})
+    if options.mode == "stream":
+        return run_stream_demo(settings, options)
     rng = random.Random(options.seed)
     batches = [make_batch(s, options.batch, options.group, rng) for s in range(options.steps)]
     modes = ["async", "sync"] if options.mode == "both" else [options.mode]
@@ -197,3 +227,169 @@ def _print_summary(mode: str, rows: list[StepRow]) -> None:
           f"{sum(r.judge_calls for r in rows)} judge calls, {sum(r.failed for r in rows)} "
           f"failed; mean step wall {statistics.fmean(r.wall_ms for r in rows):.0f} ms, "
           f"mean GPU wait {statistics.fmean(r.gpu_wait_ms for r in rows):.0f} ms")
+
+
+# ---------------------------------------------------------------- stream mode
+
+
+@dataclass
+class ModeWait:
+    """One way of scoring a step, as the trainer saw it."""
+
+    chunks: int
+    judge_calls: int
+    ok: int
+    gpu_wait_ms: float
+
+
+@dataclass
+class GenerationRow:
+    """One ``stream`` row: the same step shape scored after generation and streamed."""
+
+    step: int
+    rollouts: int
+    generation_ms: float
+    batch: ModeWait
+    streaming: ModeWait
+
+
+def finish_times(items: list[dict[str, Any]], generation_s: float,
+                 rng: random.Random) -> list[float]:
+    """Seconds into generation at which each rollout is done.
+
+    Decoding runs at a steady token rate, so a rollout finishes in proportion to its
+    length (give or take 20%): a group's long rollouts finish last, and the longest of
+    the batch ends the generation phase at ``generation_s``.
+    """
+    raw = [len(i["response"].split()) * rng.uniform(0.8, 1.2) for i in items]
+    longest = max(raw)
+    return [generation_s * r / longest for r in raw]
+
+
+def fresh(items: list[dict[str, Any]], tag: str) -> list[dict[str, Any]]:
+    """The same rollouts with ids, uids and prompts tagged by ``tag``: no verdict is
+    cached for them and no two are alike, so every one costs a judge call."""
+    return [{**i, "id": f"{tag}-{i['id']}", "uid": f"{tag}-{i['uid']}",
+             "prompt": f"(rollout {tag}-{i['id']}) {i['prompt']}"} for i in items]
+
+
+def timed_penalties(items: list[dict[str, Any]]) -> float:
+    """Seconds the trainer spends on the group length penalties (needs every rollout)."""
+    started = time.perf_counter()
+    simulate_gpu_step(items, 0)
+    return time.perf_counter() - started
+
+
+def batch_after_generation(client: RewardClient, step: int, items: list[dict[str, Any]],
+                           finish_s: list[float]) -> ModeWait:
+    """Generate everything, then submit the whole batch and wait (a trainer that
+    rewards after ``generate()`` returns)."""
+    time.sleep(max(finish_s))
+    generated = time.perf_counter()
+    pending = client.submit(items, step=step)
+    penalty_s = timed_penalties(items)
+    results = pending.result(timeout=client.settings.chunk_deadline_s, partial=True)
+    waited = time.perf_counter() - generated - penalty_s
+    return _mode_wait(results, pending.chunk_count, waited)
+
+
+def streaming(client: RewardClient, step: int, items: list[dict[str, Any]],
+              finish_s: list[float]) -> ModeWait:
+    """Hand each rollout to rewardq the moment it finishes; wait only for the rest."""
+    return asyncio.run(_stream(client, step, items, finish_s))
+
+
+async def _stream(client: RewardClient, step: int, items: list[dict[str, Any]],
+                  finish_s: list[float]) -> ModeWait:
+    async with AsyncRewardClient(client.settings, client=client) as rewards:
+        started = time.perf_counter()
+
+        async def score_when_done(item: dict[str, Any], at: float) -> ScoreResult:
+            await asyncio.sleep(started + at - time.perf_counter())
+            return await rewards.score(item, step=step)
+
+        scores = [asyncio.ensure_future(score_when_done(item, at))
+                  for item, at in zip(items, finish_s, strict=True)]
+        # The GPU generates meanwhile; the event loop stays free to send what finishes.
+        await asyncio.sleep(started + max(finish_s) - time.perf_counter())
+        generated = time.perf_counter()
+        penalty_s = timed_penalties(items)
+        results = await asyncio.gather(*scores)
+        waited = time.perf_counter() - generated - penalty_s
+        return _mode_wait(results, rewards.chunks_sent, waited)
+
+
+def _mode_wait(results: list[ScoreResult], chunks: int, waited_s: float) -> ModeWait:
+    return ModeWait(chunks=chunks, judge_calls=sum(r.attempts for r in results),
+                    ok=sum(r.status is ResultStatus.OK for r in results),
+                    gpu_wait_ms=max(waited_s, 0.0) * 1000)
+
+
+_MODE_COLUMNS = f"{'chunks':>6} {'calls':>5} {'ok':>4} {'GPU wait ms':>11}"
+_GENERATION_HEADER = (f"{'':23}{'batch after generation':<32}streaming\n"
+                      f"{'step':>4} {'rollouts':>8} {'gen ms':>6}   {_MODE_COLUMNS}   "
+                      f"{_MODE_COLUMNS}")
+
+
+def format_generation_row(row: GenerationRow) -> str:
+    """One ``stream`` table line: both modes side by side."""
+    def mode(m: ModeWait) -> str:
+        return f"{m.chunks:>6} {m.judge_calls:>5} {m.ok:>4} {m.gpu_wait_ms:>11.0f}"
+    return (f"{row.step:>4} {row.rollouts:>8} {row.generation_ms:>6.0f}   {mode(row.batch)}   "
+            f"{mode(row.streaming)}")
+
+
+def run_stream_demo(settings: Settings, options: DemoOptions) -> int:
+    """``stream`` mode: per step, batch after generation and streaming side by side.
+
+    ``settings.max_concurrent_requests`` is the judge calls in flight per worker.
+
+    Raises:
+        ConfigError: no workers.
+    """
+    if options.workers < 1:
+        raise ConfigError("stream mode needs at least one worker (--workers)")
+    n = options.batch * options.group
+    fleet = options.workers * settings.max_concurrent_requests
+    # At least one chunk per worker, so the batch after generation can use all C slots:
+    # its best case, which keeps the comparison fair.
+    settings = settings.model_copy(
+        update={"chunk_size": min(settings.chunk_size, math.ceil(n / options.workers))})
+    print(f"rewardq demo: {options.steps} steps x {n} rollouts ({options.batch} prompts x "
+          f"{options.group} responses) finishing over a {options.generation_ms:.0f} ms "
+          f"generation window, judge latency {options.latency_ms:.0f} ms, "
+          f"{options.workers} workers x {settings.max_concurrent_requests} judge calls in "
+          f"flight (C = {fleet})", flush=True)
+    print("starting embedded Redis, the local judge and the workers ...", flush=True)
+    rng = random.Random(options.seed)
+    run = uuid.uuid4().hex[:6]  # fresh prompts on every run, even against a kept Redis
+    rows: list[GenerationRow] = []
+    with LocalStack(settings, workers=options.workers, judge_latency_ms=options.latency_ms,
+                    log_dir=options.log_dir) as stack, RewardClient(stack.settings) as client:
+        # Open the workers' judge connections first, so step 0 measures what step 5 does.
+        warm_up = fresh(make_batch(-1, fleet, 1, random.Random(options.seed + 1)),
+                        f"{run}-warm-up")
+        client.submit(warm_up).result(timeout=stack.settings.chunk_deadline_s, partial=True)
+        print("\nGPU wait after generation: batch after generation (submit every rollout "
+              "once the last is done) vs streaming (submit each as it finishes)")
+        print(_GENERATION_HEADER, flush=True)
+        for step in range(options.steps):
+            items = make_batch(step, options.batch, options.group, rng)
+            finish_s = finish_times(items, options.generation_ms / 1000, rng)
+            batch = batch_after_generation(client, step, fresh(items, f"{run}-b"), finish_s)
+            streamed = streaming(client, step, fresh(items, f"{run}-s"), finish_s)
+            rows.append(GenerationRow(step, n, max(finish_s) * 1000, batch, streamed))
+            print(format_generation_row(rows[-1]), flush=True)
+    print(_stream_summary(rows, n, fleet, options.latency_ms))
+    return 0 if all(m.ok == n for r in rows for m in (r.batch, r.streaming)) else 1
+
+
+def _stream_summary(rows: list[GenerationRow], n: int, fleet: int, latency_ms: float) -> str:
+    streamed = [r.streaming.gpu_wait_ms for r in rows]
+    batch = statistics.fmean(r.batch.gpu_wait_ms for r in rows)
+    floor = math.ceil(n / fleet) * latency_ms
+    return (f"\nGPU wait per step: streaming {statistics.fmean(streamed):.0f} ms (max "
+            f"{max(streamed):.0f} ms = {max(streamed) / latency_ms:.2f}x the {latency_ms:.0f} ms "
+            f"judge latency: only the last rollouts were left to judge); batch after "
+            f"generation {batch:.0f} ms (ceil(N/C)*L = ceil({n}/{fleet}) x {latency_ms:.0f} ms "
+            f"= {floor:.0f} ms)")
