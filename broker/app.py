@@ -37,6 +37,9 @@ def create_app(settings: Settings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
+        # A STARTED result marks a chunk a worker holds, so the producer can tell a
+        # chunk Redis lost (no queue entry, no lease, no result) from one in progress.
+        task_track_started=True,
         task_queues=[Queue(QUEUE_JUDGE, routing_key=QUEUE_JUDGE)],  # type: ignore[no-untyped-call]
         task_default_queue=QUEUE_JUDGE,
         task_routes={TASK_SCORE_CHUNK: {"queue": QUEUE_JUDGE}},

@@ -6,6 +6,8 @@
      ├── BrokerUnavailableError Redis could not be reached within the deadline
      ├── ScoringTimeoutError    results did not arrive within the caller's timeout
      ├── NoWorkersError         no live worker consumes the queue the work was sent to
+     ├── ChunksLostError        Redis lost queued work (restarted empty) and re-enqueueing
+     │                          is off
      ├── DeadLetterNotFound     a dead-letter id that is not (or no longer) recorded
      └── JudgeError             a judge call did not produce a score
           ├── TransientJudgeError   worth retrying: 429, 408/409, 5xx, timeouts, network
@@ -45,6 +47,10 @@ class ScoringTimeoutError(RewardqError, TimeoutError):
 
 class NoWorkersError(RewardqError):
     """No live worker consumes the queue the work was sent to (no heartbeat in Redis)."""
+
+
+class ChunksLostError(RewardqError):
+    """Redis lost chunks (no queue entry, no lease, no result) and they were not re-sent."""
 
 
 class DeadLetterNotFound(RewardqError, KeyError):

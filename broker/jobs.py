@@ -1,4 +1,4 @@
-"""The fleet protocol's two moves, in one place: send a chunk, read finished chunks.
+"""The fleet protocol in one place: send a chunk, read finished chunks, find lost ones.
 
 A chunk is one Celery task (``TASK_SCORE_CHUNK``) whose single argument is a
 ``ScoreChunk`` as JSON; its result, stored by Celery's Redis backend under the task id,
@@ -8,7 +8,8 @@ anything else that enqueues or waits for chunks go through these two functions.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import redis
@@ -17,7 +18,7 @@ from celery import Celery, states
 from broker.app import TASK_SCORE_CHUNK
 from broker.errors import BrokerUnavailableError
 
-__all__ = ["ChunkMeta", "read_chunks", "send_chunk"]
+__all__ = ["ChunkMeta", "read_chunks", "send_chunk", "visible_chunks"]
 
 #: A finished chunk's Celery result: ``status``, ``result`` (the item results, or the
 #: exception), ``date_done``.
@@ -66,3 +67,51 @@ def read_chunks(app: Celery, client: redis.Redis, task_ids: Sequence[str]
         if meta["status"] in states.READY_STATES:
             done[task_id] = meta
     return done
+
+
+def visible_chunks(app: Celery, client: redis.Redis, queue: str, task_ids: Sequence[str]
+                   ) -> set[str] | None:
+    """Which of ``task_ids`` Redis still knows: queued, held by a worker, or with a result.
+
+    A chunk in none of those places was lost (Redis restarted without its data, or
+    crashed between kombu's pop and its unacked record). Reads the whole queue and
+    kombu's unacked hash, so callers check rarely and only while a job waits.
+
+    Returns:
+        The visible task ids, or ``None`` when the broker is not this Redis (e.g.
+        RabbitMQ): then nothing can be said.
+
+    Raises:
+        BrokerUnavailableError: Redis could not be reached.
+    """
+    if not str(app.conf.broker_url or "").startswith(("redis://", "rediss://", "unix://")):
+        return None
+    wanted = set(task_ids)
+    options = app.conf.broker_transport_options or {}
+    backend = app.backend
+    try:
+        with client.pipeline(transaction=False) as pipe:
+            pipe.mget([backend.get_key_for_task(t) for t in task_ids])
+            pipe.lrange(queue, 0, -1)
+            pipe.hvals(str(options.get("unacked_key", "unacked")))
+            results, queued, unacked = pipe.execute()
+    except redis.RedisError as exc:
+        raise BrokerUnavailableError(f"cannot look for lost chunks: {exc}") from exc
+    seen = {t for t, raw in zip(task_ids, results, strict=True) if raw is not None}
+    seen |= _message_ids(queued, unwrap=False) & wanted
+    seen |= _message_ids(unacked, unwrap=True) & wanted
+    return seen
+
+
+def _message_ids(raws: Iterable[bytes], *, unwrap: bool) -> set[str]:
+    """Task ids of kombu Redis messages (unacked entries wrap them as [message, ...])."""
+    ids = set()
+    for raw in raws:
+        try:
+            message = json.loads(raw)
+            if unwrap:
+                message = message[0]
+            ids.add(str(message["headers"]["id"]))
+        except (ValueError, KeyError, IndexError, TypeError):
+            continue  # not a task message of ours
+    return ids

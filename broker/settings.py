@@ -85,6 +85,11 @@ class Settings(BaseSettings):
         default=15.0, gt=0,
         description="In-flight judge locks are renewed each third of this by their owner; a "
                     "dead owner's locks expire after it, so waiters take over.")
+    reenqueue_lost_chunks: bool = Field(
+        default=True,
+        description="The producer re-sends a chunk that Redis lost (in no queue, with no "
+                    "lease and no result for a few seconds: Redis restarted without its "
+                    "data); off = such a wait fails with ChunksLostError.")
     redis_retry_s: float = Field(
         default=30.0, gt=0,
         description="How long workers and the producer keep retrying an unreachable Redis "

@@ -27,7 +27,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from broker.errors import BrokerUnavailableError, RewardqError, ScoringTimeoutError
+from broker.errors import (
+    BrokerUnavailableError,
+    NoWorkersError,
+    RewardqError,
+    ScoringTimeoutError,
+)
 from broker.schemas import ScoreItem, ScoreResult, parse_items
 from broker.settings import Settings
 from producer.client import PendingScores, RewardClient
@@ -161,7 +166,7 @@ class AsyncRewardClient:
                 yield pair
             if not pending.pending_task_ids:
                 break
-            await self.run_blocking(pending.check_workers)
+            await self.run_blocking(pending.check_health)
             if deadline is not None and time.monotonic() >= deadline:
                 raise ScoringTimeoutError(
                     f"job {pending.job_id}: {len(pending.pending_task_ids)} of "
@@ -277,13 +282,17 @@ class AsyncRewardClient:
             for p in pendings:
                 p.absorb(finished)
                 self._deliver(state, p)
-            oldest = next(iter(state.waiting), None)
-            if oldest is not None:
-                try:  # every submit of a client shares the queue: one check serves all
-                    await self.run_blocking(oldest.check_workers)
+            for p in list(state.waiting):
+                try:
+                    await self.run_blocking(p.check_health)
+                except BrokerUnavailableError:  # an outage: the reads above wait it out
+                    break
+                except NoWorkersError as exc:  # the queue is shared: it fails them all
+                    for q in list(state.waiting):
+                        _fail(state.waiting.pop(q), exc)
+                    break
                 except RewardqError as exc:
-                    for p in list(state.waiting):
-                        _fail(state.waiting.pop(p), exc)
+                    _fail(state.waiting.pop(p), exc)
             interval = _FIRST_POLL_S if finished else min(interval * 1.5, _MAX_POLL_S)
             await asyncio.sleep(interval)
 

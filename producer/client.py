@@ -16,6 +16,7 @@ sitting out its timeout.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import Generator, Iterable, Iterator, Sequence
@@ -31,12 +32,13 @@ from broker.app import QUEUE_JUDGE, create_app
 from broker.connections import redis_client
 from broker.errors import (
     BrokerUnavailableError,
+    ChunksLostError,
     InvalidItemError,
     NoWorkersError,
     ScoringTimeoutError,
 )
 from broker.fleet import live_workers
-from broker.jobs import ChunkMeta, read_chunks, send_chunk
+from broker.jobs import ChunkMeta, read_chunks, send_chunk, visible_chunks
 from broker.keys import cache_key, judge_fingerprint
 from broker.schemas import (
     JudgeSpec,
@@ -51,10 +53,16 @@ from broker.settings import Settings
 
 _FIRST_POLL_S = 0.002
 _MAX_POLL_S = 0.025
-#: A job pending this long with no live worker for its queue fails with NoWorkersError.
-#: Longer than a worker heartbeat's period, so a worker that is starting is not missed.
-NO_WORKER_GRACE_S = 3.0
+#: A wait fails with NoWorkersError once no live worker has consumed its queue for this
+#: long (over two heartbeat periods: a worker starting, or a Redis restart that wiped
+#: the beats, is not mistaken for an empty fleet), and no chunk finished meanwhile.
+NO_WORKER_GRACE_S = 5.0
 _WORKER_CHECK_EVERY_S = 1.0
+#: A chunk Redis has not known (no queue entry, no lease, no result) for this long is
+#: lost; checked every this often while a job waits.
+LOST_AFTER_S = 5.0
+
+log = logging.getLogger(__name__)
 
 
 
@@ -134,7 +142,9 @@ class RewardClient:
             raise InvalidItemError(problems)
         for message, (_, task_id) in zip(messages, chunks, strict=True):
             send_chunk(self.app, [message], task_id)
-        return PendingScores(self, parsed, results, chunks, job_id=job_id, step=step)
+        return PendingScores(self, parsed, results, chunks, job_id=job_id, step=step,
+                             messages=dict(zip((t for _, t in chunks), messages,
+                                               strict=True)))
 
     def score(self, items: Iterable[ScoreItem | dict[str, Any]], *, step: int | None = None,
               timeout: float | None = None) -> list[ScoreResult]:
@@ -149,23 +159,21 @@ class RewardClient:
         """
         return read_chunks(self.app, self.redis, task_ids)
 
-    def require_workers(self, waiting_chunks: int, job_id: str) -> None:
-        """Raise unless some live worker consumes this client's queue.
+    def visible_chunks(self, task_ids: Sequence[str]) -> set[str] | None:
+        """Which chunks Redis still knows (queued, held, or with a result); ``None`` when
+        the broker is not Redis and nothing can be said."""
+        return visible_chunks(self.app, self.redis, self.queue, task_ids)
+
+    def live_worker_count(self) -> int:
+        """How many workers consuming this client's queue sent a heartbeat lately.
 
         Raises:
-            NoWorkersError: no worker has sent a heartbeat for the queue lately.
             BrokerUnavailableError: Redis could not be reached.
         """
         try:
-            alive = live_workers(self.redis, self.queue)
+            return len(live_workers(self.redis, self.queue))
         except redis.RedisError as exc:
             raise BrokerUnavailableError(f"cannot read worker heartbeats: {exc}") from exc
-        if not alive:
-            raise NoWorkersError(
-                f"no rewardq worker is consuming queue {self.queue!r} on "
-                f"{maybe_sanitize_url(self.settings.broker_url)}: {waiting_chunks} chunk(s) of job "
-                f"{job_id} are waiting. Start one with `rewardq worker` (same "
-                f"REWARDQ_REDIS_URL); the chunks stay queued and run once one is up.")
 
     def close(self) -> None:
         """Release Redis connections and the Celery producer pool."""
@@ -190,7 +198,8 @@ class PendingScores:
 
     def __init__(self, client: RewardClient, items: Sequence[ScoreItem],
                  results: list[ScoreResult | None], chunks: list[tuple[list[int], str]], *,
-                 job_id: str, step: int | None) -> None:
+                 job_id: str, step: int | None,
+                 messages: dict[str, dict[str, Any]] | None = None) -> None:
         self._client = client
         self._items = items
         self._results = results
@@ -205,7 +214,14 @@ class PendingScores:
         self.cache_hits_at_submit = len(items) - sum(len(p) for p, _ in chunks)
         self._submitted_perf = time.perf_counter()
         self._submitted_unix = time.time()
-        self._next_worker_check = time.monotonic() + NO_WORKER_GRACE_S
+        self._next_worker_check = time.monotonic() + _WORKER_CHECK_EVERY_S
+        self._no_workers_since: float | None = None
+        # task id -> its chunk JSON, to send a chunk again if Redis loses it
+        self._messages = messages or {}
+        self._unseen_since: dict[str, float] = {}
+        self._next_loss_check = time.monotonic() + LOST_AFTER_S
+        #: Chunks this job sent again because Redis had lost them.
+        self.resent_chunks = 0
 
     @property
     def chunk_count(self) -> int:
@@ -234,6 +250,7 @@ class PendingScores:
                 continue
             self._collect(positions, meta)
             self._fresh.extend(positions)
+            self._no_workers_since = None  # progress: somebody is working
             if meta.get("date_done"):
                 self._done_at.append(datetime.fromisoformat(meta["date_done"]).timestamp())
 
@@ -242,18 +259,62 @@ class PendingScores:
         fresh, self._fresh = self._fresh, []
         return [(i, r) for i in fresh if (r := self._results[i]) is not None]
 
-    def check_workers(self) -> None:
-        """While chunks wait, make sure some worker consumes the queue (every second,
-        after a short grace), so a fleet that is not running is reported, not waited on.
+    def check_health(self) -> None:
+        """While chunks wait, make sure they can still finish: some worker consumes the
+        queue (checked every second), and Redis still knows every
+        chunk (checked every few seconds; a lost chunk is sent again, with a warning).
 
         Raises:
-            NoWorkersError: chunks are pending and no live worker consumes the queue.
+            NoWorkersError: chunks are pending and no live worker has consumed the queue
+                for ``NO_WORKER_GRACE_S``.
+            ChunksLostError: Redis lost chunks and ``settings.reenqueue_lost_chunks`` is
+                off.
+            BrokerUnavailableError: Redis could not be reached.
         """
         now = time.monotonic()
-        if not self._pending or now < self._next_worker_check:
+        if self._pending and now >= self._next_worker_check:
+            self._next_worker_check = now + _WORKER_CHECK_EVERY_S
+            if self._client.live_worker_count() > 0:
+                self._no_workers_since = None
+            elif self._no_workers_since is None:
+                self._no_workers_since = now
+            elif now - self._no_workers_since >= NO_WORKER_GRACE_S:
+                raise NoWorkersError(
+                    f"no rewardq worker is consuming queue {self._client.queue!r} on "
+                    f"{maybe_sanitize_url(self._client.settings.broker_url)}: "
+                    f"{len(self._pending)} chunk(s) of job {self.job_id} are waiting. "
+                    f"Start one with `rewardq worker` (same REWARDQ_REDIS_URL); the "
+                    f"chunks stay queued and run once one is up.")
+        if self._pending and now >= self._next_loss_check:
+            self._next_loss_check = now + LOST_AFTER_S / 2
+            self._recover_lost(now)
+
+    def _recover_lost(self, now: float) -> None:
+        pending = self.pending_task_ids
+        visible = self._client.visible_chunks(pending)
+        if visible is None:
             return
-        self._next_worker_check = now + _WORKER_CHECK_EVERY_S
-        self._client.require_workers(len(self._pending), self.job_id)
+        lost = []
+        for task_id in pending:
+            if task_id in visible:
+                self._unseen_since.pop(task_id, None)
+            elif now - self._unseen_since.setdefault(task_id, now) >= LOST_AFTER_S:
+                lost.append(task_id)
+        if not lost:
+            return
+        items = sum(len(self._pending[t]) for t in lost)
+        what = (f"job {self.job_id}: Redis lost {len(lost)} chunk(s) ({items} items): "
+                f"in no queue, held by no worker and without a result for "
+                f"{LOST_AFTER_S:.0f}s (did Redis restart without its data?)")
+        if not self._client.settings.reenqueue_lost_chunks or any(
+                t not in self._messages for t in lost):
+            raise ChunksLostError(f"{what}; re-enqueueing is off (REWARDQ_REENQUEUE_LOST_"
+                                  f"CHUNKS=false): data loss")
+        for task_id in lost:
+            send_chunk(self._client.app, [self._messages[task_id]], task_id)
+            self._unseen_since.pop(task_id, None)
+        self.resent_chunks += len(lost)
+        log.warning("%s; sent them again (verdicts already cached are reused)", what)
 
     def result(self, timeout: float | None = None, *, partial: bool = False
                ) -> list[ScoreResult]:
@@ -267,7 +328,9 @@ class PendingScores:
         Raises:
             ScoringTimeoutError: ``timeout`` passed and ``partial`` is false.
             NoWorkersError: chunks are pending and no live worker consumes the queue
-                (checked every second after the first few seconds).
+                for ``NO_WORKER_GRACE_S`` (5 s) while no chunk finished.
+            ChunksLostError: Redis lost chunks and re-enqueueing them is off; lost
+                chunks are otherwise sent again and the wait goes on.
             BrokerUnavailableError: the result backend stayed unreachable for
                 ``settings.redis_retry_s`` (or until ``timeout``); shorter outages, such
                 as a Redis restart, are waited out.
@@ -305,7 +368,7 @@ class PendingScores:
                     return
                 if len(self._pending) < before:
                     yield
-                self.check_workers()
+                self.check_health()
                 outage_since = None
             except BrokerUnavailableError:
                 # Redis restarting or failing over: keep polling for a while, then give up.
