@@ -2,7 +2,8 @@
 
 Prints ``judge server listening on http://HOST:PORT/v1`` once it accepts connections
 (with the real port when ``--port 0``) and exits 0 on SIGINT or SIGTERM. ``rewardq
-judge-server`` calls :func:`main` with its own arguments.
+judge-server`` is the same command: its subparser gets its options from
+:func:`add_arguments` and runs :func:`serve`.
 """
 
 from __future__ import annotations
@@ -21,14 +22,24 @@ from judge_server.config import (
 )
 from judge_server.server import LOOPS, run
 
+DESCRIPTION = ("Local OpenAI-compatible LLM judge: deterministic grading, "
+               "injectable latency, faults and rate limits.")
+
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line of the judge server (every knob of ``JudgeConfig``)."""
+    """The command line of ``python -m judge_server``."""
+    parser = argparse.ArgumentParser(prog="judge_server", description=DESCRIPTION)
+    add_arguments(parser)
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the judge server's options (every knob of ``JudgeConfig``) to ``parser``.
+
+    ``python -m judge_server`` and ``rewardq judge-server`` both call this, so the two
+    command lines are one definition; :func:`serve` runs what they parse.
+    """
     defaults = JudgeConfig()
-    parser = argparse.ArgumentParser(
-        prog="judge_server",
-        description="Local OpenAI-compatible LLM judge: deterministic grading, "
-                    "injectable latency, faults and rate limits.")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT,
                         help=f"TCP port; 0 picks a free one (default {DEFAULT_PORT})")
@@ -51,7 +62,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model name /v1/models lists")
     parser.add_argument("--loop", choices=LOOPS, default="auto",
                         help="event loop; auto = uvloop when installed")
-    return parser
 
 
 def config_from_args(args: argparse.Namespace) -> JudgeConfig:
@@ -67,18 +77,16 @@ def config_from_args(args: argparse.Namespace) -> JudgeConfig:
         rpm_limit=args.rpm_limit, model=args.model)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the judge server until SIGINT/SIGTERM; returns the exit status.
+def serve(args: argparse.Namespace) -> int:
+    """Run the judge that ``args`` (parsed with :func:`add_arguments`' options) describes.
 
-    Args:
-        argv: the arguments (without the program name); ``None`` reads ``sys.argv``.
+    Blocks until SIGINT or SIGTERM. Returns the exit status: 0, or 1 when the address
+    cannot be bound.
+
+    Raises:
+        ConfigValueError: an option value out of range (nothing was started).
     """
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        config = config_from_args(args)
-    except ConfigValueError as exc:
-        parser.error(str(exc))
+    config = config_from_args(args)
 
     def announce(url: str) -> None:
         print(f"judge server listening on {url}", flush=True)
@@ -89,6 +97,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"judge server cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m judge_server``; returns the exit status.
+
+    Args:
+        argv: the arguments (without the program name); ``None`` reads ``sys.argv``.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return serve(args)
+    except ConfigValueError as exc:
+        parser.error(str(exc))
 
 
 if __name__ == "__main__":

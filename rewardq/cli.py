@@ -13,6 +13,10 @@ from pathlib import Path
 from broker.app import QUEUE_JUDGE
 from broker.errors import InvalidItemError, RewardqError
 from broker.settings import EMBEDDED_REDIS_PORT, Settings
+from judge_server.__main__ import DESCRIPTION as JUDGE_DESCRIPTION
+from judge_server.__main__ import add_arguments as add_judge_server_arguments
+from judge_server.__main__ import serve as serve_judge
+from judge_server.config import ConfigValueError
 from monitoring.ops_cli import add_ops_parsers
 from rewardq.bench import add_bench_parser
 from rewardq.failed_cli import add_failed_parser
@@ -43,9 +47,11 @@ def _redis(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _judge_server(args: argparse.Namespace, _settings: Settings) -> int:
-    from judge_server.__main__ import main as judge_main
-
-    return judge_main(args.judge_args)
+    try:
+        return serve_judge(args)
+    except ConfigValueError as exc:
+        print(f"rewardq judge-server: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
@@ -62,10 +68,18 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
     from producer.client import RewardClient
     from rewardq.jsonl import read_items, write_results
 
+    # Everything is read and checked before anything is sent: a bad file enqueues nothing.
     try:
         items = read_items(Path(args.file))
+    except OSError as exc:
+        print(f"error: {args.file}: cannot read it: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     except InvalidItemError as exc:
         print(f"error: {args.file}: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else None
+    if out is not None and not out.parent.is_dir():
+        print(f"error: --out {args.out}: no directory {str(out.parent)!r}", file=sys.stderr)
         return 2
     client = RewardClient(settings)
     try:
@@ -76,7 +90,6 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
         results = pending.result(timeout=args.timeout, partial=True)
     finally:
         client.close()
-    out = Path(args.out) if args.out else None
     write_results(results, out)
     counts: dict[str, int] = {}
     for r in results:
@@ -115,9 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     redis.add_argument("--dir", help="data directory (keeps an append-only file)")
     redis.set_defaults(func=_redis)
 
-    judge = sub.add_parser("judge-server", add_help=False,
-                           help="the local OpenAI-compatible judge (see --help)")
-    judge.add_argument("judge_args", nargs=argparse.REMAINDER)
+    judge = sub.add_parser("judge-server", help="the local OpenAI-compatible judge",
+                           description=JUDGE_DESCRIPTION)
+    add_judge_server_arguments(judge)
     judge.set_defaults(func=_judge_server)
 
     worker = sub.add_parser("worker", help="a gevent-pooled Celery worker")
