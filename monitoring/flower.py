@@ -113,8 +113,7 @@ def options_from_settings(settings: Settings, **overrides: Any) -> FlowerOptions
 
     Overrides whose value is ``None`` are ignored, so CLI defaults fall through.
     """
-    values: dict[str, Any] = {"user": getattr(settings, "flower_user", None),
-                              "password": getattr(settings, "flower_password", None)}
+    values: dict[str, Any] = {"user": settings.flower_user, "password": settings.flower_password}
     values.update({k: v for k, v in overrides.items() if v is not None})
     if isinstance(values.get("password"), str):
         values["password"] = SecretStr(values["password"])

@@ -7,7 +7,6 @@ subcommand's ``func(args, settings) -> int`` runs with the settings the CLI buil
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +46,9 @@ def add_ops_parsers(subparsers: Any) -> None:
 def _flower(args: argparse.Namespace, settings: Settings) -> int:
     from monitoring.flower import run_flower
 
-    # Until Settings has flower_user/flower_password, this entry point reads them itself.
-    user = getattr(settings, "flower_user", None) or os.environ.get("REWARDQ_FLOWER_USER")
-    password: Any = getattr(settings, "flower_password", None) \
-        or os.environ.get("REWARDQ_FLOWER_PASSWORD")
-    run_flower(settings, args.port, args.address, user=user, password=password,
-               persistent=args.persistent, db=args.db, url_prefix=args.url_prefix)
+    # Basic auth comes from settings.flower_user/flower_password (REWARDQ_FLOWER_*).
+    run_flower(settings, args.port, args.address, persistent=args.persistent, db=args.db,
+               url_prefix=args.url_prefix)
 
 
 def _stats(args: argparse.Namespace, settings: Settings) -> int:
