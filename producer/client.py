@@ -39,9 +39,9 @@ from broker.errors import (
 )
 from broker.fleet import live_workers
 from broker.jobs import ChunkMeta, read_chunks, send_chunk, visible_chunks
+from broker.judge_core import judge_spec
 from broker.keys import cache_key, judge_fingerprint
 from broker.schemas import (
-    JudgeSpec,
     JudgeVerdict,
     ResultStatus,
     ScoreChunk,
@@ -81,10 +81,7 @@ class RewardClient:
         self.settings = settings
         self.app: Celery = create_app(settings)
         self.redis = redis_client(settings)
-        self.spec = JudgeSpec(model=settings.judge_model,
-                              prompt_version=settings.judge_prompt_version,
-                              temperature=settings.judge_temperature,
-                              max_tokens=settings.judge_max_tokens)
+        self.spec = judge_spec(settings)
         self.queue = QUEUE_JUDGE
 
     @classmethod

@@ -2,10 +2,9 @@
 
 No Redis, no workers: one plain ``openai.OpenAI`` client and a loop over the items, one
 call at a time. Simplicity is the point of this mode; throughput is the fleet's job.
-It builds the same messages (``broker.prompts``) from the same ``JudgeSpec`` (model,
-prompt version, temperature, max tokens, all from ``Settings``) and reads the reply with
-the same parser (``broker.verdicts``) as the workers do, so for the same judge answers
-both modes give the same scores.
+It is a thin shell around the one judge core (``broker.judge_core``): the same request
+body from the same ``JudgeSpec`` and the same reply reading as the workers, so for the
+same judge answers both modes give the same scores.
 
 Retries are left to the SDK (``max_retries``, honouring ``Retry-After``); a result's
 ``attempts`` is 1 for every item that reached the judge, however many HTTP retries the
@@ -19,39 +18,27 @@ from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import Any
 
+import httpx2
 import openai
 from pydantic import SecretStr
 
 from broker.errors import RewardqError
-from broker.prompts import template_for
-from broker.schemas import (
-    JudgeSpec,
-    JudgeVerdict,
-    ResultStatus,
-    ScoreItem,
-    ScoreResult,
-    Usage,
-    parse_items,
+from broker.judge_core import (
+    COMPLETIONS_PATH,
+    judge_request,
+    judge_spec,
+    judge_verdict,
+    read_reply,
 )
+from broker.prompts import template_for
+from broker.schemas import JudgeVerdict, ResultStatus, ScoreItem, ScoreResult, parse_items
 from broker.settings import Settings
-from broker.verdicts import classify, extract_raw_score, normalize
+from broker.verdicts import classify
 
 __all__ = ["SyncJudge", "judge_spec"]
 
 #: Retries the SDK makes per call (408/409/429/5xx, timeouts, connection errors).
 DEFAULT_MAX_RETRIES = 2
-
-
-def judge_spec(settings: Settings) -> JudgeSpec:
-    """The ``JudgeSpec`` both modes judge with: everything in ``settings`` that changes
-    the judge's answer (the same fields ``RewardClient`` puts on every chunk).
-    """
-    return JudgeSpec(
-        model=settings.judge_model,
-        prompt_version=settings.judge_prompt_version,
-        temperature=settings.judge_temperature,
-        max_tokens=settings.judge_max_tokens,
-    )
 
 
 class SyncJudge:
@@ -80,7 +67,7 @@ class SyncJudge:
         key = api_key if api_key is not None else settings.judge_api_key
         self.settings = settings
         self.spec = judge_spec(settings)
-        self.template = template_for(self.spec.prompt_version)
+        template_for(self.spec.prompt_version)  # an unknown version fails here, not per call
         self.base_url = (base_url or settings.judge_base_url).rstrip("/")
         self._client = openai.OpenAI(
             base_url=self.base_url,
@@ -104,27 +91,12 @@ class SyncJudge:
             PermanentJudgeError: any other HTTP error.
             UnparseableReplyError: the reply holds no readable score.
         """
-        messages: Any = self.template.messages(item)
         try:
-            reply = self._client.chat.completions.create(
-                model=self.spec.model,
-                messages=messages,
-                temperature=self.spec.temperature,
-                max_tokens=self.spec.max_tokens,
-            )
+            response = self._client.post(COMPLETIONS_PATH, cast_to=httpx2.Response,
+                                         body=judge_request(self.spec, item))
         except openai.APIError as exc:
             raise classify(exc) from exc
-        content = reply.choices[0].message.content if reply.choices else None
-        usage = (
-            Usage(
-                prompt_tokens=reply.usage.prompt_tokens,
-                completion_tokens=reply.usage.completion_tokens,
-            )
-            if reply.usage
-            else Usage()
-        )
-        raw = extract_raw_score(content)
-        return JudgeVerdict(score=normalize(raw), raw_score=raw, usage=usage)
+        return judge_verdict(*read_reply(response.content))
 
     def score_one(self, item: ScoreItem) -> ScoreResult:
         """``item``'s result: ``ok`` with its score, or ``failed`` with the error; never raises
