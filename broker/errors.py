@@ -9,15 +9,19 @@
      ├── ChunksLostError        Redis lost queued work (restarted empty) and re-enqueueing
      │                          is off
      ├── DeadLetterNotFound     a dead-letter id that is not (or no longer) recorded
-     └── JudgeError             a judge call did not produce a score
+     └── JudgeError             a judge call did not produce a score; ``kind`` says how
           ├── TransientJudgeError   worth retrying: 429, 408/409, 5xx, timeouts, network
+          │    └── UnparseableReplyError  no score in the reply (a model sampling at
+          │                               temperature > 0 may well answer properly next time)
           └── PermanentJudgeError   not worth retrying: 400, 401/403
-               └── UnparseableReplyError  no score in the reply (retried while attempts last)
 
-Catch ``TransientJudgeError`` apart from ``PermanentJudgeError`` to decide on retries.
+Catch ``TransientJudgeError`` apart from ``PermanentJudgeError`` to decide on retries;
+read ``JudgeError.kind`` (and ``status_code``) to label what happened.
 """
 
 from __future__ import annotations
+
+import enum
 
 
 class RewardqError(Exception):
@@ -57,12 +61,32 @@ class DeadLetterNotFound(RewardqError, KeyError):
     """A dead-letter id that is not recorded (never was, replayed, or expired)."""
 
 
-class JudgeError(RewardqError):
-    """A judge call that did not produce a score."""
+class JudgeErrorKind(enum.StrEnum):
+    """How a judge call failed (the ``status`` label of its metrics, beside HTTP codes)."""
 
-    def __init__(self, message: str, *, status_code: int | None = None,
-                 retry_after_s: float | None = None) -> None:
+    HTTP = "http"                #: the judge answered with an error status
+    TIMEOUT = "timeout"          #: no answer within the timeout
+    NETWORK = "network"          #: no connection, or it broke
+    UNPARSEABLE = "unparseable"  #: an answer without a readable score
+    OTHER = "other"              #: anything else the SDK raised
+
+
+class JudgeError(RewardqError):
+    """A judge call that did not produce a score.
+
+    Attributes:
+        kind: how it failed.
+        status_code: the HTTP status, when the judge answered with one.
+        retry_after_s: the server's ``Retry-After``, when it gave one.
+    """
+
+    default_kind = JudgeErrorKind.OTHER
+
+    def __init__(self, message: str, *, kind: JudgeErrorKind | None = None,
+                 status_code: int | None = None, retry_after_s: float | None = None) -> None:
         super().__init__(message)
+        self.kind = kind or (JudgeErrorKind.HTTP if status_code is not None
+                             else self.default_kind)
         self.status_code = status_code
         self.retry_after_s = retry_after_s
 
@@ -72,8 +96,11 @@ class TransientJudgeError(JudgeError):
 
 
 class PermanentJudgeError(JudgeError):
-    """Not worth retrying: bad request, auth, or a reply that cannot be parsed."""
+    """Not worth retrying: bad request, auth."""
 
 
-class UnparseableReplyError(PermanentJudgeError):
-    """The judge answered, but no score could be read from its reply."""
+class UnparseableReplyError(TransientJudgeError):
+    """The judge answered, but no score could be read from its reply (retried while
+    attempts last)."""
+
+    default_kind = JudgeErrorKind.UNPARSEABLE

@@ -19,6 +19,7 @@ import openai
 
 from broker.errors import (
     JudgeError,
+    JudgeErrorKind,
     PermanentJudgeError,
     TransientJudgeError,
     UnparseableReplyError,
@@ -87,9 +88,9 @@ def classify(exc: openai.APIError) -> JudgeError:
     Transient: timeouts, connection errors, 408, 409, 429 and 5xx. Permanent: the rest.
     """
     if isinstance(exc, openai.APITimeoutError):
-        return TransientJudgeError(f"judge timed out: {exc}")
+        return TransientJudgeError(f"judge timed out: {exc}", kind=JudgeErrorKind.TIMEOUT)
     if isinstance(exc, openai.APIConnectionError):
-        return TransientJudgeError(f"judge unreachable: {exc}")
+        return TransientJudgeError(f"judge unreachable: {exc}", kind=JudgeErrorKind.NETWORK)
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
         retry_after = _retry_after_s(exc)
