@@ -10,7 +10,12 @@ and scores a step of N items with distinct content in each of these ways:
   semaphore of C: the in-process design. It runs in a child process of its own (kept
   alive across repeats, like a trainer's client across steps) so its CPU is its own;
 * ``rewardq``: ``RewardClient.submit`` → ``result()``: cold cache, then the same items
-  again (warm: all cached), then a fresh step with 30% duplicates.
+  again (warm: all cached), then a fresh step with 30% duplicates;
+* ``rewardq_per_item``: the same N fresh items as N concurrent ``await
+  AsyncRewardClient.score(item)`` on one event loop (coalesced into chunks), timed
+  from the first call to the last result, against the cold ``rewardq`` step's wall;
+* ``rewardq_stream``: one fresh ``submit`` read with ``as_completed()``: time to the
+  first result against time to the last.
 
 Every phase reports its wall time, items/s and CPU seconds per item of *our* processes
 (the bench process = the producer, the worker processes, the asyncio child), read from
@@ -22,6 +27,10 @@ Timed phases are interleaved per repeat (so load from other users of the machine
 all of them alike), each repeat on a fresh item set, and the medians are reported.
 One untimed warm-up step first opens the connection pools and builds the workers'
 runtimes, as a training run's first step would.
+
+The module runs past 600 lines on purpose: every phase must share one stack, one
+clock, one CPU accounting (:meth:`Bench.measured`) and one report, and each phase is a
+short method; split, the pieces would only import each other.
 """
 
 from __future__ import annotations
@@ -47,6 +56,7 @@ from typing import Any
 from broker.errors import RewardqError
 from broker.schemas import ResultStatus, ScoreResult
 from broker.settings import Settings
+from producer.async_client import AsyncRewardClient
 from producer.client import RewardClient
 from producer.sync_judge import SyncJudge
 from rewardq.stack import LocalStack, settings_env, stop_process
@@ -105,6 +115,8 @@ class Run:
     judge_requests: int = 0
     max_in_flight: int = 0
     delivery_ms: float = 0.0  #: last chunk's result stored -> ``result()`` returned
+    chunks: int = 0  #: Celery tasks enqueued
+    first_result_s: float = 0.0  #: start -> first result in hand (per-item, streaming)
 
     @property
     def cpu_s(self) -> float:
@@ -133,6 +145,8 @@ class Phase:
     judge_requests: int = 0
     max_in_flight: int = 0
     delivery_ms: float = 0.0
+    chunks: int = 0
+    first_result_ms: float = 0.0
     failed: int = 0
     runs_wall_s: list[float] = field(default_factory=list)
     note: str = ""
@@ -254,13 +268,19 @@ def asyncio_child_main() -> None:
 
 
 class Bench:
-    """The phases, run against one ``LocalStack``; CPU read from our processes' ``/proc``."""
+    """The phases, run against one ``LocalStack``; CPU read from our processes' ``/proc``.
+
+    The per-item client and its event loop live as long as the bench, as a trainer's
+    would across steps; each per-item step is one ``run_until_complete`` on that loop.
+    """
 
     def __init__(self, stack: LocalStack) -> None:
         self.stack = stack
         assert stack.judge is not None
         self.judge = stack.judge
         self.client = RewardClient(stack.settings)
+        self.loop = asyncio.new_event_loop()
+        self.async_client = AsyncRewardClient(stack.settings)
         self._pids = [p.pid for p in stack.worker_processes]
         self._redis_pid = stack.redis.process.pid if stack.redis and stack.redis.process \
             else None
@@ -308,7 +328,48 @@ class Bench:
         ended = time.perf_counter()
         last_stored = pending.finished_at_perf()
         return Run(wall_s=ended - started, items=len(items), failed=_count_failed(results),
-                   delivery_ms=(ended - last_stored) * 1000 if last_stored else 0.0)
+                   delivery_ms=(ended - last_stored) * 1000 if last_stored else 0.0,
+                   chunks=pending.chunk_count)
+
+    def per_item_step(self, items: list[dict[str, Any]]) -> Run:
+        """``items`` as concurrent ``await score(item)`` calls; wall from the first call
+        to the last result, ``chunks`` the Celery tasks the coalescing client sent."""
+        client = self.async_client
+        timeout = self.stack.settings.chunk_deadline_s
+
+        async def step() -> tuple[list[ScoreResult], list[float], float]:
+            done_at: list[float] = []
+
+            async def one(raw: dict[str, Any]) -> ScoreResult:
+                result = await client.score(raw)
+                done_at.append(time.perf_counter())
+                return result
+
+            started = time.perf_counter()
+            results = await asyncio.wait_for(asyncio.gather(*(one(r) for r in items)), timeout)
+            return results, done_at, started
+
+        chunks0 = client.chunks_sent
+        results, done_at, started = self.loop.run_until_complete(step())
+        return Run(wall_s=max(done_at) - started, items=len(items),
+                   failed=_count_failed(results), chunks=client.chunks_sent - chunks0,
+                   first_result_s=min(done_at) - started)
+
+    def stream_step(self, items: list[dict[str, Any]]) -> Run:
+        """``submit`` → ``as_completed()``: wall to the last result, and to the first."""
+        started = time.perf_counter()
+        pending = self.client.submit(items)
+        first: float | None = None
+        failed = 0
+        for _, result in pending.as_completed(timeout=self.stack.settings.chunk_deadline_s,
+                                              partial=True):
+            if first is None:
+                first = time.perf_counter()
+            failed += result.status is not ResultStatus.OK
+        ended = time.perf_counter()
+        return Run(wall_s=ended - started, items=len(items), failed=failed,
+                   chunks=pending.chunk_count,
+                   first_result_s=(first or ended) - started)
 
     def sync_step(self, items: list[dict[str, Any]]) -> Run:
         """The sequential loop over ``items``."""
@@ -320,8 +381,12 @@ class Bench:
         return Run(wall_s=wall, items=len(items), failed=_count_failed(results))
 
     def close(self) -> None:
-        """Release the producer's connections."""
-        self.client.close()
+        """Release the producers' connections, the per-item client's thread and loop."""
+        try:
+            self.loop.run_until_complete(self.async_client.aclose())
+        finally:
+            self.loop.close()
+            self.client.close()
 
 
 def summarize(name: str, runs: list[Run], *, scale_to: int | None = None,
@@ -345,6 +410,8 @@ def summarize(name: str, runs: list[Run], *, scale_to: int | None = None,
                  judge_requests=int(statistics.median(r.judge_requests for r in runs)),
                  max_in_flight=max(r.max_in_flight for r in runs),
                  delivery_ms=statistics.median(r.delivery_ms for r in runs),
+                 chunks=int(statistics.median(r.chunks for r in runs)),
+                 first_result_ms=statistics.median(r.first_result_s for r in runs) * 1000,
                  failed=sum(r.failed for r in runs),
                  runs_wall_s=[round(r.wall_s, 4) for r in runs], note=note)
 
@@ -376,22 +443,34 @@ def run_bench(settings: Settings, options: BenchOptions,
         try:
             warm_up = make_items(min(n, 2 * c), f"warmup-{uuid.uuid4().hex[:8]}")
             bench.rewardq_step(warm_up)
+            bench.per_item_step(make_items(min(n, 2 * c), f"warmup-p-{uuid.uuid4().hex[:8]}"))
             baseline.run(min(n, 2 * c), f"warmup-{uuid.uuid4().hex[:8]}")
             progress(f"sync loop on {options.sync_items} items ...")
             sync_items = make_items(min(options.sync_items, n), f"sync-{uuid.uuid4().hex[:8]}")
             sync = [bench.measured(partial(bench.sync_step, sync_items), fleet=False)]
-            runs: dict[str, list[Run]] = {"asyncio": [], "cold": [], "warm": [], "dup": []}
+            runs: dict[str, list[Run]] = {
+                "asyncio": [], "cold": [], "warm": [], "dup": [], "per_item": [], "stream": []}
             for r in range(options.repeats):
                 progress(f"repeat {r + 1}/{options.repeats}: asyncio, rewardq cold, warm, "
-                         f"{options.duplicate_fraction:.0%} duplicates ...")
+                         f"per-item, {options.duplicate_fraction:.0%} duplicates, "
+                         "streaming ...")
                 nonce = uuid.uuid4().hex[:12]
                 runs["asyncio"].append(
                     bench.measured(partial(baseline.run, n, f"a-{nonce}"), fleet=False))
                 items = make_items(n, f"r-{nonce}")
+                per_item = partial(bench.per_item_step, make_items(n, f"p-{nonce}"))
+                # The pair alternates which goes first, so neither seat's luck (the load
+                # left by the phase before) lands on one side only.
+                if not r % 2:
+                    runs["per_item"].append(bench.measured(per_item))
                 runs["cold"].append(bench.measured(partial(bench.rewardq_step, items)))
+                if r % 2:
+                    runs["per_item"].append(bench.measured(per_item))
                 runs["warm"].append(bench.measured(partial(bench.rewardq_step, items)))
                 dups = make_items(n, f"d-{nonce}", options.duplicate_fraction)
                 runs["dup"].append(bench.measured(partial(bench.rewardq_step, dups)))
+                streamed = make_items(n, f"s-{nonce}")
+                runs["stream"].append(bench.measured(partial(bench.stream_step, streamed)))
         finally:
             baseline.close()
             bench.close()
@@ -413,15 +492,23 @@ def build_report(options: BenchOptions, settings: Settings, sync: list[Run],
         summarize("rewardq", runs["cold"], note="cold cache"),
         summarize("rewardq_warm", runs["warm"], note="same items again, all cached"),
         summarize("rewardq_dup", runs["dup"], note=f"{dup_pct} duplicates, cold"),
+        summarize("rewardq_per_item", runs["per_item"],
+                  note="N concurrent await score(item), cold"),
+        summarize("rewardq_stream", runs["stream"], note="submit -> as_completed(), cold"),
     ]
     by_name = {p.name: p for p in phases}
     rewardq = by_name["rewardq"].wall_s
+    per_item, stream = by_name["rewardq_per_item"], by_name["rewardq_stream"]
     ratios = {
         "rewardq_over_asyncio": rewardq / by_name["asyncio"].wall_s,
         "rewardq_over_ideal": rewardq / ideal_s,
         "sync_over_rewardq": by_name["sync"].wall_s / rewardq,
         "warm_ms": by_name["rewardq_warm"].wall_s * 1000,
+        "per_item_over_batch": per_item.wall_s / rewardq,
     }
+    # Per repeat too: each pair ran back to back, so this is the less load-sensitive one.
+    pair_ratios = [p.wall_s / b.wall_s for p, b in zip(runs["per_item"], runs["cold"],
+                                                        strict=True)]
     cores = os.cpu_count() or 1
 
     def cpu_bound(p: Phase) -> float:
@@ -440,6 +527,22 @@ def build_report(options: BenchOptions, settings: Settings, sync: list[Run],
                     "python": platform.python_version()},
         "phases": {p.name: asdict(p) for p in phases},
         "ratios": ratios,
+        "per_item": {
+            "wall_s": per_item.wall_s,
+            "batch_wall_s": rewardq,
+            "ratio": ratios["per_item_over_batch"],
+            "ratio_per_repeat": [round(x, 4) for x in pair_ratios],
+            "ratio_median_of_repeats": statistics.median(pair_ratios),
+            "first_result_ms": per_item.first_result_ms,
+            "chunks_sent": per_item.chunks,
+            "chunks_expected": math.ceil(n / settings.chunk_size),
+            "batch_chunks": by_name["rewardq"].chunks,
+        },
+        "streaming": {
+            "first_result_ms": stream.first_result_ms,
+            "last_result_ms": stream.wall_s * 1000,
+            "chunks": stream.chunks,
+        },
         # No design on this host beats cores / (CPU per item of every process involved).
         "cpu_bound_items_per_s": {name: cpu_bound(by_name[name])
                                   for name in ("asyncio", "rewardq")},
@@ -453,14 +556,14 @@ def format_table(report: dict[str, Any]) -> str:
     CPU columns are ms per item: ``ours`` = producer + workers (or the asyncio child),
     then the producer's share, and Redis and the judge server beside them.
     """
-    header = (f"{'phase':<13} {'items':>5} {'wall s':>8} {'items/s':>8} {'ours':>6} "
+    header = (f"{'phase':<16} {'items':>5} {'wall s':>8} {'items/s':>8} {'ours':>6} "
               f"{'prod':>6} {'redis':>6} {'judge':>6} {'cmd/it':>6} {'reqs':>5} "
               f"{'flight':>6}  note")
     lines = ["CPU in ms per item; cmd/it: Redis commands per item; reqs: judge calls",
              header, "-" * len(header)]
     for p in report["phases"].values():
         lines.append(
-            f"{p['name']:<13} {p['items']:>5} {p['wall_s']:>8.3f} {p['items_per_s']:>8.0f} "
+            f"{p['name']:<16} {p['items']:>5} {p['wall_s']:>8.3f} {p['items_per_s']:>8.0f} "
             f"{p['cpu_s_per_item'] * 1000:>6.3f} {p['producer_cpu_s_per_item'] * 1000:>6.3f} "
             f"{p['redis_cpu_s_per_item'] * 1000:>6.3f} {p['judge_cpu_s_per_item'] * 1000:>6.3f} "
             f"{p['redis_commands_per_item']:>6.2f} {p['judge_requests']:>5} "
@@ -470,6 +573,13 @@ def format_table(report: dict[str, Any]) -> str:
                  f"rewardq/ideal {r['rewardq_over_ideal']:.3f}   "
                  f"sync/rewardq {r['sync_over_rewardq']:.1f}   warm {r['warm_ms']:.1f} ms   "
                  f"result delivery lag {report['phases']['rewardq']['delivery_ms']:.1f} ms")
+    pi, st = report["per_item"], report["streaming"]
+    lines.append(f"per-item/batch {pi['ratio']:.3f} (per-item {pi['wall_s']:.3f} s, batch "
+                 f"{pi['batch_wall_s']:.3f} s; per repeat {pi['ratio_per_repeat']})   "
+                 f"chunks sent {pi['chunks_sent']} vs ceil(N/chunk) {pi['chunks_expected']}   "
+                 f"first per-item result {pi['first_result_ms']:.0f} ms")
+    lines.append(f"streaming as_completed(): first result {st['first_result_ms']:.0f} ms, "
+                 f"last {st['last_result_ms']:.0f} ms ({st['chunks']} chunks)")
     bound = report["cpu_bound_items_per_s"]
     lines.append(f"CPU bound of this host (cores / CPU per item, judge and Redis included): "
                  f"asyncio {bound['asyncio']:.0f} items/s, rewardq {bound['rewardq']:.0f} "
@@ -481,7 +591,8 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``rewardq bench`` on the CLI's subparsers (``func=run``)."""
     d = BenchOptions()
     bench: argparse.ArgumentParser = subparsers.add_parser(
-        "bench", help="time the fleet against ideal, sync and in-process asyncio")
+        "bench", help="time the fleet against ideal, sync and in-process asyncio, and "
+                      "per-item awaits against one batch submit")
     bench.add_argument("--items", type=int, default=d.items, help="N, items per step")
     bench.add_argument("--latency-ms", type=float, default=d.latency_ms,
                        help="L, the local judge's latency")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,10 @@ import pytest
 from broker.settings import Settings
 from rewardq.bench import add_bench_parser, make_items, run
 
-_RATIOS = ("rewardq_over_asyncio", "rewardq_over_ideal", "sync_over_rewardq", "warm_ms")
-_TIMED = ("sync", "asyncio", "rewardq", "rewardq_warm", "rewardq_dup")
+_RATIOS = ("rewardq_over_asyncio", "rewardq_over_ideal", "sync_over_rewardq", "warm_ms",
+           "per_item_over_batch")
+_TIMED = ("sync", "asyncio", "rewardq", "rewardq_warm", "rewardq_dup", "rewardq_per_item",
+          "rewardq_stream")
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -25,12 +28,12 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def test_bench_writes_every_phase_and_ratio(tmp_path: Path) -> None:
+def test_bench_writes_every_phase_ratio_and_per_item_figures(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     args = _parse(["bench", "--items", "64", "--latency-ms", "20", "--concurrency", "32",
-                   "--workers", "2", "--repeats", "1", "--json", str(out)])
+                   "--workers", "2", "--repeats", "2", "--json", str(out)])
 
-    assert run(args, Settings()) == 0
+    assert run(args, Settings(chunk_size=16)) == 0
 
     report = json.loads(out.read_text())
     assert set(report["ratios"]) == set(_RATIOS)
@@ -50,7 +53,29 @@ def test_bench_writes_every_phase_and_ratio(tmp_path: Path) -> None:
     assert phases["rewardq"]["judge_requests"] == 64
     assert phases["rewardq_warm"]["judge_requests"] == 0
     assert phases["rewardq_dup"]["judge_requests"] == 45
+    assert phases["rewardq_per_item"]["judge_requests"] == 64
+    assert phases["rewardq_stream"]["judge_requests"] == 64
     assert report["config"]["per_process_concurrency"] == 16
+    assert report["config"]["chunk_size"] == 16
+
+    # Per-item awaits: every item ok, coalesced into about as many chunks as one submit.
+    per_item, streaming = report["per_item"], report["streaming"]
+    assert phases["rewardq_per_item"]["failed"] == 0
+    assert phases["rewardq_per_item"]["items"] == 64
+    expected = math.ceil(64 / 16)
+    assert per_item["chunks_expected"] == expected
+    assert per_item["batch_chunks"] == expected == phases["rewardq"]["chunks"]
+    # Coalescing sends no more tasks than a batch would, give or take window splits.
+    assert 1 <= per_item["chunks_sent"] <= expected + 8
+    assert per_item["wall_s"] == phases["rewardq_per_item"]["wall_s"]
+    assert per_item["batch_wall_s"] == phases["rewardq"]["wall_s"]
+    assert per_item["ratio"] == pytest.approx(per_item["wall_s"] / per_item["batch_wall_s"])
+    assert len(per_item["ratio_per_repeat"]) == 2
+    assert all(r > 0 for r in per_item["ratio_per_repeat"])
+    # The first result of a run cannot come after its last one.
+    assert 0 < per_item["first_result_ms"] <= per_item["wall_s"] * 1000
+    assert 0 < streaming["first_result_ms"] <= streaming["last_result_ms"]
+    assert streaming["chunks"] == expected
 
 
 def test_duplicate_items_repeat_content_under_their_own_ids() -> None:
