@@ -1,0 +1,1 @@
+"""``rewardq serve``: the HTTP gateway every trainer and language can call."""
