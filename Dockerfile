@@ -1,39 +1,40 @@
-# rewardq image: workers, Flower, the local judge and the CLI (docker-compose.yml).
+# rewardq image: workers, Flower, the gateway, the local judge and the CLI
+# (docker-compose.yml). The lean worker install: no torch, no transformers (those are
+# the trainer's, `rewardq[trainer]`).
 #   docker build -t rewardq .
-FROM python:3.11-slim
+FROM python:3.11.11-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# torch first and pinned, from the CPU wheel index: the trainer-side penalties need only the
-# CPU build, and a looser pin (or PyPI's default wheel) pulls several GB of CUDA packages.
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-RUN pip install --index-url "${TORCH_INDEX_URL}" torch==2.13.0
-
 WORKDIR /app
-# Dependencies before the code, so a code change does not reinstall them.
-COPY pyproject.toml README.md ./
-RUN mkdir -p broker workers producer monitoring judge_server rewardq \
+# Dependencies before the code, so a code change does not reinstall them; exact versions
+# from constraints.txt, the set the tests ran with.
+COPY pyproject.toml README.md constraints.txt ./
+RUN mkdir -p broker workers producer gateway monitoring judge_server rewardq \
     && touch broker/__init__.py workers/__init__.py producer/__init__.py \
-             monitoring/__init__.py judge_server/__init__.py rewardq/__init__.py \
-    && pip install . \
+             gateway/__init__.py monitoring/__init__.py judge_server/__init__.py \
+             rewardq/__init__.py \
+    && pip install -c constraints.txt ".[worker]" \
     && pip uninstall -y rewardq \
-    && rm -rf broker workers producer monitoring judge_server rewardq build
+    && rm -rf broker workers producer gateway monitoring judge_server rewardq build
 COPY broker ./broker
 COPY workers ./workers
 COPY producer ./producer
+COPY gateway ./gateway
 COPY monitoring ./monitoring
 COPY judge_server ./judge_server
 COPY rewardq ./rewardq
 RUN pip install --no-deps . && rm -rf build
 
-# No root at run time; /data holds Flower's state file.
-RUN useradd --create-home --uid 10001 rewardq && mkdir -p /data && chown rewardq /data
-USER rewardq
+# No root at run time (numeric, so Kubernetes' runAsNonRoot can check it); /data holds
+# Flower's state file.
+RUN useradd --create-home --uid 10001 rewardq && mkdir -p /data && chown 10001 /data
+USER 10001
 WORKDIR /home/rewardq
 
-# Worker metrics (REWARDQ_METRICS_PORT), Flower, the local judge.
-EXPOSE 9808 5555 8008
+# Worker metrics (REWARDQ_METRICS_PORT), Flower, the gateway, the local judge.
+EXPOSE 9808 5555 8000 8008
 CMD ["rewardq", "worker"]
