@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from broker.connections import outage_delay
 from broker.errors import (
     JudgeError,
     PermanentJudgeError,
@@ -21,7 +22,7 @@ from broker.errors import (
     UnparseableReplyError,
 )
 from broker.verdicts import classify
-from workers.retry import RetryDecision, RetryPolicy, decide, outage_delay
+from workers.retry import RetryDecision, RetryPolicy, decide
 
 POLICY = RetryPolicy(max_attempts=5, base_delay_s=0.1, max_delay_s=1.0)
 _REQUEST = httpx.Request("POST", "http://judge.test/v1/chat/completions")

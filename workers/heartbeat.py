@@ -23,9 +23,11 @@ import gevent
 import redis
 from gevent.event import Event
 
+from broker.connections import redis_client
 from broker.fleet import BEAT_INTERVAL_S, BEAT_TTL_S, WorkerBeat
 from broker.keys import WORKER_INDEX, worker_key
 from broker.settings import Settings
+from workers.hooks import WorkerHook
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +74,7 @@ class WorkerHeartbeat:
     @classmethod
     def for_worker(cls, settings: Settings, consumer: Any) -> WorkerHeartbeat:
         """The heartbeat of the worker whose Celery consumer is ``consumer`` (``worker_ready``)."""
-        client = redis.Redis.from_url(settings.broker_url, socket_timeout=5,
-                                      socket_connect_timeout=5)
+        client = redis_client(settings, socket_timeout=5)
         return cls(client, consumer.hostname, lambda: consumed_queues(consumer))
 
     def beat(self) -> WorkerBeat:
@@ -140,3 +141,28 @@ class WorkerHeartbeat:
     def stop_soon(self) -> None:
         """``stop()`` in a new greenlet: safe from a signal handler, where no I/O may block."""
         gevent.spawn(self.stop)
+
+
+class HeartbeatHook(WorkerHook):
+    """Beats while the worker is ready; deletes the beat when it stops.
+
+    Args:
+        settings: the Redis the beats go to.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self.heartbeat: WorkerHeartbeat | None = None
+
+    def worker_ready(self, consumer: Any) -> None:
+        self.heartbeat = WorkerHeartbeat.for_worker(self._settings, consumer)
+        self.heartbeat.start()
+
+    def worker_stopping(self, exitcode: int) -> None:
+        # Inside a signal handler: the delete runs in a greenlet of its own.
+        if self.heartbeat is not None:
+            self.heartbeat.stop_soon()
+
+    def worker_stopped(self) -> None:  # also a shutdown without a signal (remote control)
+        if self.heartbeat is not None:
+            self.heartbeat.stop()

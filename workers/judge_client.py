@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from typing import Any
 
@@ -20,7 +21,7 @@ import httpx2
 import openai
 import redis.asyncio as aioredis
 
-from broker.errors import UnparseableReplyError
+from broker.errors import BrokerUnavailableError, UnparseableReplyError
 from broker.prompts import template_for
 from broker.schemas import JudgeSpec, JudgeVerdict, ScoreItem, Usage
 from broker.settings import Settings
@@ -28,6 +29,8 @@ from broker.verdicts import classify, extract_raw_score, normalize
 from monitoring.costs import PriceTable
 from monitoring.metrics import WorkerMetrics, call_status
 from workers.rate_limit import RateLimit, RedisRateLimiter, estimate_tokens
+
+log = logging.getLogger(__name__)
 
 
 class JudgeClient:
@@ -73,7 +76,9 @@ class JudgeClient:
             TransientJudgeError: rate limit, timeout, 408/409/5xx or a network error.
             PermanentJudgeError: any other HTTP error.
             UnparseableReplyError: the reply holds no readable score.
-            BrokerUnavailableError: the rate limiter could not reach Redis.
+            BrokerUnavailableError: the rate limiter could not reach Redis before the
+                call (an outage: the task scores the chunk again). After the call, a
+                failed token reconcile is logged, never raised: the verdict is kept.
         """
         messages = template_for(spec.prompt_version).messages(item)
         limiter = self._limiter(spec.model)
@@ -98,7 +103,7 @@ class JudgeClient:
         content, reported = read_completion(response.content)
         usage = reported or Usage()
         if limiter is not None and reported is not None:
-            await limiter.reconcile(estimate, usage.prompt_tokens + usage.completion_tokens)
+            await self._reconcile(limiter, estimate, usage)
         self._metrics.usage(spec.model, usage.prompt_tokens, usage.completion_tokens,
                             self._prices.cost(spec.model, usage.prompt_tokens,
                                               usage.completion_tokens))
@@ -109,6 +114,16 @@ class JudgeClient:
             raise
         self._metrics.judge_call(spec.model, "ok", latency_s)
         return JudgeVerdict(score=normalize(raw), raw_score=raw, usage=usage)
+
+    async def _reconcile(self, limiter: RedisRateLimiter, estimate: int, usage: Usage) -> None:
+        # The verdict is paid for: a Redis blip here must not cost a second judge call.
+        # Left uncorrected, the token limit keeps the estimate, which reserves the whole
+        # max_tokens for the reply and so errs on the safe side.
+        try:
+            await limiter.reconcile(estimate, usage.prompt_tokens + usage.completion_tokens)
+        except BrokerUnavailableError as exc:
+            log.warning("token usage not reconciled with the rate limiter (%s); it keeps "
+                        "the estimate of %d tokens", exc, estimate)
 
     async def close(self) -> None:
         """Close the connection pool."""

@@ -6,9 +6,9 @@ honouring the server's ``Retry-After`` when it gives one; permanent errors fail 
 once, except an unparseable reply, which is retried while attempts remain (a model
 sampling at temperature > 0, or a glitching proxy, may well answer properly next time).
 
-Redis outages are the other kind of transient failure: a chunk that meets one is scored
-again in place after ``outage_delay`` (its finished items come back from the cache), until
-``Settings.redis_retry_s`` or the chunk's deadline runs out.
+Redis outages are not decided here: ``broker.connections`` holds the one outage policy
+(``OUTAGE_ERRORS``, ``with_outage_retries``) that the task, the producer and the dead
+letters share.
 """
 
 from __future__ import annotations
@@ -16,14 +16,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-import redis.exceptions
-
 from broker.errors import JudgeError, TransientJudgeError, UnparseableReplyError
-
-#: What Redis raises while it restarts, fails over or is unreachable (``BusyLoadingError``,
-#: raised while a restarted Redis loads its data, is a ``ConnectionError``).
-OUTAGE_ERRORS: tuple[type[Exception], ...] = (redis.exceptions.ConnectionError,
-                                              redis.exceptions.TimeoutError)
 
 
 @dataclass(frozen=True)
@@ -75,14 +68,3 @@ def decide(policy: RetryPolicy, error: JudgeError, attempt: int, remaining_s: fl
         return RetryDecision(False, 0.0, f"deadline leaves no time to retry: {error}")
     return RetryDecision(True, delay, f"transient: {error}")
 
-
-def outage_delay(attempt: int, *, base_s: float = 0.25, cap_s: float = 5.0,
-                 rng: random.Random | None = None) -> float:
-    """Seconds to wait before retry number ``attempt`` (1-based) after a Redis outage.
-
-    Exponential with equal jitter: never less than half the step, so a fleet of workers
-    retrying a restarting Redis neither hammers it nor waits longer than ``cap_s``.
-    """
-    step = min(cap_s, base_s * 2.0 ** min(max(0, attempt - 1), 60))
-    jitter: float = (rng or random).uniform(0.0, step / 2)
-    return step / 2 + jitter

@@ -12,6 +12,7 @@ import contextlib
 
 import redis.asyncio as aioredis
 
+from broker.connections import async_redis_client
 from broker.schemas import ScoreChunk, ScoreResult
 from broker.settings import Settings
 from monitoring.costs import PriceTable
@@ -44,8 +45,8 @@ class WorkerRuntime:
 
         Raises:
             TimeoutError: the chunk took longer than ``timeout_s``.
-            redis.ConnectionError, redis.TimeoutError: Redis went away mid-chunk (the
-                task scores the chunk again once it is back).
+            broker.connections.OUTAGE_ERRORS: Redis went away mid-chunk (the task
+                scores the chunk again once it is back).
         """
         scorer = self._scorer or self.bridge.run(self._build(), timeout=30)
         return self.bridge.run(scorer.score(chunk), timeout=timeout_s)
@@ -55,9 +56,7 @@ class WorkerRuntime:
         if self._scorer is None:
             s = self.settings
             # Blocking pool: hundreds of coroutines share a bounded set of connections.
-            pool = aioredis.BlockingConnectionPool.from_url(
-                s.broker_url, max_connections=64, timeout=30, health_check_interval=30)
-            self._redis = aioredis.Redis(connection_pool=pool)
+            self._redis = async_redis_client(s, max_connections=64)
             self._judge = JudgeClient(s, self._redis, self.metrics, PriceTable.from_settings(s))
             # Locks are renewed while held (see ``JudgeCache``), so their TTL only bounds
             # how long a dead worker's locks keep others waiting.

@@ -18,12 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from broker.connections import OUTAGE_ERRORS
 from broker.errors import JudgeError
 from broker.keys import judge_fingerprint
 from broker.schemas import JudgeSpec, JudgeVerdict, ResultStatus, ScoreChunk, ScoreItem, ScoreResult
 from monitoring.metrics import WorkerMetrics, call_status
 from workers.cache import Claim, ClaimState, JudgeCache
-from workers.retry import OUTAGE_ERRORS, RetryPolicy, decide
+from workers.retry import RetryPolicy, decide
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ class ChunkScorer:
                                        "deadline passed before the judge answered",
                                        latency_ms=ms())
         except OUTAGE_ERRORS:
-            raise  # Redis is away: the whole chunk is retried (``workers.tasks``)
+            raise  # Redis is away (the rate limiter included): the task scores the chunk again
         except Exception as exc:  # a bug must cost one item, not its chunk
             log.exception("scoring item %r failed", item.id)
             return ScoreResult.failure(item.id, ResultStatus.FAILED,
