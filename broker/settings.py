@@ -6,13 +6,51 @@ read the environment; everything else receives a :class:`Settings`.
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from broker.errors import ConfigError
+
 EMBEDDED_REDIS_PORT = 6389
 LOCAL_JUDGE_PORT = 8008
+#: What a token name may look like: it is a Prometheus label value and goes into dead letters.
+_TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+MIN_API_TOKEN_CHARS = 16
+
+
+def parse_api_tokens(text: str) -> dict[str, SecretStr]:
+    """``name:token,name:token`` (``REWARDQ_API_TOKENS``) as token name -> token.
+
+    Raises:
+        ValueError: an entry without a name or token, a name that is not
+            ``[A-Za-z0-9][A-Za-z0-9_.-]*``, a token shorter than
+            ``MIN_API_TOKEN_CHARS``, or a name or token given twice. The message never
+            contains a token.
+    """
+    tokens: dict[str, SecretStr] = {}
+    seen: set[str] = set()
+    for n, entry in enumerate((e.strip() for e in text.split(",")), start=1):
+        if not entry:
+            continue
+        name, sep, token = entry.partition(":")
+        name, token = name.strip(), token.strip()
+        if not sep or not token:
+            raise ValueError(f"REWARDQ_API_TOKENS entry {n}: expected name:token")
+        if not _TOKEN_NAME.fullmatch(name):
+            raise ValueError(f"REWARDQ_API_TOKENS entry {n}: name {name!r} must match "
+                             f"{_TOKEN_NAME.pattern}")
+        if len(token) < MIN_API_TOKEN_CHARS:
+            raise ValueError(f"REWARDQ_API_TOKENS entry {n} ({name}): the token is shorter "
+                             f"than {MIN_API_TOKEN_CHARS} characters")
+        if name in tokens or token in seen:
+            raise ValueError(f"REWARDQ_API_TOKENS entry {n} ({name}): the name or the token "
+                             f"is given twice")
+        tokens[name] = SecretStr(token)
+        seen.add(token)
+    return tokens
 
 
 class Settings(BaseSettings):
@@ -95,10 +133,61 @@ class Settings(BaseSettings):
         description="How long workers and the producer keep retrying an unreachable Redis "
                     "(restart, failover) before giving up with BrokerUnavailableError.")
 
+    # HTTP gateway (``rewardq serve``, see gateway/).
+    api_tokens: SecretStr | None = Field(
+        default=None,
+        description="Bearer tokens of the gateway, comma-separated name:token (the name "
+                    "labels metrics and dead letters); unset = no auth, loopback only.")
+    gateway_max_body_bytes: int = Field(
+        default=32 * 1024 * 1024, ge=1024, description="Largest request body (else 413).")
+    gateway_max_items: int = Field(default=10_000, ge=1,
+                                   description="Most items in one request (else 413).")
+    gateway_token_concurrency: int = Field(
+        default=1024, ge=1,
+        description="Requests in flight per token; beyond it 429 with Retry-After. Remote-RM "
+                    "clients send one request per sample, so keep it above their batch.")
+    gateway_retry_after_s: int = Field(default=1, ge=1,
+                                       description="Retry-After of a 429.")
+    gateway_rm_timeout_s: float = Field(
+        default=100.0, gt=0,
+        description="How long a remote-RM request (OpenRLHF, slime) waits for its scores "
+                    "before a 504: under slime's 120 s and OpenRLHF's 180 s client timeouts, "
+                    "so their retry finds the verdict cached instead of starting over.")
+    gateway_label_as: Literal["reference", "metadata"] = Field(
+        default="reference",
+        description="A remote-RM label becomes the item's reference (correctness rubric) or "
+                    "only metadata (quality rubric).")
+    gateway_response_from: Literal["strip_prompt", "query"] = Field(
+        default="strip_prompt",
+        description="OpenRLHF sends the whole decoded sequence as query: strip_prompt judges "
+                    "what follows the prompt; query judges the whole sequence.")
+    gateway_failed_reward: float | None = Field(
+        default=None,
+        description="Reward a remote-RM reply gives an item that could not be scored; unset "
+                    "= the request fails (502) and the client retries.")
+
     @field_validator("judge_base_url")
     @classmethod
     def _strip_slash(cls, v: str) -> str:
         return v.rstrip("/")
+
+    @property
+    def api_token_names(self) -> dict[str, SecretStr]:
+        """The gateway's tokens by name (empty: no auth).
+
+        Parsed here rather than by a validator: pydantic would print the raw input, tokens
+        and all, in its error, and only the gateway needs them (other commands start
+        whatever this variable holds).
+
+        Raises:
+            ConfigError: ``REWARDQ_API_TOKENS`` is malformed (no token in the message).
+        """
+        if self.api_tokens is None:
+            return {}
+        try:
+            return parse_api_tokens(self.api_tokens.get_secret_value())
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
     @property
     def broker_url(self) -> str:
