@@ -327,5 +327,4 @@ def test_submit_of_a_good_file_does_enqueue(redis_url: str, tmp_path: Path) -> N
     result = _run(["submit", str(path), "--timeout", "0.5"], redis_url=redis_url)
     assert result.returncode == 1, result.stderr
     assert "submitted 99 items" in result.stderr
-    assert len(result.stdout.splitlines()) == 99
     assert _queued(redis_url) >= 1
