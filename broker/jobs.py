@@ -38,7 +38,12 @@ def send_chunk(app: Celery, args: list[Any], task_id: str) -> None:
         BrokerUnavailableError: the broker could not be reached.
     """
     try:
-        app.send_task(TASK_SCORE_CHUNK, args=args, task_id=task_id)
+        # argsrepr: Celery would otherwise saferepr() the whole chunk for every message
+        # (~5 ms each), only for Flower to show it truncated.
+        items = args[0].get("items") if args and isinstance(args[0], dict) else None
+        label = f"<chunk {task_id}: {len(items)} items>" if isinstance(items, list) \
+            else f"<chunk {task_id}>"
+        app.send_task(TASK_SCORE_CHUNK, args=args, task_id=task_id, argsrepr=label)
     except Exception as exc:  # kombu raises its own and redis' connection errors
         if isinstance(exc, (redis.RedisError, ConnectionError, OSError)):
             raise BrokerUnavailableError(f"cannot enqueue chunk {task_id}: {exc}") from exc

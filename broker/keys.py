@@ -29,6 +29,8 @@ key                                    type    meaning, TTL
                                                ``sealed`` -> JSON median/size/status; TTL
                                                max(1 h, 2 x the group wait), renewed per
                                                arrival
+``rewardq:stats:submit_cache_hits``    STRING  items producers answered from the cache at
+                                               submit, never enqueued (INCRBY); no TTL
 ``rewardq.judge``                      LIST    the Celery/kombu queue of ``ScoreChunk`` s
 ``unacked_index``                      ZSET    kombu's unacked delivery tag -> delivery time;
                                                workers bump their own tags every
@@ -53,6 +55,8 @@ from broker.schemas import JudgeSpec, ScoreItem
 PREFIX = "rewardq"
 DEAD_INDEX = f"{PREFIX}:dead:index"
 WORKER_INDEX = f"{PREFIX}:workers"
+#: Counter of items answered from the cache at submit (they never reach a worker).
+SUBMIT_CACHE_HITS = f"{PREFIX}:stats:submit_cache_hits"
 
 
 def judge_fingerprint(spec: JudgeSpec, item: ScoreItem) -> str:

@@ -6,14 +6,16 @@ pipeline and one HTTP scrape per worker):
 - queue depth: ``LLEN rewardq.judge`` (chunks waiting; kombu's base priority list);
   in progress: ``HLEN unacked`` (chunks delivered to a worker and not yet acked);
 - dead letters: ``ZCARD rewardq:dead:index``;
-- workers: Celery ``inspect stats`` (pid, pool size, chunks processed) and
-  ``inspect active`` (chunks running now);
+- workers: their heartbeats in Redis (``broker.fleet``: pid, queues, age of the last
+  beat; a worker whose last beat is older than two beat periods is shown ``down``, and
+  one whose beat expired is gone), with Celery ``inspect stats`` (pool size, chunks
+  processed) and ``inspect active`` (chunks running now) for those that answer;
 - judge requests and failures, cache hit rate, items by status, retries, tokens and
   cost: the sum of every worker's Prometheus endpoint (``monitoring.metrics``), found
   with the ``rewardq_metrics`` inspect command. Workers run without an endpoint when
   ``REWARDQ_METRICS_PORT`` is unset; these rows then read ``-``. Cache hits answered
-  by the producer before enqueueing (``cache_hits_at_submit``) never reach a worker
-  and are not in the hit rate;
+  by the producer before enqueueing never reach a worker: producers count them in
+  ``rewardq:stats:submit_cache_hits``, which the hit rate includes;
 - throughput: the difference between two snapshots (chunks/s from Celery's counts,
   items/s and judge calls/s from the metrics), so ``--once`` shows totals only.
 
@@ -37,7 +39,9 @@ from celery import Celery
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker.app import QUEUE_JUDGE, TASK_SCORE_CHUNK, create_app
-from broker.keys import DEAD_INDEX
+from broker.connections import redis_client
+from broker.fleet import BEAT_INTERVAL_S, live_workers
+from broker.keys import DEAD_INDEX, SUBMIT_CACHE_HITS
 from broker.settings import Settings
 from monitoring.metrics import INSPECT_COMMAND
 
@@ -47,9 +51,13 @@ UNACKED_HASH = "unacked"
 CLEAR_SCREEN = "\x1b[H\x1b[2J"
 
 
+#: A worker whose last heartbeat is older than this is shown ``down``.
+DOWN_AFTER_S = 2 * BEAT_INTERVAL_S
+
+
 @dataclass(frozen=True)
 class WorkerRow:
-    """One worker as Celery reports it."""
+    """One worker: its heartbeat, and what Celery reports of it."""
 
     node: str
     pid: int | None
@@ -57,6 +65,13 @@ class WorkerRow:
     processed: int
     active: int
     metrics_url: str | None = None
+    beat_age_s: float | None = None
+
+    @property
+    def up(self) -> bool:
+        """A recent heartbeat (workers without one, e.g. of an older version, count up
+        while they answer Celery's broadcast)."""
+        return self.beat_age_s is None or self.beat_age_s <= DOWN_AFTER_S
 
 
 @dataclass
@@ -75,12 +90,15 @@ class FleetMetrics:
     prompt_tokens: float = 0.0
     completion_tokens: float = 0.0
     cost_usd: float = 0.0
+    submit_cache_hits: float = 0.0
 
     @property
     def cache_hit_rate(self) -> float | None:
-        """Hits / (hits + misses), ``None`` before any lookup."""
-        lookups = self.cache_hits + self.cache_misses
-        return self.cache_hits / lookups if lookups else None
+        """Items answered from the cache (at submit or by a worker) / items looked up;
+        ``None`` before any lookup."""
+        hits = self.cache_hits + self.submit_cache_hits
+        lookups = hits + self.cache_misses
+        return hits / lookups if lookups else None
 
     @property
     def items_failed(self) -> float:
@@ -126,6 +144,12 @@ class StatsSnapshot:
     metrics: FleetMetrics | None
     endpoints_scraped: int = 0
     errors: list[str] = field(default_factory=list)
+    submit_cache_hits: int = 0
+
+    @property
+    def workers_up(self) -> int:
+        """Workers with a recent heartbeat."""
+        return sum(w.up for w in self.workers)
 
     @property
     def chunks_processed(self) -> int:
@@ -139,6 +163,9 @@ class StatsSnapshot:
             data["metrics"]["cache_hit_rate"] = self.metrics.cache_hit_rate
             data["metrics"]["items_failed"] = self.metrics.items_failed
         data["chunks_processed"] = self.chunks_processed
+        data["workers_up"] = self.workers_up
+        for row, worker in zip(data["workers"], self.workers, strict=True):
+            row["up"] = worker.up
         return data
 
 
@@ -157,7 +184,10 @@ def collect(app: Celery, client: redis.Redis, *, timeout_s: float = 1.0,
         pipe.llen(QUEUE_JUDGE)
         pipe.hlen(UNACKED_HASH)
         pipe.zcard(DEAD_INDEX)
-        depth, in_progress, dead = pipe.execute()
+        pipe.get(SUBMIT_CACHE_HITS)
+        depth, in_progress, dead, submit_hits = pipe.execute()
+    now = time.time()
+    beats = {beat.node: beat for beat in live_workers(client, queue=None)}
     stats = app.control.inspect(timeout=timeout_s).stats() or {}
     # The stats replies say how many workers there are: the next broadcasts stop waiting
     # as soon as that many have answered.
@@ -170,18 +200,22 @@ def collect(app: Celery, client: redis.Redis, *, timeout_s: float = 1.0,
                                             limit=limit) or []:
             advertised.update(answer)
     rows = []
-    for node, info in sorted(stats.items()):
+    for node in sorted(set(stats) | set(beats)):
+        info, beat = stats.get(node) or {}, beats.get(node)
         endpoint = advertised.get(node)
         url = endpoint.get("url") if isinstance(endpoint, dict) else None
-        rows.append(WorkerRow(node=node, pid=info.get("pid"),
+        rows.append(WorkerRow(node=node, pid=info.get("pid") or (beat.pid if beat else None),
                               concurrency=(info.get("pool") or {}).get("max-concurrency"),
                               processed=int((info.get("total") or {}).get(TASK_SCORE_CHUNK, 0)),
-                              active=len(active.get(node) or []), metrics_url=url))
+                              active=len(active.get(node) or []), metrics_url=url,
+                              beat_age_s=max(0.0, now - beat.beat_at) if beat else None))
     metrics, scraped = _scrape([r.metrics_url for r in rows if r.metrics_url], http, errors)
+    if metrics is not None:
+        metrics.submit_cache_hits = float(submit_hits or 0)
     return StatsSnapshot(taken_at=time.time(), queue_depth=int(depth),
                          in_progress=int(in_progress), dead_letters=int(dead),
                          workers=rows, metrics=metrics, endpoints_scraped=scraped,
-                         errors=errors)
+                         errors=errors, submit_cache_hits=int(submit_hits or 0))
 
 
 def _scrape(urls: Iterable[str], http: httpx.Client | None,
@@ -214,19 +248,25 @@ def _rate(now: float, before: float, seconds: float) -> str:
     return f"{(now - before) / seconds:,.1f}/s"
 
 
-def render(current: StatsSnapshot, previous: StatsSnapshot | None = None) -> str:
-    """The text of one refresh; rates need ``previous`` (else they read ``-``)."""
+def render(current: StatsSnapshot, previous: StatsSnapshot | None = None, *,
+           live: bool = False) -> str:
+    """The text of one refresh; rates need ``previous`` (else they read ``-``); ``live``
+    adds how to quit."""
     dt = current.taken_at - previous.taken_at if previous else 0.0
     m, pm = current.metrics, previous.metrics if previous else None
     when = time.strftime("%H:%M:%S", time.localtime(current.taken_at))
     chunk_rate = _rate(current.chunks_processed, previous.chunks_processed, dt) \
         if previous else "-"
-    lines = [f"rewardq stats  {when}  (Ctrl-C quits)", "",
+    lines = [f"rewardq stats  {when}" + ("  (Ctrl-C quits)" if live else ""), "",
              f"queue depth     {current.queue_depth:>10,} chunks waiting"
              f"   in progress {current.in_progress:,}",
              f"dead letters    {current.dead_letters:>10,}",
-             f"workers         {len(current.workers):>10,}"
-             f"   chunks done {current.chunks_processed:,} ({chunk_rate})"]
+             f"workers         {current.workers_up:>10,} up"
+             + (f", {len(current.workers) - current.workers_up} down"
+                if current.workers_up < len(current.workers) else "")
+             + f"   chunks done {current.chunks_processed:,} ({chunk_rate})",
+             f"cache at submit {current.submit_cache_hits:>10,} items answered without a "
+             f"worker"]
     if m is None:
         lines.append("metrics         no worker serves metrics (set REWARDQ_METRICS_PORT)")
     else:
@@ -246,9 +286,12 @@ def render(current: StatsSnapshot, previous: StatsSnapshot | None = None) -> str
             f"cost            {m.cost_usd:>10,.4f} USD",
         ]
     if current.workers:
-        lines += ["", f"{'worker':<32} {'pid':>8} {'pool':>6} {'active':>7} {'done':>8}"]
+        lines += ["", f"{'worker':<32} {'state':>6} {'beat':>6} {'pid':>8} {'pool':>6} "
+                      f"{'active':>7} {'done':>8}"]
         for w in current.workers:
-            lines.append(f"{w.node:<32} {w.pid or '-':>8} {w.concurrency or '-':>6} "
+            beat = f"{w.beat_age_s:.0f}s" if w.beat_age_s is not None else "-"
+            lines.append(f"{w.node:<32} {'up' if w.up else 'DOWN':>6} {beat:>6} "
+                         f"{w.pid or '-':>8} {w.concurrency or '-':>6} "
                          f"{w.active:>7} {w.processed:>8}")
     lines += [f"! {e}" for e in current.errors]
     return "\n".join(lines)
@@ -272,8 +315,7 @@ def run_stats(settings: Settings, *, once: bool = False, interval_s: float = 2.0
     """
     out = out or sys.stdout
     app = create_app(settings)
-    client = redis.Redis.from_url(settings.broker_url, socket_timeout=5,
-                                  socket_connect_timeout=5)
+    client = redis_client(settings)
     live = not once and not as_json and out.isatty()
     previous: StatsSnapshot | None = None
     try:
@@ -283,7 +325,8 @@ def run_stats(settings: Settings, *, once: bool = False, interval_s: float = 2.0
                 if as_json:
                     out.write(json.dumps(current.as_dict()) + "\n")
                 else:
-                    out.write((CLEAR_SCREEN if live else "") + render(current, previous)
+                    out.write((CLEAR_SCREEN if live else "")
+                              + render(current, previous, live=live)
                               + "\n" + ("" if live else "\n"))
                 out.flush()
                 if once:

@@ -43,6 +43,9 @@ __all__ = ["DEFAULT_WINDOW_S", "AsyncRewardClient"]
 DEFAULT_WINDOW_S = 0.005
 _FIRST_POLL_S = 0.002
 _MAX_POLL_S = 0.025
+#: How often the poller runs the outstanding submits' health checks (no live worker,
+#: chunks lost by Redis).
+_HEALTH_CHECK_S = 0.5
 
 T = TypeVar("T")
 
@@ -67,6 +70,7 @@ class _Loop:
         default_factory=dict)
     poller: asyncio.Task[None] | None = None
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    next_health_check: float = 0.0
     flushes: set[asyncio.Task[None]] = field(default_factory=set)
 
 
@@ -282,19 +286,31 @@ class AsyncRewardClient:
             for p in pendings:
                 p.absorb(finished)
                 self._deliver(state, p)
-            for p in list(state.waiting):
-                try:
-                    await self.run_blocking(p.check_health)
-                except BrokerUnavailableError:  # an outage: the reads above wait it out
-                    break
-                except NoWorkersError as exc:  # the queue is shared: it fails them all
-                    for q in list(state.waiting):
-                        _fail(state.waiting.pop(q), exc)
-                    break
-                except RewardqError as exc:
-                    _fail(state.waiting.pop(p), exc)
+            if state.waiting and time.monotonic() >= state.next_health_check:
+                # One round trip checks every outstanding submit (each throttles itself).
+                state.next_health_check = time.monotonic() + _HEALTH_CHECK_S
+                failures = await self.run_blocking(_check_health, list(state.waiting))
+                for p, error in failures.items():
+                    _fail(state.waiting.pop(p, ()), error)
             interval = _FIRST_POLL_S if finished else min(interval * 1.5, _MAX_POLL_S)
             await asyncio.sleep(interval)
+
+
+def _check_health(pendings: list[PendingScores]) -> dict[PendingScores, RewardqError]:
+    """Run on the I/O thread: each submit's health check, and who failed it. No live
+    worker fails them all (they share the queue); a Redis outage is waited out by the
+    result reads instead."""
+    failures: dict[PendingScores, RewardqError] = {}
+    for p in pendings:
+        try:
+            p.check_health()
+        except BrokerUnavailableError:
+            break
+        except NoWorkersError as exc:
+            return dict.fromkeys(pendings, exc)
+        except RewardqError as exc:
+            failures[p] = exc
+    return failures
 
 
 def _fail(futures: Iterable[asyncio.Future[T]], exc: BaseException) -> None:

@@ -40,7 +40,7 @@ from broker.errors import (
 from broker.fleet import live_workers
 from broker.jobs import ChunkMeta, read_chunks, send_chunk, visible_chunks
 from broker.judge_core import judge_spec
-from broker.keys import cache_key, judge_fingerprint
+from broker.keys import SUBMIT_CACHE_HITS, cache_key, judge_fingerprint
 from broker.schemas import (
     JudgeVerdict,
     ResultStatus,
@@ -118,6 +118,11 @@ class RewardClient:
             else:
                 results[i] = ScoreResult.from_verdict(
                     item.id, JudgeVerdict.model_validate_json(value), cached=True)
+        if len(misses) < len(parsed):  # operators' cache hit rate counts these too
+            try:
+                self.redis.incrby(SUBMIT_CACHE_HITS, len(parsed) - len(misses))
+            except redis.RedisError as exc:
+                raise BrokerUnavailableError(f"cannot count cache hits: {exc}") from exc
         job_id = uuid.uuid4().hex
         deadline = time.time() + (deadline_s or self.settings.chunk_deadline_s)
         size = self.settings.chunk_size

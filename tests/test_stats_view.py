@@ -1,0 +1,68 @@
+"""``rewardq stats`` tells operators the truth: cache hits at submit, dead workers."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+from scoring_data import make_items
+
+from broker.settings import Settings
+from producer.client import RewardClient
+from rewardq.stack import JudgeProcess, settings_env
+
+
+def stats_once(settings: Settings) -> dict:
+    done = subprocess.run([sys.executable, "-m", "rewardq.cli", "stats", "--once", "--json"],
+                          env=settings_env(settings), capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_cache_hits_at_submit_are_counted_for_operators(
+        settings: Settings, workers, judge: JudgeProcess) -> None:
+    workers(1, metrics_port=0)
+    items = make_items(60, "hits")
+    with RewardClient(settings) as client:
+        client.score(items, timeout=60)
+        again = client.submit(items[:45])
+        again.result(timeout=60)
+    assert again.cache_hits_at_submit == 45
+    snapshot = stats_once(settings)
+    assert snapshot["submit_cache_hits"] == 45
+    metrics = snapshot["metrics"]
+    assert metrics is not None and metrics["submit_cache_hits"] == 45
+    # 45 answered at submit out of 105 looked up (60 + 45); the workers' own lookups
+    # found nothing cached.
+    assert abs(metrics["cache_hit_rate"] - 45 / 105) < 1e-9, metrics
+
+
+def test_a_sigkilled_worker_is_reported_down_then_gone(
+        settings: Settings, workers, judge: JudgeProcess) -> None:
+    first, second = workers(2)
+    before = stats_once(settings)
+    assert before["workers_up"] == 2
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=10)
+    deadline = time.monotonic() + 30
+    while True:
+        snapshot = stats_once(settings)
+        if snapshot["workers_up"] == 1:
+            break
+        assert time.monotonic() < deadline, snapshot["workers"]
+        time.sleep(0.5)
+    assert second.poll() is None
+    up = [w["node"] for w in snapshot["workers"] if w["up"]]
+    assert len(up) == 1 and up[0].startswith("w1@")
+
+
+def test_stats_once_prints_no_interactive_hint(settings: Settings, judge: JudgeProcess) -> None:
+    done = subprocess.run([sys.executable, "-m", "rewardq.cli", "stats", "--once"],
+                          env=settings_env(settings), capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "rewardq stats" in done.stdout and "Ctrl-C" not in done.stdout
