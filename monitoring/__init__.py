@@ -1,10 +1,11 @@
-"""Operating the fleet: worker metrics, cost accounting, Flower, ``rewardq stats``.
+"""Instrumentation the fleet carries: worker metrics and cost accounting.
 
 - ``monitoring.metrics``: Prometheus metrics of a worker process and their endpoint;
 - ``monitoring.costs``: the judge price table and per-step / cumulative costs;
-- ``monitoring.flower``: Flower against the configured broker, auth and loopback rules;
-- ``monitoring.stats_view``: the live terminal view behind ``rewardq stats``;
-- ``monitoring.ops_cli``: the ``flower`` and ``stats`` subcommands of ``rewardq``;
 - ``grafana/``, ``prometheus.yml``, ``alerts.yml``: dashboards, scraping and alerts
   for ``docker-compose.yml``.
+
+The operator apps that read them (Flower's launcher ``rewardq.flower``, the live view
+``rewardq.stats_view`` behind ``rewardq stats``) live in ``rewardq/``, the top layer, so
+that workers import instrumentation and nothing that imports them back.
 """

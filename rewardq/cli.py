@@ -17,9 +17,9 @@ from judge_server.__main__ import DESCRIPTION as JUDGE_DESCRIPTION
 from judge_server.__main__ import add_arguments as add_judge_server_arguments
 from judge_server.__main__ import serve as serve_judge
 from judge_server.config import ConfigValueError
-from monitoring.ops_cli import add_ops_parsers
 from rewardq.bench import add_bench_parser
 from rewardq.failed_cli import add_failed_parser
+from rewardq.ops_cli import add_ops_parsers
 
 
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
@@ -99,6 +99,18 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if counts.get("ok", 0) == len(results) else 1
 
 
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    from broker.errors import ConfigError
+    from gateway.serve import serve
+
+    try:
+        return serve(settings, args.host, args.port, log_level=args.log_level,
+                     access_log=args.access_log)
+    except ConfigError as exc:
+        print(f"rewardq serve: error: {exc}", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``rewardq`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -147,6 +159,18 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--timeout", type=float, default=600.0,
                         help="seconds to wait; unfinished items are written as timeout")
     submit.set_defaults(func=_submit)
+
+    serve = sub.add_parser(
+        "serve", help="the HTTP gateway: /v1/score, OpenRLHF's /get_reward, slime's "
+                      "/slime/reward, /readyz, /metrics, /docs",
+        description="Score over HTTP through the worker fleet. Beyond loopback it needs "
+                    "REWARDQ_API_TOKENS (comma-separated name:token).")
+    serve.add_argument("--host", default="127.0.0.1", help="interface to bind")
+    serve.add_argument("--port", type=int, default=8800, help="TCP port; 0 picks a free one")
+    serve.add_argument("--log-level", default="info",
+                       choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.set_defaults(func=_serve)
 
     add_failed_parser(sub)
     add_ops_parsers(sub)

@@ -16,9 +16,9 @@ from broker.embedded import free_port
 from broker.errors import ConfigError
 from broker.schemas import ResultStatus
 from broker.settings import Settings
-from monitoring.flower import FlowerOptions, flower_command, is_loopback, run_flower, start_flower
-from monitoring.ops_cli import add_ops_parsers
 from producer.client import RewardClient
+from rewardq.flower import FlowerOptions, flower_command, is_loopback, run_flower, start_flower
+from rewardq.ops_cli import add_ops_parsers
 from rewardq.stack import JudgeProcess
 
 T = TypeVar("T")

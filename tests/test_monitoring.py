@@ -32,10 +32,10 @@ from monitoring.metrics import (
     discover_endpoints,
     start_metrics_server,
 )
-from monitoring.ops_cli import add_ops_parsers
-from monitoring.stats_view import FleetMetrics, StatsSnapshot, WorkerRow, render, run_stats
 from producer.client import RewardClient
+from rewardq.ops_cli import add_ops_parsers
 from rewardq.stack import JudgeProcess
+from rewardq.stats_view import FleetMetrics, StatsSnapshot, WorkerRow, render, run_stats
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

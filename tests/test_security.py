@@ -28,9 +28,9 @@ from broker.app import QUEUE_JUDGE, TASK_SCORE_CHUNK, create_app
 from broker.embedded import free_port, wait_for_redis
 from broker.schemas import ResultStatus
 from broker.settings import Settings
-from monitoring.flower import FlowerOptions, start_flower
 from monitoring.metrics import discover_endpoints
 from producer.client import RewardClient
+from rewardq.flower import FlowerOptions, start_flower
 from rewardq.stack import JudgeProcess, stop_process
 
 PASSWORD = "s3cret-" + uuid.uuid4().hex[:8]

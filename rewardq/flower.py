@@ -1,7 +1,7 @@
 """Flower against the configured broker: basic auth from settings, loopback unless auth.
 
 ``rewardq flower`` calls :func:`run_flower`, which replaces the process with
-``celery -A monitoring.flower:app flower``; tests and scripts call :func:`start_flower`,
+``celery -A rewardq.flower:app flower``; tests and scripts call :func:`start_flower`,
 which runs the same command as a child process and waits until it answers.
 
 Rules:
@@ -130,7 +130,7 @@ def flower_command(settings: Settings, options: FlowerOptions,
     from rewardq.stack import settings_env
 
     options.validate()
-    argv = [sys.executable, "-m", "celery", "-A", "monitoring.flower:app", "flower",
+    argv = [sys.executable, "-m", "celery", "-A", "rewardq.flower:app", "flower",
             f"--port={options.port}", f"--address={options.address}"]
     if options.persistent:
         db = (options.db or Path(DEFAULT_DB)).expanduser().resolve()
@@ -245,7 +245,7 @@ def start_flower(settings: Settings, options: FlowerOptions, *, log_file: Path |
 
 
 def __getattr__(name: str) -> Any:
-    # ``celery -A monitoring.flower:app`` in the Flower process: build the app there, from
+    # ``celery -A rewardq.flower:app`` in the Flower process: build the app there, from
     # the environment flower_command() passed, and only when Celery asks for it.
     if name == "app":
         from broker.app import create_app

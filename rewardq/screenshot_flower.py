@@ -5,7 +5,7 @@ with basic auth on loopback, waits until Flower receives every worker's heartbea
 it sees every task event that follows), runs a scoring job, and has headless Chromium
 take a PNG of a Flower page. Everything it started is stopped on exit.
 
-    python -m monitoring.screenshot_flower --out flower.png [--workers 3] [--items 600]
+    python -m rewardq.screenshot_flower --out flower.png [--workers 3] [--items 600]
 
 Needs Chromium (``apt-get install -y chromium`` on Debian).
 """
@@ -27,8 +27,8 @@ from pydantic import SecretStr
 from broker.embedded import free_port
 from broker.errors import RewardqError
 from broker.settings import Settings
-from monitoring.flower import FlowerOptions, FlowerProcess, start_flower
 from producer.client import RewardClient
+from rewardq.flower import FlowerOptions, FlowerProcess, start_flower
 from rewardq.stack import LocalStack
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
@@ -93,7 +93,7 @@ def wait_until_online(flower: FlowerProcess, workers: int, timeout_s: float = 60
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: ``python -m monitoring.screenshot_flower``."""
+    """Entry point: ``python -m rewardq.screenshot_flower``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path,
                         default=Path(tempfile.gettempdir()) / "rewardq-flower-dashboard.png")

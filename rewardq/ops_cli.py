@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.settings import Settings
-from monitoring.flower import DEFAULT_ADDRESS, DEFAULT_DB, DEFAULT_PORT
+from rewardq.flower import DEFAULT_ADDRESS, DEFAULT_DB, DEFAULT_PORT
 
 
 def add_ops_parsers(subparsers: Any) -> None:
@@ -34,7 +34,7 @@ def add_ops_parsers(subparsers: Any) -> None:
     stats = subparsers.add_parser(
         "stats", help="live terminal view: queue, workers, throughput, cache, cost",
         description="Queue depth, workers, throughput, cache hit rate, failures and cost, "
-                    "refreshing in place (see monitoring/stats_view.py for the sources).")
+                    "refreshing in place (see rewardq/stats_view.py for the sources).")
     stats.add_argument("--once", action="store_true", help="print one snapshot and exit")
     stats.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
     stats.add_argument("--json", action="store_true", help="JSON lines instead of text")
@@ -44,7 +44,7 @@ def add_ops_parsers(subparsers: Any) -> None:
 
 
 def _flower(args: argparse.Namespace, settings: Settings) -> int:
-    from monitoring.flower import run_flower
+    from rewardq.flower import run_flower
 
     # Basic auth comes from settings.flower_user/flower_password (REWARDQ_FLOWER_*).
     run_flower(settings, args.port, args.address, persistent=args.persistent, db=args.db,
@@ -52,7 +52,7 @@ def _flower(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _stats(args: argparse.Namespace, settings: Settings) -> int:
-    from monitoring.stats_view import run_stats
+    from rewardq.stats_view import run_stats
 
     return run_stats(settings, once=args.once, interval_s=args.interval, as_json=args.json,
                      timeout_s=args.timeout)
