@@ -14,8 +14,7 @@ from __future__ import annotations
 import json
 import math
 import re
-
-import openai
+from typing import TYPE_CHECKING
 
 from broker.errors import (
     JudgeError,
@@ -25,6 +24,9 @@ from broker.errors import (
     UnparseableReplyError,
 )
 from broker.prompts import SCALE_MAX, SCALE_MIN
+
+if TYPE_CHECKING:
+    import openai
 
 _OBJECT = re.compile(r"\{.*?\}", re.DOTALL)
 _NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
@@ -87,6 +89,8 @@ def classify(exc: openai.APIError) -> JudgeError:
 
     Transient: timeouts, connection errors, 408, 409, 429 and 5xx. Permanent: the rest.
     """
+    import openai  # only the shells that call the SDK need it (the producer does not)
+
     if isinstance(exc, openai.APITimeoutError):
         return TransientJudgeError(f"judge timed out: {exc}", kind=JudgeErrorKind.TIMEOUT)
     if isinstance(exc, openai.APIConnectionError):

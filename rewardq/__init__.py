@@ -6,10 +6,29 @@ and ``judge_server`` (the local stand-in for an OpenAI-compatible judge). This p
 is the console script and the local stack that ``rewardq demo`` and ``bench`` start.
 """
 
-from broker.schemas import ResultStatus, ScoreItem, ScoreResult
-from broker.settings import Settings
-from producer.async_client import AsyncRewardClient
-from producer.client import PendingScores, RewardClient
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from broker.schemas import ResultStatus, ScoreItem, ScoreResult
+    from broker.settings import Settings
+    from producer.async_client import AsyncRewardClient
+    from producer.client import PendingScores, RewardClient
 
 __all__ = ["AsyncRewardClient", "PendingScores", "ResultStatus", "RewardClient", "ScoreItem",
            "ScoreResult", "Settings"]
+
+# Imported on first use (PEP 562), so the console script starts without loading the
+# client stack: ``rewardq --help`` and ``rewardq stats`` need none of it.
+_HOMES = {"AsyncRewardClient": "producer.async_client", "PendingScores": "producer.client",
+          "RewardClient": "producer.client", "ResultStatus": "broker.schemas",
+          "ScoreItem": "broker.schemas", "ScoreResult": "broker.schemas",
+          "Settings": "broker.settings"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'rewardq' has no attribute {name!r}")
+    return getattr(importlib.import_module(_HOMES[name]), name)

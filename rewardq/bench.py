@@ -51,15 +51,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from broker.errors import RewardqError
 from broker.schemas import ResultStatus, ScoreResult
 from broker.settings import Settings
-from producer.async_client import AsyncRewardClient
-from producer.client import RewardClient
-from producer.sync_judge import SyncJudge
-from rewardq.stack import LocalStack, settings_env, stop_process
+from rewardq.stack import settings_env, stop_process
+
+if TYPE_CHECKING:  # imported where used: `rewardq --help` must not load the client stack
+    from rewardq.stack import LocalStack
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel")
@@ -275,6 +275,9 @@ class Bench:
     """
 
     def __init__(self, stack: LocalStack) -> None:
+        from producer.async_client import AsyncRewardClient
+        from producer.client import RewardClient
+
         self.stack = stack
         assert stack.judge is not None
         self.judge = stack.judge
@@ -373,6 +376,8 @@ class Bench:
 
     def sync_step(self, items: list[dict[str, Any]]) -> Run:
         """The sequential loop over ``items``."""
+        from producer.sync_judge import SyncJudge
+
         with SyncJudge(self.stack.settings) as judge:
             judge.score(items[:1])  # connect outside the clock, as a long-lived loop would
             started = time.perf_counter()
@@ -432,6 +437,8 @@ def run_bench(settings: Settings, options: BenchOptions,
     Raises:
         RewardqError: the stack did not start, or the asyncio child died.
     """
+    from rewardq.stack import LocalStack
+
     n, c = options.items, options.concurrency
     base = bench_settings(settings, options)
     progress(f"starting embedded Redis, the local judge ({options.latency_ms:g} ms) and "

@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from broker.app import QUEUE_JUDGE
 from broker.errors import InvalidItemError, RewardqError
@@ -20,6 +21,10 @@ from judge_server.config import ConfigValueError
 from rewardq.bench import add_bench_parser
 from rewardq.failed_cli import add_failed_parser
 from rewardq.ops_cli import add_ops_parsers
+
+if TYPE_CHECKING:
+    from broker.schemas import ScoreResult
+    from producer.client import PendingScores
 
 
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
@@ -87,7 +92,7 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
         pending = client.submit(items)
         print(f"submitted {len(items)} items ({pending.cache_hits_at_submit} cached, "
               f"{pending.chunk_count} chunks)", file=sys.stderr)
-        results = pending.result(timeout=args.timeout, partial=True)
+        results = _wait_with_progress(pending, len(items), args.timeout)
     finally:
         client.close()
     write_results(results, out)
@@ -95,8 +100,40 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
     for r in results:
         counts[r.status.value] = counts.get(r.status.value, 0) + 1
     print(f"scored {len(results)} items in {time.perf_counter() - started:.2f}s: "
-          + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())), file=sys.stderr)
-    return 0 if counts.get("ok", 0) == len(results) else 1
+          + ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+          + (f"; results in {out}" if out is not None else ""), file=sys.stderr)
+    failed = len(results) - counts.get("ok", 0)
+    if failed:
+        print(f"{failed} item(s) not ok: their errors are in the results; items that failed "
+              f"for good are dead letters: `rewardq failed list`", file=sys.stderr)
+    return 0 if not failed else 1
+
+
+def _wait_with_progress(pending: PendingScores, total: int, timeout: float
+                        ) -> list[ScoreResult]:
+    """Every result (unfinished ones as ``timeout``), showing progress on stderr: a bar on
+    a terminal, a plain line every few seconds otherwise."""
+    from tqdm import tqdm
+
+    results: list[ScoreResult | None] = [None] * total
+    tty = sys.stderr.isatty()
+    started = last_line = time.monotonic()
+    with tqdm(total=total, unit="item", disable=not tty, file=sys.stderr,
+              desc="scoring") as bar:
+        for done, (i, result) in enumerate(pending.as_completed(timeout, partial=True), 1):
+            results[i] = result
+            bar.update(1)
+            now = time.monotonic()
+            if not tty and (now - last_line >= _PROGRESS_EVERY_S or done == total):
+                last_line = now
+                rate = done / max(now - started, 1e-9)
+                eta = (total - done) / rate if rate > 0 else float("inf")
+                print(f"progress: {done}/{total} items, {rate:,.0f} items/s, "
+                      f"ETA {eta:,.0f}s", file=sys.stderr, flush=True)
+    return [r for r in results if r is not None]
+
+
+_PROGRESS_EVERY_S = 5.0
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:

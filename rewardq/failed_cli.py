@@ -65,7 +65,12 @@ def _list(args: argparse.Namespace, settings: Settings) -> int:
               f"{'TRIES':>5} {'ITEM':<20} ERROR")
         for letter in found:
             print(_row(letter))
-        print(f"{len(found)} dead letter(s)")
+        total = letters.count()
+        if args.limit and total > len(found):
+            print(f"{len(found)} of {total} dead letter(s), newest first; "
+                  f"`rewardq failed list --limit 0` lists all")
+        else:
+            print(f"{len(found)} dead letter(s)")
         return 0
     return _with_letters(settings, run)
 

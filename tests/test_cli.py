@@ -328,3 +328,29 @@ def test_submit_of_a_good_file_does_enqueue(redis_url: str, tmp_path: Path) -> N
     assert result.returncode == 1, result.stderr
     assert "submitted 99 items" in result.stderr
     assert _queued(redis_url) >= 1
+
+
+def test_submit_reports_progress_on_a_pipe_and_points_at_the_output_and_failures(
+        settings, workers, judge, tmp_path: Path) -> None:
+    """Not a terminal (a pipe): plain progress lines, then the output path; an item that
+    fails for good is pointed at `rewardq failed list`."""
+    import json as _json
+
+    from rewardq.stack import settings_env
+    from scoring_data import make_items
+
+    workers(1)
+    items = make_items(300, "progress")
+    path, out = tmp_path / "items.jsonl", tmp_path / "results.jsonl"
+    path.write_text("".join(_json.dumps(i) + "\n" for i in items))
+    judge.configure(error_rate=1.0, error_kinds=["400"], seed=1)  # every call fails for good
+    done = subprocess.run([*RQ, "submit", str(path), "--out", str(out), "--timeout", "120"],
+                          capture_output=True, text=True, env=settings_env(settings),
+                          cwd=ROOT, timeout=180, check=False)
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.splitlines()
+    progress = [line for line in lines if line.startswith("progress: ")]
+    assert progress and progress[-1].startswith("progress: 300/300 items"), done.stderr
+    assert f"results in {out}" in done.stderr
+    assert "rewardq failed list" in done.stderr
+    assert len(out.read_text().splitlines()) == 300

@@ -321,3 +321,13 @@ def test_malformed_messages_are_dead_lettered_and_the_worker_scores_the_next(
     assert by_id["mixed-1.1"].reason == "invalid" and by_id["mixed-1.1"].step == 5
     assert by_id["mixed-1.1"].payload == mixed["items"][1]
     assert all(r.status is ResultStatus.OK for r in after)
+
+
+def test_cli_list_says_when_its_limit_cuts_the_listing(
+        letters: DeadLetters, settings: Settings) -> None:
+    letters.record([item_letter(n) for n in range(7)])
+    cut = run_cli(settings, "failed", "list", "--limit", "5")
+    whole = run_cli(settings, "failed", "list", "--limit", "0")
+    assert cut.returncode == 0, cut.stderr
+    assert "5 of 7 dead letter(s)" in cut.stdout and "--limit 0" in cut.stdout
+    assert "7 dead letter(s)" in whole.stdout and " of " not in whole.stdout.splitlines()[-1]
