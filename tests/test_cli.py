@@ -336,8 +336,9 @@ def test_submit_reports_progress_on_a_pipe_and_points_at_the_output_and_failures
     fails for good is pointed at `rewardq failed list`."""
     import json as _json
 
-    from rewardq.stack import settings_env
     from scoring_data import make_items
+
+    from rewardq.stack import settings_env
 
     workers(1)
     items = make_items(300, "progress")
