@@ -59,7 +59,9 @@ def create_app(settings: Settings) -> Celery:
         # results stored behind a connection handshake. Share one (redis-py pools are).
         result_backend_thread_safe=True,
         worker_send_task_events=True,
-        task_send_sent_event=True,
+        # No task-sent event: it doubled the producer's publishes (one Redis round trip
+        # each) for Flower to list chunks still queued; the queue depth shows those.
+        task_send_sent_event=False,
         worker_hijack_root_logger=False,
         enable_utc=True,
     )

@@ -106,9 +106,12 @@ class ScoreResult(BaseModel):
     def from_verdict(cls, item_id: str, verdict: JudgeVerdict, *, cached: bool,
                      attempts: int = 0, latency_ms: float = 0.0) -> ScoreResult:
         """An ``ok`` result carrying ``verdict``'s score."""
-        return cls(id=item_id, status=ResultStatus.OK, score=verdict.score,
-                   raw_score=verdict.raw_score, cached=cached, attempts=attempts,
-                   latency_ms=latency_ms, usage=verdict.usage)
+        # Built without validation: every field comes from a validated verdict or is
+        # typed here (a warm 2,048-item step spent 38 ms re-validating them).
+        return cls.model_construct(id=item_id, status=ResultStatus.OK, score=verdict.score,
+                                   raw_score=verdict.raw_score, cached=cached,
+                                   attempts=attempts, latency_ms=latency_ms,
+                                   usage=verdict.usage, error=None)
 
     @classmethod
     def failure(cls, item_id: str, status: ResultStatus, error: str, *,
