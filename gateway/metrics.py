@@ -25,6 +25,7 @@ The gateway is one asyncio thread, so ``prometheus_client``'s own metric classes
 from __future__ import annotations
 
 import time
+from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -76,13 +77,20 @@ class GatewayMetrics:
 
     def count_results(self, token: str, results: Iterable[ScoreResult]) -> None:
         """Count results returned to ``token``'s caller, and the judge tokens they cost."""
+        # Summed first: a labels() lookup per result would cost more than the rest of a
+        # request's handling.
+        counts: Tally[tuple[str, str]] = Tally()
+        prompt = completion = 0
         for result in results:
-            self.items.labels(token, ResultStatus(result.status).value,
-                              str(result.cached).lower()).inc()
+            counts[ResultStatus(result.status).value, "true" if result.cached else "false"] += 1
             if result.usage is not None and not result.cached:
-                self.judge_tokens.labels(token, "prompt").inc(result.usage.prompt_tokens)
-                self.judge_tokens.labels(token, "completion").inc(
-                    result.usage.completion_tokens)
+                prompt += result.usage.prompt_tokens
+                completion += result.usage.completion_tokens
+        for (status, cached), n in counts.items():
+            self.items.labels(token, status, cached).inc(n)
+        if prompt or completion:
+            self.judge_tokens.labels(token, "prompt").inc(prompt)
+            self.judge_tokens.labels(token, "completion").inc(completion)
 
     def exposition(self) -> bytes:
         """The text exposition format of every metric here."""

@@ -121,23 +121,28 @@ def check_items(raw_items: Sequence[Any], token: str) -> list[ScoreItem]:
         GatewayRequestError: 422 ``invalid_items`` listing every bad field of every item;
             nothing has been enqueued.
     """
-    items: list[ScoreItem] = []
+    try:
+        items = parse_items(raw_items)
+    except InvalidItemError:
+        raise _invalid_items(raw_items) from None
+    return [item.model_copy(update={"metadata": {**item.metadata, TOKEN_NAME_KEY: token}})
+            for item in items]
+
+
+def _invalid_items(raw_items: Sequence[Any]) -> GatewayRequestError:
+    """The 422 for items some of which are invalid, checked one by one to tell exactly
+    which fields of which items."""
     problems: list[dict[str, Any]] = []
     for index, raw in enumerate(raw_items):
         try:
-            [item] = parse_items([raw], label=f"item {index}".format)
+            parse_items([raw], label=f"item {index}".format)
         except InvalidItemError as exc:
             problems.extend(_item_problems(index, raw, exc))
-            continue
-        items.append(item.model_copy(update={"metadata": {**item.metadata,
-                                                            TOKEN_NAME_KEY: token}}))
-    if problems:
-        head = "; ".join(p["message"] for p in problems[:3])
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise GatewayRequestError(422, "invalid_items",
-                                  f"{len(problems)} invalid item field(s), nothing was "
-                                  f"enqueued: {head}{more}", problems=problems)
-    return items
+    head = "; ".join(p["message"] for p in problems[:3])
+    more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+    return GatewayRequestError(422, "invalid_items",
+                               f"{len(problems)} invalid item field(s), nothing was "
+                               f"enqueued: {head}{more}", problems=problems)
 
 
 def _item_problems(index: int, raw: Any, exc: InvalidItemError) -> list[dict[str, Any]]:
