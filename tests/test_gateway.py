@@ -133,6 +133,9 @@ def test_refusals_401_413_422_and_nothing_enqueued(
                            headers={"Authorization": f"Basic {basic}"}).status_code == 401
         assert client.get("/metrics").status_code == 401
         assert client.get("/healthz").status_code == 200  # probes need no token
+        spec = client.get("/openapi.json").json()
+        assert {"/v1/score", "/v1/score/stream", "/get_reward", "/slime/reward",
+                "/readyz"} <= set(spec["paths"])
 
         oversize = {"items": [{**items[0], "response": "x" * 5000}]}
         too_big = client.post("/v1/score", json=oversize, headers=AUTH_A)
@@ -164,7 +167,7 @@ def test_refusals_401_413_422_and_nothing_enqueued(
     assert db.dbsize() == 0  # no chunk, no result, no cache entry: nothing was sent
 
 
-def test_readyz_is_503_without_a_worker_and_200_with_one(
+def test_without_a_worker_readyz_and_scoring_answer_503_and_readyz_200_with_one(
         settings: Settings, workers, gateway: GatewayProcess) -> None:
     with http(gateway) as client:
         not_ready = client.get("/readyz")
@@ -172,6 +175,10 @@ def test_readyz_is_503_without_a_worker_and_200_with_one(
         assert not_ready.json() | {"message": ""} == {"ready": False, "redis": True,
                                                       "workers": 0, "message": ""}
         assert client.get("/healthz").status_code == 200
+        # Scoring says so too, within seconds, instead of sitting out its timeout.
+        orphan = client.post("/v1/score", json={"items": make_items(2, "orphan")},
+                             headers=AUTH_A)
+        assert orphan.status_code == 503 and orphan.json()["error"] == "no_workers"
         workers(1)
         ready = client.get("/readyz")
         assert ready.status_code == 200, ready.text
@@ -204,6 +211,12 @@ def test_a_token_beyond_its_concurrency_gets_429_with_retry_after(
             first.join()
         assert slow["reply"].status_code == 200
         assert metric(gw, "rewardq_gateway_requests_in_flight", token="team-a") == 0
+        # A request's own timeout: 504, or with partial the unfinished items as timeout.
+        late = {"items": make_items(2, "late"), "timeout_s": 0.3}
+        assert client.post("/v1/score", json=late, headers=AUTH_A).status_code == 504
+        partial = client.post("/v1/score", json={**late, "partial": True}, headers=AUTH_A)
+        assert partial.status_code == 200
+        assert [r["status"] for r in partial.json()["results"]] == ["timeout", "timeout"]
 
 
 def _wait_for(condition: Any, timeout_s: float = 20) -> None:
