@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pydantic import ValidationError
+
 from broker.app import QUEUE_JUDGE
 from broker.errors import InvalidItemError, RewardqError
 from broker.settings import EMBEDDED_REDIS_PORT, Settings
@@ -224,7 +226,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so every child process started here is stopped.
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        # Name the variables, never echo their values (a token or password may be one).
+        bad = ", ".join(f"REWARDQ_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}"
+                        for e in exc.errors())
+        print(f"error: invalid settings: {bad}", file=sys.stderr)
+        return 2
     try:
         code: int = args.func(args, settings)
     except RewardqError as exc:

@@ -355,3 +355,12 @@ def test_submit_reports_progress_on_a_pipe_and_points_at_the_output_and_failures
     assert f"results in {out}" in done.stderr
     assert "rewardq failed list" in done.stderr
     assert len(out.read_text().splitlines()) == 300
+
+
+def test_an_invalid_setting_is_named_without_a_traceback_or_its_value() -> None:
+    env = {**os.environ, "REWARDQ_CHUNK_SIZE": "lots-of-secret-sauce"}
+    done = subprocess.run([*RQ, "failed", "list"], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=60, check=False)
+    assert done.returncode == 2
+    assert "REWARDQ_CHUNK_SIZE" in done.stderr and "Traceback" not in done.stderr
+    assert "secret-sauce" not in done.stderr
