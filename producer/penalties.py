@@ -24,7 +24,10 @@ reference; results are returned as float32.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import torch
 from torch import Tensor
 
@@ -69,23 +72,125 @@ def response_lengths(attention_mask: Tensor, prompt_len: int) -> Tensor:
     return attention_mask[:, prompt_len:].sum(-1).to(torch.long)
 
 
-def group_ids(uids: Sequence[object | None], device: torch.device | str | None = None) -> Tensor:
+def group_ids(
+    uids: Sequence[object | None] | npt.NDArray[Any] | Tensor,
+    device: torch.device | str | None = None,
+) -> Tensor:
     """Map GRPO uids to dense group ids, in order of first appearance.
 
     A sample without a uid (``None``) forms a group of its own, so it is its own median
-    and gets no group-median penalty. This is the one pass over Python objects: uids are
-    arbitrary hashables (verl uses uuid strings), which torch cannot hash.
+    and gets no group-median penalty. Uids are grouped as a ``dict`` groups its keys
+    (equal hashables share a group), without a Python-level step per sample:
+
+    - a sequence, or a 1-D numpy object array (verl's ``non_tensor_batch["uid"]``): runs
+      of one repeated object (verl repeats each prompt's uid object ``n`` times, side by
+      side) are found by comparing object addresses, and one ``set`` of the runs' first
+      uids confirms that no group comes back later. Other layouts (a uid seen again
+      after others; equal uids that are distinct objects) take slower exact paths;
+    - a 1-D integer (or bool) tensor or numpy array holds group ids already, the fast
+      path for callers that hash uids themselves. On an accelerator the ids are made
+      dense there, without a copy to the host;
+    - any other 1-D numpy array (fixed-width strings, floats) is compared by value.
 
     Args:
-        uids: one hashable uid, or ``None``, per sample.
-        device: where to put the result (default: CPU).
+        uids: one hashable uid, or ``None``, per sample; or an array of group ids.
+        device: where to put the result (default: the device of a tensor ``uids``, else
+            the CPU).
 
     Returns:
         ``(batch,)`` int64 tensor of ids in ``[0, number_of_groups)``.
 
     Raises:
-        TypeError: if a uid is not hashable.
+        TypeError: if a uid is not hashable, or a tensor of group ids is not integer.
+        ValueError: if an array or tensor of uids is not 1-D.
     """
+    if isinstance(uids, Tensor):
+        if uids.dim() != 1:
+            raise ValueError(f"uids must be 1-D, got shape {tuple(uids.shape)}")
+        if uids.is_floating_point() or uids.is_complex():
+            raise TypeError(f"a tensor of group ids must be integer, got {uids.dtype}")
+        if uids.device.type != "cpu":
+            return _dense_integer_ids(uids).to(uids.device if device is None else device)
+        uids = uids.numpy()
+    if isinstance(uids, np.ndarray):
+        if uids.ndim != 1:
+            raise ValueError(f"uids must be 1-D, got shape {uids.shape}")
+        values = np.ascontiguousarray(uids)
+    else:
+        values = np.fromiter(uids, dtype=object, count=len(uids))
+    return _host_group_ids(values).to(device)
+
+
+def _dense_integer_ids(groups: Tensor) -> Tensor:
+    """``group_ids`` of a 1-D integer tensor, computed on its device."""
+    groups = groups.to(torch.long)
+    starts = torch.ones(groups.shape, dtype=torch.bool, device=groups.device)
+    starts[1:] = groups[1:] != groups[:-1]
+    runs = torch.cumsum(starts, 0) - 1
+    heads = groups[starts]
+    # Rank the distinct heads by their first run, so that ids follow first appearance
+    # even when a group comes back after others.
+    unique, inverse = torch.unique(heads, return_inverse=True)
+    positions = torch.arange(heads.numel(), device=groups.device)
+    first = torch.full_like(unique, heads.numel()).scatter_reduce_(0, inverse, positions, "amin")
+    rank = torch.empty_like(first)
+    rank[torch.argsort(first)] = torch.arange(unique.numel(), device=groups.device)
+    return rank[inverse][runs]
+
+
+_NONE_ADDRESS = id(None)
+
+
+def _host_group_ids(values: npt.NDArray[Any]) -> Tensor:
+    # The ids go straight into torch's memory: a fresh 1 MB numpy result per call was
+    # measured to cost more than the grouping itself where glibc trims the heap after it.
+    ids = torch.empty(values.shape, dtype=torch.long)
+    by_identity = values.dtype == object
+    starts = _run_starts(values, by_identity=by_identity)
+    runs = np.cumsum(starts, dtype=np.int64, out=ids.numpy())
+    runs -= 1
+    heads = values[starts]
+    if by_identity:
+        if 2 * len(heads) <= len(values) and _all_distinct(heads):
+            return ids
+        # Equal uids that are distinct objects, side by side (rebuilt from text rather
+        # than repeated, when most runs are single objects), merged by value.
+        value_starts = _run_starts(heads, by_identity=False)
+        heads = heads[value_starts]
+        np.take(np.cumsum(value_starts, dtype=np.int64) - 1, runs, out=runs)
+    if not _all_distinct(heads):
+        np.take(_first_appearance_ids(heads.tolist()), runs, out=runs)
+    return ids
+
+
+def _run_starts(values: npt.NDArray[Any], *, by_identity: bool) -> npt.NDArray[np.bool_]:
+    """True where a sample's uid differs from the one before; every ``None`` is True.
+
+    Object arrays are compared by identity (``by_identity``) or with ``==``; other arrays
+    by value.
+    """
+    starts = np.ones(values.shape, dtype=bool)
+    if values.dtype != object:
+        np.not_equal(values[1:], values[:-1], out=starts[1:])
+        return starts
+    # The objects' addresses, compared in bulk: a repeated uid object costs no Python
+    # call. They are never dereferenced, and ``values`` keeps the objects alive.
+    address = np.frombuffer(values, dtype=np.intp)
+    if by_identity:
+        np.not_equal(address[1:], address[:-1], out=starts[1:])
+    else:
+        np.logical_not(np.equal(values[1:], values[:-1], dtype=bool), out=starts[1:])
+    starts |= address == _NONE_ADDRESS
+    return starts
+
+
+def _all_distinct(values: npt.NDArray[Any]) -> bool:
+    # Raises TypeError for an unhashable uid, as a dict would.
+    distinct: set[object] = set(values.tolist())
+    return len(distinct) == len(values)
+
+
+def _first_appearance_ids(uids: list[Any]) -> npt.NDArray[np.int64]:
     dense: dict[object, int] = {}
     ids: list[int] = []
     next_id = 0
@@ -99,7 +204,7 @@ def group_ids(uids: Sequence[object | None], device: torch.device | str | None =
             gid = dense[uid] = next_id
             next_id += 1
         ids.append(gid)
-    return torch.tensor(ids, dtype=torch.long, device=device)
+    return np.array(ids, dtype=np.int64)
 
 
 def group_medians(lengths: Tensor, groups: Tensor) -> Tensor:

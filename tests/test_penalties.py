@@ -7,6 +7,7 @@ import statistics
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -15,6 +16,7 @@ from pydantic import SecretStr, ValidationError
 
 from producer.config import LengthPenaltyConfig
 from producer.penalties import (
+    _dense_integer_ids,
     group_ids,
     group_median_penalty,
     group_medians,
@@ -238,6 +240,122 @@ def test_group_id_tensor_is_accepted() -> None:
 def test_uid_count_must_match() -> None:
     with pytest.raises(ValueError, match="one per sample"):
         length_penalty(torch.tensor([1, 2, 3]), ["a", "b"], LengthPenaltyConfig())
+
+
+def first_appearance_ids(uids: list[Any]) -> list[int]:
+    """The plain-Python grouping: a dict of first occurrences, each None alone."""
+    first: dict[object, int] = {}
+    ids: list[int] = []
+    groups = 0
+    for uid in uids:
+        if uid is not None and uid in first:
+            ids.append(first[uid])
+            continue
+        if uid is not None:
+            first[uid] = groups
+        ids.append(groups)
+        groups += 1
+    return ids
+
+
+def object_array(values: list[Any]) -> np.ndarray:
+    array = np.empty(len(values), dtype=object)
+    array[:] = values
+    return array
+
+
+def equal_copy(uid: object) -> object:
+    """An equal uid that is, where Python allows, another object."""
+    if isinstance(uid, str):
+        return "".join(list(uid))
+    if isinstance(uid, int) and not isinstance(uid, bool):
+        return int(str(uid))
+    return uid
+
+
+mixed_uids = st.one_of(
+    st.none(),
+    st.text(max_size=3),
+    st.integers(-2, 2),
+    st.integers(10**3, 10**3 + 3),  # beyond CPython's cached small ints
+    st.booleans(),
+    st.sampled_from([0.0, -0.0, 1.0, 2.5, math.nan]),
+    st.tuples(st.integers(0, 1)),
+)
+
+
+@st.composite
+def uid_layouts(draw: st.DrawFn) -> list[Any]:
+    """Runs of repeated uid objects, as verl lays them out, and anything but that."""
+    pool = draw(st.lists(mixed_uids, min_size=1, max_size=6))
+    runs = st.tuples(st.integers(0, len(pool) - 1), st.integers(1, 4))
+    copies = draw(st.booleans())
+    uids = [
+        equal_copy(pool[i]) if copies and k % 2 else pool[i]
+        for i, size in draw(st.lists(runs, max_size=12))
+        for k in range(size)
+    ]
+    if draw(st.booleans()):
+        uids = draw(st.permutations(uids))
+    return uids
+
+
+@PROPERTY
+@given(uids=uid_layouts(), form=st.sampled_from([list, tuple, object_array]))
+def test_group_ids_partition_like_a_dict_of_first_occurrences(uids: list[Any], form: Any) -> None:
+    assert group_ids(form(uids)).tolist() == first_appearance_ids(uids)
+
+
+@PROPERTY
+@given(values=st.lists(st.integers(-3, 3) | st.integers(2**62, 2**62 + 2), max_size=40))
+def test_integer_group_ids_are_made_dense_in_first_appearance_order(values: list[int]) -> None:
+    expected = first_appearance_ids(values)
+    assert group_ids(torch.tensor(values, dtype=torch.long)).tolist() == expected
+    assert group_ids(np.array(values, dtype=np.int64)).tolist() == expected
+    # What a CUDA tensor of ids goes through, run here on the CPU.
+    assert _dense_integer_ids(torch.tensor(values, dtype=torch.long)).tolist() == expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_group_ids_on_cuda_match_the_reference() -> None:
+    values = [3, 3, 1, 1, 3, 2, 2, 7]
+    ids = group_ids(torch.tensor(values, device="cuda"))
+    assert ids.device.type == "cuda"
+    assert ids.tolist() == first_appearance_ids(values)
+    uids = ["a", "a", None, "b", None, "a"]
+    moved = group_ids(uids, device="cuda")
+    assert moved.device.type == "cuda"
+    assert moved.tolist() == first_appearance_ids(uids)
+
+
+def test_group_ids_of_verl_uids_an_object_array_of_repeated_uuid_strings() -> None:
+    prompts = [f"{i:08x}-uuid" for i in range(5)]
+    uids = np.repeat(object_array(prompts), 4)
+    ids = group_ids(uids, device="cpu")
+    assert ids.dtype == torch.long
+    assert ids.tolist() == [i // 4 for i in range(20)]
+    rebuilt = [equal_copy(uid) for uid in uids.tolist()]
+    assert group_ids(rebuilt).tolist() == ids.tolist()
+    assert group_ids(rebuilt[::-1]).tolist() == [i // 4 for i in range(20)]
+
+
+def test_fixed_width_string_and_float_arrays_group_by_value() -> None:
+    assert group_ids(np.array(["b", "a", "b", "b"])).tolist() == [0, 1, 0, 0]
+    # NaN equals nothing, not even itself, so each NaN sample is a group of its own.
+    assert group_ids(np.array([1.0, math.nan, math.nan, 1.0])).tolist() == [0, 1, 2, 0]
+
+
+def test_group_ids_rejects_unhashable_uids_and_bad_arrays() -> None:
+    with pytest.raises(TypeError, match="unhashable"):
+        group_ids([["a"], ["a"]])
+    with pytest.raises(TypeError, match="unhashable"):
+        group_ids(["a", {"a"}])
+    with pytest.raises(TypeError, match="integer"):
+        group_ids(torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="1-D"):
+        group_ids(np.zeros((2, 2), dtype=np.int64))
+    with pytest.raises(ValueError, match="1-D"):
+        group_ids(torch.zeros((2, 2), dtype=torch.long))
 
 
 # --- zero lengths -------------------------------------------------------------------------
