@@ -34,10 +34,12 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# tests/ by its own path: verl installs a top-level ``tests`` package that would win.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from producer.config import LengthPenaltyConfig  # noqa: E402
 from producer.penalties import group_ids, length_penalty, response_lengths  # noqa: E402
-from tests import penalty_reference as ref  # noqa: E402
+import penalty_reference as ref  # noqa: E402
 
 
 def make_batch(
