@@ -37,9 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # tests/ by its own path: verl installs a top-level ``tests`` package that would win.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+import penalty_reference as ref  # noqa: E402
+
 from producer.config import LengthPenaltyConfig  # noqa: E402
 from producer.penalties import group_ids, length_penalty, response_lengths  # noqa: E402
-import penalty_reference as ref  # noqa: E402
 
 
 def make_batch(
