@@ -20,8 +20,9 @@ import pytest
 import redis
 import redis.asyncio
 
-from broker.embedded import EmbeddedRedis
-from broker.errors import ConfigError
+from broker.connections import OUTAGE_ERRORS
+from broker.embedded import EmbeddedRedis, free_port
+from broker.errors import BrokerUnavailableError, ConfigError
 from broker.keys import rate_limit_key
 from broker.settings import Settings
 from workers.rate_limit import (
@@ -288,6 +289,27 @@ def test_keys_expire_once_the_limiter_is_idle(url: str) -> None:
     (rpm_ttl, tpm_ttl), left = run(url, body)
     assert 0 < rpm_ttl <= 10 and 0 < tpm_ttl <= 50
     assert left == 0
+
+
+def test_a_lost_redis_is_an_outage_that_the_task_retries() -> None:
+    """Both limiter calls raise ``BrokerUnavailableError`` when Redis is gone, and that is
+    one of the outage policy's errors (issue 10: it was not, so the item was
+    dead-lettered instead of its chunk being scored again)."""
+    async def body() -> list[BaseException]:
+        client = redis.asyncio.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")
+        rl = limiter(client, RateLimit(rpm=60, tpm=6000))
+        raised = []
+        for call in (lambda: rl.acquire(10), lambda: rl.reconcile(10, 20)):
+            with pytest.raises(BrokerUnavailableError) as info:
+                await call()
+            raised.append(info.value)
+        await client.aclose()
+        return raised
+
+    errors = asyncio.run(body())
+
+    assert all(isinstance(e, OUTAGE_ERRORS) for e in errors)
+    assert all("rate limiter for 'judge'" in str(e) for e in errors)
 
 
 def test_negative_token_counts_are_refused(url: str) -> None:
