@@ -20,7 +20,7 @@ def create_app(settings: Settings) -> Celery:
 
     Late acks with reject-on-worker-lost mean a chunk whose worker dies is redelivered
     instead of lost. Chunks are leased: the visibility timeout is ``chunk_lease_s``, and
-    a live worker renews the lease of every chunk it holds (``workers.tasks.ChunkLeases``),
+    a live worker renews the lease of every chunk it holds (``workers.leases.ChunkLeases``),
     so a slow but live chunk is never handed out twice while a dead worker's chunks go
     to another worker within about one lease.
     """
@@ -53,6 +53,12 @@ def create_app(settings: Settings) -> Celery:
         },
         redis_max_connections=max_connections,
         result_backend_transport_options={"retry_policy": {"timeout": 5.0}},
+        # A worker storing a chunk's state or results through a Redis blip retries instead
+        # of storing the blip as the chunk's failure (Celery retries store_result's
+        # GET-then-SET only when asked); about Settings.redis_retry_s in all.
+        result_backend_always_retry=True,
+        result_backend_max_retries=max(10, int(2 * settings.redis_retry_s)),
+        result_backend_max_sleep_between_retries_ms=1000,
         broker_connection_retry_on_startup=True,
         # gevent patches threading.local, so a per-thread result backend is one backend
         # (and one Redis pool) per greenlet: ~130 new connections per 2048-item step and

@@ -35,7 +35,7 @@ key                                    type    meaning, TTL
 ``unacked_index``                      ZSET    kombu's unacked delivery tag -> delivery time;
                                                workers bump their own tags every
                                                ``Settings.chunk_lease_s`` / 3 (chunk leases,
-                                               ``workers.tasks.ChunkLeases``); no TTL
+                                               ``workers.leases.ChunkLeases``); no TTL
 ``unacked`` / ``unacked_mutex``        HASH /  kombu's unacked messages by tag, and the lock
                                        STRING  of its restore sweep (``chunk_lease_s``)
 ``celery-task-meta-<task id>``         STRING  Celery result of one chunk; TTL

@@ -118,7 +118,7 @@ class Settings(BaseSettings):
     flower_user: str | None = None
     flower_password: SecretStr | None = None
 
-    # Reliability: leases, locks and outages (see workers/tasks.py, workers/cache.py).
+    # Reliability: leases, locks and outages (see workers/leases.py, workers/cache.py).
     chunk_lease_s: float = Field(
         default=30.0, gt=0,
         description="A worker renews the lease of every chunk it holds each third of this; "

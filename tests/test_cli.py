@@ -107,6 +107,10 @@ class ReadmeCommand:
 
 
 def _as_command(line: str) -> ReadmeCommand | None:
+    # Only lines that run rewardq (after any VAR=value) are parsed: other shell lines
+    # (a curl whose JSON spans several lines) need not be whole commands.
+    if not re.match(r"\s*([A-Z_][A-Z0-9_]*=\S*\s+)*(\S*/)?rewardq(\s|$)", line):
+        return None
     tokens = shlex.split(line, comments=True)
     env: dict[str, str] = {}
     while tokens and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", tokens[0]):
