@@ -107,7 +107,9 @@ class Settings(BaseSettings):
     result_expires_s: int = Field(default=3600, gt=0)
     dead_letter_ttl_s: int = Field(default=7 * 24 * 3600, gt=0)
 
-    # Operations: metrics, cost, Flower.
+    # Operations: logs, metrics, cost, Flower.
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="Worker log lines as text, or one JSON object per line.")
     metrics_port: int | None = Field(
         default=None, description="Prometheus endpoint of each worker process: the first free "
                                   "port from here (0 = any free port); unset = none.")

@@ -68,6 +68,8 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
            "-Q", args.queues, "--loglevel", args.loglevel]
     if args.name:
         cmd += ["-n", args.name]
+    if args.log_format:  # the worker module reads it back from its environment
+        os.environ["REWARDQ_LOG_FORMAT"] = args.log_format
     os.execv(sys.executable, cmd)
 
 
@@ -190,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--queues", default=QUEUE_JUDGE)
     worker.add_argument("--name", default=None, help="worker node name, e.g. w1@%%h")
     worker.add_argument("--loglevel", default="INFO")
+    worker.add_argument("--log-format", choices=["text", "json"], default=None,
+                        help="log lines as text or one JSON object each (default "
+                             "REWARDQ_LOG_FORMAT, else text)")
     worker.set_defaults(func=_worker)
 
     submit = sub.add_parser("submit", help="score a JSONL file of items")

@@ -24,6 +24,7 @@ from broker.keys import judge_fingerprint
 from broker.schemas import JudgeSpec, JudgeVerdict, ResultStatus, ScoreChunk, ScoreItem, ScoreResult
 from monitoring.metrics import WorkerMetrics, call_status
 from workers.cache import Claim, ClaimState, JudgeCache
+from workers.logs import RetryStormLog
 from workers.retry import RetryPolicy, decide
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class ChunkScorer:
         self._cache = cache
         self._policy = policy
         self._resolving: dict[str, asyncio.Task[Outcome]] = {}
+        self._storms = RetryStormLog()
 
     async def score(self, chunk: ScoreChunk) -> list[ScoreResult]:
         """One result per item of ``chunk``, in order."""
@@ -129,9 +131,14 @@ class ChunkScorer:
             outcome = await asyncio.wait_for(asyncio.shield(task),
                                              timeout=max(0.0, deadline - started))
         except JudgeFailed as exc:
+            if owner:
+                log.warning("item %r failed for good after %d attempt(s): %s", item.id,
+                            exc.attempts, exc.error)
             return ScoreResult.failure(item.id, ResultStatus.FAILED, str(exc.error),
                                        attempts=exc.attempts if owner else 0, latency_ms=ms())
         except TimeoutError:
+            log.warning("item %r timed out: its chunk's deadline passed before the judge "
+                        "answered", item.id)
             return ScoreResult.failure(item.id, ResultStatus.TIMEOUT,
                                        "deadline passed before the judge answered",
                                        latency_ms=ms())
@@ -193,5 +200,6 @@ class ChunkScorer:
                 if not decision.retry:
                     raise JudgeFailed(exc, attempt) from exc
                 self._metrics.retry(call_status(exc))
+                self._storms.retried(call_status(exc))
             # The cache renews our lock while we back off (see ``JudgeCache``).
             await asyncio.sleep(decision.delay_s)

@@ -23,11 +23,13 @@ letters, metrics, chunk leases, heartbeat, the shutdown watchdog.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
 import gevent
 from celery import Celery, Task
+from celery.signals import after_setup_logger
 from pydantic import ValidationError
 
 from broker.app import TASK_SCORE_CHUNK, create_app
@@ -39,6 +41,7 @@ from workers.dead_lettering import DeadLetterHook
 from workers.heartbeat import HeartbeatHook
 from workers.hooks import ChunkRun, MetricsHook, WorkerHooks
 from workers.leases import ChunkLeases
+from workers.logs import quiet_http_clients, use_json_format
 from workers.runtime import WorkerRuntime
 from workers.watchdog import ShutdownWatchdog
 
@@ -52,6 +55,9 @@ class MalformedChunkError(ValueError):
 def create_worker_app(settings: Settings) -> Celery:
     """The Celery app with the scoring task and the worker hooks, for one process."""
     app = create_app(settings)
+    quiet_http_clients()
+    if settings.log_format == "json":
+        after_setup_logger.connect(_json_logs, weak=False)
     runtime = WorkerRuntime(settings)
     hooks = WorkerHooks([
         DeadLetterHook(settings, runtime.metrics),  # first: letters land before counts
@@ -71,6 +77,11 @@ def create_worker_app(settings: Settings) -> Celery:
         return [r.model_dump(mode="json") for r in results]
 
     return app
+
+
+def _json_logs(logger: logging.Logger | None = None, **_: Any) -> None:
+    if logger is not None:
+        use_json_format(logger)
 
 
 def score_message(runtime: WorkerRuntime, hooks: WorkerHooks, run: ChunkRun,
