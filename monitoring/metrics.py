@@ -60,7 +60,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from broker.errors import JudgeError, UnparseableReplyError
+from broker.errors import JudgeError
 
 log = logging.getLogger(__name__)
 
@@ -282,29 +282,15 @@ def _counter(name: str, doc: str, labels: list[str],
     return family
 
 
-def call_status(error: BaseException | None) -> str:
-    """The ``status`` label of a judge request that raised ``error`` (``None``: scored).
-
-    ``unparseable`` for a 200 without a score, the HTTP status when the judge answered
-    with an error, ``timeout`` for a request that timed out and ``network`` for any
-    other failure to get an answer. Takes an ``openai`` SDK error or a ``JudgeError``
-    (whose ``__cause__`` is the SDK error).
-    """
+def call_status(error: JudgeError | None) -> str:
+    """The ``status`` label of a judge request that raised ``error`` (``None``: scored):
+    the HTTP status when the judge answered with an error, else the error's kind
+    (``timeout``, ``network``, ``unparseable``, ``other``)."""
     if error is None:
         return "ok"
-    if isinstance(error, UnparseableReplyError):
-        return "unparseable"
-    for exc in (error, error.__cause__):
-        code = getattr(exc, "status_code", None)
-        if isinstance(code, int):
-            return str(code)
-    for exc in (error, error.__cause__):
-        if exc is not None and ("Timeout" in type(exc).__name__
-                                or isinstance(exc, TimeoutError)):
-            return "timeout"
-    if isinstance(error, JudgeError) and "timed out" in str(error):
-        return "timeout"
-    return "network"
+    if error.status_code is not None:
+        return str(error.status_code)
+    return error.kind.value
 
 
 # -- the endpoint -----------------------------------------------------------------

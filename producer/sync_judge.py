@@ -35,7 +35,7 @@ from broker.schemas import JudgeVerdict, ResultStatus, ScoreItem, ScoreResult, p
 from broker.settings import Settings
 from broker.verdicts import classify
 
-__all__ = ["SyncJudge", "judge_spec"]
+__all__ = ["SyncJudge"]
 
 #: Retries the SDK makes per call (408/409/429/5xx, timeouts, connection errors).
 DEFAULT_MAX_RETRIES = 2

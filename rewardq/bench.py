@@ -223,16 +223,21 @@ def asyncio_child_main() -> None:
     ``AsyncOpenAI`` client and a semaphore of ``REWARDQ_BENCH_CONCURRENCY``, and writes
     ``{"wall_s", "cpu_s", "failed"}``. CPU is the process's own (``process_time``).
     """
+    import httpx2
     import openai
 
-    from broker.prompts import template_for
+    from broker.errors import JudgeError
+    from broker.judge_core import (
+        COMPLETIONS_PATH,
+        judge_request,
+        judge_spec,
+        judge_verdict,
+        read_reply,
+    )
     from broker.schemas import ScoreItem
-    from broker.verdicts import extract_raw_score, normalize
-    from producer.sync_judge import judge_spec
 
     settings = Settings()
     spec = judge_spec(settings)
-    template = template_for(spec.prompt_version)
     concurrency = int(os.environ["REWARDQ_BENCH_CONCURRENCY"])
 
     async def main() -> None:
@@ -243,15 +248,15 @@ def asyncio_child_main() -> None:
         slots = asyncio.Semaphore(concurrency)
 
         async def judge(raw: dict[str, Any]) -> float | None:
-            messages: Any = template.messages(ScoreItem.model_validate(raw))
+            # The same judge core as the workers and the sync judge: request, reply, score.
+            body = judge_request(spec, ScoreItem.model_validate(raw))
             async with slots:
                 try:
-                    reply = await client.chat.completions.create(
-                        model=spec.model, messages=messages, temperature=spec.temperature,
-                        max_tokens=spec.max_tokens)
-                except openai.APIError:
+                    response = await client.post(COMPLETIONS_PATH, cast_to=httpx2.Response,
+                                                 body=body)
+                    return judge_verdict(*read_reply(response.content)).score
+                except (openai.APIError, JudgeError):
                     return None
-            return normalize(extract_raw_score(reply.choices[0].message.content))
 
         loop = asyncio.get_running_loop()
         async with client:

@@ -22,9 +22,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from scoring_data import make_items
 
 from broker.app import create_app
-from broker.errors import PermanentJudgeError, TransientJudgeError, UnparseableReplyError
+from broker.errors import (
+    JudgeError,
+    PermanentJudgeError,
+    TransientJudgeError,
+    UnparseableReplyError,
+)
 from broker.schemas import ResultStatus
 from broker.settings import Settings
+from broker.verdicts import classify
 from monitoring.metrics import (
     METRICS_PORT_SPAN,
     WorkerMetrics,
@@ -140,13 +146,15 @@ def _request() -> httpx.Request:
     (UnparseableReplyError("no score"), "unparseable"),
     (TransientJudgeError("judge answered HTTP 429", status_code=429), "429"),
     (PermanentJudgeError("judge answered HTTP 401", status_code=401), "401"),
-    (openai.APIStatusError("boom", response=httpx.Response(503, request=_request()),
-                           body=None), "503"),
-    (openai.APITimeoutError(_request()), "timeout"),
-    (openai.APIConnectionError(request=_request()), "network"),
-    (TransientJudgeError("judge timed out: Request timed out."), "timeout"),
+    (classify(openai.APIStatusError("boom", response=httpx.Response(503, request=_request()),
+                                    body=None)), "503"),
+    (classify(openai.APITimeoutError(_request())), "timeout"),
+    (classify(openai.APIConnectionError(request=_request())), "network"),
+    (PermanentJudgeError("judge error: odd"), "other"),
 ])
-def test_call_status_gives_few_label_values(error: BaseException | None, status: str) -> None:
+def test_call_status_gives_few_label_values(error: JudgeError | None, status: str) -> None:
+    """The label comes from the error's HTTP status, else its kind: never from the text
+    or the class name of an exception."""
     assert call_status(error) == status
 
 

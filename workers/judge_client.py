@@ -1,4 +1,4 @@
-"""The async judge client: a thin I/O shell around the pure prompts and verdict parser.
+"""The async judge client: a thin I/O shell around the one judge core (``broker.judge_core``).
 
 One ``JudgeClient`` per worker process, living on the process's asyncio loop, holding
 one ``AsyncOpenAI`` client (and so one connection pool) reused across tasks. The SDK's
@@ -12,20 +12,18 @@ reply's token usage is reconciled with the estimate that was debited.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-from typing import Any
 
 import httpx2
 import openai
 import redis.asyncio as aioredis
 
 from broker.errors import BrokerUnavailableError, UnparseableReplyError
-from broker.prompts import template_for
+from broker.judge_core import COMPLETIONS_PATH, judge_request, judge_verdict, read_reply
 from broker.schemas import JudgeSpec, JudgeVerdict, ScoreItem, Usage
 from broker.settings import Settings
-from broker.verdicts import classify, extract_raw_score, normalize
+from broker.verdicts import classify
 from monitoring.costs import PriceTable
 from monitoring.metrics import WorkerMetrics, call_status
 from workers.rate_limit import RateLimit, RedisRateLimiter, estimate_tokens
@@ -80,9 +78,9 @@ class JudgeClient:
                 call (an outage: the task scores the chunk again). After the call, a
                 failed token reconcile is logged, never raised: the verdict is kept.
         """
-        messages = template_for(spec.prompt_version).messages(item)
+        body = judge_request(spec, item)
         limiter = self._limiter(spec.model)
-        estimate = estimate_tokens(messages, spec.max_tokens)
+        estimate = estimate_tokens(body["messages"], spec.max_tokens)
         async with self._slots:
             if limiter is not None:
                 self._metrics.rate_limited(await limiter.acquire(estimate))
@@ -91,16 +89,15 @@ class JudgeClient:
                 # The raw route: the SDK's per-call transform of the params (TypedDict
                 # introspection) and pydantic parse of the reply cost more client CPU
                 # than the HTTP exchange itself (issue 5: 1.7 -> 0.9 ms per call).
-                response = await self._client.post(
-                    "/chat/completions", cast_to=httpx2.Response,
-                    body={"model": spec.model, "messages": messages,
-                          "temperature": spec.temperature, "max_tokens": spec.max_tokens})
+                response = await self._client.post(COMPLETIONS_PATH,
+                                                   cast_to=httpx2.Response, body=body)
             except openai.APIError as exc:
-                self._metrics.judge_call(spec.model, call_status(exc),
+                error = classify(exc)
+                self._metrics.judge_call(spec.model, call_status(error),
                                          time.perf_counter() - started)
-                raise classify(exc) from exc
+                raise error from exc
             latency_s = time.perf_counter() - started
-        content, reported = read_completion(response.content)
+        content, reported = read_reply(response.content)
         usage = reported or Usage()
         if limiter is not None and reported is not None:
             await self._reconcile(limiter, estimate, usage)
@@ -108,12 +105,12 @@ class JudgeClient:
                             self._prices.cost(spec.model, usage.prompt_tokens,
                                               usage.completion_tokens))
         try:
-            raw = extract_raw_score(content)
-        except UnparseableReplyError:
-            self._metrics.judge_call(spec.model, "unparseable", latency_s)
+            verdict = judge_verdict(content, usage)
+        except UnparseableReplyError as error:
+            self._metrics.judge_call(spec.model, call_status(error), latency_s)
             raise
         self._metrics.judge_call(spec.model, "ok", latency_s)
-        return JudgeVerdict(score=normalize(raw), raw_score=raw, usage=usage)
+        return verdict
 
     async def _reconcile(self, limiter: RedisRateLimiter, estimate: int, usage: Usage) -> None:
         # The verdict is paid for: a Redis blip here must not cost a second judge call.
@@ -129,20 +126,3 @@ class JudgeClient:
         """Close the connection pool."""
         await self._client.close()
 
-
-def read_completion(body: bytes) -> tuple[str | None, Usage | None]:
-    """The first choice's message content and the token usage of a chat completion.
-
-    Raises:
-        UnparseableReplyError: the body is not a chat-completion JSON object.
-    """
-    try:
-        reply: Any = json.loads(body)
-        choices = reply.get("choices") or []
-        content = choices[0]["message"].get("content") if choices else None
-        usage = reply.get("usage")
-        return content, (Usage(prompt_tokens=usage.get("prompt_tokens") or 0,
-                               completion_tokens=usage.get("completion_tokens") or 0)
-                         if usage else None)
-    except (ValueError, TypeError, LookupError, AttributeError) as exc:
-        raise UnparseableReplyError(f"judge reply is not a chat completion: {exc}") from exc
