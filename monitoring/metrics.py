@@ -19,7 +19,17 @@ metric                                                type       labels
 ``rewardq_dead_letters_total``                        counter    kind
 ``rewardq_chunks_total``                              counter    status
 ``rewardq_items_total``                               counter    status
+``rewardq_fleet_workers_up``                          gauge
+``rewardq_fleet_submit_cache_hits_total``             counter
 ====================================================  =========  ==========================
+
+The two ``rewardq_fleet_*`` series are read from Redis at scrape time and are the same on
+every worker: take their ``max()``, not their ``sum()``. ``rewardq_fleet_workers_up``
+counts the workers whose last heartbeat is at most two beat periods old, so it drops
+within two heartbeats of a SIGKILL (a dead process cannot say so itself, and Flower's
+``flower_worker_online`` stays 1 for minutes). ``rewardq_fleet_submit_cache_hits_total``
+counts the items producers answered from the cache at submit, which never reach a worker:
+the cache hit rate needs them.
 
 ``status`` of a judge request is ``ok`` (scored), ``unparseable`` (a 200 without a
 score), the HTTP status of an error answer (``429``, ``500``...), ``timeout`` or
@@ -52,6 +62,7 @@ import bisect
 import logging
 import socket
 import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -330,8 +341,36 @@ def start_metrics_server(port: int, registry: CollectorRegistry, *, addr: str = 
     raise OSError(f"no free metrics port in {port}..{port + span - 1}: {last_error}")
 
 
+class FleetCollector(Collector):
+    """Fleet-wide series read from Redis at each scrape (see the module docstring)."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        from broker.fleet import BEAT_INTERVAL_S, live_workers
+        from broker.keys import SUBMIT_CACHE_HITS
+
+        try:
+            now = time.time()
+            beats = live_workers(self._client, queue=None)
+            hits = self._client.get(SUBMIT_CACHE_HITS)
+        except Exception as exc:  # Redis away: no fleet series this scrape, never a 500
+            log.debug("fleet metrics not read: %s", exc)
+            return
+        up = sum(1 for b in beats if now - b.beat_at <= 2 * BEAT_INTERVAL_S)
+        yield GaugeMetricFamily("rewardq_fleet_workers_up",
+                                "Workers with a heartbeat at most two beat periods old.",
+                                value=up)
+        yield CounterMetricFamily("rewardq_fleet_submit_cache_hits",
+                                  "Items producers answered from the cache at submit.",
+                                  value=float(hits or 0))
+
+
 def serve_worker_metrics(metrics: WorkerMetrics, port: int, *, node: str,
-                         addr: str = "0.0.0.0") -> int:
+                         addr: str = "0.0.0.0", fleet: Any = None) -> int:
     """Start a worker process's endpoint and advertise it (log line + inspect command).
 
     Call once per worker process, after the worker is up (Celery's ``worker_ready``):
@@ -342,10 +381,13 @@ def serve_worker_metrics(metrics: WorkerMetrics, port: int, *, node: str,
         port: ``Settings.metrics_port`` (see the module docstring for 0 and ranges).
         node: the worker's Celery node name (``sender.hostname`` of ``worker_ready``).
         addr: the interface to bind.
+        fleet: a Redis client: also export the fleet-wide series read from it.
 
     Returns:
         The port bound.
     """
+    if fleet is not None:
+        metrics.registry.register(FleetCollector(fleet))
     bound = start_metrics_server(port, metrics.registry, addr=addr)
     host = socket.gethostname() if addr in ("0.0.0.0", "::", "") else addr
     _served.update(node=node, port=bound, url=f"http://{host}:{bound}/metrics")

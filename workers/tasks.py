@@ -33,7 +33,7 @@ from celery.signals import after_setup_logger
 from pydantic import ValidationError
 
 from broker.app import TASK_SCORE_CHUNK, create_app
-from broker.connections import with_outage_retries
+from broker.connections import redis_client, with_outage_retries
 from broker.errors import InvalidItemError
 from broker.schemas import ResultStatus, ScoreChunk, ScoreItem, ScoreResult, parse_items
 from broker.settings import Settings
@@ -61,7 +61,9 @@ def create_worker_app(settings: Settings) -> Celery:
     runtime = WorkerRuntime(settings)
     hooks = WorkerHooks([
         DeadLetterHook(settings, runtime.metrics),  # first: letters land before counts
-        MetricsHook(runtime.metrics, settings.metrics_port),
+        MetricsHook(runtime.metrics, settings.metrics_port,
+                    fleet=redis_client(settings) if settings.metrics_port is not None
+                    else None),
         ChunkLeases(app, settings),
         HeartbeatHook(settings),
         ShutdownWatchdog(runtime.close),  # last: the others have stopped when it exits
