@@ -66,3 +66,38 @@ def test_stats_once_prints_no_interactive_hint(settings: Settings, judge: JudgeP
                           timeout=60)
     assert done.returncode == 0, done.stderr
     assert "rewardq stats" in done.stdout and "Ctrl-C" not in done.stdout
+
+
+def test_the_fleet_liveness_metric_drops_when_a_worker_is_killed(
+        settings: Settings, workers, judge: JudgeProcess) -> None:
+    """A dead process cannot report itself: every worker's endpoint also serves the
+    fleet's live-worker count from Redis heartbeats, which a SIGKILL ends."""
+    import httpx
+
+    from broker.app import create_app
+    from monitoring.metrics import discover_endpoints
+
+    first, second = workers(2, metrics_port=0)
+    app = create_app(settings)
+    try:
+        endpoints = discover_endpoints(app, timeout_s=2)
+    finally:
+        app.close()
+    assert len(endpoints) == 2
+
+    def workers_up(url: str) -> float:
+        for line in httpx.get(url, timeout=5).text.splitlines():
+            if line.startswith("rewardq_fleet_workers_up "):
+                return float(line.split()[1])
+        raise AssertionError("no rewardq_fleet_workers_up sample")
+
+    survivor = next(e.url_for("127.0.0.1") for node, e in endpoints.items()
+                    if node.startswith("w1@"))
+    assert workers_up(survivor) == 2
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=10)
+    deadline = time.monotonic() + 30
+    while workers_up(survivor) != 1:
+        assert time.monotonic() < deadline, "the killed worker still counts as up"
+        time.sleep(0.5)
+    assert second.poll() is None
