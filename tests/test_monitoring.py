@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import redis
 from prometheus_client.parser import text_string_to_metric_families
 from scoring_data import make_items
 
@@ -290,9 +291,13 @@ COMPOSE_ENV = {"REDIS_PASSWORD": "compose-test-redis", "FLOWER_PASSWORD": "compo
                "GRAFANA_PASSWORD": "compose-test-grafana"}
 
 
-def _exposed_names() -> set[str]:
-    """Every sample name a worker exposes once each family has a value."""
+def _exposed_names(redis_url: str) -> set[str]:
+    """Every sample name a worker exposes once each family has a value (the fleet-wide
+    series read from a real Redis)."""
+    from monitoring.metrics import FleetCollector
+
     m = WorkerMetrics()
+    m.registry.register(FleetCollector(redis.Redis.from_url(redis_url)))
     m.judge_call("m", "ok", 0.1)
     m.usage("m", 1, 1, 0.1)
     m.retry("429")
@@ -324,8 +329,8 @@ def _alert_rules() -> list[dict[str, Any]]:
     return [rule for group in doc["groups"] for rule in group["rules"]]
 
 
-def test_dashboard_and_alerts_only_use_metrics_that_exist() -> None:
-    ours, flowers = _exposed_names(), _flower_names()
+def test_dashboard_and_alerts_only_use_metrics_that_exist(redis_url: str) -> None:
+    ours, flowers = _exposed_names(redis_url), _flower_names()
     exprs = _dashboard_exprs() + [rule["expr"] for rule in _alert_rules()]
     used = set().union(*(_metric_names(e, "rewardq") for e in exprs))
     assert used and used <= ours, used - ours

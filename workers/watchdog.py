@@ -43,15 +43,21 @@ class ShutdownWatchdog(WorkerHook):
 
     Args:
         close: releases the process's resources (``WorkerRuntime.close``) before exit.
-        grace_s: how long Celery may take to finish by itself after the last task.
+        grace_s: how long Celery may take to finish by itself after the last task, when
+            it stops on a failure.
+        warm_grace_s: the same after a warm shutdown (status 0): long enough for the
+            other hooks' last greenlets (the heartbeat's delete) to run; every test and
+            every rolling restart pays it.
         drain_s: how long running tasks may take after an unrecoverable error.
         poll_s: how often the worker's exit status is looked at.
     """
 
     def __init__(self, close: Callable[[], None], *, grace_s: float = 3.0,
-                 drain_s: float = 30.0, poll_s: float = 0.5) -> None:
+                 warm_grace_s: float = 1.0, drain_s: float = 30.0, poll_s: float = 0.5
+                 ) -> None:
         self._close = close
         self._grace_s = grace_s
+        self._warm_grace_s = warm_grace_s
         self._drain_s = drain_s
         self._poll_s = poll_s
         self._worker: Any = None
@@ -106,7 +112,7 @@ class ShutdownWatchdog(WorkerHook):
                           len(worker_state.active_requests), self._drain_s)
                 break
             sleep(0.1)
-        sleep(self._grace_s)
+        sleep(self._grace_s if self._exitcode else self._warm_grace_s)
         try:
             self._close()
         except Exception:  # exiting anyway
