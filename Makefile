@@ -29,8 +29,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check broker workers producer monitoring judge_server rewardq tests benchmarks
-	$(BIN)/mypy broker producer workers
+	$(BIN)/ruff check broker workers producer gateway monitoring judge_server rewardq tests benchmarks
+	$(BIN)/mypy broker producer workers gateway
 
 bench: $(STAMP)
 	$(BIN)/rewardq bench
