@@ -7,34 +7,65 @@ functions, so for the same judge answers every path gives the same score.
 
     spec = judge_spec(settings)                  # what changes the answer (and the cache key)
     body = judge_request(spec, item)             # POST {base_url}/chat/completions
-    content, usage = read_reply(response_bytes)  # the first choice's text, token usage
-    verdict = judge_verdict(content, usage)      # score in [0, 1], raw 1-10, usage
+    content, usage, tokens = read_reply(response_bytes)  # text, token usage, logprobs
+    verdict = judge_verdict(content, usage, tokens, mode=spec.score_mode)
+
+In ``logprobs`` mode (G-Eval) the request asks for ``top_logprobs`` and the score is the
+expectation over the scale tokens "1".."10" at the position where the judge wrote its
+score, renormalized over the scale tokens listed there; a reply without them falls back to
+the written integer, flagged ``parsed_fallback``.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+import math
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 from broker.errors import UnparseableReplyError
-from broker.prompts import template_for
-from broker.schemas import JudgeSpec, JudgeVerdict, ScoreItem, Usage
+from broker.prompts import SCALE_MAX, SCALE_MIN, template_for
+from broker.schemas import JudgeSpec, JudgeVerdict, ScoreItem, ScoreMode, Usage
 from broker.settings import Settings
 from broker.verdicts import extract_raw_score, normalize
 
-__all__ = ["COMPLETIONS_PATH", "judge_request", "judge_spec", "judge_verdict", "read_reply"]
+__all__ = ["COMPLETIONS_PATH", "TOP_LOGPROBS", "ChatReply", "TokenLogprob", "expected_score",
+           "judge_request", "judge_spec", "judge_verdict", "read_reply", "scale_distribution"]
 
 #: Where the body is POSTed, relative to the OpenAI-compatible base URL.
 COMPLETIONS_PATH = "/chat/completions"
+#: Alternatives asked for per token in logprobs mode: the most the OpenAI API allows, so
+#: that all ten scale tokens usually make the list.
+TOP_LOGPROBS = 20
+_SCALE = {str(k): k for k in range(int(SCALE_MIN), int(SCALE_MAX) + 1)}
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One generated token: its text, its logprob and the ``top_logprobs`` alternatives."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
+class ChatReply(NamedTuple):
+    """What a chat completion says: the first choice's text, the token usage, and the
+    first choice's per-token logprobs (``None`` when the reply carries none)."""
+
+    content: str | None
+    usage: Usage | None
+    tokens: tuple[TokenLogprob, ...] | None = None
 
 
 def judge_spec(settings: Settings) -> JudgeSpec:
     """Everything in ``settings`` that changes the judge's answer: model, prompt version,
-    temperature, max tokens. The producer puts it on every chunk and fingerprints items
+    temperature, max tokens, score mode. The producer puts it on every chunk and fingerprints items
     with it; the sync judge uses it too, so both can never key the cache differently."""
     return JudgeSpec(model=settings.judge_model, prompt_version=settings.judge_prompt_version,
                      temperature=settings.judge_temperature,
-                     max_tokens=settings.judge_max_tokens)
+                     max_tokens=settings.judge_max_tokens,
+                     score_mode=settings.judge_score_mode)
 
 
 def judge_request(spec: JudgeSpec, item: ScoreItem) -> dict[str, Any]:
@@ -43,12 +74,21 @@ def judge_request(spec: JudgeSpec, item: ScoreItem) -> dict[str, Any]:
     Raises:
         ConfigError: ``spec.prompt_version`` names no known template.
     """
-    return {"model": spec.model, "messages": template_for(spec.prompt_version).messages(item),
-            "temperature": spec.temperature, "max_tokens": spec.max_tokens}
+    body: dict[str, Any] = {
+        "model": spec.model, "messages": template_for(spec.prompt_version).messages(item),
+        "temperature": spec.temperature, "max_tokens": spec.max_tokens}
+    if spec.score_mode == "logprobs":
+        body["logprobs"] = True
+        body["top_logprobs"] = TOP_LOGPROBS
+    return body
 
 
-def read_reply(body: bytes | str) -> tuple[str | None, Usage | None]:
-    """The first choice's message content and the token usage of a chat completion.
+def read_reply(body: bytes | str) -> ChatReply:
+    """The first choice's message content, the token usage and the first choice's
+    ``logprobs.content`` of a chat completion.
+
+    Logprobs that are absent or not in the OpenAI shape read as ``None``: the verdict then
+    falls back to the written integer, never fails for them.
 
     Raises:
         UnparseableReplyError: the body is not a chat-completion JSON object.
@@ -58,18 +98,114 @@ def read_reply(body: bytes | str) -> tuple[str | None, Usage | None]:
         choices = reply.get("choices") or []
         content = choices[0]["message"].get("content") if choices else None
         usage = reply.get("usage")
-        return content, (Usage(prompt_tokens=usage.get("prompt_tokens") or 0,
+        return ChatReply(content,
+                         Usage(prompt_tokens=usage.get("prompt_tokens") or 0,
                                completion_tokens=usage.get("completion_tokens") or 0)
-                         if usage else None)
+                         if usage else None,
+                         _tokens(choices[0].get("logprobs")) if choices else None)
     except (ValueError, TypeError, LookupError, AttributeError, RecursionError) as exc:
         raise UnparseableReplyError(f"judge reply is not a chat completion: {exc}") from exc
 
 
-def judge_verdict(content: str | None, usage: Usage | None) -> JudgeVerdict:
-    """The verdict in a reply's content: the score read, clamped and normalized.
+def judge_verdict(content: str | None, usage: Usage | None,
+                  tokens: tuple[TokenLogprob, ...] | None = None, *,
+                  mode: ScoreMode = "parsed") -> JudgeVerdict:
+    """The verdict in a reply: the score read, clamped and normalized.
+
+    Args:
+        content: the reply's text; its integer is the score in ``parsed`` mode and the
+            fallback in ``logprobs`` mode.
+        usage: the reply's token usage.
+        tokens: the reply's per-token logprobs (``ChatReply.tokens``).
+        mode: ``spec.score_mode``; in ``logprobs`` mode the score is
+            :func:`expected_score` of ``tokens``, or the integer (``parsed_fallback``)
+            when they hold no scale token where the score was written.
 
     Raises:
         UnparseableReplyError: the content holds no readable score.
     """
     raw = extract_raw_score(content)
-    return JudgeVerdict(score=normalize(raw), raw_score=raw, usage=usage or Usage())
+    if mode == "parsed":
+        return JudgeVerdict(score=normalize(raw), raw_score=raw, usage=usage or Usage())
+    expected = expected_score(tokens) if tokens else None
+    if expected is None:
+        return JudgeVerdict(score=normalize(raw), raw_score=raw, usage=usage or Usage(),
+                            score_source="parsed_fallback")
+    return JudgeVerdict(score=normalize(expected), raw_score=expected, usage=usage or Usage(),
+                        score_source="logprobs")
+
+
+def expected_score(tokens: tuple[TokenLogprob, ...]) -> float | None:
+    """The expected score, sum of k * p(k) over the scale, at the score's position.
+
+    ``None`` when no position carries a scale token (see :func:`scale_distribution`).
+    """
+    distribution = scale_distribution(tokens)
+    if distribution is None:
+        return None
+    return math.fsum(k * p for k, p in distribution.items())
+
+
+def scale_distribution(tokens: tuple[TokenLogprob, ...]) -> dict[int, float] | None:
+    """p(k) for the scale values k among the alternatives where the score was written.
+
+    The score's position is the first token that is a scale value after the text
+    ``"score"`` (the judge's JSON key), or the first such token at all if the reply never
+    says ``score`` (a bare number). Its ``top_logprobs`` entries that are scale values
+    (surrounding whitespace ignored, so ``" 7"`` counts as 7, and equal values summed)
+    are renormalized to sum to 1; a position without alternatives counts its own token.
+    A score written as several tokens (``"1"``, ``"0"`` for 10) is read at its first.
+
+    Returns ``None`` when no token is a scale value.
+    """
+    text = "".join(t.token for t in tokens)
+    key = text.find('"score"')
+    start = key + len('"score"') if key >= 0 else 0
+    offset = 0
+    for token in tokens:
+        end = offset + len(token.token)
+        if end > start and token.token.strip() in _SCALE:
+            return _renormalized(token.top or ((token.token, token.logprob),))
+        offset = end
+    return None
+
+
+def _renormalized(alternatives: tuple[tuple[str, float], ...]) -> dict[int, float] | None:
+    logprobs: dict[int, list[float]] = {}
+    for token, logprob in alternatives:
+        value = _SCALE.get(token.strip())
+        if value is not None and math.isfinite(logprob):
+            logprobs.setdefault(value, []).append(logprob)
+    if not logprobs:
+        return None
+    peak = max(max(lps) for lps in logprobs.values())  # subtracted so exp() cannot underflow all
+    weights = {k: math.fsum(math.exp(lp - peak) for lp in lps) for k, lps in logprobs.items()}
+    total = math.fsum(weights.values())
+    return {k: w / total for k, w in sorted(weights.items())}
+
+
+def _tokens(logprobs: Any) -> tuple[TokenLogprob, ...] | None:
+    """``choices[0].logprobs`` as tokens; ``None`` if absent or not the OpenAI shape."""
+    content = logprobs.get("content") if isinstance(logprobs, dict) else None
+    if not isinstance(content, list) or not content:
+        return None
+    tokens = []
+    for entry in content:
+        token = _token_logprob(entry)
+        if token is None:
+            return None
+        top = entry.get("top_logprobs") or []
+        alternatives = [_token_logprob(alt) for alt in top] if isinstance(top, list) else [None]
+        tokens.append(TokenLogprob(token[0], token[1],
+                                   tuple(a for a in alternatives if a is not None)))
+    return tuple(tokens)
+
+
+def _token_logprob(entry: Any) -> tuple[str, float] | None:
+    if not isinstance(entry, dict):
+        return None
+    token, logprob = entry.get("token"), entry.get("logprob")
+    if (not isinstance(token, str) or isinstance(logprob, bool)
+            or not isinstance(logprob, int | float)):
+        return None
+    return token, float(logprob)

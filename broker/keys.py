@@ -67,6 +67,8 @@ def judge_fingerprint(spec: JudgeSpec, item: ScoreItem) -> str:
     """
     material = [spec.model, spec.prompt_version, spec.temperature, spec.max_tokens,
                 item.rubric, item.prompt, item.response, item.reference]
+    if spec.score_mode != "parsed":  # appended only off the default: parsed keys stay valid
+        material.append(spec.score_mode)
     blob = json.dumps(material, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
 

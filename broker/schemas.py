@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import json
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -42,6 +42,14 @@ class ScoreItem(_Wire):
         return "correctness" if self.reference is not None else "quality"
 
 
+#: How a verdict's score is read: the written integer, or the expectation of the scale
+#: tokens' logprobs.
+ScoreMode = Literal["parsed", "logprobs"]
+#: Where a verdict's score came from; ``parsed_fallback``: logprobs were asked for but the
+#: reply carried none on the scale, so the written integer stands in.
+ScoreSource = Literal["parsed", "logprobs", "parsed_fallback"]
+
+
 class JudgeSpec(_Wire):
     """Everything besides the item that changes the judge's answer (part of the cache key)."""
 
@@ -49,6 +57,9 @@ class JudgeSpec(_Wire):
     prompt_version: str = Field(min_length=1)
     temperature: float = 0.0
     max_tokens: int = Field(default=64, ge=1)
+    #: ``parsed``: the integer the judge wrote; ``logprobs``: the expectation over the
+    #: scale tokens' probabilities where it wrote it (G-Eval).
+    score_mode: ScoreMode = "parsed"
 
 
 class ScoreChunk(_Wire):
@@ -85,6 +96,7 @@ class JudgeVerdict(_Wire):
     score: float = Field(ge=0.0, le=1.0, description="Normalized to [0, 1].")
     raw_score: float
     usage: Usage = Field(default_factory=Usage)
+    score_source: ScoreSource = "parsed"  # the default reads verdicts cached before it
 
 
 class ScoreResult(BaseModel):
@@ -101,6 +113,7 @@ class ScoreResult(BaseModel):
     latency_ms: float = 0.0
     usage: Usage | None = None
     error: str | None = None
+    score_source: ScoreSource | None = None
 
     @classmethod
     def from_verdict(cls, item_id: str, verdict: JudgeVerdict, *, cached: bool,
@@ -111,7 +124,8 @@ class ScoreResult(BaseModel):
         return cls.model_construct(id=item_id, status=ResultStatus.OK, score=verdict.score,
                                    raw_score=verdict.raw_score, cached=cached,
                                    attempts=attempts, latency_ms=latency_ms,
-                                   usage=verdict.usage, error=None)
+                                   usage=verdict.usage, error=None,
+                                   score_source=verdict.score_source)
 
     @classmethod
     def failure(cls, item_id: str, status: ResultStatus, error: str, *,

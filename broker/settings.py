@@ -88,6 +88,10 @@ class Settings(BaseSettings):
     judge_prompt_version: str = "v1"
     judge_temperature: float = 0.0
     judge_max_tokens: int = 64
+    judge_score_mode: Literal["parsed", "logprobs"] = Field(
+        default="parsed",
+        description="logprobs: ask for top_logprobs and score the expectation over the "
+                    "1-10 tokens (G-Eval); replies without them fall back to the integer.")
     judge_transport: Literal["aiohttp", "httpx"] = "aiohttp"
     judge_timeout_s: float = Field(default=30.0, gt=0)
     judge_max_attempts: int = Field(default=5, ge=1)

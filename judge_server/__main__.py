@@ -60,6 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=defaults.seed,
                         help="seed of the jitter and fault draws")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model name /v1/models lists")
+    parser.add_argument("--no-logprobs", dest="logprobs", action="store_false",
+                        help="act like an endpoint without logprobs (ignore the request field)")
     parser.add_argument("--loop", choices=LOOPS, default="auto",
                         help="event loop; auto = uvloop when installed")
 
@@ -74,7 +76,7 @@ def config_from_args(args: argparse.Namespace) -> JudgeConfig:
         latency_ms=args.latency_ms, jitter_ms=args.jitter_ms, seed=args.seed,
         error_rate=args.error_rate, error_kinds=parse_error_kinds(args.error_kinds),
         retry_after_s=args.retry_after_s, timeout_sleep_s=args.timeout_sleep_s,
-        rpm_limit=args.rpm_limit, model=args.model)
+        rpm_limit=args.rpm_limit, model=args.model, logprobs=args.logprobs)
 
 
 def serve(args: argparse.Namespace) -> int:

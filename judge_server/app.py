@@ -35,11 +35,13 @@ from judge_server.protocol import (
     chat_completion,
     count_tokens,
     error_body,
+    logprobs_content,
     models_list,
     parse_chat_request,
     prompt_tokens,
     reply_content,
     retry_after_headers,
+    score_spread,
 )
 from judge_server.rate_limit import SlidingWindowLimiter
 from judge_server.stats import JudgeStats, PromptTally
@@ -122,19 +124,23 @@ class JudgeService:
         if fault in ERRORS:
             return self._error(request, ERRORS[fault])
 
-        if fault == "malformed":
-            content = MALFORMED_REPLY
-        else:
-            content = reply_content(grade_request(chat.messages))
+        grade = None if fault == "malformed" else grade_request(chat.messages)
+        content = MALFORMED_REPLY if grade is None else reply_content(grade)
+        logprobs = None
+        if config.logprobs and chat.top_logprobs is not None:
+            spread = score_spread(config.seed, user_text(chat.messages))
+            logprobs = logprobs_content(content, None if grade is None else grade.score, spread,
+                                        chat.top_logprobs)
         return self._completion(request, chat.model, chat.messages, content, tally,
-                                scored=fault != "malformed")
+                                scored=grade is not None, logprobs=logprobs)
 
     def _completion(self, request: web.Request, model: str, messages: list[Any],
-                    content: str, tally: PromptTally, *, scored: bool) -> web.Response:
+                    content: str, tally: PromptTally, *, scored: bool,
+                    logprobs: list[dict[str, Any]] | None = None) -> web.Response:
         n_prompt = prompt_tokens(messages)
         n_completion = count_tokens(content)
         request_id = f"chatcmpl-{self._id_prefix}{next(self._ids):010x}"
-        body = chat_completion(request_id, model, content, n_prompt, n_completion)
+        body = chat_completion(request_id, model, content, n_prompt, n_completion, logprobs)
         if _client_gone(request):
             self.stats.answered(CLIENT_GONE)
         else:

@@ -42,6 +42,9 @@ class JudgeConfig:
         timeout_sleep_s: how long a ``timeout`` fault stalls before answering normally.
         rpm_limit: accepted requests per sliding 60 s window; 0 means unlimited.
         model: the model ``GET /v1/models`` lists (any requested model is accepted).
+        logprobs: answer ``logprobs: true`` requests with per-token logprobs; ``False``
+            acts like an endpoint without logprobs support (the fields are ignored and
+            ``choices[0].logprobs`` is ``null``).
 
     Raises:
         ConfigValueError: a value out of range or of the wrong type.
@@ -56,6 +59,7 @@ class JudgeConfig:
     timeout_sleep_s: float = 30.0
     rpm_limit: int = 0
     model: str = DEFAULT_MODEL
+    logprobs: bool = True
 
     def __post_init__(self) -> None:
         for name in ("latency_ms", "jitter_ms", "retry_after_s", "timeout_sleep_s"):
@@ -69,6 +73,7 @@ class JudgeConfig:
         _require(_is_int(self.rpm_limit) and self.rpm_limit >= 0, "rpm_limit",
                  "an integer >= 0 (0 = unlimited)")
         _require(isinstance(self.model, str) and bool(self.model), "model", "a non-empty string")
+        _require(isinstance(self.logprobs, bool), "logprobs", "true or false")
         _require(isinstance(self.error_kinds, tuple) and bool(self.error_kinds)
                  and all(kind in FAULT_KINDS for kind in self.error_kinds),
                  "error_kinds", f"a non-empty list drawn from {list(FAULT_KINDS)}")

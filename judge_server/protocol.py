@@ -4,12 +4,20 @@ Request bodies are read leniently (any model, extra fields ignored) but a body t
 API would refuse (no ``messages`` list, ``stream: true``, ``n`` > 1) gets the same 400
 shape the real API sends, so the ``openai`` SDK raises the same exception classes.
 Token counts are a deterministic stand-in for a tokenizer: ``len(text) // 4 + 1``.
+
+Asked for ``logprobs``, the judge answers them in the OpenAI shape
+(``choices[0].logprobs.content[i].top_logprobs``) over a stand-in tokenization of its
+reply (:func:`reply_tokens`): every token is certain except the score's, whose
+alternatives are a distribution over "1".."10" peaked at the grade
+(:func:`score_logprobs`), with a spread drawn from the seed and the prompt.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +25,13 @@ from typing import Any
 from judge_server.grading import Grade, content_text
 
 MALFORMED_REPLY = "I cannot grade this response."
+#: The most ``top_logprobs`` the chat-completions API accepts.
+MAX_TOP_LOGPROBS = 20
+#: The judge's score scale, whose tokens get a distribution at the score's position.
+SCALE = range(1, 11)
+#: Bounds of the spread (a softmax temperature over |k - grade|) of the score tokens.
+SPREAD_MIN, SPREAD_MAX = 0.4, 1.6
+_TOKEN = re.compile(r"\d+|\w+|\s+|[^\w\s]+")
 
 
 @dataclass(frozen=True)
@@ -59,6 +74,8 @@ class ChatRequest:
 
     model: str
     messages: list[Any]
+    #: ``top_logprobs`` asked for, or ``None`` when ``logprobs`` was not asked for.
+    top_logprobs: int | None = None
 
 
 def count_tokens(text: str) -> int:
@@ -92,8 +109,17 @@ def parse_chat_request(body: bytes) -> ChatRequest:
         raise BadRequest("the local judge does not stream; send stream=false")
     if data.get("n", 1) not in (1, None):
         raise BadRequest("the local judge answers with one choice; send n=1")
+    logprobs, top = data.get("logprobs"), data.get("top_logprobs")
+    if logprobs not in (None, True, False):
+        raise BadRequest("'logprobs' must be a boolean")
+    if top is not None and (not isinstance(top, int) or isinstance(top, bool)
+                            or not 0 <= top <= MAX_TOP_LOGPROBS):
+        raise BadRequest(f"'top_logprobs' must be an integer in [0, {MAX_TOP_LOGPROBS}]")
+    if top is not None and not logprobs:
+        raise BadRequest("'logprobs' must be true when 'top_logprobs' is set")
     model = data.get("model")
-    return ChatRequest(model if isinstance(model, str) and model else "unknown", messages)
+    return ChatRequest(model if isinstance(model, str) and model else "unknown", messages,
+                       (top or 0) if logprobs else None)
 
 
 def reply_content(grade: Grade) -> str:
@@ -101,9 +127,63 @@ def reply_content(grade: Grade) -> str:
     return json.dumps({"score": grade.score, "reason": grade.reason})
 
 
+def score_spread(seed: int, text: str) -> float:
+    """The spread of the score's distribution for a prompt: in [SPREAD_MIN, SPREAD_MAX],
+    fixed by ``seed`` and ``text`` (the same request always gets the same logprobs)."""
+    digest = hashlib.sha256(f"{seed}\x00{text}".encode()).digest()
+    return SPREAD_MIN + (SPREAD_MAX - SPREAD_MIN) * int.from_bytes(digest[:8], "big") / 2**64
+
+
+def score_logprobs(grade: int, spread: float) -> dict[int, float]:
+    """log p(k) for k in 1..10, p(k) proportional to exp(-|k - grade| / spread)."""
+    weights = {k: -abs(k - grade) / spread for k in SCALE}
+    log_total = math.log(math.fsum(math.exp(w) for w in weights.values()))
+    return {k: w - log_total for k, w in weights.items()}
+
+
+def reply_tokens(content: str) -> list[str]:
+    """A stand-in tokenization of ``content``: digit runs, words, whitespace runs and
+    punctuation runs, so the score's digits are one token (``"10"`` included)."""
+    return _TOKEN.findall(content)
+
+
+def logprobs_content(content: str, grade: int | None, spread: float,
+                     top_logprobs: int) -> list[dict[str, Any]]:
+    """``choices[0].logprobs.content`` for ``content``: each token with logprob 0 and
+    itself as its one alternative, except the first scale-valued digits after ``"score"``
+    (where ``grade`` was written), whose alternatives are :func:`score_logprobs`, most
+    likely first, ``top_logprobs`` of them."""
+    tokens = reply_tokens(content)
+    start = content.find('"score"')
+    score_at = None
+    if grade is not None and start >= 0:
+        offset = 0
+        for i, token in enumerate(tokens):
+            if offset > start and token == str(grade):
+                score_at = i
+                break
+            offset += len(token)
+    entries = []
+    for i, token in enumerate(tokens):
+        if i == score_at and grade is not None:
+            ranked = sorted(score_logprobs(grade, spread).items(), key=lambda kv: -kv[1])
+            logprob = dict(ranked)[grade]
+            top = [_token_entry(str(k), lp) for k, lp in ranked[:top_logprobs]]
+        else:
+            logprob, top = 0.0, [_token_entry(token, 0.0)][:top_logprobs]
+        entries.append({**_token_entry(token, logprob), "top_logprobs": top})
+    return entries
+
+
+def _token_entry(token: str, logprob: float) -> dict[str, Any]:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+
 def chat_completion(request_id: str, model: str, content: str, prompt_token_count: int,
-                    completion_token_count: int) -> dict[str, Any]:
-    """A ``chat.completion`` object with one choice carrying ``content``."""
+                    completion_token_count: int,
+                    logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A ``chat.completion`` object with one choice carrying ``content`` (and the
+    per-token ``logprobs``, when given)."""
     return {
         "id": request_id,
         "object": "chat.completion",
@@ -112,7 +192,7 @@ def chat_completion(request_id: str, model: str, content: str, prompt_token_coun
         "choices": [{
             "index": 0,
             "message": {"role": "assistant", "content": content, "refusal": None},
-            "logprobs": None,
+            "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None},
             "finish_reason": "stop",
         }],
         "usage": {

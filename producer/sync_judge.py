@@ -96,7 +96,7 @@ class SyncJudge:
                                          body=judge_request(self.spec, item))
         except openai.APIError as exc:
             raise classify(exc) from exc
-        return judge_verdict(*read_reply(response.content))
+        return judge_verdict(*read_reply(response.content), mode=self.spec.score_mode)
 
     def score_one(self, item: ScoreItem) -> ScoreResult:
         """``item``'s result: ``ok`` with its score, or ``failed`` with the error; never raises

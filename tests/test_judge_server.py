@@ -7,8 +7,10 @@ the real ``openai`` SDK and httpx; no mocks.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -26,6 +28,7 @@ from hypothesis import strategies as st
 
 from broker.prompts import template_for
 from broker.schemas import ScoreItem
+from judge_server.__main__ import add_arguments, config_from_args
 from judge_server.config import ConfigValueError, JudgeConfig
 from judge_server.faults import FaultInjector
 from judge_server.grading import (
@@ -417,6 +420,60 @@ def test_refuses_requests_the_api_would_refuse(judge: RunningJudge) -> None:
     assert httpx.post(url, content=b"{not json", timeout=10).status_code == 400
     assert httpx.post(url, content=b" " * (5 * 2**20), timeout=10).status_code == 413
     assert judge.get("/stats")["responses_by_status"] == {"400": 4, "413": 1}
+
+
+def test_logprobs_come_in_the_openai_shape_peaked_at_the_grade(judge: RunningJudge) -> None:
+    client = judge.client()
+    messages = judge_messages("What is 6 x 7?", "The answer is 48.", "42")
+    ask_logprobs: Any = {"model": MODEL, "messages": messages, "logprobs": True}
+    completion = client.chat.completions.create(**ask_logprobs, top_logprobs=20)
+    content = completion.choices[0].message.content or ""
+    tokens = completion.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert tokens is not None and "".join(t.token for t in tokens) == content
+    grade = json.loads(content)["score"]
+    (at,) = [t for t in tokens if t.logprob != 0.0]  # only the score is uncertain
+    assert at.token == str(grade) == at.top_logprobs[0].token  # sampled = most likely
+    assert sorted(int(alt.token) for alt in at.top_logprobs) == list(range(1, 11))
+    assert [alt.logprob for alt in at.top_logprobs] == sorted(
+        (alt.logprob for alt in at.top_logprobs), reverse=True)
+    assert math.fsum(math.exp(alt.logprob) for alt in at.top_logprobs) == pytest.approx(1.0)
+
+    again = client.chat.completions.create(**ask_logprobs, top_logprobs=3)
+    again_at = [t for t in again.choices[0].logprobs.content or [] if t.logprob != 0.0]  # type: ignore[union-attr]
+    assert [alt.token for alt in again_at[0].top_logprobs] == [
+        alt.token for alt in at.top_logprobs[:3]]  # deterministic for a request and seed
+    judge.configure(seed=1)
+    reseeded = client.chat.completions.create(**ask_logprobs, top_logprobs=20)
+    assert reseeded.choices[0].logprobs.content != tokens  # type: ignore[union-attr]
+
+
+def test_an_endpoint_without_logprobs_ignores_the_fields(judge: RunningJudge) -> None:
+    messages = judge_messages("What is 6 x 7?", "The answer is 42.", "42")
+    plain = ask(judge.client(), messages)
+    assert plain.choices[0].logprobs is None  # not asked for
+    judge.configure(logprobs=False)
+    body: Any = {"model": MODEL, "messages": messages, "logprobs": True, "top_logprobs": 5}
+    completion = judge.client().chat.completions.create(**body)
+    assert completion.choices[0].logprobs is None
+    assert completion.choices[0].message.content == plain.choices[0].message.content
+
+
+def test_no_logprobs_flag_starts_an_endpoint_without_logprobs() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert config_from_args(parser.parse_args(["--no-logprobs"])).logprobs is False
+    assert config_from_args(parser.parse_args([])).logprobs is True
+
+
+def test_refuses_logprob_requests_the_api_would_refuse(judge: RunningJudge) -> None:
+    url = judge.base_url + "/chat/completions"
+    messages = [{"role": "user", "content": "x"}]
+    for extra in ({"top_logprobs": 5}, {"logprobs": True, "top_logprobs": 21},
+                  {"logprobs": True, "top_logprobs": "5"}, {"logprobs": "yes"}):
+        response = httpx.post(url, json={"model": MODEL, "messages": messages, **extra},
+                              timeout=10)
+        assert response.status_code == 400, extra
+        assert response.json()["error"]["type"] == "invalid_request_error"
 
 
 @pytest.mark.parametrize(("signum", "loop"), [(signal.SIGTERM, "asyncio"), (signal.SIGINT, "auto")])

@@ -97,7 +97,7 @@ class JudgeClient:
                                          time.perf_counter() - started)
                 raise error from exc
             latency_s = time.perf_counter() - started
-        content, reported = read_reply(response.content)
+        content, reported, tokens = read_reply(response.content)
         usage = reported or Usage()
         if limiter is not None and reported is not None:
             await self._reconcile(limiter, estimate, usage)
@@ -105,7 +105,7 @@ class JudgeClient:
                             self._prices.cost(spec.model, usage.prompt_tokens,
                                               usage.completion_tokens))
         try:
-            verdict = judge_verdict(content, usage)
+            verdict = judge_verdict(content, usage, tokens, mode=spec.score_mode)
         except UnparseableReplyError as error:
             self._metrics.judge_call(spec.model, call_status(error), latency_s)
             raise
