@@ -103,7 +103,7 @@ class ReadmeCommand:
     def argv(self) -> list[str]:
         """What to run: the README's own program path when it exists here."""
         program = ROOT / self.program
-        return [*([str(program)] if program.exists() else RQ), *self.args]
+        return [*([str(program)] if program.is_file() else RQ), *self.args]
 
 
 def _as_command(line: str) -> ReadmeCommand | None:
