@@ -58,10 +58,12 @@ def test_demo_prints_a_row_per_step_exits_0_and_leaves_nothing_running() -> None
 
 def test_stream_demo_shows_both_modes_and_streaming_waits_less_than_batch() -> None:
     marker = uuid.uuid4().hex
-    # 16 rollouts, C = 2 workers x 2 = 4, L = 50 ms: after generation the whole batch
-    # needs ceil(16/4) = 4 judge rounds; streamed, only the last rollouts are left.
-    proc = demo(marker, "--steps", "2", "--batch", "4", "--group", "4", "--latency-ms", "50",
-                "--workers", "2", "--concurrency", "4", "--generation-ms", "800")
+    # 16 rollouts, C = 2 workers x 1 = 2, L = 200 ms: after generation the whole batch
+    # needs ceil(16/2) = 8 judge rounds (1.6 s); streamed (the judge keeps up with 16
+    # rollouts over 2 s), only the last rollouts are left (~0.2 s). The gap is structural
+    # and wide, so a loaded machine does not close it.
+    proc = demo(marker, "--steps", "2", "--batch", "4", "--group", "4", "--latency-ms", "200",
+                "--workers", "2", "--concurrency", "2", "--generation-ms", "2000")
     out, _ = proc.communicate(timeout=120)
 
     assert proc.returncode == 0, out
