@@ -20,7 +20,6 @@ A client belongs to one event loop at a time; used from a new loop (a second
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -189,17 +188,18 @@ class AsyncRewardClient:
     async def aclose(self) -> None:
         """Send what is batched, stop polling, release Redis and the thread."""
         state = self._state
-        if state is not None and state.loop is asyncio.get_running_loop():
-            if state.batch.items:
-                self._flush(state)
-            if state.flushes:
-                await asyncio.gather(*state.flushes, return_exceptions=True)
-            if state.poller is not None:
-                state.poller.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await state.poller
-        self._state = None
-        self.close()
+        try:
+            if state is not None and state.loop is asyncio.get_running_loop():
+                if state.batch.items:
+                    self._flush(state)
+                if state.flushes:
+                    await asyncio.gather(*state.flushes, return_exceptions=True)
+                if state.poller is not None:
+                    state.poller.cancel()
+                    await _stopped(state.poller)
+        finally:
+            self._state = None
+            self.close()
 
     def close(self) -> None:
         """Release the thread and, if this client built it, the ``RewardClient``."""
@@ -294,6 +294,18 @@ class AsyncRewardClient:
                     _fail(state.waiting.pop(p, ()), error)
             interval = _FIRST_POLL_S if finished else min(interval * 1.5, _MAX_POLL_S)
             await asyncio.sleep(interval)
+
+
+async def _stopped(task: asyncio.Task[None]) -> None:
+    """Wait for a cancelled ``task`` to end. Its own cancellation is swallowed; one of the
+    caller's (Ctrl-C cancelling ``asyncio.run``'s main task meanwhile) is not, or the
+    interrupt would be lost and the program would carry on."""
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
 
 
 def _check_health(pendings: list[PendingScores]) -> dict[PendingScores, RewardqError]:

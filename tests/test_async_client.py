@@ -134,3 +134,41 @@ def test_no_worker_fails_every_await_with_the_clear_message(
 
     errors = asyncio.run(run())
     assert all(isinstance(e, NoWorkersError) for e in errors), errors
+
+
+def test_stopping_the_poller_does_not_swallow_the_callers_cancellation() -> None:
+    """Ctrl-C cancels ``asyncio.run``'s main task; if that lands while the client waits
+    for its poller to stop, the cancellation must go on (or the interrupt is lost and
+    the program carries on: seen once in ``rewardq demo`` on a loaded machine)."""
+    from producer.async_client import _stopped
+
+    async def slow_to_stop() -> None:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.2)  # still stopping when the caller is cancelled
+            raise
+
+    async def close(poller: asyncio.Task[None]) -> str:
+        poller.cancel()
+        await _stopped(poller)
+        return "closed"
+
+    async def run() -> tuple[bool, str]:
+        poller = asyncio.create_task(slow_to_stop())
+        await asyncio.sleep(0.01)
+        closing = asyncio.create_task(close(poller))
+        await asyncio.sleep(0.05)
+        closing.cancel()
+        try:
+            await closing
+        except asyncio.CancelledError:
+            cancelled = True
+        else:
+            cancelled = False
+        alone = asyncio.create_task(close(asyncio.create_task(slow_to_stop())))
+        return cancelled, await alone
+
+    cancelled, alone = asyncio.run(run())
+    assert cancelled  # the caller's own cancellation went through
+    assert alone == "closed"  # the poller's cancellation alone is swallowed
