@@ -229,8 +229,12 @@ def _raise_interrupt(signum: int, _frame: object) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``rewardq`` console script."""
     args = build_parser().parse_args(argv)
-    # SIGTERM unwinds like Ctrl-C, so every child process started here is stopped.
+    # SIGTERM unwinds like Ctrl-C, so every child process started here is stopped. SIGINT
+    # gets the same handler, raising at once: asyncio's own (which only cancels the main
+    # task) can lose an interrupt that lands as a task finishes, and a command started in
+    # the background by a script inherits SIGINT ignored.
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGINT, _raise_interrupt)
     try:
         settings = Settings()
     except ValidationError as exc:

@@ -35,11 +35,19 @@ def wait_until_gone(marker: str, limit_s: float = 30) -> list[int]:
     return left
 
 
+def _as_from_a_terminal() -> None:
+    # A user's Ctrl-C reaches a demo whose SIGINT is at its default. A test run started
+    # in the background by a script (no job control) inherits SIGINT *ignored*, and
+    # Python keeps ignoring it: give the demo a terminal's disposition.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def demo(marker: str, *args: str) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("REWARDQ_")}
     env["REWARDQ_DEMO_TEST_MARKER"] = marker
     return subprocess.Popen([sys.executable, "-m", "rewardq.cli", "demo", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=_as_from_a_terminal)
 
 
 def test_demo_prints_a_row_per_step_exits_0_and_leaves_nothing_running() -> None:
