@@ -113,14 +113,11 @@ class RewardqRewardManager(RewardManagerBase):  # type: ignore[misc,valid-type]
         self.group_size = self.options.group_size or int(_get(rollout, "n") or 1)
         self.val_group_size = self.options.val_group_size or int(
             _get(_get(rollout, "val_kwargs"), "n") or 1)
-        self.settings = Settings(**self.options.settings)
-        updates: dict[str, Any] = {}
-        if self.config_lp.model_name:
-            updates["judge_model"] = self.config_lp.model_name
-        if self.config_lp.judge_base_url:
-            updates["judge_base_url"] = self.config_lp.judge_base_url
-        if updates:
-            self.settings = Settings(**{**self.options.settings, **updates})
+        # The config's judge model and URL, when set, win over the settings mapping.
+        overrides = {"judge_model": self.config_lp.model_name,
+                     "judge_base_url": self.config_lp.judge_base_url}
+        self.settings = Settings(**{**self.options.settings,
+                                    **{k: v for k, v in overrides.items() if v}})
         self._client: AsyncRewardClient | None = None
         self._groups: GroupMedians | None = None
         self._sync_judge: SyncJudge | None = None
