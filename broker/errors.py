@@ -13,7 +13,9 @@
           ├── TransientJudgeError   worth retrying: 429, 408/409, 5xx, timeouts, network
           │    └── UnparseableReplyError  no score in the reply (a model sampling at
           │                               temperature > 0 may well answer properly next time)
-          └── PermanentJudgeError   not worth retrying: 400, 401/403
+          ├── PermanentJudgeError   not worth retrying: 400, 401/403
+          │    ├── BudgetExceededError    the run's or step's judge budget is spent
+          │    └── RubricMismatchError    producer and worker hold different rubrics
 
 Catch ``TransientJudgeError`` apart from ``PermanentJudgeError`` to decide on retries;
 read ``JudgeError.kind`` (and ``status_code``) to label what happened.
@@ -68,6 +70,8 @@ class JudgeErrorKind(enum.StrEnum):
     TIMEOUT = "timeout"          #: no answer within the timeout
     NETWORK = "network"          #: no connection, or it broke
     UNPARSEABLE = "unparseable"  #: an answer without a readable score
+    BUDGET = "budget"            #: not called: the judge budget is spent
+    RUBRIC = "rubric"            #: not called: the worker's rubric differs from the producer's
     OTHER = "other"              #: anything else the SDK raised
 
 
@@ -104,3 +108,18 @@ class UnparseableReplyError(TransientJudgeError):
     attempts last)."""
 
     default_kind = JudgeErrorKind.UNPARSEABLE
+
+
+class BudgetExceededError(PermanentJudgeError):
+    """The call was not made: the fleet-wide judge budget (run or step) is spent. Its
+    item comes back ``budget_exceeded`` and is dead-lettered for a replay."""
+
+    default_kind = JudgeErrorKind.BUDGET
+
+
+class RubricMismatchError(PermanentJudgeError):
+    """The call was not made: the item's rubric on this worker is not the one the producer
+    fingerprinted (another rubrics file or an edited one). Judging with it would cache a
+    verdict under the wrong key."""
+
+    default_kind = JudgeErrorKind.RUBRIC

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 
 from broker.errors import UnparseableReplyError
 from broker.prompts import SCALE_MAX, SCALE_MIN, template_for
-from broker.schemas import JudgeSpec, JudgeVerdict, ScoreItem, ScoreMode, Usage
+from broker.schemas import GroupSpec, JudgeSpec, JudgeVerdict, ScoreItem, ScoreMode, Usage
 from broker.settings import Settings
 from broker.verdicts import extract_raw_score, normalize
 
@@ -62,10 +62,14 @@ def judge_spec(settings: Settings) -> JudgeSpec:
     """Everything in ``settings`` that changes the judge's answer: model, prompt version,
     temperature, max tokens, score mode. The producer puts it on every chunk and fingerprints items
     with it; the sync judge uses it too, so both can never key the cache differently."""
+    group = GroupSpec(mode=settings.judge_group_mode, size=settings.judge_group_size) \
+        if settings.judge_group_mode is not None else None
     return JudgeSpec(model=settings.judge_model, prompt_version=settings.judge_prompt_version,
                      temperature=settings.judge_temperature,
                      max_tokens=settings.judge_max_tokens,
-                     score_mode=settings.judge_score_mode)
+                     score_mode=settings.judge_score_mode,
+                     judges=tuple(settings.judge_ensemble), samples=settings.judge_samples,
+                     aggregate=settings.judge_aggregate, group=group)
 
 
 def judge_request(spec: JudgeSpec, item: ScoreItem) -> dict[str, Any]:

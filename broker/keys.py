@@ -66,7 +66,8 @@ def judge_fingerprint(spec: JudgeSpec, item: ScoreItem) -> str:
     the same pair submitted under another id is a cache hit.
     """
     material = [spec.model, spec.prompt_version, spec.temperature, spec.max_tokens,
-                item.rubric, item.prompt, item.response, item.reference]
+                item.rubric or ("correctness" if item.reference is not None else "quality"),
+                item.prompt, item.response, item.reference]
     if spec.score_mode != "parsed":  # appended only off the default: parsed keys stay valid
         material.append(spec.score_mode)
     blob = json.dumps(material, ensure_ascii=False, separators=(",", ":"))

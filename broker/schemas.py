@@ -34,12 +34,10 @@ class ScoreItem(_Wire):
     reference: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)
     data_source: str | None = Field(default=None, max_length=MAX_ID_CHARS)
     uid: str | None = Field(default=None, max_length=MAX_ID_CHARS)
+    #: The rubric to judge with, by name; unset = chosen by ``data_source`` (see
+    #: ``broker.rubrics.RubricBook.select``). The producer fills it in before sending.
+    rubric: str | None = Field(default=None, max_length=MAX_ID_CHARS)
     metadata: dict[str, Any] = Field(default_factory=dict)
-
-    @property
-    def rubric(self) -> str:
-        """``correctness`` when a reference answer is given, else ``quality``."""
-        return "correctness" if self.reference is not None else "quality"
 
 
 #: How a verdict's score is read: the written integer, or the expectation of the scale
@@ -48,6 +46,21 @@ ScoreMode = Literal["parsed", "logprobs"]
 #: Where a verdict's score came from; ``parsed_fallback``: logprobs were asked for but the
 #: reply carried none on the scale, so the written integer stands in.
 ScoreSource = Literal["parsed", "logprobs", "parsed_fallback"]
+
+
+Aggregate = Literal["mean", "majority"]
+GroupMode = Literal["listwise", "pairwise"]
+
+
+class GroupSpec(_Wire):
+    """Judge a GRPO group (items sharing a ``uid``) relative to itself.
+
+    ``listwise``: one call scores the whole group. ``pairwise``: every pair of members is
+    judged in both orders (position swap); a member's score is its share of wins.
+    """
+
+    mode: GroupMode
+    size: int = Field(ge=2, le=64, description="Members per group (the rollouts per prompt).")
 
 
 class JudgeSpec(_Wire):
@@ -60,6 +73,16 @@ class JudgeSpec(_Wire):
     #: ``parsed``: the integer the judge wrote; ``logprobs``: the expectation over the
     #: scale tokens' probabilities where it wrote it (G-Eval).
     score_mode: ScoreMode = "parsed"
+    #: Digest of each rubric the chunk's items name (``broker.rubrics``): a worker whose
+    #: rubric differs refuses those items instead of judging with the wrong one.
+    rubrics: dict[str, str] = Field(default_factory=dict)
+    #: An ensemble: the judge models asked about every item (empty: ``model`` alone),
+    #: each asked ``samples`` times (at temperature > 0), aggregated by ``aggregate``.
+    judges: tuple[str, ...] = Field(default=(), strict=False)  # a list on the wire
+    samples: int = Field(default=1, ge=1, le=16)
+    aggregate: Aggregate = "mean"
+    #: Judge items sharing a ``uid`` as a group (unset: each item alone).
+    group: GroupSpec | None = None
 
 
 class ScoreChunk(_Wire):
@@ -81,6 +104,8 @@ class ResultStatus(enum.StrEnum):
     FAILED = "failed"
     TIMEOUT = "timeout"
     INVALID = "invalid"
+    #: not judged: the fleet-wide judge budget was spent (dead-lettered: replay it later)
+    BUDGET_EXCEEDED = "budget_exceeded"
 
 
 class Usage(_Wire):
@@ -97,6 +122,17 @@ class JudgeVerdict(_Wire):
     raw_score: float
     usage: Usage = Field(default_factory=Usage)
     score_source: ScoreSource = "parsed"  # the default reads verdicts cached before it
+    #: Group judging: how consistent the group's judgements of this item were (pairwise:
+    #: the share of its pairs whose two orders agreed).
+    agreement: float | None = None
+
+
+class JudgeScore(_Wire):
+    """One ensemble member's verdict on an item."""
+
+    judge: str = Field(description="The judge model (with #k for its k-th sample).")
+    score: float
+    raw_score: float
 
 
 class ScoreResult(BaseModel):
@@ -114,6 +150,10 @@ class ScoreResult(BaseModel):
     usage: Usage | None = None
     error: str | None = None
     score_source: ScoreSource | None = None
+    #: Ensembles: each judge's verdict; ``agreement``: the share of judges that gave the
+    #: most common raw score (ensembles) or the group's consistency (group judging).
+    judges: list[JudgeScore] | None = None
+    agreement: float | None = None
 
     @classmethod
     def from_verdict(cls, item_id: str, verdict: JudgeVerdict, *, cached: bool,
@@ -125,7 +165,8 @@ class ScoreResult(BaseModel):
                                    raw_score=verdict.raw_score, cached=cached,
                                    attempts=attempts, latency_ms=latency_ms,
                                    usage=verdict.usage, error=None,
-                                   score_source=verdict.score_source)
+                                   score_source=verdict.score_source, judges=None,
+                                   agreement=verdict.agreement)
 
     @classmethod
     def failure(cls, item_id: str, status: ResultStatus, error: str, *,

@@ -7,6 +7,7 @@ read the environment; everything else receives a :class:`Settings`.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Literal
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
@@ -92,6 +93,47 @@ class Settings(BaseSettings):
         default="parsed",
         description="logprobs: ask for top_logprobs and score the expectation over the "
                     "1-10 tokens (G-Eval); replies without them fall back to the integer.")
+    judge_base_urls: list[str] = Field(
+        default_factory=list,
+        description="Several endpoints serving the same judge models, as a JSON list (e.g. 4 "
+                    "vLLM replicas, or a provider and a self-hosted fallback); replaces "
+                    "judge_base_url. Calls go to the endpoint with the fewest in flight; "
+                    "a failing one is skipped by its circuit breaker.")
+    judge_breaker_failures: int = Field(
+        default=5, ge=1,
+        description="Consecutive failed calls that open an endpoint's circuit breaker.")
+    judge_breaker_cooldown_s: float = Field(
+        default=10.0, gt=0,
+        description="How long an open breaker keeps its endpoint out before a probe call.")
+    rubrics_file: Path | None = Field(
+        default=None,
+        description="A TOML file of judge rubrics (templates selected per item by "
+                    "data_source or by the item's rubric); unset = the built-in v1 rubrics. "
+                    "Producer and workers must load the same file.")
+    judge_ensemble: list[str] = Field(
+        default_factory=list,
+        description="Judge models asked about every item, as a JSON list (empty = "
+                    "judge_model alone); their scores are aggregated by judge_aggregate.")
+    judge_samples: int = Field(
+        default=1, ge=1, le=16,
+        description="Samples per judge and item (use with judge_temperature > 0).")
+    judge_aggregate: Literal["mean", "majority"] = "mean"
+    judge_group_mode: Literal["listwise", "pairwise"] | None = Field(
+        default=None,
+        description="Judge items sharing a uid (a GRPO group) together: listwise (one call "
+                    "scores the group) or pairwise (every pair, both orders); unset = each "
+                    "item alone.")
+    judge_group_size: int = Field(default=4, ge=2, le=64,
+                                  description="Members per group in group judging.")
+    budget_usd: float | None = Field(
+        default=None, gt=0,
+        description="USD the fleet may spend on judge calls for this run (budget_run), "
+                    "enforced through Redis before each call; unset = no limit.")
+    budget_step_usd: float | None = Field(
+        default=None, gt=0, description="USD per training step (items' step) for this run.")
+    budget_run: str = Field(
+        default="default", min_length=1, max_length=128,
+        description="The run the budget is kept for (a name; spend is counted per run).")
     judge_transport: Literal["aiohttp", "httpx"] = "aiohttp"
     judge_timeout_s: float = Field(default=30.0, gt=0)
     judge_max_attempts: int = Field(default=5, ge=1)
@@ -182,6 +224,16 @@ class Settings(BaseSettings):
     @classmethod
     def _strip_slash(cls, v: str) -> str:
         return v.rstrip("/")
+
+    @field_validator("judge_base_urls")
+    @classmethod
+    def _strip_slashes(cls, v: list[str]) -> list[str]:
+        return [url.rstrip("/") for url in v]
+
+    @property
+    def judge_endpoints(self) -> list[str]:
+        """The judge's base URLs: ``judge_base_urls``, or ``judge_base_url`` alone."""
+        return list(self.judge_base_urls) or [self.judge_base_url]
 
     @property
     def api_token_names(self) -> dict[str, SecretStr]:

@@ -14,13 +14,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any, NamedTuple
 
 import httpx2
 import openai
 import redis.asyncio as aioredis
 
 from broker.errors import BrokerUnavailableError, UnparseableReplyError
-from broker.judge_core import COMPLETIONS_PATH, judge_request, judge_verdict, read_reply
+from broker.judge_core import (
+    COMPLETIONS_PATH,
+    TokenLogprob,
+    judge_request,
+    judge_verdict,
+    read_reply,
+)
 from broker.schemas import JudgeSpec, JudgeVerdict, ScoreItem, Usage
 from broker.settings import Settings
 from broker.verdicts import classify
@@ -29,6 +36,15 @@ from monitoring.metrics import WorkerMetrics, call_status
 from workers.rate_limit import RateLimit, RedisRateLimiter, estimate_tokens
 
 log = logging.getLogger(__name__)
+
+
+class TimedReply(NamedTuple):
+    """A chat completion's reply (``broker.judge_core.ChatReply``) and how long it took."""
+
+    content: str | None
+    usage: Usage
+    tokens: tuple[TokenLogprob, ...] | None
+    latency_s: float
 
 
 class JudgeClient:
@@ -75,12 +91,34 @@ class JudgeClient:
             PermanentJudgeError: any other HTTP error.
             UnparseableReplyError: the reply holds no readable score.
             BrokerUnavailableError: the rate limiter could not reach Redis before the
-                call (an outage: the task scores the chunk again). After the call, a
-                failed token reconcile is logged, never raised: the verdict is kept.
+                call (an outage: the task scores the chunk again).
         """
-        body = judge_request(spec, item)
-        limiter = self._limiter(spec.model)
-        estimate = estimate_tokens(body["messages"], spec.max_tokens)
+        reply = await self.complete(spec.model, judge_request(spec, item), spec.max_tokens)
+        try:
+            verdict = judge_verdict(reply.content, reply.usage, reply.tokens,
+                                    mode=spec.score_mode)
+        except UnparseableReplyError as error:
+            self._metrics.judge_call(spec.model, call_status(error), reply.latency_s)
+            raise
+        self._metrics.judge_call(spec.model, "ok", reply.latency_s)
+        return verdict
+
+    async def complete(self, model: str, body: dict[str, Any], max_tokens: int) -> TimedReply:
+        """One chat-completions call with ``body``, however its verdict is read: every
+        kind of judge call (one item, a group, a pair) goes through here, so through
+        the concurrency slots, the fleet-wide rate limiter and the usage accounting.
+
+        The caller reads the reply and counts the call as ``ok`` (or unparseable) in
+        ``metrics.judge_call``; a call that fails here is counted here.
+
+        Raises:
+            TransientJudgeError, PermanentJudgeError: as :meth:`judge`.
+            BrokerUnavailableError: the rate limiter could not reach Redis before the
+                call. After the call, a failed token reconcile is logged, never raised:
+                the reply is kept.
+        """
+        limiter = self._limiter(model)
+        estimate = estimate_tokens(body["messages"], max_tokens)
         async with self._slots:
             if limiter is not None:
                 self._metrics.rate_limited(await limiter.acquire(estimate))
@@ -93,24 +131,18 @@ class JudgeClient:
                                                    cast_to=httpx2.Response, body=body)
             except openai.APIError as exc:
                 error = classify(exc)
-                self._metrics.judge_call(spec.model, call_status(error),
+                self._metrics.judge_call(model, call_status(error),
                                          time.perf_counter() - started)
                 raise error from exc
             latency_s = time.perf_counter() - started
-        content, reported, tokens = read_reply(response.content)
-        usage = reported or Usage()
-        if limiter is not None and reported is not None:
+        reply = read_reply(response.content)
+        usage = reply.usage or Usage()
+        if limiter is not None and reply.usage is not None:
             await self._reconcile(limiter, estimate, usage)
-        self._metrics.usage(spec.model, usage.prompt_tokens, usage.completion_tokens,
-                            self._prices.cost(spec.model, usage.prompt_tokens,
+        self._metrics.usage(model, usage.prompt_tokens, usage.completion_tokens,
+                            self._prices.cost(model, usage.prompt_tokens,
                                               usage.completion_tokens))
-        try:
-            verdict = judge_verdict(content, usage, tokens, mode=spec.score_mode)
-        except UnparseableReplyError as error:
-            self._metrics.judge_call(spec.model, call_status(error), latency_s)
-            raise
-        self._metrics.judge_call(spec.model, "ok", latency_s)
-        return verdict
+        return TimedReply(reply.content, usage, reply.tokens, latency_s)
 
     async def _reconcile(self, limiter: RedisRateLimiter, estimate: int, usage: Usage) -> None:
         # The verdict is paid for: a Redis blip here must not cost a second judge call.

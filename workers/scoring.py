@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from broker.connections import OUTAGE_ERRORS
-from broker.errors import JudgeError
+from broker.errors import JudgeError, JudgeErrorKind
 from broker.keys import judge_fingerprint
 from broker.schemas import JudgeSpec, JudgeVerdict, ResultStatus, ScoreChunk, ScoreItem, ScoreResult
 from monitoring.metrics import WorkerMetrics, call_status
@@ -134,7 +134,9 @@ class ChunkScorer:
             if owner:
                 log.warning("item %r failed for good after %d attempt(s): %s", item.id,
                             exc.attempts, exc.error)
-            return ScoreResult.failure(item.id, ResultStatus.FAILED, str(exc.error),
+            status = ResultStatus.BUDGET_EXCEEDED if exc.error.kind is JudgeErrorKind.BUDGET \
+                else ResultStatus.FAILED
+            return ScoreResult.failure(item.id, status, str(exc.error),
                                        attempts=exc.attempts if owner else 0, latency_ms=ms())
         except TimeoutError:
             log.warning("item %r timed out: its chunk's deadline passed before the judge "
