@@ -34,7 +34,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from broker.prompts import template_for  # noqa: E402
+from broker.rubrics import builtin_rubrics  # noqa: E402
 from broker.schemas import ScoreItem  # noqa: E402  (needs ROOT on the path)
 from judge_server.server import loop_factory  # noqa: E402
 
@@ -66,7 +66,7 @@ class Outcome:
 
 def request_bodies(start: int, count: int) -> list[bytes]:
     """Chat-completions bodies for items ``start .. start+count``, half with a reference."""
-    template = template_for("v1")
+    rubrics = builtin_rubrics()
     bodies = []
     for i in range(start, start + count):
         item = ScoreItem(
@@ -79,7 +79,7 @@ def request_bodies(start: int, count: int) -> list[bytes]:
             json.dumps(
                 {
                     "model": "rewardq-local-judge",
-                    "messages": template.messages(item),
+                    "messages": rubrics.rubrics[rubrics.select(item)].messages(item),
                     "temperature": 0.0,
                     "max_tokens": 64,
                 }

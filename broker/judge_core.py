@@ -6,14 +6,16 @@ chat-completions body from the same ``JudgeSpec`` and read the reply with the sa
 functions, so for the same judge answers every path gives the same score.
 
     spec = judge_spec(settings)                  # what changes the answer (and the cache key)
-    body = judge_request(spec, item)             # POST {base_url}/chat/completions
+    rubric = book.rubric_for(spec, item)         # the item's instructions (broker.rubrics)
+    body = judge_request(spec, rubric, item)     # POST {base_url}/chat/completions
     content, usage, tokens = read_reply(response_bytes)  # text, token usage, logprobs
-    verdict = judge_verdict(content, usage, tokens, mode=spec.score_mode)
+    verdict = judge_verdict(content, usage, tokens, mode=rubric.score_mode_for(spec),
+                            scale=rubric.scale)
 
 In ``logprobs`` mode (G-Eval) the request asks for ``top_logprobs`` and the score is the
-expectation over the scale tokens "1".."10" at the position where the judge wrote its
-score, renormalized over the scale tokens listed there; a reply without them falls back to
-the written integer, flagged ``parsed_fallback``.
+expectation over the rubric's scale tokens ("1".."10" by default) at the position where
+the judge wrote its score, renormalized over the scale tokens listed there; a reply
+without them falls back to the written integer, flagged ``parsed_fallback``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from broker.errors import UnparseableReplyError
-from broker.prompts import SCALE_MAX, SCALE_MIN, template_for
+from broker.prompts import SCALE_MAX, SCALE_MIN
+from broker.rubrics import Rubric, RubricBook
 from broker.schemas import GroupSpec, JudgeSpec, JudgeVerdict, ScoreItem, ScoreMode, Usage
 from broker.settings import Settings
 from broker.verdicts import extract_raw_score, normalize
@@ -37,7 +40,9 @@ COMPLETIONS_PATH = "/chat/completions"
 #: Alternatives asked for per token in logprobs mode: the most the OpenAI API allows, so
 #: that all ten scale tokens usually make the list.
 TOP_LOGPROBS = 20
-_SCALE = {str(k): k for k in range(int(SCALE_MIN), int(SCALE_MAX) + 1)}
+#: A rubric's lowest and highest score.
+Scale = tuple[int, int]
+DEFAULT_SCALE: Scale = (int(SCALE_MIN), int(SCALE_MAX))
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,10 +63,12 @@ class ChatReply(NamedTuple):
     tokens: tuple[TokenLogprob, ...] | None = None
 
 
-def judge_spec(settings: Settings) -> JudgeSpec:
+def judge_spec(settings: Settings, rubrics: RubricBook | None = None) -> JudgeSpec:
     """Everything in ``settings`` that changes the judge's answer: model, prompt version,
-    temperature, max tokens, score mode. The producer puts it on every chunk and fingerprints items
-    with it; the sync judge uses it too, so both can never key the cache differently."""
+    temperature, max tokens, score mode, ensemble, group judging, and the digests of
+    ``rubrics`` (the run's rubric book, when it comes from a file). The producer puts it on
+    every chunk and fingerprints items with it; the sync judge uses it too, so both can
+    never key the cache differently."""
     group = GroupSpec(mode=settings.judge_group_mode, size=settings.judge_group_size) \
         if settings.judge_group_mode is not None else None
     return JudgeSpec(model=settings.judge_model, prompt_version=settings.judge_prompt_version,
@@ -69,19 +76,16 @@ def judge_spec(settings: Settings) -> JudgeSpec:
                      max_tokens=settings.judge_max_tokens,
                      score_mode=settings.judge_score_mode,
                      judges=tuple(settings.judge_ensemble), samples=settings.judge_samples,
-                     aggregate=settings.judge_aggregate, group=group)
+                     aggregate=settings.judge_aggregate, group=group,
+                     rubrics=rubrics.digests if rubrics is not None else {})
 
 
-def judge_request(spec: JudgeSpec, item: ScoreItem) -> dict[str, Any]:
-    """The chat-completions request body asking the judge to score ``item``.
-
-    Raises:
-        ConfigError: ``spec.prompt_version`` names no known template.
-    """
+def judge_request(spec: JudgeSpec, rubric: Rubric, item: ScoreItem) -> dict[str, Any]:
+    """The chat-completions request body asking the judge to score ``item`` by ``rubric``."""
     body: dict[str, Any] = {
-        "model": spec.model, "messages": template_for(spec.prompt_version).messages(item),
+        "model": spec.model, "messages": rubric.messages(item),
         "temperature": spec.temperature, "max_tokens": spec.max_tokens}
-    if spec.score_mode == "logprobs":
+    if rubric.score_mode_for(spec) == "logprobs":
         body["logprobs"] = True
         body["top_logprobs"] = TOP_LOGPROBS
     return body
@@ -113,7 +117,7 @@ def read_reply(body: bytes | str) -> ChatReply:
 
 def judge_verdict(content: str | None, usage: Usage | None,
                   tokens: tuple[TokenLogprob, ...] | None = None, *,
-                  mode: ScoreMode = "parsed") -> JudgeVerdict:
+                  mode: ScoreMode = "parsed", scale: Scale = DEFAULT_SCALE) -> JudgeVerdict:
     """The verdict in a reply: the score read, clamped and normalized.
 
     Args:
@@ -121,36 +125,40 @@ def judge_verdict(content: str | None, usage: Usage | None,
             fallback in ``logprobs`` mode.
         usage: the reply's token usage.
         tokens: the reply's per-token logprobs (``ChatReply.tokens``).
-        mode: ``spec.score_mode``; in ``logprobs`` mode the score is
+        mode: the rubric's score mode; in ``logprobs`` mode the score is
             :func:`expected_score` of ``tokens``, or the integer (``parsed_fallback``)
             when they hold no scale token where the score was written.
+        scale: the rubric's lowest and highest score: the score is clamped to it and
+            mapped to [0, 1].
 
     Raises:
         UnparseableReplyError: the content holds no readable score.
     """
     raw = extract_raw_score(content)
     if mode == "parsed":
-        return JudgeVerdict(score=normalize(raw), raw_score=raw, usage=usage or Usage())
-    expected = expected_score(tokens) if tokens else None
+        return JudgeVerdict(score=normalize(raw, scale), raw_score=raw, usage=usage or Usage())
+    expected = expected_score(tokens, scale) if tokens else None
     if expected is None:
-        return JudgeVerdict(score=normalize(raw), raw_score=raw, usage=usage or Usage(),
+        return JudgeVerdict(score=normalize(raw, scale), raw_score=raw, usage=usage or Usage(),
                             score_source="parsed_fallback")
-    return JudgeVerdict(score=normalize(expected), raw_score=expected, usage=usage or Usage(),
-                        score_source="logprobs")
+    return JudgeVerdict(score=normalize(expected, scale), raw_score=expected,
+                        usage=usage or Usage(), score_source="logprobs")
 
 
-def expected_score(tokens: tuple[TokenLogprob, ...]) -> float | None:
+def expected_score(tokens: tuple[TokenLogprob, ...],
+                   scale: Scale = DEFAULT_SCALE) -> float | None:
     """The expected score, sum of k * p(k) over the scale, at the score's position.
 
     ``None`` when no position carries a scale token (see :func:`scale_distribution`).
     """
-    distribution = scale_distribution(tokens)
+    distribution = scale_distribution(tokens, scale)
     if distribution is None:
         return None
     return math.fsum(k * p for k, p in distribution.items())
 
 
-def scale_distribution(tokens: tuple[TokenLogprob, ...]) -> dict[int, float] | None:
+def scale_distribution(tokens: tuple[TokenLogprob, ...],
+                       scale: Scale = DEFAULT_SCALE) -> dict[int, float] | None:
     """p(k) for the scale values k among the alternatives where the score was written.
 
     The score's position is the first token that is a scale value after the text
@@ -162,22 +170,28 @@ def scale_distribution(tokens: tuple[TokenLogprob, ...]) -> dict[int, float] | N
 
     Returns ``None`` when no token is a scale value.
     """
+    values = _scale_tokens(scale)
     text = "".join(t.token for t in tokens)
     key = text.find('"score"')
     start = key + len('"score"') if key >= 0 else 0
     offset = 0
     for token in tokens:
         end = offset + len(token.token)
-        if end > start and token.token.strip() in _SCALE:
-            return _renormalized(token.top or ((token.token, token.logprob),))
+        if end > start and token.token.strip() in values:
+            return _renormalized(token.top or ((token.token, token.logprob),), values)
         offset = end
     return None
 
 
-def _renormalized(alternatives: tuple[tuple[str, float], ...]) -> dict[int, float] | None:
+def _scale_tokens(scale: Scale) -> dict[str, int]:
+    return {str(k): k for k in range(scale[0], scale[1] + 1)}
+
+
+def _renormalized(alternatives: tuple[tuple[str, float], ...],
+                  values: dict[str, int]) -> dict[int, float] | None:
     logprobs: dict[int, list[float]] = {}
     for token, logprob in alternatives:
-        value = _SCALE.get(token.strip())
+        value = values.get(token.strip())
         if value is not None and math.isfinite(logprob):
             logprobs.setdefault(value, []).append(logprob)
     if not logprobs:

@@ -65,11 +65,14 @@ def judge_fingerprint(spec: JudgeSpec, item: ScoreItem) -> str:
     Ids, uids, data sources and metadata do not change the answer and are left out, so
     the same pair submitted under another id is a cache hit.
     """
+    rubric = item.rubric or ("correctness" if item.reference is not None else "quality")
     material = [spec.model, spec.prompt_version, spec.temperature, spec.max_tokens,
-                item.rubric or ("correctness" if item.reference is not None else "quality"),
-                item.prompt, item.response, item.reference]
+                rubric, item.prompt, item.response, item.reference]
     if spec.score_mode != "parsed":  # appended only off the default: parsed keys stay valid
         material.append(spec.score_mode)
+    digest = spec.rubrics.get(rubric)
+    if digest is not None:  # a rubric from a file: its text is in the key (editing it counts)
+        material.append(digest)
     blob = json.dumps(material, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
 

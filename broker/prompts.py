@@ -1,4 +1,4 @@
-"""Versioned judge prompt templates; pure, no I/O.
+"""The built-in judge prompt texts (v1); ``broker.rubrics`` makes them the default rubrics.
 
 A template version is part of the cache key (``JudgeSpec.prompt_version``): change the
 wording, bump the version, and old cache entries stop matching.
@@ -9,11 +9,6 @@ correctness``), so the reply parser and the local judge server can read it back.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-
-from broker.errors import ConfigError
-from broker.schemas import ScoreItem
 
 SCALE_MIN = 1.0
 SCALE_MAX = 10.0
@@ -51,40 +46,5 @@ Reply with JSON only: {{"score": <integer 1-10>, "reason": "<one short sentence>
 {response}
 <<<END RESPONSE>>>"""
 
-
-@dataclass(frozen=True)
-class PromptTemplate:
-    """One version of the judge's instructions for both rubrics."""
-
-    version: str
-    system: str
-    correctness: str
-    quality: str
-
-    def messages(self, item: ScoreItem) -> list[dict[str, str]]:
-        """Chat-completions messages asking the judge to score ``item``."""
-        if item.reference is not None:
-            user = self.correctness.format(prompt=item.prompt, reference=item.reference,
-                                           response=item.response)
-        else:
-            user = self.quality.format(prompt=item.prompt, response=item.response)
-        return [{"role": "system", "content": self.system}, {"role": "user", "content": user}]
-
-
-TEMPLATES: dict[str, PromptTemplate] = {
-    "v1": PromptTemplate("v1", SYSTEM_V1, CORRECTNESS_V1, QUALITY_V1),
-}
-
-
-def template_for(version: str) -> PromptTemplate:
-    """The template registered under ``version``.
-
-    Raises:
-        ConfigError: no template has that version.
-    """
-    try:
-        return TEMPLATES[version]
-    except KeyError:
-        raise ConfigError(
-            f"unknown judge prompt version {version!r}; known: {sorted(TEMPLATES)}"
-        ) from None
+#: The built-in template versions (``JudgeSpec.prompt_version``); see ``broker.rubrics``.
+VERSIONS = ("v1",)

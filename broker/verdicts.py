@@ -55,10 +55,12 @@ def extract_raw_score(reply: str | None) -> float:
     return value
 
 
-def normalize(raw: float) -> float:
-    """Clamp ``raw`` to the 1-10 scale and map it to [0, 1]."""
-    clamped = min(max(raw, SCALE_MIN), SCALE_MAX)
-    return (clamped - SCALE_MIN) / (SCALE_MAX - SCALE_MIN)
+def normalize(raw: float, scale: tuple[int, int] = (int(SCALE_MIN), int(SCALE_MAX))) -> float:
+    """Clamp ``raw`` to ``scale`` (the rubric's lowest and highest score, 1-10 by default)
+    and map it to [0, 1]."""
+    low, high = scale
+    clamped = min(max(raw, low), high)
+    return (clamped - low) / (high - low)
 
 
 def _score_from_json(candidate: str) -> tuple[bool, float | None]:

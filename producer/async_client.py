@@ -121,7 +121,7 @@ class AsyncRewardClient:
             NoWorkersError: no live worker consumes the queue.
             BrokerUnavailableError: Redis stayed unreachable.
         """
-        [parsed] = parse_items([item])
+        [parsed] = self.client.rubrics.assign(parse_items([item]))
         state = self._loop_state()
         future: asyncio.Future[ScoreResult] = state.loop.create_future()
         batch = state.batch

@@ -41,6 +41,7 @@ from broker.fleet import live_workers
 from broker.jobs import ChunkMeta, read_chunks, send_chunk, visible_chunks
 from broker.judge_core import judge_spec
 from broker.keys import SUBMIT_CACHE_HITS, cache_key, judge_fingerprint
+from broker.rubrics import rubric_book
 from broker.schemas import (
     JudgeVerdict,
     ResultStatus,
@@ -81,7 +82,9 @@ class RewardClient:
         self.settings = settings
         self.app: Celery = create_app(settings)
         self.redis = redis_client(settings)
-        self.spec = judge_spec(settings)
+        #: The run's rubrics, loaded once here (a bad file fails the client's creation).
+        self.rubrics = rubric_book(settings)
+        self.spec = judge_spec(settings, self.rubrics)
         self.queue = QUEUE_JUDGE
 
     @classmethod
@@ -104,7 +107,7 @@ class RewardClient:
                 field, and nothing was enqueued.
             BrokerUnavailableError: Redis could not be reached.
         """
-        parsed = parse_items(items)
+        parsed = self.rubrics.assign(parse_items(items))
         fingerprints = [judge_fingerprint(self.spec, item) for item in parsed]
         results: list[ScoreResult | None] = [None] * len(parsed)
         try:

@@ -30,7 +30,7 @@ from broker.judge_core import (
     judge_verdict,
     read_reply,
 )
-from broker.prompts import template_for
+from broker.rubrics import rubric_book
 from broker.schemas import JudgeVerdict, ResultStatus, ScoreItem, ScoreResult, parse_items
 from broker.settings import Settings
 from broker.verdicts import classify
@@ -52,7 +52,8 @@ class SyncJudge:
         max_retries: retries the SDK makes per call.
 
     Raises:
-        ConfigError: ``settings.judge_prompt_version`` names no known template.
+        ConfigError: ``settings.judge_prompt_version`` names no known template, or the
+            rubrics file is bad.
     """
 
     def __init__(
@@ -66,8 +67,8 @@ class SyncJudge:
     ) -> None:
         key = api_key if api_key is not None else settings.judge_api_key
         self.settings = settings
-        self.spec = judge_spec(settings)
-        template_for(self.spec.prompt_version)  # an unknown version fails here, not per call
+        self.rubrics = rubric_book(settings)  # a bad file or version fails here, not per call
+        self.spec = judge_spec(settings, self.rubrics)
         self.base_url = (base_url or settings.judge_base_url).rstrip("/")
         self._client = openai.OpenAI(
             base_url=self.base_url,
@@ -91,12 +92,14 @@ class SyncJudge:
             PermanentJudgeError: any other HTTP error.
             UnparseableReplyError: the reply holds no readable score.
         """
+        rubric = self.rubrics.rubric_for(self.spec, item)
         try:
             response = self._client.post(COMPLETIONS_PATH, cast_to=httpx2.Response,
-                                         body=judge_request(self.spec, item))
+                                         body=judge_request(self.spec, rubric, item))
         except openai.APIError as exc:
             raise classify(exc) from exc
-        return judge_verdict(*read_reply(response.content), mode=self.spec.score_mode)
+        return judge_verdict(*read_reply(response.content), mode=rubric.score_mode_for(self.spec),
+                             scale=rubric.scale)
 
     def score_one(self, item: ScoreItem) -> ScoreResult:
         """``item``'s result: ``ok`` with its score, or ``failed`` with the error; never raises
@@ -131,7 +134,7 @@ class SyncJudge:
         Raises:
             InvalidItemError: some item is invalid (checked before any call is made).
         """
-        return [self.score_one(item) for item in parse_items(items)]
+        return [self.score_one(item) for item in self.rubrics.assign(parse_items(items))]
 
     def close(self) -> None:
         """Close the client's connection pool."""

@@ -234,9 +234,11 @@ def asyncio_child_main() -> None:
         judge_verdict,
         read_reply,
     )
+    from broker.rubrics import builtin_rubrics
     from broker.schemas import ScoreItem
 
     settings = Settings()
+    rubrics = builtin_rubrics()
     spec = judge_spec(settings)
     concurrency = int(os.environ["REWARDQ_BENCH_CONCURRENCY"])
 
@@ -249,7 +251,8 @@ def asyncio_child_main() -> None:
 
         async def judge(raw: dict[str, Any]) -> float | None:
             # The same judge core as the workers and the sync judge: request, reply, score.
-            body = judge_request(spec, ScoreItem.model_validate(raw))
+            item = ScoreItem.model_validate(raw)
+            body = judge_request(spec, rubrics.rubric_for(spec, item), item)
             async with slots:
                 try:
                     response = await client.post(COMPLETIONS_PATH, cast_to=httpx2.Response,

@@ -26,7 +26,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.prompts import template_for
+from broker.rubrics import builtin_rubrics
 from broker.schemas import ScoreItem
 from judge_server.__main__ import add_arguments, config_from_args
 from judge_server.config import ConfigValueError, JudgeConfig
@@ -49,14 +49,14 @@ from judge_server.stats import JudgeStats
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "rewardq-local-judge"
-TEMPLATE = template_for("v1")
+RUBRICS = builtin_rubrics()
 
 
 def judge_messages(prompt: str, response: str,
                    reference: str | None = None) -> list[dict[str, str]]:
     """The messages a rewardq worker sends for this item."""
-    return TEMPLATE.messages(ScoreItem(id="t", prompt=prompt, response=response,
-                                       reference=reference))
+    item = ScoreItem(id="t", prompt=prompt, response=response, reference=reference)
+    return RUBRICS.rubrics[RUBRICS.select(item)].messages(item)
 
 
 # --------------------------------------------------------------------------- grading

@@ -26,7 +26,8 @@ from broker.judge_core import (
     scale_distribution,
 )
 from broker.keys import judge_fingerprint
-from broker.schemas import JudgeVerdict, ResultStatus, ScoreItem, Usage
+from broker.rubrics import builtin_rubrics
+from broker.schemas import JudgeSpec, JudgeVerdict, ResultStatus, ScoreItem, Usage
 from broker.settings import Settings
 from judge_server.config import JudgeConfig
 from judge_server.server import BackgroundJudgeServer
@@ -54,6 +55,11 @@ def _logprob_settings(settings: Settings) -> Settings:
 # -- the sync judge and the fleet against the local judge ------------------------------------
 
 
+def _request(spec: JudgeSpec, item: ScoreItem) -> dict[str, Any]:
+    """The body a worker sends for ``item`` (built-in rubrics)."""
+    return judge_request(spec, builtin_rubrics().rubric_for(spec, item), item)
+
+
 def test_sync_judge_scores_the_expectation_of_the_judges_logprobs(
         settings: Settings, judge: JudgeProcess) -> None:
     logprob_settings = _logprob_settings(settings)
@@ -64,7 +70,7 @@ def test_sync_judge_scores_the_expectation_of_the_judges_logprobs(
 
     differing = 0
     for item, result in zip(items, results, strict=True):
-        body = judge_request(spec, ScoreItem.model_validate(item))
+        body = _request(spec, ScoreItem.model_validate(item))
         assert body["logprobs"] is True and body["top_logprobs"] == 20
         reply = httpx.post(f"{judge.base_url}/chat/completions", json=body, timeout=10).json()
         want = _expectation_from_reply(reply)
@@ -97,8 +103,8 @@ def test_an_endpoint_without_logprobs_gives_the_integer_and_the_flag(
     items = make_items(12, "lp-none")
     with (BackgroundJudgeServer(JudgeConfig(logprobs=False)) as server,
           SyncJudge(_logprob_settings(settings), base_url=server.base_url) as sync_judge):
-        body = judge_request(judge_spec(_logprob_settings(settings)),
-                             ScoreItem.model_validate(items[0]))
+        body = _request(judge_spec(_logprob_settings(settings)),
+                        ScoreItem.model_validate(items[0]))
         reply = httpx.post(f"{server.base_url}/chat/completions", json=body, timeout=10).json()
         results = sync_judge.score(items)
 
@@ -111,7 +117,7 @@ def test_an_endpoint_without_logprobs_gives_the_integer_and_the_flag(
 def test_parsed_mode_asks_for_no_logprobs_and_keeps_its_cache_keys(settings: Settings) -> None:
     item = ScoreItem.model_validate(make_items(1, "lp-key")[0])
     parsed, logprobs = judge_spec(settings), judge_spec(_logprob_settings(settings))
-    assert "logprobs" not in judge_request(parsed, item)
+    assert "logprobs" not in _request(parsed, item)
     assert judge_fingerprint(parsed, item) != judge_fingerprint(logprobs, item)
     # a verdict cached before score_source existed still reads, as a parsed one
     old = JudgeVerdict.model_validate_json('{"score": 0.5, "raw_score": 5.5, "usage": '

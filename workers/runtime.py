@@ -13,6 +13,7 @@ import contextlib
 import redis.asyncio as aioredis
 
 from broker.connections import async_redis_client
+from broker.rubrics import rubric_book
 from broker.schemas import ScoreChunk, ScoreResult
 from broker.settings import Settings
 from monitoring.costs import PriceTable
@@ -33,6 +34,8 @@ class WorkerRuntime:
 
     def __init__(self, settings: Settings, metrics: WorkerMetrics | None = None) -> None:
         self.settings = settings
+        #: Loaded here, at worker start: a bad rubrics file stops the worker with its error.
+        self.rubrics = rubric_book(settings)
         self.metrics = metrics or WorkerMetrics()
         self.bridge = AsyncioBridge()
         self._scorer: ChunkScorer | None = None
@@ -57,13 +60,15 @@ class WorkerRuntime:
             s = self.settings
             # Blocking pool: hundreds of coroutines share a bounded set of connections.
             self._redis = async_redis_client(s, max_connections=64)
-            self._judge = JudgeClient(s, self._redis, self.metrics, PriceTable.from_settings(s))
+            self._judge = JudgeClient(s, self._redis, self.metrics, PriceTable.from_settings(s),
+                                      self.rubrics)
             # Locks are renewed while held (see ``JudgeCache``), so their TTL only bounds
             # how long a dead worker's locks keep others waiting.
             self._cache = JudgeCache(self._redis, ttl_s=s.cache_ttl_s,
                                      lock_ttl_ms=int(s.inflight_lock_ttl_s * 1000))
             policy = RetryPolicy(max_attempts=s.judge_max_attempts)
-            self._scorer = ChunkScorer(self._judge, self._cache, policy, self.metrics)
+            self._scorer = ChunkScorer(self._judge, self._cache, policy, self.metrics,
+                                       rubrics=self.rubrics)
         return self._scorer
 
     def close(self) -> None:

@@ -21,9 +21,11 @@ from typing import Protocol
 from broker.connections import OUTAGE_ERRORS
 from broker.errors import JudgeError, JudgeErrorKind
 from broker.keys import judge_fingerprint
+from broker.rubrics import RubricBook, builtin_rubrics
 from broker.schemas import JudgeSpec, JudgeVerdict, ResultStatus, ScoreChunk, ScoreItem, ScoreResult
 from monitoring.metrics import WorkerMetrics, call_status
 from workers.cache import Claim, ClaimState, JudgeCache
+from workers.ensembles import aggregate, ensemble_members
 from workers.logs import RetryStormLog
 from workers.retry import RetryPolicy, decide
 
@@ -61,11 +63,16 @@ class ChunkScorer:
         judge: makes one judge call.
         cache: verdict cache and in-flight locks.
         policy: retry limits and backoff.
+        metrics: where cache lookups, dedup waits and retries are counted.
+        rubrics: the run's rubrics: items that name none get theirs before fingerprinting,
+            as the producer does.
     """
 
     def __init__(self, judge: Judge, cache: JudgeCache, policy: RetryPolicy,
-                 metrics: WorkerMetrics | None = None) -> None:
+                 metrics: WorkerMetrics | None = None, *,
+                 rubrics: RubricBook | None = None) -> None:
         self._judge = judge
+        self._rubrics = rubrics or builtin_rubrics()
         self._metrics = metrics or WorkerMetrics()
         self._cache = cache
         self._policy = policy
@@ -73,11 +80,32 @@ class ChunkScorer:
         self._storms = RetryStormLog()
 
     async def score(self, chunk: ScoreChunk) -> list[ScoreResult]:
-        """One result per item of ``chunk``, in order."""
+        """One result per item of ``chunk``, in order.
+
+        An ensemble (``spec.judges`` or ``spec.samples > 1``) scores the items once per
+        judge call kind, each with its own cache entries and dedup, and aggregates them.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, chunk.deadline - time.time())
-        fingerprints = [judge_fingerprint(chunk.spec, item) for item in chunk.items]
-        first_item = dict(zip(fingerprints, chunk.items, strict=True))
+        items = [item if item.rubric is not None
+                 else item.model_copy(update={"rubric": self._rubrics.select(item)})
+                 for item in chunk.items]
+        members = ensemble_members(chunk.spec)
+        if len(members) == 1:
+            return await self._score_items(chunk.spec, items, deadline)
+        per_member = await asyncio.gather(*(
+            self._score_items(spec, items, deadline, suffix) for _, spec, suffix in members))
+        labels = [label for label, _, _ in members]
+        return [aggregate(chunk.spec.aggregate, labels, list(results))
+                for results in zip(*per_member, strict=True)]
+
+    async def _score_items(self, spec: JudgeSpec, items: list[ScoreItem], deadline: float,
+                           suffix: str = "") -> list[ScoreResult]:
+        """One result per item, judged by ``spec``'s one model; ``suffix`` tells an
+        ensemble's repeated samples apart in the cache."""
+        loop = asyncio.get_running_loop()
+        fingerprints = [judge_fingerprint(spec, item) + suffix for item in items]
+        first_item = dict(zip(fingerprints, items, strict=True))
         token = uuid.uuid4().hex
         # Snapshot before awaiting anything: a task that finishes meanwhile stays joinable.
         joined = {fp: self._resolving[fp] for fp in fingerprints if fp in self._resolving}
@@ -89,14 +117,14 @@ class ChunkScorer:
         for fp, claim in claims.items():
             if claim.state is ClaimState.CACHED:
                 continue
-            task = loop.create_task(self._resolve(chunk.spec, first_item[fp], fp, claim,
+            task = loop.create_task(self._resolve(spec, first_item[fp], fp, claim,
                                                   token, deadline))
             self._resolving[fp] = task
             task.add_done_callback(self._forget_when_done(fp))
             owners[fp] = task
         seen: set[str] = set()
         results = []
-        for item, fp in zip(chunk.items, fingerprints, strict=True):
+        for item, fp in zip(items, fingerprints, strict=True):
             found = claims.get(fp)
             if found is not None and found.verdict is not None:
                 results.append(self._cached_result(item, found.verdict))
