@@ -28,6 +28,7 @@ from broker.judge_core import (
     judge_verdict,
     read_reply,
 )
+from broker.rubrics import RubricBook, builtin_rubrics
 from broker.schemas import JudgeSpec, JudgeVerdict, ScoreItem, Usage
 from broker.settings import Settings
 from broker.verdicts import classify
@@ -55,11 +56,13 @@ class JudgeClient:
         redis: the worker's asyncio Redis client (holds the fleet-wide rate-limit state).
         metrics: where calls, tokens, cost and rate-limit waits are counted.
         prices: the price table for cost accounting.
+        rubrics: the run's rubrics (``broker.rubrics.rubric_book``); built-in by default.
     """
 
     def __init__(self, settings: Settings, redis: aioredis.Redis | None = None,
-                 metrics: WorkerMetrics | None = None, prices: PriceTable | None = None
-                 ) -> None:
+                 metrics: WorkerMetrics | None = None, prices: PriceTable | None = None,
+                 rubrics: RubricBook | None = None) -> None:
+        self._rubrics = rubrics or builtin_rubrics()
         http_client = openai.DefaultAioHttpClient() if settings.judge_transport == "aiohttp" \
             else None
         self._client = openai.AsyncOpenAI(
@@ -93,10 +96,12 @@ class JudgeClient:
             BrokerUnavailableError: the rate limiter could not reach Redis before the
                 call (an outage: the task scores the chunk again).
         """
-        reply = await self.complete(spec.model, judge_request(spec, item), spec.max_tokens)
+        rubric = self._rubrics.rubric_for(spec, item)  # RubricMismatchError: no call made
+        reply = await self.complete(spec.model, judge_request(spec, rubric, item),
+                                    spec.max_tokens)
         try:
             verdict = judge_verdict(reply.content, reply.usage, reply.tokens,
-                                    mode=spec.score_mode)
+                                    mode=rubric.score_mode_for(spec), scale=rubric.scale)
         except UnparseableReplyError as error:
             self._metrics.judge_call(spec.model, call_status(error), reply.latency_s)
             raise
