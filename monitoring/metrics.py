@@ -21,6 +21,10 @@ metric                                                type       labels
 ``rewardq_items_total``                               counter    status
 ``rewardq_fleet_workers_up``                          gauge
 ``rewardq_fleet_submit_cache_hits_total``             counter
+``rewardq_judge_endpoint_requests_total``             counter    endpoint, status
+``rewardq_judge_endpoint_in_flight``                  gauge      endpoint
+``rewardq_judge_endpoint_breaker_state``              gauge      endpoint
+``rewardq_judge_endpoint_failovers_total``            counter    endpoint
 ====================================================  =========  ==========================
 
 The two ``rewardq_fleet_*`` series are read from Redis at scrape time and are the same on
@@ -30,6 +34,13 @@ within two heartbeats of a SIGKILL (a dead process cannot say so itself, and Flo
 ``flower_worker_online`` stays 1 for minutes). ``rewardq_fleet_submit_cache_hits_total``
 counts the items producers answered from the cache at submit, which never reach a worker:
 the cache hit rate needs them.
+
+The ``rewardq_judge_endpoint_*`` series exist when the judge has several base URLs
+(``REWARDQ_JUDGE_BASE_URLS``, see ``workers.endpoints``): ``endpoint`` is a base URL
+without credentials; ``requests_total`` counts each HTTP call by the endpoint's answer
+(``ok`` for a 200, else as :func:`call_status`, ``cancelled`` for a call abandoned
+mid-flight); ``breaker_state`` is 0 closed, 1 open, 2 half-open; ``failovers_total``
+counts calls that failed on that endpoint and went on at once to another.
 
 ``status`` of a judge request is ``ok`` (scored), ``unparseable`` (a 200 without a
 score), the HTTP status of an error answer (``429``, ``500``...), ``timeout`` or
@@ -133,6 +144,10 @@ class WorkerMetrics:
         self._dead_letters: dict[str, float] = {}
         self._chunks: dict[str, float] = {}
         self._items: dict[str, float] = {}
+        self._endpoint_requests: dict[tuple[str, str], float] = {}
+        self._endpoint_in_flight: dict[str, float] = {}
+        self._endpoint_breaker: dict[str, float] = {}
+        self._endpoint_failovers: dict[str, float] = {}
         self._scalars = {"cache_hits": 0.0, "cache_misses": 0.0, "dedup_waits": 0.0,
                          "rate_limit_waits": 0.0, "rate_limit_wait_seconds": 0.0}
         self.registry.register(_Collector(self))
@@ -209,6 +224,35 @@ class WorkerMetrics:
             for s, n in counted.items():
                 self._items[s] = self._items.get(s, 0.0) + n
 
+    def endpoint_call(self, endpoint: str, status: str) -> None:
+        """One HTTP call to judge endpoint ``endpoint`` ended with ``status``."""
+        key = (endpoint, status)
+        with self._lock:
+            self._endpoint_requests[key] = self._endpoint_requests.get(key, 0.0) + 1
+
+    def endpoint_in_flight(self, endpoint: str, calls: int) -> None:
+        """``calls`` judge calls of this process are now in flight to ``endpoint``."""
+        with self._lock:
+            self._endpoint_in_flight[endpoint] = float(calls)
+
+    def endpoint_breaker(self, endpoint: str, state: int) -> None:
+        """``endpoint``'s circuit breaker is now ``state`` (0 closed, 1 open, 2 half-open)."""
+        with self._lock:
+            self._endpoint_breaker[endpoint] = float(state)
+
+    def endpoint_failover(self, endpoint: str) -> None:
+        """A call failed on ``endpoint`` and goes on at once to another endpoint."""
+        with self._lock:
+            self._endpoint_failovers[endpoint] = self._endpoint_failovers.get(endpoint, 0.0) + 1
+
+    def endpoint_snapshot(self) -> EndpointSnapshot:
+        """A consistent copy of the per-endpoint series (taken under the lock)."""
+        with self._lock:
+            return EndpointSnapshot(requests=dict(self._endpoint_requests),
+                                    in_flight=dict(self._endpoint_in_flight),
+                                    breaker=dict(self._endpoint_breaker),
+                                    failovers=dict(self._endpoint_failovers))
+
     # -- reading ------------------------------------------------------------------
 
     def snapshot(self) -> MetricsSnapshot:
@@ -239,6 +283,16 @@ class MetricsSnapshot:
     chunks: Mapping[str, float]
     items: Mapping[str, float]
     scalars: Mapping[str, float]
+
+
+@dataclass(frozen=True)
+class EndpointSnapshot:
+    """Plain copies of a :class:`WorkerMetrics`' per-endpoint series at one instant."""
+
+    requests: Mapping[tuple[str, str], float]
+    in_flight: Mapping[str, float]
+    breaker: Mapping[str, float]
+    failovers: Mapping[str, float]
 
 
 class _Collector(Collector):
@@ -283,6 +337,29 @@ class _Collector(Collector):
                        {(k,): v for k, v in s.chunks.items()})
         yield _counter("items", "Items scored, by result status.", ["status"],
                        {(k,): v for k, v in s.items.items()})
+        yield from _endpoint_families(self._metrics.endpoint_snapshot())
+
+
+def _endpoint_families(e: EndpointSnapshot) -> Iterator[Metric]:
+    from prometheus_client.core import GaugeMetricFamily
+
+    if not (e.requests or e.in_flight or e.breaker):
+        return  # one endpoint: no per-endpoint series
+    yield _counter("judge_endpoint_requests", "Judge HTTP calls by endpoint and outcome.",
+                   ["endpoint", "status"], {k: v for k, v in e.requests.items()})
+    for name, doc, values in (
+            ("judge_endpoint_in_flight", "Judge calls of this process in flight, by endpoint.",
+             e.in_flight),
+            ("judge_endpoint_breaker_state",
+             "Circuit breaker of each judge endpoint: 0 closed, 1 open, 2 half-open.",
+             e.breaker)):
+        gauge = GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=["endpoint"])
+        for endpoint, value in values.items():
+            gauge.add_metric([endpoint], value)
+        yield gauge
+    yield _counter("judge_endpoint_failovers",
+                   "Judge calls that failed on an endpoint and went on to another.",
+                   ["endpoint"], {(k,): v for k, v in e.failovers.items()})
 
 
 def _counter(name: str, doc: str, labels: list[str],

@@ -7,6 +7,12 @@ SDK errors become transient or permanent ``JudgeError`` s by ``broker.verdicts.c
 the one classification the sync judge shares. Before each call the fleet-wide rate
 limiter (when ``REWARDQ_JUDGE_RPM``/``TPM`` are set) admits it, and after it the
 reply's token usage is reconciled with the estimate that was debited.
+
+With several base URLs (``Settings.judge_endpoints``) there is one ``AsyncOpenAI``
+client per endpoint and ``workers.endpoints.EndpointPool`` routes each call (fewest in
+flight, a circuit breaker per endpoint); a call that finds its endpoint down fails over
+at once to another inside the same call, before ``workers.retry`` sees an error. With
+one base URL the call goes straight to its client, as it always did.
 """
 
 from __future__ import annotations
@@ -34,9 +40,19 @@ from broker.settings import Settings
 from broker.verdicts import classify
 from monitoring.costs import PriceTable
 from monitoring.metrics import WorkerMetrics, call_status
+from workers.endpoints import Endpoint, EndpointPool, is_endpoint_failure
 from workers.rate_limit import RateLimit, RedisRateLimiter, estimate_tokens
 
 log = logging.getLogger(__name__)
+
+
+def _openai_client(settings: Settings, base_url: str) -> openai.AsyncOpenAI:
+    http_client = openai.DefaultAioHttpClient() if settings.judge_transport == "aiohttp" \
+        else None
+    return openai.AsyncOpenAI(base_url=base_url,
+                              api_key=settings.judge_api_key.get_secret_value(),
+                              timeout=settings.judge_timeout_s, max_retries=0,
+                              http_client=http_client)
 
 
 class TimedReply(NamedTuple):
@@ -63,17 +79,15 @@ class JudgeClient:
                  metrics: WorkerMetrics | None = None, prices: PriceTable | None = None,
                  rubrics: RubricBook | None = None) -> None:
         self._rubrics = rubrics or builtin_rubrics()
-        http_client = openai.DefaultAioHttpClient() if settings.judge_transport == "aiohttp" \
-            else None
-        self._client = openai.AsyncOpenAI(
-            base_url=settings.judge_base_url,
-            api_key=settings.judge_api_key.get_secret_value(),
-            timeout=settings.judge_timeout_s,
-            max_retries=0,
-            http_client=http_client,
-        )
+        endpoints = settings.judge_endpoints
+        # One client (one connection pool) per endpoint; the first alone when there is one.
+        self._clients = [_openai_client(settings, url) for url in endpoints]
+        self._client = self._clients[0]
         self._slots = asyncio.Semaphore(settings.max_concurrent_requests)
         self._metrics = metrics or WorkerMetrics()
+        self._pool = None if len(endpoints) == 1 else EndpointPool(
+            endpoints, failures=settings.judge_breaker_failures,
+            cooldown_s=settings.judge_breaker_cooldown_s, metrics=self._metrics)
         self._prices = prices or PriceTable.from_settings(settings)
         self._limit = RateLimit.from_settings(settings)
         self._redis = redis
@@ -132,8 +146,11 @@ class JudgeClient:
                 # The raw route: the SDK's per-call transform of the params (TypedDict
                 # introspection) and pydantic parse of the reply cost more client CPU
                 # than the HTTP exchange itself (issue 5: 1.7 -> 0.9 ms per call).
-                response = await self._client.post(COMPLETIONS_PATH,
-                                                   cast_to=httpx2.Response, body=body)
+                if self._pool is None:
+                    response = await self._client.post(COMPLETIONS_PATH,
+                                                       cast_to=httpx2.Response, body=body)
+                else:
+                    response = await self._routed_post(self._pool, model, body)
             except openai.APIError as exc:
                 error = classify(exc)
                 self._metrics.judge_call(model, call_status(error),
@@ -159,7 +176,47 @@ class JudgeClient:
             log.warning("token usage not reconciled with the rate limiter (%s); it keeps "
                         "the estimate of %d tokens", exc, estimate)
 
+    async def _routed_post(self, pool: EndpointPool, model: str,
+                           body: dict[str, Any]) -> httpx2.Response:
+        """The raw POST on the endpoint with the fewest calls in flight; a call that finds
+        its endpoint down (:func:`~workers.endpoints.is_endpoint_failure`) goes on at once
+        to another live one, each endpoint tried at most once.
+
+        Raises:
+            NoEndpointError: every breaker is open (transient: the item is retried).
+            openai.APIError: the last endpoint tried failed (the caller classifies it).
+        """
+        tried: list[Endpoint] = []
+        endpoint = pool.acquire()
+        if endpoint is None:
+            raise pool.unavailable_error()
+        while True:
+            started = time.perf_counter()
+            try:
+                response: httpx2.Response = await self._clients[endpoint.index].post(
+                    COMPLETIONS_PATH, cast_to=httpx2.Response, body=body)
+            except openai.APIError as exc:
+                error = classify(exc)
+                failure = is_endpoint_failure(error)
+                status = call_status(error)
+                pool.release(endpoint, status, failure=failure)
+                tried.append(endpoint)
+                following = pool.acquire(exclude=tried) if failure else None
+                if following is None:
+                    raise
+                # This request is over; the caller counts only the last one.
+                self._metrics.judge_call(model, status, time.perf_counter() - started)
+                self._metrics.endpoint_failover(endpoint.label)
+                endpoint = following
+                continue
+            except BaseException:
+                pool.release(endpoint, "cancelled", failure=None)
+                raise
+            pool.release(endpoint, "ok", failure=False)
+            return response
+
     async def close(self) -> None:
-        """Close the connection pool."""
-        await self._client.close()
+        """Close the connection pools."""
+        for client in self._clients:
+            await client.close()
 
