@@ -38,7 +38,7 @@ the cache hit rate needs them.
 The ``rewardq_judge_endpoint_*`` series exist when the judge has several base URLs
 (``REWARDQ_JUDGE_BASE_URLS``, see ``workers.endpoints``): ``endpoint`` is a base URL
 without credentials; ``requests_total`` counts each HTTP call by the endpoint's answer
-(``ok`` for a 200, else as :func:`call_status`, ``cancelled`` for a call abandoned
+(``ok`` for a 200, else as :func:`call_status`; ``cancelled`` for a call cancelled
 mid-flight); ``breaker_state`` is 0 closed, 1 open, 2 half-open; ``failovers_total``
 counts calls that failed on that endpoint and went on at once to another.
 

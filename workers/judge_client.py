@@ -209,8 +209,9 @@ class JudgeClient:
                 self._metrics.endpoint_failover(endpoint.label)
                 endpoint = following
                 continue
-            except BaseException:
-                pool.release(endpoint, "cancelled", failure=None)
+            except BaseException as exc:  # no answer either way: the breaker learns nothing
+                status = "cancelled" if isinstance(exc, asyncio.CancelledError) else "other"
+                pool.release(endpoint, status, failure=None)
                 raise
             pool.release(endpoint, "ok", failure=False)
             return response
