@@ -62,6 +62,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model name /v1/models lists")
     parser.add_argument("--no-logprobs", dest="logprobs", action="store_false",
                         help="act like an endpoint without logprobs (ignore the request field)")
+    parser.add_argument("--position-bias", type=float, default=defaults.position_bias,
+                        help="pairwise group prompts: how often (0..1) a close pair goes to "
+                             "the response shown first")
+    parser.add_argument("--position-bias-margin", type=int,
+                        default=defaults.position_bias_margin,
+                        help="grades this close count as a close pair (0 = only ties)")
+    parser.add_argument("--model-offset", action="append", default=[], metavar="MODEL=N",
+                        help="add N to every score given as MODEL (repeatable): one server "
+                             "plays several judges that disagree")
     parser.add_argument("--loop", choices=LOOPS, default="auto",
                         help="event loop; auto = uvloop when installed")
 
@@ -76,7 +85,28 @@ def config_from_args(args: argparse.Namespace) -> JudgeConfig:
         latency_ms=args.latency_ms, jitter_ms=args.jitter_ms, seed=args.seed,
         error_rate=args.error_rate, error_kinds=parse_error_kinds(args.error_kinds),
         retry_after_s=args.retry_after_s, timeout_sleep_s=args.timeout_sleep_s,
-        rpm_limit=args.rpm_limit, model=args.model, logprobs=args.logprobs)
+        rpm_limit=args.rpm_limit, model=args.model,
+        position_bias=args.position_bias, position_bias_margin=args.position_bias_margin,
+        logprobs=args.logprobs,
+        model_offsets=tuple(sorted(parse_model_offsets(args.model_offset).items())))
+
+
+def parse_model_offsets(values: Sequence[str]) -> dict[str, int]:
+    """``["judge-b=2", "judge-c=-1"]`` as ``{"judge-b": 2, "judge-c": -1}``.
+
+    Raises:
+        ConfigValueError: an entry that is not ``MODEL=INTEGER``.
+    """
+    offsets = {}
+    for value in values:
+        model, sep, number = value.rpartition("=")
+        try:
+            offsets[model] = int(number)
+        except ValueError:
+            model = ""
+        if not sep or not model:
+            raise ConfigValueError(f"--model-offset {value!r}: expected MODEL=INTEGER")
+    return offsets
 
 
 def serve(args: argparse.Namespace) -> int:

@@ -26,7 +26,7 @@ from aiohttp import web
 
 from judge_server.config import ConfigValueError, JudgeConfig
 from judge_server.faults import IMMEDIATE_FAULTS, FaultInjector
-from judge_server.grading import grade_request, user_text
+from judge_server.grading import CORRECT_SCORE, INCORRECT_SCORE, Grade, grade_request, user_text
 from judge_server.protocol import (
     ERRORS,
     MALFORMED_REPLY,
@@ -105,7 +105,9 @@ class JudgeService:
             return self._error(request, ERRORS["400"], str(exc))
         except web.HTTPRequestEntityTooLarge:
             return self._error(request, ERRORS["413"])
-        tally = stats.tally(user_text(chat.messages))
+        text = user_text(chat.messages)
+        tally = stats.tally(text)
+        stats.record(chat.model, text)
 
         retry_after = self.limiter.admit(config.rpm_limit, time.monotonic())
         if retry_after is not None:
@@ -124,8 +126,12 @@ class JudgeService:
         if fault in ERRORS:
             return self._error(request, ERRORS[fault])
 
-        grade = None if fault == "malformed" else grade_request(chat.messages)
-        content = MALFORMED_REPLY if grade is None else reply_content(grade)
+        grade = None if fault == "malformed" else grade_request(chat.messages, config)
+        offset = dict(config.model_offsets).get(chat.model) if config.model_offsets else None
+        if grade is not None and offset:
+            grade = Grade(min(max(grade.score + offset, INCORRECT_SCORE), CORRECT_SCORE),
+                          grade.reason)
+        content = MALFORMED_REPLY if grade is None else grade.reply or reply_content(grade)
         logprobs = None
         if config.logprobs and chat.top_logprobs is not None:
             spread = score_spread(config.seed, user_text(chat.messages))
@@ -161,6 +167,10 @@ class JudgeService:
     async def get_stats(self, request: web.Request) -> web.Response:
         """``GET /stats``."""
         return _json_response(self.stats.snapshot())
+
+    async def get_requests(self, request: web.Request) -> web.Response:
+        """``GET /requests``: the latest requests seen (see ``JudgeStats.record``)."""
+        return _json_response(list(self.stats.recent))
 
     async def reset_stats(self, request: web.Request) -> web.Response:
         """``POST /stats/reset``: zero the counters, answer the (zeroed) snapshot."""
@@ -200,6 +210,7 @@ def build_app(config: JudgeConfig | None = None) -> web.Application:
     app.router.add_get("/v1/models", service.models)
     app.router.add_get("/stats", service.get_stats)
     app.router.add_post("/stats/reset", service.reset_stats)
+    app.router.add_get("/requests", service.get_requests)
     app.router.add_get("/admin/config", service.get_config)
     app.router.add_post("/admin/config", service.post_config)
     app.router.add_get("/health", service.health)

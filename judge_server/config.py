@@ -45,6 +45,14 @@ class JudgeConfig:
         logprobs: answer ``logprobs: true`` requests with per-token logprobs; ``False``
             acts like an endpoint without logprobs support (the fields are ignored and
             ``choices[0].logprobs`` is ``null``).
+        position_bias: pairwise group prompts (``judge_server.group_grading``): how often
+            (0..1) a close pair goes to the response shown first, by a draw fixed by the
+            seed and the pair (so the same pair is biased in both orders); 0 = unbiased.
+        position_bias_margin: grades this close or closer count as a close pair (0: only
+            equal grades).
+        model_offsets: per requested model name, a number added to every score it gives
+            (clamped to 1-10), so one server plays several judges that disagree, e.g.
+            ``{"judge-lenient": 2, "judge-harsh": -3}`` (ensembles).
 
     Raises:
         ConfigValueError: a value out of range or of the wrong type.
@@ -60,6 +68,9 @@ class JudgeConfig:
     rpm_limit: int = 0
     model: str = DEFAULT_MODEL
     logprobs: bool = True
+    position_bias: float = 0.0
+    position_bias_margin: int = 0
+    model_offsets: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("latency_ms", "jitter_ms", "retry_after_s", "timeout_sleep_s"):
@@ -74,6 +85,19 @@ class JudgeConfig:
                  "an integer >= 0 (0 = unlimited)")
         _require(isinstance(self.model, str) and bool(self.model), "model", "a non-empty string")
         _require(isinstance(self.logprobs, bool), "logprobs", "true or false")
+        _require(_is_real(self.position_bias) and 0.0 <= self.position_bias <= 1.0,
+                 "position_bias", "a number in [0, 1]")
+        object.__setattr__(self, "position_bias", float(self.position_bias))
+        _require(_is_int(self.position_bias_margin) and 0 <= self.position_bias_margin <= 9,
+                 "position_bias_margin", "an integer in [0, 9]")
+        offsets = self.model_offsets
+        if isinstance(offsets, Mapping):
+            offsets = tuple(sorted(offsets.items()))
+            object.__setattr__(self, "model_offsets", offsets)
+        _require(isinstance(offsets, tuple) and all(
+            isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)
+            and _is_int(pair[1]) for pair in offsets),
+            "model_offsets", "an object of model name -> integer offset")
         _require(isinstance(self.error_kinds, tuple) and bool(self.error_kinds)
                  and all(kind in FAULT_KINDS for kind in self.error_kinds),
                  "error_kinds", f"a non-empty list drawn from {list(FAULT_KINDS)}")
@@ -102,6 +126,7 @@ class JudgeConfig:
         """The knobs as JSON-ready values (what ``GET /admin/config`` returns)."""
         values = dataclasses.asdict(self)
         values["error_kinds"] = list(self.error_kinds)
+        values["model_offsets"] = dict(self.model_offsets)
         return values
 
 

@@ -16,6 +16,9 @@ from hashlib import blake2b
 from typing import Any
 
 ONE_SECOND = 1.0
+#: Requests ``GET /requests`` remembers, and how much of each user message.
+RECENT_REQUESTS = 4096
+RECENT_CHARS = 2000
 
 
 class PromptTally:
@@ -62,6 +65,8 @@ class JudgeStats:
         self._arrivals: deque[float] = deque()
         self.max_requests_in_any_1s = 0
         self.max_in_flight = self.in_flight
+        #: the latest requests: model, first line of the user message ("title"), the message
+        self.recent: deque[dict[str, str]] = deque(maxlen=RECENT_REQUESTS)
 
     def arrived(self) -> None:
         """Count a chat-completions request on arrival."""
@@ -87,6 +92,12 @@ class JudgeStats:
         if tally.requests > self.max_requests_per_prompt:
             self.max_requests_per_prompt = tally.requests
         return tally
+
+    def record(self, model: str, user_message: str) -> None:
+        """Remember a request: which model it asked for and which instructions it sent
+        (tests read them back to see which rubric each item was judged by)."""
+        self.recent.append({"model": model, "title": user_message.partition("\n")[0][:200],
+                            "user": user_message[:RECENT_CHARS]})
 
     def started(self) -> None:
         """A request is now being handled."""

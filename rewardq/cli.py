@@ -61,7 +61,30 @@ def _judge_server(args: argparse.Namespace, _settings: Settings) -> int:
         return 2
 
 
+def _rubrics_check(args: argparse.Namespace, _settings: Settings) -> int:
+    from broker.errors import ConfigError
+    from broker.rubrics import load_rubrics
+
+    try:
+        book = load_rubrics(args.file)
+    except ConfigError as exc:
+        print(f"rewardq rubrics check: error: {exc}", file=sys.stderr)
+        return 2
+    default = book.default + (f", with a reference {book.default_with_reference}"
+                              if book.default_with_reference else "")
+    print(f"{args.file}: {len(book.rubrics)} rubric(s), default {default}")
+    for rubric in book.rubrics.values():
+        sources = ", ".join(rubric.data_sources) or "-"
+        print(f"  {rubric.name:<20} digest {rubric.digest}  scale {rubric.scale[0]}-"
+              f"{rubric.scale[1]}  score_mode {rubric.score_mode or 'run default'}  "
+              f"fields {', '.join(sorted(rubric.fields))}  data_sources {sources}")
+    return 0
+
+
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    from broker.rubrics import rubric_book
+
+    rubric_book(settings)  # a bad rubrics file stops here with its file:line, not in Celery
     # Celery's own command line patches gevent in before anything else is imported.
     cmd = [sys.executable, "-m", "celery", "-A", "workers.main", "worker", "-P", "gevent",
            "-c", str(args.concurrency or settings.worker_concurrency),
@@ -215,6 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
                        choices=["critical", "error", "warning", "info", "debug"])
     serve.add_argument("--access-log", action="store_true", help="log every request")
     serve.set_defaults(func=_serve)
+
+    rubrics = sub.add_parser("rubrics", help="judge rubrics: check a rubrics file",
+                             description="Rubrics are judge templates in a TOML file "
+                                         "(REWARDQ_RUBRICS_FILE); see README, Rubrics.")
+    rubrics_sub = rubrics.add_subparsers(dest="rubrics_command", required=True)
+    check = rubrics_sub.add_parser("check", help="validate a rubrics file, list its rubrics")
+    check.add_argument("file", type=Path)
+    check.set_defaults(func=_rubrics_check)
 
     add_failed_parser(sub)
     add_ops_parsers(sub)

@@ -78,6 +78,11 @@ class JudgeProcess:
         data: dict[str, Any] = self._http.get(f"{self.root}/stats").json()
         return data
 
+    def requests(self) -> list[dict[str, str]]:
+        """``GET /requests``: the latest requests (model, title, user message)."""
+        data: list[dict[str, str]] = self._http.get(f"{self.root}/requests").json()
+        return data
+
     def reset_stats(self) -> None:
         """``POST /stats/reset``."""
         self._http.post(f"{self.root}/stats/reset").raise_for_status()

@@ -87,7 +87,7 @@ def judge_server() -> Iterator[JudgeProcess]:
 def judge(judge_server: JudgeProcess) -> JudgeProcess:
     """The shared judge with default behaviour and zeroed ``/stats``."""
     judge_server.configure(latency_ms=0, jitter_ms=0, error_rate=0, rpm_limit=0,
-                           error_kinds=["429", "500"], seed=0, logprobs=True)
+                           error_kinds=["429", "500"], seed=0, logprobs=True, model_offsets={})
     judge_server.reset_stats()
     return judge_server
 
