@@ -108,10 +108,15 @@ class RewardClient:
             BrokerUnavailableError: Redis could not be reached.
         """
         parsed = self.rubrics.assign(parse_items(items))
-        fingerprints = [judge_fingerprint(self.spec, item) for item in parsed]
         results: list[ScoreResult | None] = [None] * len(parsed)
+        # A verdict cached under the spec's fingerprint answers at once, unless the spec
+        # asks for more than one plain call per item (an ensemble, group judging): the
+        # workers combine those.
+        lookup = parsed and not self.spec.judges and self.spec.samples == 1 \
+            and self.spec.group is None
         try:
-            cached = self.redis.mget([cache_key(fp) for fp in fingerprints]) if parsed else []
+            cached = self.redis.mget([cache_key(judge_fingerprint(self.spec, item))
+                                      for item in parsed]) if lookup else [None] * len(parsed)
         except redis.RedisError as exc:
             raise BrokerUnavailableError(f"cannot read the judge cache: {exc}") from exc
         misses: list[int] = []
