@@ -31,6 +31,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check broker workers producer gateway monitoring judge_server rewardq tests benchmarks
 	$(BIN)/mypy broker producer workers gateway
+	$(BIN)/hadolint Dockerfile
 
 bench: $(STAMP)
 	$(BIN)/rewardq bench

@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict
 from broker.app import create_app
 from broker.connections import redis_client
 from broker.errors import BrokerUnavailableError, DeadLetterNotFound
-from broker.jobs import read_chunks, send_chunk
+from broker.jobs import item_results, read_chunks, send_chunk
 from broker.keys import DEAD_INDEX, dead_letter_key
 from broker.settings import Settings
 
@@ -234,7 +234,7 @@ class DeadLetters:
             for task_id, meta in read_chunks(self.app, self._redis, pending).items():
                 pending.remove(task_id)
                 if meta["status"] == states.SUCCESS:
-                    counts.update(r["status"] for r in meta["result"])
+                    counts.update(r["status"] for r in item_results(meta))
                 else:
                     counts["failed"] += 1
             if pending and time.monotonic() >= deadline:

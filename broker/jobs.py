@@ -18,11 +18,30 @@ from celery import Celery, states
 from broker.app import TASK_SCORE_CHUNK
 from broker.errors import BrokerUnavailableError
 
-__all__ = ["ChunkMeta", "read_chunks", "send_chunk", "visible_chunks"]
+__all__ = ["ChunkMeta", "chunk_result", "item_results", "read_chunks", "send_chunk",
+           "visible_chunks"]
 
-#: A finished chunk's Celery result: ``status``, ``result`` (the item results, or the
-#: exception), ``date_done``.
+#: A finished chunk's Celery result: ``status``, ``result`` (see :func:`chunk_result`, or
+#: the exception), ``date_done``.
 ChunkMeta = dict[str, Any]
+
+
+def chunk_result(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a chunk task returns: ``outcome`` (items per status, first, so that Flower's
+    task list, which shows the start of a result, says "60 ok, 4 failed" where the task
+    state can only say SUCCESS) and ``results`` (one result JSON per item, in order)."""
+    outcome: dict[str, int] = {}
+    for result in results:
+        outcome[result["status"]] = outcome.get(result["status"], 0) + 1
+    return {"outcome": outcome, "results": results}
+
+
+def item_results(meta: ChunkMeta) -> list[dict[str, Any]]:
+    """The item results of a successful chunk's ``meta`` (also from a worker that
+    returned the bare list, as workers before ``chunk_result`` did)."""
+    value = meta["result"]
+    results: list[dict[str, Any]] = value["results"] if isinstance(value, dict) else value
+    return results
 
 
 def send_chunk(app: Celery, args: list[Any], task_id: str) -> None:

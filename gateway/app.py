@@ -63,10 +63,11 @@ from gateway.schemas import (
 from producer.async_client import DEFAULT_WINDOW_S, AsyncRewardClient
 from producer.client import PendingScores
 
-#: Paths any caller may read: probes and docs.
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/docs"})
+#: Paths any caller may read: probes, docs, and Prometheus' scrape (like the workers' and
+#: Flower's /metrics: counts labelled by token *names*, never a token).
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/docs", "/metrics"})
 #: Paths that take no slot of a token's concurrency.
-UNLIMITED_PATHS = PUBLIC_PATHS | {"/metrics"}
+UNLIMITED_PATHS = PUBLIC_PATHS
 #: How long /readyz waits for Redis before it answers 503.
 READY_TIMEOUT_S = 3.0
 _RESULTS = TypeAdapter(list[ScoreResult])

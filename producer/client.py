@@ -38,7 +38,7 @@ from broker.errors import (
     ScoringTimeoutError,
 )
 from broker.fleet import live_workers
-from broker.jobs import ChunkMeta, read_chunks, send_chunk, visible_chunks
+from broker.jobs import ChunkMeta, item_results, read_chunks, send_chunk, visible_chunks
 from broker.judge_core import judge_spec
 from broker.keys import SUBMIT_CACHE_HITS, cache_key, judge_fingerprint
 from broker.rubrics import rubric_book
@@ -408,7 +408,7 @@ class PendingScores:
 
     def _collect(self, positions: list[int], meta: ChunkMeta) -> None:
         if meta["status"] == states.SUCCESS:
-            for i, raw in zip(positions, meta["result"], strict=True):
+            for i, raw in zip(positions, item_results(meta), strict=True):
                 self._results[i] = ScoreResult.model_validate(raw)
             return
         error = meta.get("result")

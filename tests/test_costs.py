@@ -73,7 +73,8 @@ def test_run_costs_equal_the_judges_billed_usage_times_the_prices_despite_retrie
                            items=parse_items(items[60:76]), deadline=time.time() + 60)
         raw = client.app.send_task(TASK_SCORE_CHUNK, args=[chunk.model_dump(mode="json")],
                                    task_id="redelivered-0").get(timeout=60)
-        redelivered = ledger.record([ScoreResult.model_validate(r) for r in raw], step=2)
+        redelivered = ledger.record([ScoreResult.model_validate(r) for r in raw["results"]],
+                                    step=2)
     stats = judge.stats()
 
     assert stats["requests_total"] == stats_before["requests_total"]

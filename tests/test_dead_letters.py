@@ -296,7 +296,7 @@ def test_malformed_messages_are_dead_lettered_and_the_worker_scores_the_next(
         app.send_task("rewardq.no_such_task", args=[1], task_id="unknown-1",
                       queue=QUEUE_JUDGE)
         app.send_task(TASK_SCORE_CHUNK, args=[mixed], task_id="mixed-1")
-        mixed_results = app.AsyncResult("mixed-1").get(timeout=60)
+        mixed_chunk = app.AsyncResult("mixed-1").get(timeout=60)
         wait_for(lambda: letters.count() >= 6)
     finally:
         app.close()
@@ -305,6 +305,8 @@ def test_malformed_messages_are_dead_lettered_and_the_worker_scores_the_next(
     by_id = {letter.id: letter for letter in letters.list()}
 
     assert worker.poll() is None
+    assert mixed_chunk["outcome"] == {"ok": 2, "invalid": 2}  # Flower's result column
+    mixed_results = mixed_chunk["results"]
     assert [r["status"] for r in mixed_results] == ["ok", "invalid", "ok", "invalid"]
     assert [r["score"] for r in mixed_results[::2]] == [expected(i)[0] for i in good]
     assert "item 1 (id='bad')" in mixed_results[1]["error"]

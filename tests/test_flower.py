@@ -64,6 +64,17 @@ def test_flower_shows_the_running_workers_and_the_tasks_they_finished(
         tasks = poll(finished, what="every chunk task SUCCESS in /api/tasks")
         assert {t["name"] for t in tasks.values()} == {"rewardq.score_chunk"}
         assert {t["worker"] for t in tasks.values()} <= set(listed)
+        # A chunk's state is SUCCESS whatever became of its items: its result starts with
+        # the items per status, which Flower shows.
+        assert all(t["result"].startswith("{'outcome': {'ok': 16}") for t in tasks.values())
+        judge.configure(error_rate=1.0, error_kinds=["400"])
+        with RewardClient(settings.model_copy(update={"chunk_size": 16})) as client:
+            failing = client.submit(make_items(16, "flower-400"), step=2)
+            assert {r.status for r in failing.result(timeout=60)} == {ResultStatus.FAILED}
+        failed_chunk = f"{failing.job_id}-0"
+        shown = poll(lambda: flower.api("/api/tasks").get(failed_chunk, {}).get("result"),
+                     what="the failing chunk's result in /api/tasks")
+        assert shown.startswith("{'outcome': {'failed': 16}"), shown
 
         # The API and the pages need the credentials; /metrics and /healthcheck do not.
         assert flower.get("/api/workers").status_code == 200

@@ -35,6 +35,7 @@ from pydantic import ValidationError
 from broker.app import TASK_SCORE_CHUNK, create_app
 from broker.connections import redis_client, with_outage_retries
 from broker.errors import InvalidItemError
+from broker.jobs import chunk_result
 from broker.schemas import ResultStatus, ScoreChunk, ScoreItem, ScoreResult, parse_items
 from broker.settings import Settings
 from workers.dead_lettering import DeadLetterHook
@@ -72,11 +73,12 @@ def create_worker_app(settings: Settings) -> Celery:
 
     @app.task(name=TASK_SCORE_CHUNK, bind=True,  # type: ignore[untyped-decorator]
               throws=(MalformedChunkError,))
-    def score_chunk(self: Task[Any, Any], *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
-        """Score one chunk; returns one result JSON per item, in order."""
+    def score_chunk(self: Task[Any, Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Score one chunk; returns ``broker.jobs.chunk_result``: the items per status and
+        one result JSON per item, in order."""
         run = ChunkRun(self.request.id, self.request.hostname, list(args), time.time())
         results = score_message(runtime, hooks, run, kwargs, settings.redis_retry_s)
-        return [r.model_dump(mode="json") for r in results]
+        return chunk_result([r.model_dump(mode="json") for r in results])
 
     return app
 
