@@ -29,6 +29,20 @@ key                                    type    meaning, TTL
                                                ``sealed`` -> JSON median/size/status; TTL
                                                max(1 h, 2 x the group wait), renewed per
                                                arrival
+``rewardq:judgegroup:<sha256>``        HASH    one GRPO group judged together (group
+                                               judging, ``workers.group_judging``), keyed
+                                               by spec and uid: ``i:<item id>`` -> member
+                                               fingerprint, ``m:<fingerprint>`` -> item
+                                               JSON, ``w:<item id>`` -> the process that
+                                               brought it, ``n`` -> distinct item ids,
+                                               ``sealed`` -> JSON fingerprint -> count once
+                                               complete; TTL max(1 h, 2 x the chunk's time
+                                               left), renewed per arrival
+``rewardq:judgegroup:<sha256>:lock``   STRING  owner token (``<host>:<pid>/<uuid>``) of the
+                                               process judging that group; TTL
+                                               ``Settings.inflight_lock_ttl_s``, renewed by
+                                               its live owner every third of it
+                                               (a lease: a dead owner's group is taken over)
 ``rewardq:stats:submit_cache_hits``    STRING  items producers answered from the cache at
                                                submit, never enqueued (INCRBY); no TTL
 ``rewardq.judge``                      LIST    the Celery/kombu queue of ``ScoreChunk`` s
@@ -63,7 +77,9 @@ def judge_fingerprint(spec: JudgeSpec, item: ScoreItem) -> str:
     """SHA-256 over everything that changes the judge's answer for ``item``.
 
     Ids, uids, data sources and metadata do not change the answer and are left out, so
-    the same pair submitted under another id is a cache hit.
+    the same pair submitted under another id is a cache hit. Group judging
+    (``spec.group``) is the exception: a member's verdict is relative to its group, so
+    the mode, the size and the uid are in its key.
     """
     rubric = item.rubric or ("correctness" if item.reference is not None else "quality")
     material = [spec.model, spec.prompt_version, spec.temperature, spec.max_tokens,
@@ -73,6 +89,8 @@ def judge_fingerprint(spec: JudgeSpec, item: ScoreItem) -> str:
     digest = spec.rubrics.get(rubric)
     if digest is not None:  # a rubric from a file: its text is in the key (editing it counts)
         material.append(digest)
+    if spec.group is not None:  # appended only for groups: single-item keys stay valid
+        material.extend(["group", spec.group.mode, spec.group.size, item.uid])
     blob = json.dumps(material, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -110,3 +128,19 @@ def chunk_lease_key(transport_options: Mapping[str, Any] | None = None) -> str:
 def group_key(uid: str) -> str:
     """Key of the hash where the members of GRPO group ``uid`` meet."""
     return f"{PREFIX}:group:{uid}"
+
+
+def judge_group_key(spec: JudgeSpec, uid: str) -> str:
+    """Key of the hash where the members of GRPO group ``uid`` meet to be judged together
+    under ``spec`` (group judging: ``spec.group`` set). Everything in ``spec`` that
+    changes the group's verdicts is in it, so two specs never mix their members."""
+    group = spec.group
+    material = [spec.model, spec.prompt_version, spec.temperature, spec.max_tokens,
+                group.mode if group else None, group.size if group else None, uid]
+    blob = json.dumps(material, ensure_ascii=False, separators=(",", ":"))
+    return f"{PREFIX}:judgegroup:{hashlib.sha256(blob.encode()).hexdigest()}"
+
+
+def judge_group_lock_key(group_key: str) -> str:
+    """Key of the lease held by the one process judging the group at ``group_key``."""
+    return f"{group_key}:lock"

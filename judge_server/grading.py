@@ -22,6 +22,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from judge_server.config import JudgeConfig
+
 CORRECT_SCORE = 10
 INCORRECT_SCORE = 1
 QUALITY_MIN = 2
@@ -44,6 +46,9 @@ class Grade:
 
     score: int
     reason: str
+    #: The whole reply to send instead of ``{"score": ..., "reason": ...}`` (group
+    #: prompts answer with their own JSON, see ``judge_server.group_grading``).
+    reply: str | None = None
 
 
 @dataclass(frozen=True)
@@ -200,13 +205,25 @@ def parse_judge_prompt(user_message: str) -> JudgeRequest:
     return JudgeRequest(rubric, prompt, response, reference)
 
 
-def grade_request(messages: Any) -> Grade:
+def grade_request(messages: Any, config: JudgeConfig | None = None) -> Grade:
     """Grade a chat-completions ``messages`` list; never raises on odd input.
 
     The last ``user`` message is graded (see :func:`parse_judge_prompt`); without one,
-    the text of all messages is graded with the quality heuristic.
+    the text of all messages is graded with the quality heuristic. A group prompt
+    (listwise or pairwise) is answered by ``judge_server.group_grading``, with
+    ``config``'s position bias.
     """
-    request = parse_judge_prompt(user_text(messages))
+    from judge_server import group_grading  # it grades each response with grade_item
+
+    text = user_text(messages)
+    if group_grading.is_group_prompt(text):
+        config = config or JudgeConfig()
+        grade = group_grading.grade_group(text, position_bias=config.position_bias,
+                                          margin=config.position_bias_margin,
+                                          seed=config.seed)
+        if grade is not None:
+            return grade
+    request = parse_judge_prompt(text)
     if request.rubric is None:
         score = quality_score("", request.response)
         return Grade(score, f"unrecognised prompt; quality heuristic gives {score}")

@@ -20,6 +20,7 @@ from monitoring.costs import PriceTable
 from monitoring.metrics import WorkerMetrics
 from workers.bridge import AsyncioBridge
 from workers.cache import JudgeCache
+from workers.group_judging import GroupJudging
 from workers.judge_client import JudgeClient
 from workers.retry import RetryPolicy
 from workers.scoring import ChunkScorer
@@ -67,8 +68,11 @@ class WorkerRuntime:
             self._cache = JudgeCache(self._redis, ttl_s=s.cache_ttl_s,
                                      lock_ttl_ms=int(s.inflight_lock_ttl_s * 1000))
             policy = RetryPolicy(max_attempts=s.judge_max_attempts)
+            groups = GroupJudging(self._judge, self._redis, policy, self.metrics,
+                                  cache_ttl_s=s.cache_ttl_s,
+                                  lease_ms=int(s.inflight_lock_ttl_s * 1000))
             self._scorer = ChunkScorer(self._judge, self._cache, policy, self.metrics,
-                                       rubrics=self.rubrics)
+                                       rubrics=self.rubrics, groups=groups)
         return self._scorer
 
     def close(self) -> None:

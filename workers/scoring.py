@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from broker.connections import OUTAGE_ERRORS
 from broker.errors import JudgeError, JudgeErrorKind
@@ -28,6 +28,9 @@ from workers.cache import Claim, ClaimState, JudgeCache
 from workers.ensembles import aggregate, ensemble_members
 from workers.logs import RetryStormLog
 from workers.retry import RetryPolicy, decide
+
+if TYPE_CHECKING:
+    from workers.group_judging import GroupJudging
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +69,14 @@ class ChunkScorer:
         metrics: where cache lookups, dedup waits and retries are counted.
         rubrics: the run's rubrics: items that name none get theirs before fingerprinting,
             as the producer does.
+        groups: judges the chunks whose spec has a ``group`` (GRPO groups judged
+            together, ``workers.group_judging``).
     """
 
     def __init__(self, judge: Judge, cache: JudgeCache, policy: RetryPolicy,
                  metrics: WorkerMetrics | None = None, *,
-                 rubrics: RubricBook | None = None) -> None:
+                 rubrics: RubricBook | None = None,
+                 groups: GroupJudging | None = None) -> None:
         self._judge = judge
         self._rubrics = rubrics or builtin_rubrics()
         self._metrics = metrics or WorkerMetrics()
@@ -78,6 +84,7 @@ class ChunkScorer:
         self._policy = policy
         self._resolving: dict[str, asyncio.Task[Outcome]] = {}
         self._storms = RetryStormLog()
+        self._groups = groups
 
     async def score(self, chunk: ScoreChunk) -> list[ScoreResult]:
         """One result per item of ``chunk``, in order.
@@ -90,6 +97,10 @@ class ChunkScorer:
         items = [item if item.rubric is not None
                  else item.model_copy(update={"rubric": self._rubrics.select(item)})
                  for item in chunk.items]
+        if chunk.spec.group is not None:  # GRPO groups, judged together
+            if self._groups is None:
+                raise ValueError("a chunk for group judging reached a scorer without groups")
+            return await self._groups.score(chunk.model_copy(update={"items": items}))
         members = ensemble_members(chunk.spec)
         if len(members) == 1:
             return await self._score_items(chunk.spec, items, deadline)
