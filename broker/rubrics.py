@@ -152,6 +152,11 @@ class RubricBook:
             InvalidItemError: an item names an unknown rubric, or its rubric needs a
                 reference the item lacks; one line per item, naming it.
         """
+        items = list(items)
+        if self.builtin and all(item.rubric is None for item in items):
+            # The built-in choice needs no check and no copy: every side (and the cache
+            # key, ``broker.keys``) derives it from the reference alone.
+            return items
         out: list[ScoreItem] = []
         problems: list[str] = []
         for index, item in enumerate(items):
