@@ -45,6 +45,21 @@ key                                    type    meaning, TTL
                                                (a lease: a dead owner's group is taken over)
 ``rewardq:stats:submit_cache_hits``    STRING  items producers answered from the cache at
                                                submit, never enqueued (INCRBY); no TTL
+``rewardq:budget:run:<run>``           HASH    the judge budget of one run, in integer
+                                               nano-USD (``BUDGET_UNITS_PER_USD``):
+                                               ``limit``, ``step_limit`` (absent or ``none``
+                                               = unlimited), ``spent``, ``reserved`` (worst
+                                               cases in flight), ``calls``, ``refused``, and
+                                               ``s:<step>:spent|reserved|refused`` per step
+                                               (``workers.budget``); TTL 30 days, renewed by
+                                               every reserve and settle
+``rewardq:budget:holds:<run>``         ZSET    reservations in flight, ``<id>|<nano-USD>|
+                                               <step>`` -> expiry (ms, Redis time); expired
+                                               ones are charged in full by the next
+                                               reserve; TTL as the hash
+``rewardq:budget:runs``                SET     runs that have a budget hash (index of the
+                                               above); readers remove runs whose hash
+                                               expired; no TTL
 ``rewardq.judge``                      LIST    the Celery/kombu queue of ``ScoreChunk`` s
 ``unacked_index``                      ZSET    kombu's unacked delivery tag -> delivery time;
                                                workers bump their own tags every
@@ -71,6 +86,12 @@ DEAD_INDEX = f"{PREFIX}:dead:index"
 WORKER_INDEX = f"{PREFIX}:workers"
 #: Counter of items answered from the cache at submit (they never reach a worker).
 SUBMIT_CACHE_HITS = f"{PREFIX}:stats:submit_cache_hits"
+#: Index of the runs whose judge budget is kept (``budget_key``).
+BUDGET_RUNS = f"{PREFIX}:budget:runs"
+#: The unit of the budget hashes' amounts: nano-dollars (integers add up exactly).
+BUDGET_UNITS_PER_USD = 1_000_000_000
+#: A run's budget keys live this long after their last write (every call renews them).
+BUDGET_TTL_S = 30 * 24 * 3600
 
 
 def judge_fingerprint(spec: JudgeSpec, item: ScoreItem) -> str:
@@ -144,3 +165,13 @@ def judge_group_key(spec: JudgeSpec, uid: str) -> str:
 def judge_group_lock_key(group_key: str) -> str:
     """Key of the lease held by the one process judging the group at ``group_key``."""
     return f"{group_key}:lock"
+
+
+def budget_key(run: str) -> str:
+    """Key of the hash holding run ``run``'s judge budget: limits, spend, reservations."""
+    return f"{PREFIX}:budget:run:{run}"
+
+
+def budget_holds_key(run: str) -> str:
+    """Key of the sorted set of run ``run``'s judge-budget reservations in flight."""
+    return f"{PREFIX}:budget:holds:{run}"

@@ -25,6 +25,11 @@ metric                                                type       labels
 ``rewardq_judge_endpoint_in_flight``                  gauge      endpoint
 ``rewardq_judge_endpoint_breaker_state``              gauge      endpoint
 ``rewardq_judge_endpoint_failovers_total``            counter    endpoint
+``rewardq_fleet_budget_spent_usd``                    gauge      run
+``rewardq_fleet_budget_reserved_usd``                 gauge      run
+``rewardq_fleet_budget_limit_usd``                    gauge      run
+``rewardq_fleet_budget_step_limit_usd``               gauge      run
+``rewardq_fleet_budget_refused_total``                counter    run
 ====================================================  =========  ==========================
 
 The two ``rewardq_fleet_*`` series are read from Redis at scrape time and are the same on
@@ -34,6 +39,12 @@ within two heartbeats of a SIGKILL (a dead process cannot say so itself, and Flo
 ``flower_worker_online`` stays 1 for minutes). ``rewardq_fleet_submit_cache_hits_total``
 counts the items producers answered from the cache at submit, which never reach a worker:
 the cache hit rate needs them.
+
+The ``rewardq_fleet_budget_*`` series are fleet-wide too (take their ``max()``), one per
+run with a judge budget in Redis (``workers.budget``): what the run spent and what the
+calls in flight reserved (their worst cases), its limit and each step's limit (absent
+while unlimited), and the calls refused; spent is a gauge because ``rewardq budget
+reset`` zeroes it. Spend against budget: ``spent_usd / limit_usd``.
 
 The ``rewardq_judge_endpoint_*`` series exist when the judge has several base URLs
 (``REWARDQ_JUDGE_BASE_URLS``, see ``workers.endpoints``): ``endpoint`` is a base URL
@@ -444,6 +455,62 @@ class FleetCollector(Collector):
         yield CounterMetricFamily("rewardq_fleet_submit_cache_hits",
                                   "Items producers answered from the cache at submit.",
                                   value=float(hits or 0))
+        yield from _budget_families(self._client)
+
+
+_BUDGET_FIELDS = ("spent", "reserved", "limit", "step_limit", "refused")
+
+
+def _budget_families(client: Any) -> Iterator[Metric]:
+    """The ``rewardq_fleet_budget_*`` series of every run in ``rewardq:budget:runs``."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    from broker.keys import BUDGET_RUNS, BUDGET_UNITS_PER_USD, budget_key
+
+    try:
+        runs = sorted(r.decode() if isinstance(r, bytes) else str(r)
+                      for r in client.smembers(BUDGET_RUNS))
+        with client.pipeline(transaction=False) as pipe:
+            for run in runs:
+                pipe.hmget(budget_key(run), list(_BUDGET_FIELDS))
+            rows = pipe.execute() if runs else []
+        gone = [run for run, row in zip(runs, rows, strict=True) if not any(row)]
+        if gone:  # their hash expired: drop them from the index
+            client.srem(BUDGET_RUNS, *gone)
+    except Exception as exc:  # Redis away: no budget series this scrape, never a 500
+        log.debug("budget metrics not read: %s", exc)
+        return
+    families = {
+        "spent": GaugeMetricFamily("rewardq_fleet_budget_spent_usd",
+                                   "US dollars the run's judge calls spent (settled).",
+                                   labels=["run"]),
+        "reserved": GaugeMetricFamily("rewardq_fleet_budget_reserved_usd",
+                                      "US dollars reserved by judge calls in flight "
+                                      "(their worst cases).", labels=["run"]),
+        "limit": GaugeMetricFamily("rewardq_fleet_budget_limit_usd",
+                                   "The run's judge budget in US dollars.", labels=["run"]),
+        "step_limit": GaugeMetricFamily("rewardq_fleet_budget_step_limit_usd",
+                                        "Each training step's judge budget in US dollars.",
+                                        labels=["run"]),
+    }
+    refused = CounterMetricFamily("rewardq_fleet_budget_refused",
+                                  "Judge calls not made: the budget could not cover them.",
+                                  labels=["run"])
+    for run, row in zip(runs, rows, strict=True):
+        if not any(row):
+            continue
+        values = dict(zip(_BUDGET_FIELDS, row, strict=True))
+        for name, family in families.items():
+            raw = values[name]
+            try:
+                amount = int(raw) if raw is not None else (None if "limit" in name else 0)
+            except ValueError:  # "none": unlimited
+                amount = None
+            if amount is not None:
+                family.add_metric([run], amount / BUDGET_UNITS_PER_USD)
+        refused.add_metric([run], float(int(values["refused"] or 0)))
+    yield from families.values()
+    yield refused
 
 
 def serve_worker_metrics(metrics: WorkerMetrics, port: int, *, node: str,

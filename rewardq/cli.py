@@ -21,6 +21,7 @@ from judge_server.__main__ import add_arguments as add_judge_server_arguments
 from judge_server.__main__ import serve as serve_judge
 from judge_server.config import ConfigValueError
 from rewardq.bench import add_bench_parser
+from rewardq.budget_cli import add_budget_parser
 from rewardq.failed_cli import add_failed_parser
 from rewardq.ops_cli import add_ops_parsers
 
@@ -248,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=_rubrics_check)
 
     add_failed_parser(sub)
+    add_budget_parser(sub)
     add_ops_parsers(sub)
     add_bench_parser(sub)
     return parser

@@ -16,6 +16,9 @@ pipeline and one HTTP scrape per worker):
   ``REWARDQ_METRICS_PORT`` is unset; these rows then read ``-``. Cache hits answered
   by the producer before enqueueing never reach a worker: producers count them in
   ``rewardq:stats:submit_cache_hits``, which the hit rate includes;
+- judge budget (a line when the run has a limit): ``rewardq:budget:run:<run>`` of the
+  settings' ``budget_run`` (``rewardq.budget_cli``): spent, reserved by the calls in
+  flight, the limits and the calls refused, fleet-wide;
 - throughput: the difference between two snapshots (chunks/s from Celery's counts,
   items/s and judge calls/s from the metrics), so ``--once`` shows totals only.
 
@@ -44,6 +47,7 @@ from broker.fleet import BEAT_INTERVAL_S, live_workers
 from broker.keys import DEAD_INDEX, SUBMIT_CACHE_HITS
 from broker.settings import Settings
 from monitoring.metrics import INSPECT_COMMAND
+from rewardq.budget_cli import BudgetState, read_budget
 
 UNACKED_HASH = "unacked"
 """kombu's Redis transport keeps delivered, unacknowledged messages in this hash."""
@@ -145,6 +149,7 @@ class StatsSnapshot:
     endpoints_scraped: int = 0
     errors: list[str] = field(default_factory=list)
     submit_cache_hits: int = 0
+    budget: BudgetState | None = None
 
     @property
     def workers_up(self) -> int:
@@ -170,7 +175,8 @@ class StatsSnapshot:
 
 
 def collect(app: Celery, client: redis.Redis, *, timeout_s: float = 1.0,
-            http: httpx.Client | None = None) -> StatsSnapshot:
+            http: httpx.Client | None = None, budget_run: str | None = None
+            ) -> StatsSnapshot:
     """Take one snapshot of the fleet.
 
     Args:
@@ -178,6 +184,7 @@ def collect(app: Celery, client: redis.Redis, *, timeout_s: float = 1.0,
         client: a Redis client on the same Redis.
         timeout_s: how long to wait for the workers' broadcast replies.
         http: the client that scrapes metrics endpoints (one is made if ``None``).
+        budget_run: also read this run's judge budget (``Settings.budget_run``).
     """
     errors: list[str] = []
     with client.pipeline(transaction=False) as pipe:
@@ -212,10 +219,12 @@ def collect(app: Celery, client: redis.Redis, *, timeout_s: float = 1.0,
     metrics, scraped = _scrape([r.metrics_url for r in rows if r.metrics_url], http, errors)
     if metrics is not None:
         metrics.submit_cache_hits = float(submit_hits or 0)
+    budget = read_budget(client, budget_run) if budget_run is not None else None
     return StatsSnapshot(taken_at=time.time(), queue_depth=int(depth),
                          in_progress=int(in_progress), dead_letters=int(dead),
                          workers=rows, metrics=metrics, endpoints_scraped=scraped,
-                         errors=errors, submit_cache_hits=int(submit_hits or 0))
+                         errors=errors, submit_cache_hits=int(submit_hits or 0),
+                         budget=budget)
 
 
 def _scrape(urls: Iterable[str], http: httpx.Client | None,
@@ -267,6 +276,8 @@ def render(current: StatsSnapshot, previous: StatsSnapshot | None = None, *,
              + f"   chunks done {current.chunks_processed:,} ({chunk_rate})",
              f"cache at submit {current.submit_cache_hits:>10,} items answered without a "
              f"worker"]
+    if current.budget is not None and current.budget.limited:
+        lines.append(_budget_line(current.budget))
     if m is None:
         lines.append("metrics         no worker serves metrics (set REWARDQ_METRICS_PORT)")
     else:
@@ -297,6 +308,15 @@ def render(current: StatsSnapshot, previous: StatsSnapshot | None = None, *,
     return "\n".join(lines)
 
 
+def _budget_line(b: BudgetState) -> str:
+    spent = f"{b.spent_usd:>10,.4f} USD spent"
+    if b.limit_usd is not None:
+        spent += f" of {b.limit_usd:,.4f} ({b.spent_usd / b.limit_usd:.1%})"
+    step = f"   step limit {b.step_limit_usd:,.4f}" if b.step_limit_usd is not None else ""
+    return (f"budget          {spent}   in flight {b.reserved_usd:,.4f}{step}"
+            f"   refused {b.refused:,}   run {b.run}")
+
+
 def run_stats(settings: Settings, *, once: bool = False, interval_s: float = 2.0,
               as_json: bool = False, out: TextIO | None = None,
               timeout_s: float = 1.0) -> int:
@@ -321,7 +341,8 @@ def run_stats(settings: Settings, *, once: bool = False, interval_s: float = 2.0
     try:
         with httpx.Client(timeout=2.0) as http, contextlib.suppress(KeyboardInterrupt):
             while True:
-                current = collect(app, client, timeout_s=timeout_s, http=http)
+                current = collect(app, client, timeout_s=timeout_s, http=http,
+                                  budget_run=settings.budget_run)
                 if as_json:
                     out.write(json.dumps(current.as_dict()) + "\n")
                 else:

@@ -1,8 +1,9 @@
 """The dead-letter hook: what a worker could not score is kept in Redis, replayable.
 
-- Items that end ``failed`` or ``invalid`` become item letters, one MULTI pipeline per
-  chunk, before the chunk's results are stored (a Redis outage holds the chunk: the
-  hooks retry it, ``workers.hooks``).
+- Items that end ``failed``, ``invalid`` or ``budget_exceeded`` become item letters, one
+  MULTI pipeline per chunk, before the chunk's results are stored (a Redis outage holds
+  the chunk: the hooks retry it, ``workers.hooks``). A ``budget_exceeded`` item was never
+  judged: ``rewardq failed replay`` scores it once the budget is raised.
 - A chunk that fails as a whole (a malformed message, or Redis gone for good) becomes a
   chunk letter holding the task's arguments.
 - A message no task can take (unknown task name, not a task message) becomes a chunk
@@ -23,6 +24,10 @@ from broker.schemas import ResultStatus, ScoreChunk, ScoreResult
 from broker.settings import Settings
 from monitoring.metrics import WorkerMetrics
 from workers.hooks import ChunkRun, DroppedMessage, WorkerHook
+
+#: Item statuses that become dead letters.
+LETTERED = frozenset({ResultStatus.FAILED, ResultStatus.INVALID,
+                      ResultStatus.BUDGET_EXCEEDED})
 
 
 class DeadLetterHook(WorkerHook):
@@ -78,7 +83,7 @@ class DeadLetterHook(WorkerHook):
 
 
 def item_letters(run: ChunkRun, results: Sequence[ScoreResult]) -> list[DeadLetter]:
-    """One letter per item of ``run``'s message that ended ``failed`` or ``invalid``.
+    """One letter per item of ``run``'s message that ended in a :data:`LETTERED` status.
 
     Args:
         run: the chunk task (its message's items in ``args[0]["items"]``).
@@ -89,7 +94,7 @@ def item_letters(run: ChunkRun, results: Sequence[ScoreResult]) -> list[DeadLett
     now = time.time()
     letters = []
     for position, (raw, result) in enumerate(zip(payload["items"], results, strict=True)):
-        if result.status not in (ResultStatus.FAILED, ResultStatus.INVALID):
+        if result.status not in LETTERED:
             continue
         job_id = payload.get("job_id")
         letters.append(DeadLetter(

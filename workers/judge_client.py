@@ -40,6 +40,7 @@ from broker.settings import Settings
 from broker.verdicts import classify
 from monitoring.costs import PriceTable
 from monitoring.metrics import WorkerMetrics, call_status
+from workers.budget import FleetBudget, Unbudgeted
 from workers.endpoints import Endpoint, EndpointPool, is_endpoint_failure
 from workers.rate_limit import RateLimit, RedisRateLimiter, estimate_tokens
 
@@ -73,11 +74,13 @@ class JudgeClient:
         metrics: where calls, tokens, cost and rate-limit waits are counted.
         prices: the price table for cost accounting.
         rubrics: the run's rubrics (``broker.rubrics.rubric_book``); built-in by default.
+        budget: the fleet-wide judge budget every call reserves from (none: unlimited).
     """
 
     def __init__(self, settings: Settings, redis: aioredis.Redis | None = None,
                  metrics: WorkerMetrics | None = None, prices: PriceTable | None = None,
-                 rubrics: RubricBook | None = None) -> None:
+                 rubrics: RubricBook | None = None, budget: FleetBudget | None = None
+                 ) -> None:
         self._rubrics = rubrics or builtin_rubrics()
         endpoints = settings.judge_endpoints
         # One client (one connection pool) per endpoint; the first alone when there is one.
@@ -92,6 +95,7 @@ class JudgeClient:
         self._limit = RateLimit.from_settings(settings)
         self._redis = redis
         self._limiters: dict[str, RedisRateLimiter] = {}
+        self._budget: FleetBudget | Unbudgeted = budget or Unbudgeted()
 
     def _limiter(self, model: str) -> RedisRateLimiter | None:
         if self._limit.unlimited or self._redis is None:
@@ -132,15 +136,19 @@ class JudgeClient:
 
         Raises:
             TransientJudgeError, PermanentJudgeError: as :meth:`judge`.
-            BrokerUnavailableError: the rate limiter could not reach Redis before the
-                call. After the call, a failed token reconcile is logged, never raised:
-                the reply is kept.
+            BudgetExceededError: the fleet-wide judge budget (``workers.budget``) cannot
+                cover the call's worst case; it was not made.
+            BrokerUnavailableError: the rate limiter or the budget could not reach Redis
+                before the call. After the call, a failed token reconcile or budget
+                settle is logged, never raised: the reply is kept.
         """
         limiter = self._limiter(model)
         estimate = estimate_tokens(body["messages"], max_tokens)
         async with self._slots:
             if limiter is not None:
                 self._metrics.rate_limited(await limiter.acquire(estimate))
+            # BudgetExceededError: the call is not made (its item: budget_exceeded).
+            hold = await self._budget.reserve(model, body, max_tokens)
             started = time.perf_counter()
             try:
                 # The raw route: the SDK's per-call transform of the params (TypedDict
@@ -152,12 +160,17 @@ class JudgeClient:
                 else:
                     response = await self._routed_post(self._pool, model, body)
             except openai.APIError as exc:
+                await hold.release()
                 error = classify(exc)
                 self._metrics.judge_call(model, call_status(error),
                                          time.perf_counter() - started)
                 raise error from exc
+            except BaseException:
+                await hold.release()
+                raise
             latency_s = time.perf_counter() - started
         reply = read_reply(response.content)
+        await hold.settle(reply.usage, model)
         usage = reply.usage or Usage()
         if limiter is not None and reply.usage is not None:
             await self._reconcile(limiter, estimate, usage)

@@ -19,6 +19,7 @@ from broker.settings import Settings
 from monitoring.costs import PriceTable
 from monitoring.metrics import WorkerMetrics
 from workers.bridge import AsyncioBridge
+from workers.budget import FleetBudget, in_step
 from workers.cache import JudgeCache
 from workers.group_judging import GroupJudging
 from workers.judge_client import JudgeClient
@@ -53,7 +54,8 @@ class WorkerRuntime:
                 scores the chunk again once it is back).
         """
         scorer = self._scorer or self.bridge.run(self._build(), timeout=30)
-        return self.bridge.run(scorer.score(chunk), timeout=timeout_s)
+        # The step is the chunk's, for the judge budget of each call it makes.
+        return self.bridge.run(in_step(chunk.step, scorer.score(chunk)), timeout=timeout_s)
 
     async def _build(self) -> ChunkScorer:
         # Runs on the loop thread, so the clients bind to the loop that will use them.
@@ -61,8 +63,9 @@ class WorkerRuntime:
             s = self.settings
             # Blocking pool: hundreds of coroutines share a bounded set of connections.
             self._redis = async_redis_client(s, max_connections=64)
-            self._judge = JudgeClient(s, self._redis, self.metrics, PriceTable.from_settings(s),
-                                      self.rubrics)
+            prices = PriceTable.from_settings(s)
+            self._judge = JudgeClient(s, self._redis, self.metrics, prices, self.rubrics,
+                                      budget=FleetBudget.from_settings(s, self._redis, prices))
             # Locks are renewed while held (see ``JudgeCache``), so their TTL only bounds
             # how long a dead worker's locks keep others waiting.
             self._cache = JudgeCache(self._redis, ttl_s=s.cache_ttl_s,

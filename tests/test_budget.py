@@ -1,0 +1,471 @@
+"""The fleet-wide judge budget (issue 13 item 6): real Redis, real Lua, real workers.
+
+- the reserve/settle accounting of ``workers.budget`` on a real Redis: admission up to the
+  limit, per-step limits, settle and release, concurrent callers never overspending,
+  abandoned holds charged on expiry, a model without a price never limited, the settings
+  seeding a limit only where Redis has none, a lost Redis an outage (never
+  ``budget_exceeded``);
+- ``rewardq budget show | set | reset`` as a subprocess, ``rewardq stats`` and the fleet
+  metrics reading the same state;
+- acceptance: a run with half the budget it needs, on two real worker processes and the
+  local judge: spend stops at or under the budget (never above: every call reserves its
+  worst case first) and at most one in-flight window below it, the rest of the items come
+  back ``budget_exceeded`` and dead-lettered, never judged; ``rewardq budget set`` raises
+  it without a restart and ``rewardq failed replay --all`` scores them all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import random
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+from hypothesis import given
+from hypothesis import strategies as st
+from scoring_data import expected, make_items
+
+from broker.connections import OUTAGE_ERRORS
+from broker.dead_letters import DeadLetters
+from broker.embedded import free_port
+from broker.errors import BrokerUnavailableError, BudgetExceededError
+from broker.keys import BUDGET_UNITS_PER_USD, budget_holds_key, budget_key
+from broker.schemas import ResultStatus, Usage
+from broker.settings import Settings
+from judge_server.protocol import prompt_tokens
+from monitoring.costs import Price, PriceTable
+from monitoring.metrics import FleetCollector
+from producer.client import RewardClient
+from producer.sync_judge import SyncJudge
+from rewardq.budget_cli import read_budget, set_limits
+from rewardq.stack import JudgeProcess, settings_env
+from rewardq.stats_view import run_stats
+from workers.budget import (
+    BudgetLimits,
+    FleetBudget,
+    cost_units,
+    in_step,
+    units_to_usd,
+    worst_case_tokens,
+)
+
+T = TypeVar("T")
+
+MODEL = "judge-m"
+#: $1 per million tokens both ways: one token costs 1,000 nano-USD, easy to reason in.
+PRICES = PriceTable({MODEL: [1.0, 1.0]})
+
+
+def body_of(prompt_bytes: int) -> dict[str, Any]:
+    """A request whose worst case is ``prompt_bytes + 7`` prompt tokens (one message)."""
+    return {"model": MODEL, "messages": [{"role": "user", "content": "x" * prompt_bytes}]}
+
+
+def run(url: str, body: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
+    """Run ``body`` with a fresh asyncio client on a fresh event loop."""
+    async def main() -> T:
+        client = aioredis.Redis.from_url(url)
+        try:
+            return await body(client)
+        finally:
+            await client.aclose()
+    return asyncio.run(main())
+
+
+def state(url: str, run_name: str) -> dict[str, int]:
+    """The run's budget hash as integers (``none`` limits left out)."""
+    client = redis.Redis.from_url(url)
+    try:
+        raw = client.hgetall(budget_key(run_name))
+    finally:
+        client.close()
+    return {k.decode(): int(v) for k, v in raw.items() if v != b"none"}
+
+
+# -- the accounting on a real Redis -------------------------------------------------------
+
+
+def test_reserve_admits_up_to_the_limit_and_refuses_the_call_that_would_pass_it(
+        redis_url: str) -> None:
+    # Each call's worst case: (93 + 7) prompt tokens + 0 reply tokens = 100,000 nano-USD.
+    async def body(client: aioredis.Redis) -> tuple[int, str]:
+        budget = FleetBudget(client, "r", PRICES, limits=BudgetLimits(usd=0.00035))
+        holds = []
+        with pytest.raises(BudgetExceededError) as refused:
+            for _ in range(10):
+                holds.append(await budget.reserve(MODEL, body_of(93), 0))
+        return len(holds), str(refused.value)
+
+    admitted, message = run(redis_url, body)
+
+    assert admitted == 3  # 3 x 100,000 <= 350,000 < 4 x 100,000
+    assert state(redis_url, "r") == {"limit": 350_000, "reserved": 300_000, "refused": 1}
+    assert "run 'r'" in message and "rewardq budget set --usd" in message
+
+
+def test_settle_charges_the_reply_instead_of_the_worst_case_and_release_charges_nothing(
+        redis_url: str) -> None:
+    async def body(client: aioredis.Redis) -> None:
+        budget = FleetBudget(client, "r", PRICES, limits=BudgetLimits(usd=0.00025))
+        first = await budget.reserve(MODEL, body_of(93), 0)
+        second = await budget.reserve(MODEL, body_of(93), 0)
+        with pytest.raises(BudgetExceededError):
+            await budget.reserve(MODEL, body_of(93), 0)
+        await first.settle(Usage(prompt_tokens=30, completion_tokens=0), MODEL)
+        await first.settle(Usage(prompt_tokens=30, completion_tokens=0), MODEL)  # once only
+        await second.release()
+        # 30,000 spent: two more worst cases fit (230,000 <= 250,000), a third does not
+        await budget.reserve(MODEL, body_of(93), 0)
+        await budget.reserve(MODEL, body_of(93), 0)
+        with pytest.raises(BudgetExceededError):
+            await budget.reserve(MODEL, body_of(93), 0)
+
+    run(redis_url, body)
+
+    assert state(redis_url, "r") == {"limit": 250_000, "spent": 30_000, "reserved": 200_000,
+                                     "calls": 1, "refused": 2}
+
+
+def test_a_step_limit_holds_per_step_and_the_run_limit_across_steps(redis_url: str) -> None:
+    async def body(client: aioredis.Redis) -> dict[int | None, int]:
+        budget = FleetBudget(client, "r", PRICES,
+                             limits=BudgetLimits(usd=0.00045, step_usd=0.00025))
+        admitted: dict[int | None, int] = {}
+        for step in (1, 2, None, 3):
+            admitted[step] = 0
+            try:
+                for _ in range(10):
+                    hold = await in_step(step, budget.reserve(MODEL, body_of(93), 0))
+                    await hold.settle(Usage(prompt_tokens=100), MODEL)
+                    admitted[step] += 1
+            except BudgetExceededError:
+                pass
+        return admitted
+
+    admitted = run(redis_url, body)
+
+    # step 1: 2 (step limit), step 2: 2 more (400,000 spent), no step: no step limit but
+    # the run's leaves none (500,000 > 450,000), step 3: none either
+    assert admitted == {1: 2, 2: 2, None: 0, 3: 0}
+    s = state(redis_url, "r")
+    assert (s["spent"], s["s:1:spent"], s["s:2:spent"]) == (400_000, 200_000, 200_000)
+    assert (s["s:1:refused"], s["s:2:refused"], s["s:3:refused"], s["refused"]) == (1, 1, 1, 4)
+
+
+def test_concurrent_callers_on_several_clients_never_spend_past_the_limit(
+        redis_url: str) -> None:
+    rng = random.Random(13)
+    charged: list[int] = []
+    refused = 0
+
+    async def caller(budget: FleetBudget, n: int) -> None:
+        nonlocal refused
+        for _ in range(n):
+            worst = rng.randrange(1, 400)
+            try:
+                hold = await in_step(rng.choice([1, 2]),
+                                     budget.reserve(MODEL, body_of(worst), 0))
+            except BudgetExceededError:
+                refused += 1
+                continue
+            await asyncio.sleep(rng.random() / 200)
+            if rng.random() < 0.2:
+                await hold.release()
+                continue
+            used = rng.randrange(0, worst + 8)  # never above the worst case (worst + 7)
+            await hold.settle(Usage(prompt_tokens=used), MODEL)
+            charged.append(used * 1000)
+
+    async def body(client: aioredis.Redis) -> None:
+        others = [aioredis.Redis.from_url(redis_url) for _ in range(3)]
+        try:
+            budgets = [FleetBudget(c, "r", PRICES, limits=BudgetLimits(usd=0.05))
+                       for c in [client, *others]]
+            await asyncio.gather(*(caller(budgets[i % 4], 40) for i in range(16)))
+        finally:
+            for other in others:
+                await other.aclose()
+
+    run(redis_url, body)
+
+    s = state(redis_url, "r")
+    assert refused > 0 and charged  # the limit was reached, and calls were made
+    assert s["spent"] == sum(charged) <= 50_000_000
+    assert s["reserved"] == 0 and s["s:1:reserved"] == 0 and s["s:2:reserved"] == 0
+    assert s["s:1:spent"] + s["s:2:spent"] == s["spent"]
+    assert s["calls"] == len(charged) and s["refused"] == refused
+
+
+def test_an_abandoned_hold_is_charged_in_full_and_a_late_settle_corrects_it(
+        redis_url: str) -> None:
+    async def body(client: aioredis.Redis) -> list[dict[str, int]]:
+        budget = FleetBudget(client, "r", PRICES, limits=BudgetLimits(usd=1.0),
+                             hold_ttl_s=0.05)
+        abandoned = await in_step(4, budget.reserve(MODEL, body_of(93), 0))  # worst 100,000
+        late = await in_step(4, budget.reserve(MODEL, body_of(193), 0))  # worst 200,000
+        await asyncio.sleep(0.3)  # both holds expire (Redis time)
+        seen = []
+        fresh = await budget.reserve(MODEL, body_of(93), 0)  # this reserve sweeps them
+        seen.append(state(redis_url, "r"))
+        await late.settle(Usage(prompt_tokens=50), MODEL)
+        await fresh.release()
+        seen.append(state(redis_url, "r"))
+        assert abandoned.units == 100_000
+        return seen
+
+    swept, settled = run(redis_url, body)
+
+    assert (swept["spent"], swept["s:4:spent"], swept["s:4:reserved"]) == (300_000, 300_000, 0)
+    assert swept["reserved"] == 100_000  # the fresh hold alone
+    assert (settled["spent"], settled["s:4:spent"], settled["reserved"]) == (150_000, 150_000, 0)
+    client = redis.Redis.from_url(redis_url)
+    assert client.zcard(budget_holds_key("r")) == 0
+    client.close()
+
+
+def test_amounts_past_the_precision_of_luas_number_formatting_stay_exact(
+        redis_url: str) -> None:
+    dear = PriceTable({MODEL: [1e6, 1e6]})  # one token: one dollar, 10^9 nano-USD
+
+    async def body(client: aioredis.Redis) -> None:
+        budget = FleetBudget(client, "r", dear, limits=BudgetLimits(usd=3e6))
+        for _ in range(3):  # worst case 100,007 tokens: 1.00007e14 nano-USD each
+            hold = await in_step(2, budget.reserve(MODEL, body_of(100_000), 0))
+            await hold.settle(Usage(prompt_tokens=99_999), MODEL)
+
+    run(redis_url, body)
+
+    s = state(redis_url, "r")
+    assert (s["spent"], s["s:2:spent"]) == (3 * 99_999 * 10**9, 3 * 99_999 * 10**9)
+    assert (s["reserved"], s["limit"], s["calls"]) == (0, 3 * 10**15, 3)
+
+
+def test_a_model_without_a_price_is_neither_limited_nor_counted(redis_url: str) -> None:
+    async def body(client: aioredis.Redis) -> None:
+        budget = FleetBudget(client, "r", PRICES, limits=BudgetLimits(usd=1e-9))
+        for _ in range(5):
+            hold = await budget.reserve("unpriced-model", body_of(10_000), 64)
+            await hold.settle(Usage(prompt_tokens=3000, completion_tokens=64), "unpriced")
+
+    run(redis_url, body)
+
+    client = redis.Redis.from_url(redis_url)
+    assert client.keys("rewardq:budget*") == []
+    client.close()
+
+
+def test_the_settings_seed_a_limit_only_where_redis_has_none(
+        redis_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    client = redis.Redis.from_url(redis_url)
+    set_limits(client, "cli-set", usd=2.0)
+
+    async def body(aclient: aioredis.Redis) -> None:
+        for run_name in ("cli-set", "fresh"):
+            budget = FleetBudget(aclient, run_name, PRICES,
+                                 limits=BudgetLimits(usd=0.5, step_usd=0.1))
+            await budget.reserve(MODEL, body_of(93), 0)
+
+    with caplog.at_level(logging.WARNING, logger="workers.budget"):
+        run(redis_url, body)
+
+    assert read_budget(client, "cli-set").limit_usd == 2.0  # the CLI's word stands
+    assert read_budget(client, "cli-set").step_limit_usd == 0.1  # it had no step limit
+    fresh = read_budget(client, "fresh")
+    assert (fresh.limit_usd, fresh.step_limit_usd, fresh.reserved_usd) == (0.5, 0.1, 0.0001)
+    assert "run 'cli-set' is 2 USD, not REWARDQ_BUDGET_USD=0.5" in caplog.text
+    assert "'fresh'" not in caplog.text
+    assert {m.decode() for m in client.smembers("rewardq:budget:runs")} == {"cli-set",
+                                                                            "fresh"}
+    client.close()
+
+
+def test_an_unreachable_redis_is_an_outage_never_budget_exceeded() -> None:
+    async def body() -> BaseException:
+        client = aioredis.Redis(port=free_port(), socket_connect_timeout=1)
+        budget = FleetBudget(client, "r", PRICES, limits=BudgetLimits(usd=1.0))
+        try:
+            await budget.reserve(MODEL, body_of(93), 0)
+        except BaseException as exc:  # noqa: BLE001 - the test inspects what came out
+            return exc
+        finally:
+            await client.aclose()
+        raise AssertionError("reserve went through without Redis")
+
+    error = asyncio.run(body())
+
+    assert isinstance(error, BrokerUnavailableError) and isinstance(error, OUTAGE_ERRORS)
+    assert not isinstance(error, BudgetExceededError)
+
+
+@given(st.lists(st.text(max_size=300), min_size=1, max_size=4), st.integers(0, 512),
+       st.integers(1, 4))
+def test_the_worst_case_bounds_the_local_judges_token_count(
+        texts: list[str], max_tokens: int, n: int) -> None:
+    messages = [{"role": "user", "content": t} for t in texts]
+    prompt, completion = worst_case_tokens({"messages": messages, "n": n}, max_tokens)
+    assert prompt >= prompt_tokens(messages) and prompt >= sum(len(t) for t in texts)
+    assert completion == max_tokens * n
+    price = Price(0.15, 0.6)
+    assert cost_units(price, prompt, completion) >= cost_units(price, prompt - 1, completion)
+
+
+# -- the CLI, stats and metrics ------------------------------------------------------------
+
+
+def run_cli(settings: Settings, *argv: str) -> subprocess.CompletedProcess[str]:
+    """``rewardq <argv>`` in a child process with ``settings`` in its environment."""
+    return subprocess.run([sys.executable, "-m", "rewardq.cli", *argv],
+                          env=settings_env(settings), capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_cli_sets_shows_and_resets_a_budget_and_the_metrics_read_it(
+        redis_url: str) -> None:
+    settings = Settings(redis_url=redis_url, budget_run="cli")
+    set_run = run_cli(settings, "budget", "set", "--usd", "1.25", "--step-usd", "0.5")
+
+    async def spend(client: aioredis.Redis) -> None:
+        budget = FleetBudget(client, "cli", PRICES)
+        hold = await in_step(7, budget.reserve(MODEL, body_of(93), 0))
+        await hold.settle(Usage(prompt_tokens=80), MODEL)
+        await budget.reserve(MODEL, body_of(193), 0)  # in flight
+
+    run(redis_url, spend)
+    shown = run_cli(settings, "budget", "show", "--json")
+    unlimit = run_cli(settings, "budget", "set", "--run", "cli", "--step-usd", "none")
+    families = {f.name: f for f in FleetCollector(redis.Redis.from_url(redis_url)).collect()}
+    reset = run_cli(settings, "budget", "reset")
+    after = json.loads(run_cli(settings, "budget", "show", "--json").stdout)
+    bad = run_cli(settings, "budget", "set", "--usd", "-3")
+    nothing = run_cli(settings, "budget", "set")
+
+    assert set_run.returncode == 0, set_run.stderr
+    assert "limit           1.250000 USD" in set_run.stdout
+    got = json.loads(shown.stdout)
+    assert (got["run"], got["limit_usd"], got["step_limit_usd"]) == ("cli", 1.25, 0.5)
+    assert got["spent_usd"] == pytest.approx(0.00008) and got["calls"] == 1
+    assert got["reserved_usd"] == pytest.approx(0.0002)
+    assert got["steps"]["7"]["spent_usd"] == pytest.approx(0.00008)
+    assert got["remaining_usd"] == pytest.approx(1.25 - 0.00028)
+    assert unlimit.returncode == 0 and "step limit      unlimited" in unlimit.stdout
+
+    def sample(name: str) -> float:
+        [s] = [s for s in families[name].samples if s.labels == {"run": "cli"}]
+        return float(s.value)
+
+    assert sample("rewardq_fleet_budget_spent_usd") == pytest.approx(0.00008)
+    assert sample("rewardq_fleet_budget_reserved_usd") == pytest.approx(0.0002)
+    assert sample("rewardq_fleet_budget_limit_usd") == 1.25
+    assert families["rewardq_fleet_budget_step_limit_usd"].samples == []  # unlimited now
+    assert reset.returncode == 0, reset.stderr
+    assert (after["spent_usd"], after["calls"], after["limit_usd"]) == (0.0, 0, 1.25)
+    assert after["reserved_usd"] == pytest.approx(0.0002)  # the call in flight still holds
+    assert bad.returncode == 2 and "must be > 0" in bad.stderr
+    assert nothing.returncode == 2 and "--usd" in nothing.stderr
+
+
+def test_cli_says_so_in_one_line_when_redis_is_unreachable() -> None:
+    settings = Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    for argv in (("budget", "show"), ("budget", "set", "--usd", "3")):
+        done = run_cli(settings, *argv)
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert done.stderr.startswith("error: ") and "Traceback" not in done.stderr
+
+
+# -- acceptance: half the budget a run needs, on real workers -------------------------------
+
+
+@pytest.fixture
+def priced(settings: Settings) -> Iterator[Settings]:
+    """The test's settings with a price for the local judge and small chunks."""
+    yield settings.model_copy(update={"judge_prices": {settings.judge_model: (3.0, 15.0)},
+                                      "budget_run": "half", "chunk_size": 8})
+
+
+@pytest.mark.timeout(300)
+def test_a_run_with_half_its_budget_stops_at_the_budget_and_a_replay_scores_the_rest(
+        priced: Settings, workers, judge: JudgeProcess) -> None:
+    price = PriceTable.from_settings(priced).price(priced.judge_model)
+    assert price is not None
+    items = make_items(160, "budget")
+    with SyncJudge(priced) as sync_judge:  # what each item costs on this judge
+        reference = sync_judge.score(items)
+    usage = {r.id: r.usage or Usage() for r in reference}
+    cost = {i: cost_units(price, u.prompt_tokens, u.completion_tokens) for i, u in usage.items()}
+    total = sum(cost.values())
+    limit = total // 2
+    judge.reset_stats()
+    processes, slots = 2, 2
+    started = workers(processes, judge_prices=priced.judge_prices, budget_run="half",
+                      budget_usd=units_to_usd(limit), max_concurrent_requests=slots)
+
+    with RewardClient(priced) as client:
+        results = client.submit(items, step=1).result(timeout=180)
+    calls = judge.stats()["requests_total"]
+    rclient = redis.Redis.from_url(priced.broker_url)
+    during = read_budget(rclient, "half", steps=True)
+    letters = DeadLetters.from_settings(priced)
+    lettered = letters.list()
+    families = {f.name: f for f in FleetCollector(rclient).collect()}
+    shown = io.StringIO()
+    run_stats(priced, once=True, out=shown)
+
+    ok = [r for r in results if r.status is ResultStatus.OK]
+    refused = [r for r in results if r.status is ResultStatus.BUDGET_EXCEEDED]
+    spent = round(during.spent_usd * BUDGET_UNITS_PER_USD)
+    assert ok and refused and len(ok) + len(refused) == len(items)
+    assert all(r.score is None and "budget" in (r.error or "") for r in refused)
+    # Never above the budget: each call reserved its worst case before it was made.
+    assert spent <= limit
+    assert spent == sum(cost[r.id] for r in ok)  # settled at the replies' real usage
+    assert during.reserved_usd == 0 and during.calls == len(ok) == calls
+    assert during.refused == len(refused)
+    assert during.steps[1].spent_usd == during.spent_usd  # charged to the chunks' step
+    # At most one in-flight window below it: a call is refused only while the calls in
+    # flight (processes x slots) and it reserve more than is left. A worst case is at
+    # most 8 x the prompt tokens the local judge counts (its count is >= bytes / 4 plus
+    # one per message; ours is bytes + 4 per message + 3) and max_tokens for the reply.
+    worst = max(cost_units(price, 8 * u.prompt_tokens + 3, priced.judge_max_tokens)
+                for u in usage.values())
+    assert limit - spent < (processes * slots + 1) * worst
+    assert sorted(letter.item_id or "" for letter in lettered) == sorted(r.id for r in refused)
+    assert {letter.reason for letter in lettered} == {"budget_exceeded"}
+    [spent_sample] = families["rewardq_fleet_budget_spent_usd"].samples
+    [limit_sample] = families["rewardq_fleet_budget_limit_usd"].samples
+    assert spent_sample.value == during.spent_usd and limit_sample.labels == {"run": "half"}
+    assert limit_sample.value == units_to_usd(limit)
+    [line] = [ln for ln in shown.getvalue().splitlines() if ln.startswith("budget")]
+    assert f"{during.spent_usd:,.4f} USD spent of {units_to_usd(limit):,.4f}" in line
+    assert f"refused {len(refused)}" in line
+
+    # Raised without a restart (the same worker processes), then replayed.
+    raised = run_cli(priced, "budget", "set", "--usd", str(units_to_usd(2 * total)))
+    judge.reset_stats()
+    replayed = run_cli(priced, "failed", "replay", "--all", "--wait", "120")
+    after = read_budget(rclient, "half")
+    replay_calls = judge.stats()["requests_total"]
+    with RewardClient(priced) as client:
+        follow_up = client.submit(items, step=2)
+        cached = follow_up.result(timeout=60)
+    left = letters.list()
+    letters.close()
+    rclient.close()
+
+    assert all(p.poll() is None for p in started)
+    assert raised.returncode == 0, raised.stderr
+    assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+    assert f"outcome: ok={len(refused)}" in replayed.stdout
+    assert replay_calls == len(refused) and left == []
+    # Every item judged exactly once over both passes: the spend is the whole run's cost.
+    assert round(after.spent_usd * BUDGET_UNITS_PER_USD) == total
+    assert after.reserved_usd == 0 and after.calls == len(items)
+    assert follow_up.chunk_count == 0
+    assert [r.score for r in cached] == [expected(i)[0] for i in items]
