@@ -272,6 +272,12 @@ def test_the_settings_seed_a_limit_only_where_redis_has_none(
             budget = FleetBudget(aclient, run_name, PRICES,
                                  limits=BudgetLimits(usd=0.5, step_usd=0.1))
             await budget.reserve(MODEL, body_of(93), 0)
+            await budget.reserve(MODEL, body_of(93), 0)
+
+    async def after_data_loss(aclient: aioredis.Redis) -> None:
+        await aclient.flushdb()
+        budget = FleetBudget(aclient, "fresh", PRICES, limits=BudgetLimits(usd=0.5))
+        await budget.reserve(MODEL, body_of(93), 0)
 
     with caplog.at_level(logging.WARNING, logger="workers.budget"):
         run(redis_url, body)
@@ -279,11 +285,14 @@ def test_the_settings_seed_a_limit_only_where_redis_has_none(
     assert read_budget(client, "cli-set").limit_usd == 2.0  # the CLI's word stands
     assert read_budget(client, "cli-set").step_limit_usd == 0.1  # it had no step limit
     fresh = read_budget(client, "fresh")
-    assert (fresh.limit_usd, fresh.step_limit_usd, fresh.reserved_usd) == (0.5, 0.1, 0.0001)
-    assert "run 'cli-set' is 2 USD, not REWARDQ_BUDGET_USD=0.5" in caplog.text
+    assert (fresh.limit_usd, fresh.step_limit_usd, fresh.reserved_usd) == (0.5, 0.1, 0.0002)
+    assert caplog.text.count("run 'cli-set' is 2 USD, not REWARDQ_BUDGET_USD=0.5") == 1
     assert "'fresh'" not in caplog.text
     assert {m.decode() for m in client.smembers("rewardq:budget:runs")} == {"cli-set",
                                                                             "fresh"}
+    run(redis_url, after_data_loss)  # Redis restarted empty: the next call seeds again
+    assert read_budget(client, "fresh").limit_usd == 0.5
+    assert {m.decode() for m in client.smembers("rewardq:budget:runs")} == {"fresh"}
     client.close()
 
 

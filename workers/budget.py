@@ -15,25 +15,28 @@ Every judge call that has a price (``monitoring.costs.PriceTable``) is gated her
    its worst case); a call that failed or was cancelled releases its reservation.
 
 Bound: the worst case is an upper bound of what a call can be billed, so ``spent`` never
-exceeds the limit however many calls are in flight fleet-wide; the calls in flight only
-make the fleet stop *early*: near the end a call is refused while up to the sum of the
-in-flight worst cases (at most one window: workers x ``max_concurrent_requests`` calls)
-is still unspent. ``spent`` can pass the limit only if a provider bills more tokens than
-the worst case (image parts, which are not counted, or a tokenizer emitting more tokens
-than bytes).
+exceeds the limit however many calls are in flight fleet-wide. The calls in flight only
+make the fleet stop *early*: a call is refused when the limit minus ``spent`` is less
+than its worst case plus the worst cases in flight, so a run that was refused ends with
+less than (W + 1) worst cases unspent, W being the calls that can be in flight at once
+(worker processes x ``max_concurrent_requests``). ``spent`` can pass the limit only if a
+provider bills more tokens than the worst case (image parts, which are not counted, or a
+tokenizer emitting more tokens than bytes).
 
-A reservation whose call never settles (the worker was killed, or lost Redis mid-call) is
-a *hold* with an expiry; the next reserve anywhere in the fleet charges it in full (the
+A reservation whose call never settles (the worker was killed or lost Redis mid-call, or
+the reply was no chat completion at all) is a *hold* with an expiry (every endpoint's
+timeout plus a minute); the next reserve anywhere in the fleet charges it in full (the
 provider may have billed it) and frees it, so a dead worker cannot shrink the budget
 forever, and spend is never under-counted. A settle that comes after that corrects
 ``spent`` to the real cost.
 
 The limits live in Redis (``broker.keys.budget_key``), so ``rewardq budget set`` changes
-them for the whole fleet at once, without a restart. A worker process records its
+them for the whole fleet at once, without a restart. Every reserve writes the worker's
 settings' limits (``REWARDQ_BUDGET_USD``, ``REWARDQ_BUDGET_STEP_USD``) for its run
-(``REWARDQ_BUDGET_RUN``) the first time it reserves, only where Redis has none yet: the
-first worker of a run, or the CLI, sets the limit, and a later worker with other
-settings logs that the fleet's limit differs instead of overriding it.
+(``REWARDQ_BUDGET_RUN``) only where Redis has none (``HSETNX``): the first worker of a
+run, or the CLI, sets a limit; a later worker with other settings logs once that the
+fleet's limit differs instead of overriding it; and a Redis that lost its data gets the
+limits back at the next call (not the spend: that is lost with it).
 
 Money is counted in integer nano-dollars (``broker.keys.BUDGET_UNITS_PER_USD``), so
 thousands of small charges add up exactly. A Redis error while reserving is an outage
@@ -100,13 +103,18 @@ KEYS[1]  rewardq:budget:run:<run>    HASH  integer nano-USD (and counts):
 KEYS[2]  rewardq:budget:holds:<run> ZSET  "<hold id>|<nano-USD>|<step>" -> expiry, ms of
                                         Redis time; a hold past it belongs to a call that
                                         never settled (its worker died or lost Redis)
+KEYS[3]  rewardq:budget:runs        SET   the runs with a budget hash
 ARGV[1]  hold member   ARGV[2] its worst case, nano-USD (integer > 0)
 ARGV[3]  step ("" = none)   ARGV[4] hold TTL, ms   ARGV[5] keys' TTL, s
+ARGV[6]  the run's name   ARGV[7], ARGV[8] this process's limit and step limit, nano-USD
+         ("" = none): written only where the hash has no such field (HSETNX), so a Redis
+         that lost its data gets its limits back at the next call
 
 First charges up to 64 expired holds in full (the provider may have billed them). Then
 admits the call when spent + reserved + cost <= limit for the run and for the step:
-returns {1} (reserved; the hold recorded), else {0, scope ("run" | "step"), spent,
-reserved, limit} with only the refused counters changed.
+returns {1, limit, step_limit} (reserved, the hold recorded; the limits as stored, ""
+when absent), else {0, scope ("run" | "step"), spent, reserved, limit} with only the
+refused counters changed.
 ]]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -114,6 +122,10 @@ local run, holds = KEYS[1], KEYS[2]
 local function num(field) return tonumber(redis.call('HGET', run, field)) or 0 end
 -- integers as "%d": Lua's own formatting writes 1e+14 and -0, which HINCRBY rejects
 local function add(field, n) return redis.call('HINCRBY', run, field, string.format('%d', n)) end
+
+if ARGV[7] ~= '' then redis.call('HSETNX', run, 'limit', ARGV[7]) end
+if ARGV[8] ~= '' then redis.call('HSETNX', run, 'step_limit', ARGV[8]) end
+redis.call('SADD', KEYS[3], ARGV[6])
 
 local expired = redis.call('ZRANGEBYSCORE', holds, '-inf', now, 'LIMIT', 0, 64)
 for _, member in ipairs(expired) do
@@ -153,7 +165,7 @@ add('reserved', cost)
 redis.call('ZADD', holds, string.format('%d', now + tonumber(ARGV[4])), ARGV[1])
 redis.call('EXPIRE', run, ARGV[5])
 redis.call('EXPIRE', holds, ARGV[5])
-return {1}
+return {1, redis.call('HGET', run, 'limit') or '', redis.call('HGET', run, 'step_limit') or ''}
 """
 
 SETTLE_LUA = """
@@ -340,14 +352,15 @@ class FleetBudget:
         self.run = run
         self.prices = prices
         self.limits = limits or BudgetLimits()
-        self._keys = [budget_key(run), budget_holds_key(run)]
+        self._keys = [budget_key(run), budget_holds_key(run), BUDGET_RUNS]
+        self._seed_args = [run, *("" if usd is None else str(usd_to_units(usd))
+                                  for usd in (self.limits.usd, self.limits.step_usd))]
         self._redis = redis_client
         self._reserve = redis_client.register_script(RESERVE_LUA)
         self._settle_script = redis_client.register_script(SETTLE_LUA)
         self._hold_ttl_ms = max(1, int(hold_ttl_s * 1000))
         self._key_ttl_s = key_ttl_s
-        self._seeded = False
-        self._seeding = asyncio.Lock()
+        self._checked = False
 
     @classmethod
     def from_settings(cls, settings: Settings, redis_client: aioredis.Redis,
@@ -386,11 +399,9 @@ class FleetBudget:
         if units <= 0:
             return NO_HOLD
         the_step = CURRENT_STEP.get()
-        if not self._seeded:
-            await self.seed()
         member = f"{uuid.uuid4().hex[:16]}|{units}|{'' if the_step is None else the_step}"
         args: list[str | int] = [member, units, "" if the_step is None else str(the_step),
-                                 self._hold_ttl_ms, self._key_ttl_s]
+                                 self._hold_ttl_ms, self._key_ttl_s, *self._seed_args]
         try:
             answer = await self._reserve(keys=self._keys, args=args)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
@@ -399,35 +410,15 @@ class FleetBudget:
             scope = answer[1].decode() if isinstance(answer[1], bytes) else str(answer[1])
             raise BudgetExceededError(self._refusal(scope, the_step, units,
                                                     *(int(x) for x in answer[2:5])))
+        if not self._checked:
+            self._check_limits(answer[1], answer[2])
         return BudgetHold(self, member, units, the_step)
 
-    async def seed(self) -> None:
-        """Record this process's limits for the run where Redis has none yet (and the run
-        in the index of runs); warn when the fleet's limits differ.
-
-        Raises:
-            BrokerUnavailableError: Redis could not be reached.
-        """
-        async with self._seeding:
-            if self._seeded:
-                return
-            key = self._keys[0]
-            try:
-                async with self._redis.pipeline(transaction=True) as pipe:
-                    for field, usd in (("limit", self.limits.usd),
-                                       ("step_limit", self.limits.step_usd)):
-                        if usd is not None:
-                            pipe.hsetnx(key, field, usd_to_units(usd))
-                    pipe.sadd(BUDGET_RUNS, self.run)
-                    pipe.expire(key, self._key_ttl_s)
-                    pipe.hmget(key, ["limit", "step_limit"])
-                    stored = (await pipe.execute())[-1]
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                raise BrokerUnavailableError(
-                    f"judge budget of run {self.run!r}: {exc}") from exc
-            self._seeded = True
-        for name, usd, raw in (("REWARDQ_BUDGET_USD", self.limits.usd, stored[0]),
-                               ("REWARDQ_BUDGET_STEP_USD", self.limits.step_usd, stored[1])):
+    def _check_limits(self, limit: object, step_limit: object) -> None:
+        """Warn once when the fleet's limits (in Redis) are not this process's settings."""
+        self._checked = True
+        for name, usd, raw in (("REWARDQ_BUDGET_USD", self.limits.usd, limit),
+                               ("REWARDQ_BUDGET_STEP_USD", self.limits.step_usd, step_limit)):
             fleet = _units(raw)
             if usd is not None and fleet != usd_to_units(usd):
                 log.warning("the judge budget of run %r is %s, not %s=%s: Redis holds the "
@@ -449,7 +440,7 @@ class FleetBudget:
                                  "" if hold.step is None else str(hold.step), charge,
                                  1 if made else 0, self._key_ttl_s]
         try:
-            await asyncio.shield(self._settle_script(keys=self._keys, args=args))
+            await asyncio.shield(self._settle_script(keys=self._keys[:2], args=args))
         except (redis.RedisError, OSError) as exc:
             log.warning("judge budget of run %r: a %s of %d nano-USD did not reach Redis "
                         "(%s); its hold is charged in full when it expires", self.run,
@@ -466,10 +457,9 @@ class FleetBudget:
 
 
 def _units(raw: object) -> int | None:
-    """A stored limit in nano-USD; ``None`` when absent or ``"none"``."""
-    if isinstance(raw, bytes):
-        raw = raw.decode()
+    """A stored limit in nano-USD; ``None`` when absent (``""``) or ``"none"``."""
+    text = raw.decode() if isinstance(raw, bytes) else str(raw)
     try:
-        return int(str(raw)) if raw is not None else None
+        return int(text)
     except ValueError:
         return None
