@@ -1,27 +1,47 @@
-"""Fleet-wide rate limit: does a limit of R requests/minute hold across W worker processes?
+"""Fleet-wide rate limit: does a limit of R requests/minute hold, and is it used, across W
+worker processes?
 
 Starts the local stack with ``REWARDQ_JUDGE_RPM=R`` (``Settings.judge_rpm``) and W
-worker processes, each allowed far more concurrent judge calls than the limit needs,
-and scores one cold step of N distinct items. The judge's own ``/stats`` is the
-referee: ``max_requests_in_any_1s`` (goal: at most ``--max-per-s``, 55 by default at
-3,000 RPM) and the total throughput against R/60 (goal: within 10%). The judge server
-itself enforces no limit here (``rpm_limit=0``): only the fleet's limiter holds the
-rate, so a fleet that ignores the setting shows up as a throughput far above the limit.
+worker processes, and scores one cold step of N distinct items, once per per-process
+concurrency asked for (``--per-process 64 4``: a fresh stack for each). The judge's own
+``/stats`` is the referee. Figures, all from the same run:
+
+- **utilization** = achieved / allowed, where achieved is N judge requests over the wall
+  time of ``submit()`` → ``result()`` (what a trainer sees, fill and drain included)
+  and allowed is R/60. Goal: at least ``--min-utilization`` (0.97).
+- **steady utilization**: the judge's request counter, sampled every 50 ms, between 10%
+  and 90% of the requests: the limiter's own pace without the step's fill and drain.
+  The same samples give **fill** (submit to the first judge request) and **drain** (the
+  last judge request to results in hand), each to about 50 ms: the part of the wall time
+  that no limiter can use.
+- **peak**: ``max_requests_in_any_1s`` at the judge, against the limiter's bound
+  ``floor(R/60 * (1 + burst_s))`` (52 at 3,000 RPM) and the goal ``--max-per-s`` (55,
+  the judge's limit). The judge server itself enforces no limit here (``rpm_limit=0``):
+  only the fleet's limiter holds the rate, so a fleet that ignores the setting shows up
+  as a throughput far above the limit.
 
 Usage::
 
     .venv/bin/python benchmarks/bench_rate_limit.py [--rpm 3000] [--workers 4]
-        [--items 1500] [--latency-ms 100] [--per-process 64] [--json FILE]
+        [--items 1500] [--latency-ms 100] [--per-process 64 4] [--cpu-hogs 0]
+        [--json FILE]
 
-Exit status: 0 when both goals are met, 1 when one is missed, 2 when the fleet does not
-limit at all (the setting is not wired into the workers).
+``--cpu-hogs K`` keeps K busy-looping processes running through each measured step: a
+worker host that other work keeps busy, reproducibly (the limiter's waiters then wake
+late).
+
+Exit status: 0 when every goal is met at every concurrency, 1 when one is missed, 2 when
+the fleet does not limit at all (the setting is not wired into the workers).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import multiprocessing
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -31,15 +51,91 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from broker.settings import Settings  # noqa: E402  (needs ROOT on the path)
-from rewardq.bench import Bench, make_items  # noqa: E402
-from rewardq.stack import LocalStack  # noqa: E402
+from rewardq.bench import Bench, Run, make_items  # noqa: E402
+from rewardq.stack import JudgeProcess, LocalStack  # noqa: E402
+from workers.rate_limit import RateLimit  # noqa: E402
 
-_THROUGHPUT_TOLERANCE = 0.10
 _UNLIMITED_FACTOR = 1.5
+_SAMPLE_S = 0.05
+
+
+class _CounterSampler:
+    """Samples the judge's ``requests_total`` in a thread: (perf_counter, count) pairs."""
+
+    def __init__(self, judge: JudgeProcess) -> None:
+        self._judge = judge
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> _CounterSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        # A client of its own: httpx clients are not shared across threads here.
+        import httpx
+        with httpx.Client(timeout=5) as http:
+            while not self._stop.wait(_SAMPLE_S):
+                try:
+                    count = int(http.get(f"{self._judge.root}/stats").json()["requests_total"])
+                except (httpx.HTTPError, ValueError, KeyError):
+                    continue
+                self.samples.append((time.perf_counter(), count))
+
+
+def _spin(stop: Any) -> None:
+    """Burn CPU until ``stop`` is set (a cpu hog)."""
+    while not stop.is_set():
+        for _ in range(100_000):
+            pass
+
+
+class _CpuHogs:
+    """K processes that keep the CPUs busy while the block runs."""
+
+    def __init__(self, count: int) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._stop = ctx.Event()
+        self._procs = [ctx.Process(target=_spin, args=(self._stop,), daemon=True)
+                       for _ in range(count)]
+
+    def __enter__(self) -> _CpuHogs:
+        for proc in self._procs:
+            proc.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for proc in self._procs:
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+
+
+def crossing_time(samples: list[tuple[float, int]], count: float) -> float | None:
+    """When the sampled counter reached ``count`` (linear between samples), or None."""
+    for (t0, c0), (t1, c1) in zip(samples, samples[1:], strict=False):
+        if c0 < count <= c1:
+            return t0 + (t1 - t0) * (count - c0) / (c1 - c0)
+    return None
+
+
+def steady_rate(samples: list[tuple[float, int]], total: int) -> float | None:
+    """Requests per second between 10% and 90% of ``total``."""
+    lo, hi = 0.1 * total, 0.9 * total
+    t_lo, t_hi = crossing_time(samples, lo), crossing_time(samples, hi)
+    if t_lo is None or t_hi is None or t_hi <= t_lo:
+        return None
+    return (hi - lo) / (t_hi - t_lo)
 
 
 def measure(rpm: int, workers: int, items: int, latency_ms: float,
-            per_process: int) -> dict[str, Any]:
+            per_process: int, cpu_hogs: int = 0) -> dict[str, Any]:
     """One cold step of ``items`` under a fleet-wide ``rpm`` limit; the judge's view."""
     settings = Settings(judge_rpm=rpm, max_concurrent_requests=per_process).model_copy(
         update={"redis_url": None,
@@ -52,26 +148,50 @@ def measure(rpm: int, workers: int, items: int, latency_ms: float,
             bench.rewardq_step(make_items(2 * workers, f"wu-{uuid.uuid4().hex[:8]}"))
             time.sleep(2.0)
             assert stack.judge is not None
-            run = bench.measured(lambda: bench.rewardq_step(
-                make_items(items, uuid.uuid4().hex[:12])))
+            step = make_items(items, uuid.uuid4().hex[:12])
+            marks: dict[str, float] = {}
+
+            def timed() -> Run:
+                marks["start"] = time.perf_counter()
+                result = bench.rewardq_step(step)
+                marks["end"] = time.perf_counter()
+                return result
+
+            with _CpuHogs(cpu_hogs), _CounterSampler(stack.judge) as sampler:
+                run = bench.measured(timed)
             stats = stack.judge.stats()
         finally:
             bench.close()
     limit_per_s = rpm / 60
     throughput = run.judge_requests / run.wall_s
+    steady = steady_rate(sampler.samples, run.judge_requests)
+    first = crossing_time(sampler.samples, 1)
+    last = crossing_time(sampler.samples, run.judge_requests)
+    fill_s = None if first is None else max(0.0, first - marks["start"])
+    drain_s = None if last is None else max(0.0, marks["end"] - last)
+    burst_s = RateLimit.from_settings(settings).burst_s
     return {
         "rpm": rpm, "workers": workers, "items": items, "latency_ms": latency_ms,
-        "per_process_concurrency": per_process,
+        "per_process_concurrency": per_process, "cpu_hogs": cpu_hogs,
         "wall_s": round(run.wall_s, 3),
         "judge_requests": run.judge_requests,
         "requests_per_s": round(throughput, 2),
         "limit_per_s": round(limit_per_s, 2),
-        "throughput_over_limit": round(throughput / limit_per_s, 4),
+        "utilization": round(throughput / limit_per_s, 4),
+        "steady_requests_per_s": None if steady is None else round(steady, 2),
+        "steady_utilization": None if steady is None else round(steady / limit_per_s, 4),
+        "fill_s": None if fill_s is None else round(fill_s, 3),
+        "drain_s": None if drain_s is None else round(drain_s, 3),
         "max_requests_in_any_1s": int(stats["max_requests_in_any_1s"]),
+        "limiter_bound_per_1s": math.floor(limit_per_s * (1 + burst_s) + 1e-9),
         "max_in_flight": run.max_in_flight,
         "responses_by_status": stats["responses_by_status"],
         "failed": run.failed,
     }
+
+
+def _s(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds:.2f} s"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,36 +202,49 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--items", type=int, default=1500,
                         help="items (1500 at 3,000 RPM is about 30 s)")
     parser.add_argument("--latency-ms", type=float, default=100.0)
-    parser.add_argument("--per-process", type=int, default=64,
-                        help="judge calls in flight per worker process")
+    parser.add_argument("--per-process", type=int, nargs="+", default=[64, 4],
+                        help="judge calls in flight per worker process; one run for each")
+    parser.add_argument("--cpu-hogs", type=int, default=0,
+                        help="busy-looping processes kept running during each step")
+    parser.add_argument("--min-utilization", type=float, default=0.97,
+                        help="goal: achieved / allowed over the step's wall time")
     parser.add_argument("--max-per-s", type=int, default=55,
                         help="goal: most judge requests in any 1 s window")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
-    print(f"{args.items} items, {args.workers} workers x {args.per_process} concurrent, "
-          f"judge {args.latency_ms:g} ms, fleet limit {args.rpm} RPM "
-          f"({args.rpm / 60:.1f}/s) ...", flush=True)
-    result = measure(args.rpm, args.workers, args.items, args.latency_ms, args.per_process)
-    peak_ok = result["max_requests_in_any_1s"] <= args.max_per_s
-    rate_ok = abs(result["throughput_over_limit"] - 1) <= _THROUGHPUT_TOLERANCE
-    limited = result["throughput_over_limit"] <= _UNLIMITED_FACTOR
-    result.update(peak_ok=peak_ok, throughput_ok=rate_ok, limiter_enforced=limited)
-    print(f"wall {result['wall_s']:.2f} s, {result['judge_requests']} judge requests, "
-          f"{result['requests_per_s']:.1f}/s = {result['throughput_over_limit']:.3f} x the "
-          f"limit ({'ok' if rate_ok else 'MISSED'}: goal within "
-          f"{_THROUGHPUT_TOLERANCE:.0%})", flush=True)
-    print(f"max requests in any 1 s: {result['max_requests_in_any_1s']} "
-          f"({'ok' if peak_ok else 'MISSED'}: goal <= {args.max_per_s}); "
-          f"max in flight {result['max_in_flight']}; statuses {result['responses_by_status']}",
-          flush=True)
-    if not limited:
-        print("the fleet did not limit its rate at all: is REWARDQ_JUDGE_RPM wired into the "
-              "workers' judge calls (workers/rate_limit.py)?", flush=True)
+    results, status = [], 0
+    for per_process in args.per_process:
+        print(f"{args.items} items, {args.workers} workers x {per_process} concurrent, "
+              f"judge {args.latency_ms:g} ms, fleet limit {args.rpm} RPM "
+              f"({args.rpm / 60:.1f}/s), {args.cpu_hogs} cpu hogs ...", flush=True)
+        result = measure(args.rpm, args.workers, args.items, args.latency_ms, per_process,
+                         args.cpu_hogs)
+        peak_ok = result["max_requests_in_any_1s"] <= args.max_per_s
+        use_ok = result["utilization"] >= args.min_utilization
+        limited = result["utilization"] <= _UNLIMITED_FACTOR
+        result.update(peak_ok=peak_ok, utilization_ok=use_ok, limiter_enforced=limited)
+        steady = result["steady_utilization"]
+        print(f"  wall {result['wall_s']:.2f} s, {result['judge_requests']} judge requests, "
+              f"{result['requests_per_s']:.1f}/s of {result['limit_per_s']:.1f}/s allowed: "
+              f"utilization {result['utilization']:.3f} "
+              f"({'ok' if use_ok else 'MISSED'}: goal >= {args.min_utilization:g}); "
+              f"steady (10-90%) {'n/a' if steady is None else f'{steady:.3f}'}; "
+              f"fill {_s(result['fill_s'])}, drain {_s(result['drain_s'])}", flush=True)
+        print(f"  peak in any 1 s: {result['max_requests_in_any_1s']} "
+              f"(limiter bound {result['limiter_bound_per_1s']}; "
+              f"{'ok' if peak_ok else 'MISSED'}: goal <= {args.max_per_s}); "
+              f"max in flight {result['max_in_flight']}; "
+              f"statuses {result['responses_by_status']}", flush=True)
+        if not limited:
+            print("  the fleet did not limit its rate at all: is REWARDQ_JUDGE_RPM wired "
+                  "into the workers' judge calls (workers/rate_limit.py)?", flush=True)
+            status = 2
+        elif not (peak_ok and use_ok and not result["failed"]):
+            status = max(status, 1)
+        results.append(result)
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    if not limited:
-        return 2
-    return 0 if peak_ok and rate_ok and not result["failed"] else 1
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return status
 
 
 if __name__ == "__main__":

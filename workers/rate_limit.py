@@ -1,32 +1,42 @@
 """The fleet-wide judge rate limiter: requests and tokens per minute, per model, in Redis.
 
 Every worker process shares one limiter state per judge model, so the limit holds for
-the fleet however many processes run. The state is GCRA (generic cell rate algorithm):
-one *theoretical arrival time* (TAT) per dimension, advanced by ``cost * interval``
-for every admitted request. One atomic Lua call checks the request limit (RPM) and
-the token limit (TPM) together and records the request in both only when both admit
-it, so a request that the token limit refuses never uses request capacity. Redis
-server time is the only clock, so the worker hosts' clocks do not matter.
+the fleet however many processes run. The state is GCRA (generic cell rate algorithm) in
+its *virtual scheduling* form: one *theoretical arrival time* (TAT) per dimension,
+advanced by ``cost * interval`` for every request. Redis server time is the only clock,
+so the worker hosts' clocks do not matter.
+
+Reservation, not polling: one atomic Lua call per request computes the earliest time at
+which both the request limit (RPM) and the token limit (TPM) admit it, *reserves* that
+slot in both streams, and returns how long until it. The caller sleeps until exactly
+then and goes; it never asks again. A waiter that wakes late (a busy host, a slow event
+loop) therefore still owns its slot, and the next request's slot was already booked
+behind it, so no capacity is lost between wake-ups (with ask–sleep–ask, every late
+wake-up on a loaded host gave its slot away: 79–84% of the limit on 2 busy cores).
 
 Burst: ``RateLimit.burst_s`` seconds' worth of the rate may go at once (at least one
-request). The default, 0.05 s, keeps any 1 s window at or below ``rate + 2.5``
-requests: at 3,000 RPM (50/s) that is 52, under the judge's limit of 55, while
-leaving enough slack (30 ms) that a slightly late waiter does not lose throughput.
+request). Any ``w`` seconds of slots hold at most ``rate * (w + burst_s)`` requests
+(``rate * w + 1`` when that is more), whatever the order in which the fleet's calls
+reach Redis. The default, 0.05 s, gives ``rate + 2.5`` per second: 52 at 3,000 RPM (50/s),
+under the judge's limit of 55. A caller goes at its slot or a little later (its own
+wake-up latency); one that wakes more than ``RateLimit.max_late_s`` after its slot
+books a new one instead, so a stalled process cannot release a whole backlog at once.
 
-A request costing more tokens than the token burst is admitted once the token stream
-is idle (its TAT has reached now) and then holds later requests back for its full
+A request costing more tokens than the token burst gets a slot once the token stream is
+idle (its TAT has reached the slot) and then holds later requests back for its full
 cost, so it waits but never deadlocks, and the long-run average stays at the limit.
 
-One :class:`RedisRateLimiter` belongs to one event loop (the worker process's loop):
-its callers queue on a local FIFO lock and only the head of that queue asks Redis,
-so a thousand waiting coroutines cost one Redis call per wake-up, not a thousand.
+A slot is booked at once however far ahead it lies (a full fleet books about one
+per-process concurrency's worth of requests ahead); the caller's own deadline is its
+business (cancel the wait). A cancelled wait gives its slot back when it is still the
+last one booked, and otherwise leaves it unused, which only errs below the limit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
-import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -37,19 +47,21 @@ from broker.errors import BrokerUnavailableError, ConfigError
 from broker.keys import rate_limit_key
 from broker.settings import Settings
 
+log = logging.getLogger(__name__)
+
 DEFAULT_BURST_S = 0.05
 """Default burst: 50 ms worth of the rate (at least one request)."""
 
-MAX_JITTER_S = 0.002
-"""Upper bound of the random delay added to a wait, so waiting processes desynchronise."""
+DEFAULT_MAX_LATE_S = 0.25
+"""Default: a caller waking more than 250 ms after its slot books a new one."""
 
 CHARS_PER_TOKEN = 4
 TOKENS_PER_MESSAGE = 3
 """Chat-format overhead per message (role, separators) in the token estimate."""
 
-ADMIT_LUA = """
+RESERVE_LUA = """
 --[[
-GCRA admission of one judge request against a model's request AND token limits.
+GCRA reservation of one judge request's slot against a model's request AND token limits.
 
 KEYS[1]  rewardq:rl:<model>:rpm  STRING  TAT of the request stream: Redis server time
                                          in ms, "%.3f"; PX = TAT - now, so the key is
@@ -60,51 +72,96 @@ ARGV[2]  request burst tolerance, ms
 ARGV[3]  ms per token; 0 = no token limit, KEYS[2] untouched
 ARGV[4]  token burst tolerance, ms
 ARGV[5]  tokens this request costs (>= 0)
+ARGV[6]  most ms ahead a slot may be booked; < 0 = any (0: only a slot that is now)
 
-Returns 0 when admitted (both TATs advanced) or the whole ms to wait before retrying
-(>= 1; nothing written). A request is admitted when new_tat - now <= max(tolerance,
-cost): a cost above the tolerance is admitted once the stream is idle (TAT <= now).
+The slot is the earliest time `go` >= now at which each stream admits the request:
+max(TAT, go) + cost * interval - go <= max(tolerance, cost * interval). A cost above the
+tolerance is admitted once the stream is idle at `go` (TAT <= go). When the slot is within
+ARGV[6], both TATs become max(TAT, go) + cost * interval (the slot is booked), else
+nothing is written.
+
+Returns {booked (1|0), us from now to the slot (0 = now), Redis time now in us,
+         the request stream's new TAT as stored ("" if untouched),
+         the token stream's new TAT as stored ("" if untouched)}.
 ]]
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now = now_us / 1000
 
--- new TAT if this stream admits the request, else nil and the ms until it would
-local function step(key, interval, tolerance, cost)
+local function stream(key, interval, tolerance, cost)
   local tat = tonumber(redis.call('GET', key) or now)
   if tat < now then tat = now end
   local inc = interval * cost
-  local new_tat = tat + inc
-  local allow_at = new_tat - math.max(tolerance, inc)
-  if allow_at > now then return nil, allow_at - now end
-  return new_tat, 0
+  return tat, inc, tat + inc - math.max(tolerance, inc)
 end
 
-local function store(key, new_tat)
-  local ttl = math.ceil(new_tat - now)
+local function store(key, tat, inc, go)
+  local new_tat = string.format('%.3f', math.max(tat, go) + inc)
+  local ttl = math.ceil(tonumber(new_tat) - now)
   if ttl > 0 then
-    redis.call('SET', key, string.format('%.3f', new_tat), 'PX', ttl)
+    redis.call('SET', key, new_tat, 'PX', ttl)
   else
     redis.call('DEL', key)
   end
+  return new_tat
 end
 
 local req_interval, tok_interval = tonumber(ARGV[1]), tonumber(ARGV[3])
-local req_tat, tok_tat
-local wait = 0
+local go = now
+local req_tat, req_inc, tok_tat, tok_inc, earliest
 if req_interval > 0 then
-  local w
-  req_tat, w = step(KEYS[1], req_interval, tonumber(ARGV[2]), 1)
-  wait = math.max(wait, w)
+  req_tat, req_inc, earliest = stream(KEYS[1], req_interval, tonumber(ARGV[2]), 1)
+  go = math.max(go, earliest)
 end
 if tok_interval > 0 then
-  local w
-  tok_tat, w = step(KEYS[2], tok_interval, tonumber(ARGV[4]), tonumber(ARGV[5]))
-  wait = math.max(wait, w)
+  tok_tat, tok_inc, earliest = stream(KEYS[2], tok_interval, tonumber(ARGV[4]),
+                                      tonumber(ARGV[5]))
+  go = math.max(go, earliest)
 end
-if wait > 0 then return math.max(1, math.ceil(wait)) end
-if req_tat then store(KEYS[1], req_tat) end
-if tok_tat then store(KEYS[2], tok_tat) end
-return 0
+-- whole microseconds; less than half of one is now (float noise, not a wait)
+local wait_us = math.floor((go - now) * 1000 + 0.5)
+local horizon = tonumber(ARGV[6])
+if horizon >= 0 and wait_us > horizon * 1000 then
+  return {0, math.max(1, wait_us), now_us, '', ''}
+end
+go = now + wait_us / 1000
+local req_new, tok_new = '', ''
+if req_tat then req_new = store(KEYS[1], req_tat, req_inc, go) end
+if tok_tat then tok_new = store(KEYS[2], tok_tat, tok_inc, go) end
+return {1, wait_us, now_us, req_new, tok_new}
+"""
+
+RELEASE_LUA = """
+--[[
+Give back a booked slot whose request will not go (its waiter was cancelled).
+
+KEYS[1..2]  as RESERVE_LUA
+ARGV[1]  ms the slot added to the request stream (0 = none)
+ARGV[2]  the request stream's TAT that the booking stored ("" = none)
+ARGV[3]  ms the slot added to the token stream (0 = none)
+ARGV[4]  the token stream's TAT that the booking stored ("" = none)
+
+Only a slot that is still the last one booked in a stream (its TAT unchanged since) is
+taken back there: anything else would let a later booking share a slot. Returns how
+many streams were rolled back.
+]]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local rolled = 0
+for i = 1, 2 do
+  local booked = ARGV[2 * i]
+  if booked ~= '' and redis.call('GET', KEYS[i]) == booked then
+    local tat = tonumber(booked) - tonumber(ARGV[2 * i - 1])
+    local ttl = math.ceil(tat - now)
+    if ttl > 0 then
+      redis.call('SET', KEYS[i], string.format('%.3f', tat), 'PX', ttl)
+    else
+      redis.call('DEL', KEYS[i])
+    end
+    rolled = rolled + 1
+  end
+end
+return rolled
 """
 
 RECONCILE_LUA = """
@@ -117,8 +174,9 @@ ARGV[1]  ms per token
 ARGV[2]  token difference, actual - estimated (may be negative)
 
 Moves the TAT by difference * ms-per-token, never below now (an idle stream has no
-credit to give back); deletes the key when the TAT lands on now. Returns the new
-backlog (TAT - now) in whole ms.
+credit to give back); deletes the key when the TAT lands on now. Slots booked before
+keep their times (a debt paid back only lets later bookings come sooner). Returns the
+new backlog (TAT - now) in whole ms.
 ]]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
@@ -144,23 +202,29 @@ class RateLimit:
         tpm: tokens per minute; ``None`` = no token limit.
         burst_s: how many seconds' worth of each rate may go at once (at least one
             request, or one request's tokens however many). Any window of ``w`` seconds
-            admits at most ``rate * (w + burst_s)`` requests (at least ``rate * w + 1``).
+            holds the slots of at most ``rate * (w + burst_s)`` requests (at least
+            ``rate * w + 1``).
+        max_late_s: a waiter that wakes more than this after its slot books a new one
+            rather than go that late (bounds how far a stalled process can bunch its
+            requests; a late wake-up within it loses nothing).
 
     Raises:
         ConfigError: a limit that is not a positive integer, or a negative or
-            non-finite ``burst_s``.
+            non-finite ``burst_s`` or ``max_late_s``.
     """
 
     rpm: int | None = None
     tpm: int | None = None
     burst_s: float = DEFAULT_BURST_S
+    max_late_s: float = DEFAULT_MAX_LATE_S
 
     def __post_init__(self) -> None:
         for name, value in (("rpm", self.rpm), ("tpm", self.tpm)):
             if value is not None and (isinstance(value, bool) or value <= 0):
                 raise ConfigError(f"{name} must be a positive integer or None, got {value!r}")
-        if not math.isfinite(self.burst_s) or self.burst_s < 0:
-            raise ConfigError(f"burst_s must be a finite number >= 0, got {self.burst_s!r}")
+        for name, seconds in (("burst_s", self.burst_s), ("max_late_s", self.max_late_s)):
+            if not math.isfinite(seconds) or seconds < 0:
+                raise ConfigError(f"{name} must be a finite number >= 0, got {seconds!r}")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RateLimit:
@@ -172,15 +236,18 @@ class RateLimit:
         """True when neither requests nor tokens are limited (Redis is never asked)."""
         return self.rpm is None and self.tpm is None
 
-    def admit_args(self, tokens: int) -> list[float]:
-        """``ARGV`` of :data:`ADMIT_LUA` for one request costing ``tokens``.
+    def reserve_args(self, tokens: int, max_wait_s: float | None = None) -> list[float]:
+        """``ARGV`` of :data:`RESERVE_LUA` for one request costing ``tokens``.
 
         Args:
             tokens: the request's estimated token cost (ignored without a token limit).
+            max_wait_s: book the slot only if it is at most this far ahead; ``None``:
+                however far.
         """
         burst_ms = self.burst_s * 1000.0
+        horizon_ms = -1.0 if max_wait_s is None else max_wait_s * 1000.0
         return [_ms_per_unit(self.rpm), burst_ms, _ms_per_unit(self.tpm), burst_ms,
-                float(tokens)]
+                float(tokens), horizon_ms]
 
 
 def _ms_per_unit(per_minute: int | None) -> float:
@@ -188,8 +255,38 @@ def _ms_per_unit(per_minute: int | None) -> float:
     return 60_000.0 / per_minute if per_minute else 0.0
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """One answer of :data:`RESERVE_LUA`.
+
+    Attributes:
+        booked: the slot is this request's (else nothing was written).
+        wait_s: seconds from Redis's ``now`` to the slot (0.0: now).
+        now_us: Redis server time of the decision, in microseconds.
+        tokens: the token cost the slot was booked for.
+        request_tat: the request stream's TAT as this booking stored it ("" if none).
+        token_tat: the token stream's TAT as this booking stored it ("" if none).
+    """
+
+    booked: bool
+    wait_s: float
+    now_us: int
+    tokens: int = 0
+    request_tat: str = ""
+    token_tat: str = ""
+
+    @property
+    def slot_us(self) -> int:
+        """The slot in Redis server time, microseconds."""
+        return self.now_us + round(self.wait_s * 1_000_000)
+
+
 class RedisRateLimiter:
-    """Waits until a judge request for ``model`` fits the fleet-wide limit.
+    """Books each judge request's slot in the fleet-wide limit and waits for it.
 
     Args:
         redis_client: an asyncio Redis client (any ``decode_responses``) on the
@@ -197,28 +294,32 @@ class RedisRateLimiter:
         model: the judge model; the limiter state is shared by every process that
             uses the same model name on the same Redis.
         limit: the model's limits; every process should use the same ones.
-        rng: source of the wake-up jitter (a seeded one makes tests repeatable).
     """
 
-    def __init__(self, redis_client: redis.asyncio.Redis, model: str, limit: RateLimit,
-                 *, rng: random.Random | None = None) -> None:
+    def __init__(self, redis_client: redis.asyncio.Redis, model: str,
+                 limit: RateLimit) -> None:
         self.model = model
         self.limit = limit
         self._keys = [rate_limit_key(model, "rpm"), rate_limit_key(model, "tpm")]
-        self._admit = redis_client.register_script(ADMIT_LUA)
+        self._reserve = redis_client.register_script(RESERVE_LUA)
+        self._release = redis_client.register_script(RELEASE_LUA)
         self._reconcile = redis_client.register_script(RECONCILE_LUA)
-        self._rng = rng or random.Random()
-        # FIFO queue of this process's waiters: only its head polls Redis.
-        self._turn = asyncio.Lock()
+        # Slot give-backs of cancelled waiters still running (strong references).
+        self._releasing: set[asyncio.Task[None]] = set()
 
-    async def try_acquire(self, tokens: int) -> float:
-        """Ask once, without waiting: admit the request now or say how long to wait.
+    def _outage(self, exc: Exception) -> BrokerUnavailableError:
+        return BrokerUnavailableError(f"rate limiter for {self.model!r}: {exc}")
+
+    async def reserve(self, tokens: int, max_wait_s: float | None = None) -> Reservation:
+        """One atomic Redis call: book the request's slot, or say how far away it is.
 
         Args:
             tokens: the request's estimated token cost (see :func:`estimate_tokens`).
+            max_wait_s: book only a slot at most this many seconds ahead (0: only one
+                that is now); ``None``: however far ahead.
 
         Returns:
-            0.0 when admitted (and recorded), else seconds to wait before asking again.
+            The answer; with limits off, a booked slot that is now (Redis not asked).
 
         Raises:
             ValueError: ``tokens`` is negative.
@@ -227,26 +328,47 @@ class RedisRateLimiter:
         if tokens < 0:
             raise ValueError(f"tokens must be >= 0, got {tokens}")
         if self.limit.unlimited:
-            return 0.0
+            return Reservation(booked=True, wait_s=0.0, now_us=0, tokens=tokens)
         try:
-            wait_ms = await self._admit(keys=self._keys, args=self.limit.admit_args(tokens))
+            booked, wait_us, now_us, request_tat, token_tat = await self._reserve(
+                keys=self._keys, args=self.limit.reserve_args(tokens, max_wait_s))
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise BrokerUnavailableError(f"rate limiter for {self.model!r}: {exc}") from exc
-        return int(wait_ms) / 1000.0
+            raise self._outage(exc) from exc
+        return Reservation(booked=bool(booked), wait_s=int(wait_us) / 1_000_000,
+                           now_us=int(now_us), tokens=tokens,
+                           request_tat=_text(request_tat), token_tat=_text(token_tat))
+
+    async def try_acquire(self, tokens: int) -> float:
+        """Ask once, without waiting: admit the request now or say how long to wait.
+
+        Args:
+            tokens: the request's estimated token cost (see :func:`estimate_tokens`).
+
+        Returns:
+            0.0 when admitted (and recorded), else seconds until its slot would be
+            (nothing recorded).
+
+        Raises:
+            ValueError: ``tokens`` is negative.
+            BrokerUnavailableError: Redis could not be reached.
+        """
+        answer = await self.reserve(tokens, max_wait_s=0.0)
+        return 0.0 if answer.booked else answer.wait_s
 
     async def acquire(self, tokens: int) -> float:
-        """Wait until the request is admitted; a limit hit is never an error.
+        """Book the request's slot and sleep until it; a limit hit is never an error.
 
-        Sleeps the wait Redis names (plus up to 2 ms of jitter) between attempts, so a
-        waiter costs one Redis call per wake-up. Cancel it (or wrap it in a timeout) to
-        give up.
+        One Redis call per request: the slot is booked when asked, however far ahead,
+        and the caller goes at it (or, woken late, as soon as it runs). Only a wake-up
+        later than ``limit.max_late_s`` books again. Cancel it (or wrap it in a
+        timeout) to give up: a slot that is still the last one booked is given back.
 
         Args:
             tokens: the request's estimated token cost (see :func:`estimate_tokens`);
                 correct it with :meth:`reconcile` once the reply's usage is known.
 
         Returns:
-            Seconds spent waiting (0.0 without limits).
+            Seconds spent in the limiter (0.0 without limits).
 
         Raises:
             ValueError: ``tokens`` is negative.
@@ -258,11 +380,39 @@ class RedisRateLimiter:
             return 0.0
         loop = asyncio.get_running_loop()
         started = loop.time()
-        async with self._turn:
-            while (wait_s := await self.try_acquire(tokens)) > 0:
-                jitter = self._rng.uniform(0.0, min(MAX_JITTER_S, wait_s * 0.05))
-                await asyncio.sleep(wait_s + jitter)
-        return loop.time() - started
+        while True:
+            answer = await self.reserve(tokens)
+            # Counted from the reply's arrival, which is after Redis's `now`: the caller
+            # never goes before its slot, at worst one round trip after it.
+            slot = loop.time() + answer.wait_s
+            if answer.wait_s > 0:
+                try:
+                    await asyncio.sleep(answer.wait_s)
+                except asyncio.CancelledError:
+                    self._give_back(answer)
+                    raise
+            late_s = loop.time() - slot
+            if late_s <= self.limit.max_late_s:
+                return loop.time() - started
+            log.debug("rate limiter for %r: woke %.3f s after the slot; booking another",
+                      self.model, late_s)
+
+    def _give_back(self, answer: Reservation) -> None:
+        """Release a cancelled waiter's slot in the background (never raises)."""
+        task = asyncio.get_running_loop().create_task(self._release_slot(answer))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
+    async def _release_slot(self, answer: Reservation) -> None:
+        args: list[float | str] = [
+            _ms_per_unit(self.limit.rpm) if answer.request_tat else 0.0,
+            answer.request_tat,
+            _ms_per_unit(self.limit.tpm) * answer.tokens if answer.token_tat else 0.0,
+            answer.token_tat]
+        try:
+            await self._release(keys=self._keys, args=args)
+        except (redis.RedisError, OSError) as exc:  # the slot just stays unused
+            log.debug("rate limiter for %r: slot not given back (%s)", self.model, exc)
 
     async def reconcile(self, estimated_tokens: int, actual_tokens: int) -> None:
         """Charge the token limit for what a reply really used instead of the estimate.
@@ -287,7 +437,7 @@ class RedisRateLimiter:
         try:
             await self._reconcile(keys=self._keys[1:], args=args)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise BrokerUnavailableError(f"rate limiter for {self.model!r}: {exc}") from exc
+            raise self._outage(exc) from exc
 
 
 def estimate_tokens(messages: Sequence[Mapping[str, object]], max_tokens: int) -> int:
