@@ -11,6 +11,7 @@ each pair is asked in one order only, and is gone from the scores when both are 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -41,6 +42,7 @@ from broker.keys import judge_fingerprint, judge_group_key, judge_group_lock_key
 from broker.schemas import GroupSpec, JudgeSpec, ResultStatus, ScoreItem
 from broker.settings import Settings
 from broker.verdicts import normalize
+from judge_server.__main__ import add_arguments, config_from_args
 from judge_server.config import ConfigValueError, JudgeConfig
 from judge_server.grading import expected_raw_score, grade_request
 from judge_server.group_grading import bias_draw, pairwise_winner, parse_group_prompt
@@ -137,8 +139,11 @@ def test_listwise_scores_every_member_of_groups_spread_over_two_workers(
     groups = make_groups("lw")
     items = shuffled(groups, seed=1)
     workers(2, **{k: getattr(s, k) for k in ("judge_group_mode", "judge_group_size")})
+    started = time.perf_counter()
     with RewardClient(s) as client:
         results = client.submit(items, step=1).result(timeout=120)
+    print(f"\nlistwise: {GROUPS} groups of {SIZE} in chunks of {SIZE - 1}, 2 workers: "
+          f"{time.perf_counter() - started:.2f}s")
 
     by_id = {r.id: r for r in results}
     for item in items:
@@ -168,8 +173,11 @@ def test_pairwise_judges_both_orders_and_the_swap_removes_the_judges_position_bi
     groups = make_groups("pw")
     items = shuffled(groups, seed=2)
     workers(2, **{k: getattr(s, k) for k in ("judge_group_mode", "judge_group_size")})
+    started = time.perf_counter()
     with RewardClient(s) as client:
         results = client.submit(items, step=1).result(timeout=180)
+    print(f"\npairwise: {GROUPS} groups of {SIZE} in chunks of {SIZE - 1}, 2 workers: "
+          f"{time.perf_counter() - started:.2f}s")
 
     stats = judge.stats()
     ordered_pairs = GROUPS * SIZE * (SIZE - 1)
@@ -222,10 +230,12 @@ def test_pairwise_judges_both_orders_and_the_swap_removes_the_judges_position_bi
     assert one_order_moved > 0
 
 
-def test_pairwise_without_bias_agrees_everywhere(settings: Settings, workers,
-                                                 judge: JudgeProcess) -> None:
+def test_pairwise_without_bias_agrees_everywhere_and_identical_rollouts_tie(
+        settings: Settings, workers, judge: JudgeProcess) -> None:
     s = group_settings(settings, "pairwise")
     groups = make_groups("pw0", n_groups=2)
+    # two rollouts of the second group wrote the same text: two members, one verdict
+    groups[1][3]["response"] = groups[1][2]["response"]
     workers(1, **{k: getattr(s, k) for k in ("judge_group_mode", "judge_group_size")})
     with RewardClient(s) as client:
         results = client.submit(shuffled(groups, seed=3), step=1).result(timeout=120)
@@ -236,10 +246,12 @@ def test_pairwise_without_bias_agrees_everywhere(settings: Settings, workers,
             got = by_id[item["id"]]
             assert got.status is ResultStatus.OK and got.agreement == 1.0, got
             assert got.score == pytest.approx(want[item["id"]], abs=1e-9)
-    assert judge.stats()["requests_total"] == 2 * SIZE * (SIZE - 1)
+    assert by_id[groups[1][3]["id"]].score == by_id[groups[1][2]["id"]].score
+    # 12 ordered pairs for the first group, 6 for the second's 3 distinct texts
+    assert judge.stats()["requests_total"] == SIZE * (SIZE - 1) + 3 * 2
 
 
-def test_an_incomplete_group_times_out_and_an_item_without_uid_is_invalid(
+def test_an_incomplete_group_times_out_and_uidless_and_late_items_are_invalid(
         settings: Settings, workers, judge: JudgeProcess) -> None:
     s = group_settings(settings, "listwise", chunk_deadline_s=4.0)
     complete, partial = make_groups("inc", n_groups=2)
@@ -257,6 +269,13 @@ def test_an_incomplete_group_times_out_and_an_item_without_uid_is_invalid(
     assert by_id["no-uid"].status is ResultStatus.INVALID
     assert "uid" in (by_id["no-uid"].error or "")
     assert all(by_id[i["id"]].status is ResultStatus.OK for i in complete)
+    assert judge.stats()["requests_total"] == 1
+
+    # a fifth member of the complete group, after it was judged: refused, not re-judged
+    late = {**complete[0], "id": "late", "response": "The answer is: something else."}
+    with RewardClient(s) as client:
+        (got,) = client.submit([late], step=2).result(timeout=60)
+    assert got.status is ResultStatus.INVALID and "already complete" in (got.error or "")
     assert judge.stats()["requests_total"] == 1
 
 
@@ -278,10 +297,17 @@ def test_a_group_whose_owner_is_killed_mid_call_is_taken_over(
             assert time.monotonic() < deadline, "nobody took the group's lease"
             time.sleep(0.01)
         owner_pid = int(token.decode().split("/")[0].rsplit(":", 1)[1])
+        while judge.stats()["requests_total"] < 1:  # its call is at the judge
+            assert time.monotonic() < deadline, "the group's owner made no call"
+            time.sleep(0.01)
         victim = next(p for p in procs if p.pid == owner_pid)
         os.kill(victim.pid, signal.SIGKILL)
+        killed_at = time.perf_counter()
         judge.configure(latency_ms=0)
         results = pending.result(timeout=120)
+    print(f"\nowner SIGKILLed mid-call -> every member scored: "
+          f"{time.perf_counter() - killed_at:.1f}s (lease 2 s, chunk lease 3 s), "
+          f"judge calls: {judge.stats()['requests_total']}")
     client_redis.close()
 
     assert victim.wait(10) == -signal.SIGKILL
@@ -399,6 +425,15 @@ def test_the_position_bias_favours_the_first_shown_on_close_pairs_in_both_orders
         JudgeConfig(position_bias=1.5)
     with pytest.raises(ConfigValueError):
         JudgeConfig().updated({"position_bias_margin": -1})
+
+
+def test_the_position_bias_flags_set_the_judges_config() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = config_from_args(parser.parse_args(["--position-bias", "0.25",
+                                                 "--position-bias-margin", "1"]))
+    assert (config.position_bias, config.position_bias_margin) == (0.25, 1)
+    assert config_from_args(parser.parse_args([])).position_bias == 0.0
 
 
 def test_pairwise_scores_with_the_swap_cancel_a_first_position_bias() -> None:
