@@ -1,25 +1,35 @@
-"""Time ``group_ids`` (uid -> dense group id) before and after it stopped looping in Python.
+"""Time ``group_ids`` (uid -> dense group id) now against the two versions before it.
 
 The batch is a GRPO step's uids: ``--batch`` samples, one uuid4 string per prompt, each
-repeated ``--group`` times side by side. It is timed in the forms a caller may hold:
+repeated ``--group`` times. It is timed in the forms a caller may hold:
 
 - ``object array``: verl's ``non_tensor_batch["uid"]``, a numpy object array built by
-  ``np.repeat`` (so each prompt's uid is one object, repeated);
-- ``list``: the same uids as a Python list (what the reward manager passes today);
+  ``np.repeat`` (so each prompt's uid is one object, repeated side by side); what the
+  reward manager now passes as it is;
+- ``object array, shuffled``: the same after verl's ``balance_batch`` reorders the batch
+  (on by default, and done before the reward is computed), so a group's samples are
+  scattered; the objects are still shared;
+- ``list``: the same uids as a Python list (what the reward manager passed before);
 - ``list, equal copies``: every uid an equal but distinct ``str`` (uids rebuilt from
-  text), which takes the slower exact path;
-- ``int64 tensor``: group ids already hashed by the caller (the documented fast path);
-  its "before" is the old loop over the same ids as a list of ints, since the old
-  function did not accept a tensor (it hashed each element tensor by identity).
+  text), which takes the slower exact path (a dict over the distinct objects);
+- ``int64 tensor`` and ``int64 tensor, shuffled``: group ids already hashed by the caller.
 
-"before" is the per-sample dict loop that ``group_ids`` used to be (kept below as the
-baseline); "after" is :func:`producer.penalties.group_ids`. Both are called alternately,
-``--repeats`` times each after a warm-up, and the medians are reported with their ratio.
-Both are checked to give the same ids before timing.
+Three implementations, called in turn, ``--repeats`` times each after a warm-up, in the
+same run (medians, with ratios to ``now``):
+
+- ``loop``: the per-sample dict loop that ``group_ids`` first was (for a tensor, the
+  loop over the same ids as a list of ints: that version hashed each element tensor by
+  identity);
+- ``runs``: the version that found runs of one repeated object by their addresses and
+  fell back to the loop for any other layout (kept below, verbatim in behaviour);
+- ``now``: :func:`producer.penalties.group_ids`.
+
+All three are checked to give the same ids before timing.
 
 Usage::
 
-    .venv/bin/python benchmarks/bench_group_ids.py [--batch 131072] [--group 8] [--json FILE]
+    .venv/bin/python benchmarks/bench_group_ids.py [--batch 131072] [--group 8] \\
+        [--device cpu|cuda] [--json FILE]
 """
 
 from __future__ import annotations
@@ -35,17 +45,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from producer.penalties import group_ids  # noqa: E402
 
+TARGET_MS = 2.0  # issue 14: 131,072 uids -> group ids
 
-def group_ids_before(
+
+# --- "loop": the first version --------------------------------------------------------------
+
+
+def group_ids_loop(
     uids: Sequence[object | None], device: torch.device | str | None = None
 ) -> torch.Tensor:
-    """``group_ids`` as it was: one dict lookup per sample, in Python."""
+    """``group_ids`` as it first was: one dict lookup per sample, in Python."""
     dense: dict[object, int] = {}
     ids: list[int] = []
     next_id = 0
@@ -62,43 +78,101 @@ def group_ids_before(
     return torch.tensor(ids, dtype=torch.long, device=device)
 
 
+# --- "runs": the second version (commit e5d0050) ------------------------------------------
+
+
+def group_ids_runs(uids: Any, device: torch.device | str | None = None) -> torch.Tensor:
+    """``group_ids`` as it was before the address table: runs of one repeated object,
+    then a ``set`` of the heads, else the per-head dict loop."""
+    if isinstance(uids, torch.Tensor):
+        uids = uids.numpy()
+    if isinstance(uids, np.ndarray):
+        values = np.ascontiguousarray(uids)
+    else:
+        values = np.fromiter(uids, dtype=object, count=len(uids))
+    ids = torch.empty(values.shape, dtype=torch.long)
+    by_identity = values.dtype == object
+    starts = _runs_run_starts(values, by_identity=by_identity)
+    runs = np.cumsum(starts, dtype=np.int64, out=ids.numpy())
+    runs -= 1
+    heads = values[starts]
+    if by_identity:
+        if 2 * len(heads) <= len(values) and _runs_all_distinct(heads):
+            return ids.to(device)
+        value_starts = _runs_run_starts(heads, by_identity=False)
+        heads = heads[value_starts]
+        np.take(np.cumsum(value_starts, dtype=np.int64) - 1, runs, out=runs)
+    if not _runs_all_distinct(heads):
+        np.take(group_ids_loop(heads.tolist()).numpy(), runs, out=runs)
+    return ids.to(device)
+
+
+def _runs_run_starts(values: npt.NDArray[Any], *, by_identity: bool) -> npt.NDArray[np.bool_]:
+    starts = np.ones(values.shape, dtype=bool)
+    if values.dtype != object:
+        np.not_equal(values[1:], values[:-1], out=starts[1:])
+        return starts
+    address = np.frombuffer(values, dtype=np.intp)
+    if by_identity:
+        np.not_equal(address[1:], address[:-1], out=starts[1:])
+    else:
+        np.logical_not(np.equal(values[1:], values[:-1], dtype=bool), out=starts[1:])
+    starts |= address == id(None)
+    return starts
+
+
+def _runs_all_distinct(values: npt.NDArray[Any]) -> bool:
+    return len(set(values.tolist())) == len(values)
+
+
+# --- the benchmark --------------------------------------------------------------------------
+
+
 def make_inputs(batch: int, group: int, seed: int) -> dict[str, tuple[Any, Any]]:
-    """The uids of one step in each form that is timed: (input before, input after)."""
+    """The uids of one step in each form that is timed: (input of "loop", input of the
+    others)."""
     rng = np.random.default_rng(seed)
     prompts = np.array(
         [str(uuid.UUID(bytes=rng.bytes(16), version=4)) for _ in range(-(-batch // group))],
         dtype=object,
     )
     verl = np.repeat(prompts, group)[:batch]
+    order = rng.permutation(batch)
+    shuffled = verl[order]
     as_list = verl.tolist()
     copies = ["".join(list(uid)) for uid in as_list]
     ints = torch.arange(batch) // group
     return {
-        "object array": (verl, verl),
+        "object array": (as_list, verl),
+        "object array, shuffled": (shuffled.tolist(), shuffled),
         "list": (as_list, as_list),
         "list, equal copies": (copies, copies),
         "int64 tensor": (ints.tolist(), ints),
+        "int64 tensor, shuffled": (ints[order].tolist(), ints[order]),
     }
 
 
-def paired_medians(
-    before: Callable[[], object],
-    after: Callable[[], object],
-    repeats: int,
-    sync: Callable[[], None],
-) -> tuple[float, float]:
-    """Median wall times in ms of ``before`` and ``after``, called alternately."""
-    times: dict[str, list[float]] = {"before": [], "after": []}
-    before()
-    after()
+def timed_medians(
+    functions: dict[str, Callable[[], object]], repeats: int, sync: Callable[[], None]
+) -> dict[str, tuple[float, float]]:
+    """Median (wall, process CPU) time in ms of each function, called in turn ``repeats``
+    times. The CPU time is the steadier figure on a shared, loaded host."""
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in functions}
+    for fn in functions.values():
+        fn()
     sync()
     for _ in range(repeats):
-        for name, fn in (("before", before), ("after", after)):
-            start = time.perf_counter()
+        for name, fn in functions.items():
+            start, cpu = time.perf_counter(), time.process_time()
             fn()
             sync()
-            times[name].append((time.perf_counter() - start) * 1000)
-    return statistics.median(times["before"]), statistics.median(times["after"])
+            times[name].append(
+                ((time.perf_counter() - start) * 1000, (time.process_time() - cpu) * 1000)
+            )
+    return {
+        name: (statistics.median(t[0] for t in values), statistics.median(t[1] for t in values))
+        for name, values in times.items()
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,23 +196,38 @@ def main(argv: list[str] | None = None) -> int:
     inputs = make_inputs(args.batch, args.group, args.seed)
     print(
         f"batch={args.batch} group={args.group} device={device} repeats={args.repeats} "
-        f"torch threads={torch.get_num_threads()}"
+        f"torch threads={torch.get_num_threads()}; medians in ms, same run"
     )
-    print(f"{'uids':<22}{'before ms':>12}{'after ms':>12}{'before/after':>15}")
+    print(f"{'uids':<25}{'loop':>9}{'runs':>9}{'now':>9}{'loop/now':>10}{'runs/now':>10}"
+          f"{'now cpu':>9}")
     results: dict[str, dict[str, float]] = {}
-    for form, (old_uids, uids) in inputs.items():
-        expected = group_ids_before(old_uids, device=device)
-        if not torch.equal(group_ids(uids, device=device), expected):
-            print(f"{form}: group_ids disagrees with the baseline", file=sys.stderr)
-            return 1
-        before, after = paired_medians(
-            lambda old_uids=old_uids: group_ids_before(old_uids, device=device),
-            lambda uids=uids: group_ids(uids, device=device),
+    for form, (loop_uids, uids) in inputs.items():
+        expected = group_ids_loop(loop_uids, device=device)
+        for name, fn in (("runs", group_ids_runs), ("now", group_ids)):
+            if not torch.equal(fn(uids, device=device), expected):
+                print(f"{form}: {name} disagrees with the loop", file=sys.stderr)
+                return 1
+        medians = timed_medians(
+            {
+                "loop": lambda loop_uids=loop_uids: group_ids_loop(loop_uids, device=device),
+                "runs": lambda uids=uids: group_ids_runs(uids, device=device),
+                "now": lambda uids=uids: group_ids(uids, device=device),
+            },
             args.repeats,
             sync,
         )
-        results[form] = {"before_ms": before, "after_ms": after, "ratio": before / after}
-        print(f"{form:<22}{before:>12.2f}{after:>12.2f}{before / after:>14.1f}x")
+        loop, runs, now = (medians[name][0] for name in ("loop", "runs", "now"))
+        results[form] = {
+            "loop_ms": loop, "runs_ms": runs, "now_ms": now,
+            "loop_over_now": loop / now, "runs_over_now": runs / now,
+            **{f"{name}_cpu_ms": medians[name][1] for name in ("loop", "runs", "now")},
+        }
+        print(f"{form:<25}{loop:>9.2f}{runs:>9.2f}{now:>9.2f}{loop / now:>9.1f}x"
+              f"{runs / now:>9.1f}x{medians['now'][1]:>9.2f}")
+    verl = [results[form] for form in ("object array", "object array, shuffled")]
+    print(f"verl's uid column, side by side / shuffled: {verl[0]['now_ms']:.2f} / "
+          f"{verl[1]['now_ms']:.2f} ms wall, {verl[0]['now_cpu_ms']:.2f} / "
+          f"{verl[1]['now_cpu_ms']:.2f} ms CPU (target <= {TARGET_MS} ms for 131,072)")
 
     if args.json is not None:
         payload = {

@@ -82,14 +82,18 @@ def group_ids(
     and gets no group-median penalty. Uids are grouped as a ``dict`` groups its keys
     (equal hashables share a group), without a Python-level step per sample:
 
-    - a sequence, or a 1-D numpy object array (verl's ``non_tensor_batch["uid"]``): runs
-      of one repeated object (verl repeats each prompt's uid object ``n`` times, side by
-      side) are found by comparing object addresses, and one ``set`` of the runs' first
-      uids confirms that no group comes back later. Other layouts (a uid seen again
-      after others; equal uids that are distinct objects) take slower exact paths;
+    - a 1-D numpy object array (verl's ``non_tensor_batch["uid"]``; pass it as it is)
+      or a sequence (copied into one first, about 1 ms per 131,072 uids): samples are
+      grouped by object identity, in bulk on the objects' addresses (verl repeats each
+      prompt's uid object ``n`` times, and keeps those objects through ``balance_batch``'s
+      reordering and Ray's pickling), then the distinct objects are checked by value
+      with one ``set``. Equal uids that are distinct objects (rebuilt from text) are
+      merged by a ``dict`` over the distinct objects only. 131,072 verl uids in groups of
+      8 take about 1.5 ms side by side, 2.5 ms shuffled, on one core of a loaded host
+      (``benchmarks/bench_group_ids.py``);
     - a 1-D integer (or bool) tensor or numpy array holds group ids already, the fast
-      path for callers that hash uids themselves. On an accelerator the ids are made
-      dense there, without a copy to the host;
+      path for callers that hash uids themselves (any integers: they are made dense). On
+      an accelerator the ids are made dense there, without a copy to the host;
     - any other 1-D numpy array (fixed-width strings, floats) is compared by value.
 
     Args:
@@ -142,32 +146,227 @@ _NONE_ADDRESS = id(None)
 
 
 def _host_group_ids(values: npt.NDArray[Any]) -> Tensor:
+    """``group_ids`` of a 1-D numpy array, on the host, in three vectorized stages.
+
+    1. Runs: a sample whose uid is the one before it (the same object, for an object
+       array; the same value otherwise) joins its run, so that verl's ``np.repeat`` layout
+       leaves one head per prompt. Every ``None`` heads a run of its own. Skipped where
+       most runs would be of one sample.
+    2. Identity (object arrays) or value (integer arrays): heads with equal addresses (or
+       integers) are grouped by :func:`_factorize_integers`, so that a layout shuffled
+       after the repeat (verl's ``balance_batch``) costs no Python step per sample either.
+    3. Value (object arrays): the distinct objects left, one per group so far, go through
+       one ``set``; only if two of them are equal (uids rebuilt from text) are they
+       merged by a ``dict`` in Python (:func:`_equal_objects`). This keeps ``dict``
+       semantics exact, and raises ``TypeError`` for an unhashable uid, as a dict would.
+    """
     # The ids go straight into torch's memory: a fresh 1 MB numpy result per call was
     # measured to cost more than the grouping itself where glibc trims the heap after it.
     ids = torch.empty(values.shape, dtype=torch.long)
+    size = len(values)
+    if size == 0:
+        return ids
+    if values.dtype.kind not in "Obiu":
+        return _host_group_ids_by_value(values, ids)
     by_identity = values.dtype == object
-    starts = _run_starts(values, by_identity=by_identity)
-    runs = np.cumsum(starts, dtype=np.int64, out=ids.numpy())
-    runs -= 1
-    heads = values[starts]
+    keys = np.frombuffer(values, dtype=np.intp) if by_identity else _as_int64(values)
+    starts = _run_starts(values)
+    heads: npt.NDArray[np.intp] | None = None  # the samples that head runs; None: all
+    if 2 * int(np.count_nonzero(starts)) <= size:
+        heads = np.flatnonzero(starts)
+        keys = keys[heads]
+    named: npt.NDArray[np.intp] | None = None  # the heads that are not None; None: all
     if by_identity:
-        if 2 * len(heads) <= len(values) and _all_distinct(heads):
-            return ids
-        # Equal uids that are distinct objects, side by side (rebuilt from text rather
-        # than repeated, when most runs are single objects), merged by value.
-        value_starts = _run_starts(heads, by_identity=False)
-        heads = heads[value_starts]
-        np.take(np.cumsum(value_starts, dtype=np.int64) - 1, runs, out=runs)
-    if not _all_distinct(heads):
-        np.take(_first_appearance_ids(heads.tolist()), runs, out=runs)
+        is_named = keys != _NONE_ADDRESS
+        if not is_named.all():
+            named = np.flatnonzero(is_named)
+            keys = keys[named]
+    if (by_identity and heads is not None
+            and _all_distinct(values[heads if named is None else heads[named]].tolist())):
+        # verl's layout: one object per prompt, side by side; all differ, by value too.
+        _run_ids(starts, ids)
+        return ids
+    codes, leaders = _factorize_integers(keys, shift=_ADDRESS_SHIFT if by_identity else 0)
+    if by_identity:
+        at = leaders if named is None else named[leaders]
+        # Most samples distinct objects: uids rebuilt from text, likely side by side still.
+        equal = _equal_objects(values[at if heads is None else heads[at]],
+                               neighbours_first=2 * len(leaders) > size)
+        if equal is not None:
+            codes = equal[0][codes]
+            leaders = leaders[equal[1]]
+    merged = len(leaders) < len(keys)  # else every head is a group of its own
+    if merged and named is not None:
+        codes = _with_singletons(codes, named[leaders], named,
+                                 size if heads is None else len(heads))
+    out = ids.numpy()
+    if heads is None:
+        np.copyto(out, codes if merged else np.arange(size))
+        return ids
+    _run_ids(starts, ids)
+    if merged:
+        np.take(codes, out, out=out)
     return ids
 
 
-def _run_starts(values: npt.NDArray[Any], *, by_identity: bool) -> npt.NDArray[np.bool_]:
-    """True where a sample's uid differs from the one before; every ``None`` is True.
+def _run_ids(starts: npt.NDArray[np.bool_], ids: Tensor) -> None:
+    """``ids[i]`` = the run sample ``i`` is in, counting from 0, given where runs start."""
+    torch.cumsum(torch.from_numpy(starts.astype(np.int64)), 0, out=ids)
+    ids.numpy()[:] -= 1  # numpy's: torch may hand 128k elements to its thread pool
 
-    Object arrays are compared by identity (``by_identity``) or with ``==``; other arrays
-    by value.
+
+def _with_singletons(
+    codes: npt.NDArray[np.int64],
+    leaders: npt.NDArray[np.intp],
+    named: npt.NDArray[np.intp],
+    size: int,
+) -> npt.NDArray[np.int64]:
+    """Ids of ``size`` heads: those at ``named`` grouped by ``codes`` (whose groups start
+    at ``leaders``), every other head a group of its own; dense, in order of first
+    appearance."""
+    is_first = np.ones(size, dtype=bool)
+    is_first[named] = False
+    is_first[leaders] = True
+    rank = _cumsum(is_first)
+    rank -= 1
+    rank[named] = rank[leaders][codes]
+    return rank
+
+
+def _host_group_ids_by_value(values: npt.NDArray[Any], ids: Tensor) -> Tensor:
+    """Fixed-width strings, floats and the like: runs by value, then a ``dict`` (so a NaN
+    is a group of its own, and ``-0.0`` joins ``0.0``)."""
+    starts = _run_starts(values)
+    _run_ids(starts, ids)
+    heads = values[starts].tolist()
+    if not _all_distinct(heads):
+        codes, _ = _first_appearance_codes(heads)
+        out = ids.numpy()
+        np.take(codes, out, out=out)
+    return ids
+
+
+def _as_int64(values: npt.NDArray[Any]) -> npt.NDArray[np.int64]:
+    """Integer or bool values as int64 keys, one to one (a uint64 above 2**63 wraps round,
+    which keeps them distinct: only equality matters)."""
+    if values.dtype == np.uint64:
+        return values.view(np.int64)
+    return values.astype(np.int64, copy=False)
+
+
+def _factorize_integers(
+    keys: npt.NDArray[np.int64], *, shift: int = 0
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Group equal integers: ``(codes, leaders)``.
+
+    ``codes[i]`` is the group of ``keys[i]``, numbered in order of first appearance;
+    ``leaders[c]`` is the position where group ``c`` first appears (so ``leaders``
+    ascends). All distinct keys give ``codes == leaders == arange``. Keys equal after
+    ``>> shift`` (of their distance to the smallest) are taken to be equal: for object
+    addresses, ``shift`` is log2 of the smallest object's size.
+
+    Keys that span less than a few times their number (object addresses of uids made
+    together, dense group ids) are looked up in a table indexed by key, O(n); others are
+    sorted once, key and position packed into one int64 where they fit.
+    """
+    size = len(keys)
+    positions = np.arange(size)
+    if size <= 1:
+        return positions, positions
+    low = int(keys.min())
+    distance = int(keys.max()) - low
+    span = distance >> shift
+    key = keys - low  # wraps round past 2**63, which the unsigned view undoes
+    if distance >= 2**63:
+        key = key.view(np.uint64)
+        key >>= shift
+        if span < 2**63:
+            key = key.view(np.int64)
+    else:
+        key >>= shift
+    if span < _TABLE_SPAN * size:
+        table = np.empty(span + 1, dtype=np.int64)
+        # Written back to front, so that where numpy writes in order, the first position
+        # of each key is the one left in the table.
+        table[key[::-1]] = positions[::-1]
+        first = _first_positions(table, key, positions)
+        leaders = np.flatnonzero(first == positions)
+        if len(leaders) == size:
+            return positions, positions
+        table[key[leaders]] = np.arange(len(leaders))  # now each key's group
+        return table[key], leaders
+    order, sorted_keys = _argsort(key, span)
+    new = np.empty(size, dtype=bool)
+    new[0] = True
+    np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=new[1:])
+    group_starts = np.flatnonzero(new)
+    if len(group_starts) == size:
+        return positions, positions
+    # Equal keys sort by position, so a group's first element in ``order`` leads it.
+    by_key = order[group_starts]
+    is_leader = np.zeros(size, dtype=bool)
+    is_leader[by_key] = True
+    rank = _cumsum(is_leader)
+    rank -= 1
+    codes = np.empty(size, dtype=np.int64)
+    codes[order] = np.repeat(rank[by_key], np.diff(group_starts, append=size))
+    return codes, np.flatnonzero(is_leader)
+
+
+def _first_positions(
+    table: npt.NDArray[np.int64], key: npt.NDArray[Any], positions: npt.NDArray[np.int64]
+) -> npt.NDArray[np.int64]:
+    """Each key's first position, given a ``table`` that holds *a* position of each key.
+
+    numpy does not promise in which order a fancy assignment writes repeated indices; where
+    some key's entry is not its first position, the first positions of the keys that show
+    it (one of them is that key's first) are folded in with ``np.minimum.at``.
+    """
+    first: npt.NDArray[np.int64] = table[key]
+    late = first > positions
+    if late.any():
+        np.minimum.at(table, key[late], positions[late])
+        first = table[key]
+    return first
+
+
+# Keys spanning up to this many times their number go through a table (int64 entries), a
+# scatter and two gathers; wider ones are sorted.
+_TABLE_SPAN = 4
+
+
+def _argsort(key: npt.NDArray[np.int64], span: int
+             ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """``(order, key[order])`` of non-negative keys up to ``span``, ties in order of
+    position: packed with the position into one int64 and sorted as plain integers
+    (several times faster than numpy's ``argsort``) where they fit."""
+    size = len(key)
+    bits = (size - 1).bit_length()
+    if span.bit_length() + bits > 63:
+        order = np.argsort(key, kind="stable")
+        return order, key[order]
+    packed = key << bits
+    packed |= np.arange(size)
+    packed.sort()
+    order = packed & ((1 << bits) - 1)
+    packed >>= bits
+    return order, packed
+
+
+def _cumsum(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.int64]:
+    """Running count of a boolean mask (torch's int64 cumsum is 3-4x numpy's)."""
+    counts = torch.cumsum(torch.from_numpy(mask.astype(np.int64)), 0)
+    return counts.numpy()
+
+
+# Distinct live objects lie at least this many bytes apart (``>>`` for the addresses).
+_ADDRESS_SHIFT = object.__basicsize__.bit_length() - 1
+
+
+def _run_starts(values: npt.NDArray[Any]) -> npt.NDArray[np.bool_]:
+    """True where a sample's uid is not the one before it; every ``None`` is True.
+
+    Object arrays are compared by identity, other arrays by value.
     """
     starts = np.ones(values.shape, dtype=bool)
     if values.dtype != object:
@@ -176,35 +375,68 @@ def _run_starts(values: npt.NDArray[Any], *, by_identity: bool) -> npt.NDArray[n
     # The objects' addresses, compared in bulk: a repeated uid object costs no Python
     # call. They are never dereferenced, and ``values`` keeps the objects alive.
     address = np.frombuffer(values, dtype=np.intp)
-    if by_identity:
-        np.not_equal(address[1:], address[:-1], out=starts[1:])
-    else:
-        np.logical_not(np.equal(values[1:], values[:-1], dtype=bool), out=starts[1:])
+    np.not_equal(address[1:], address[:-1], out=starts[1:])
     starts |= address == _NONE_ADDRESS
     return starts
 
 
-def _all_distinct(values: npt.NDArray[Any]) -> bool:
+def _equal_objects(
+    objects: npt.NDArray[Any], *, neighbours_first: bool
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]] | None:
+    """Groups of equal objects among distinct ones, by ``dict`` equality: ``(codes,
+    leaders)`` as :func:`_factorize_integers` gives them, or ``None`` where all differ.
+
+    One ``set`` of them says whether any are equal; only then does a ``dict`` number them,
+    in Python. With ``neighbours_first``, equal neighbours are merged first by one bulk
+    ``==`` (in C), so that uids rebuilt from text in verl's layout, one object per
+    sample, reach the set and the dict once per run rather than once per sample.
+    """
+    run_heads: npt.NDArray[np.int64] | None = None
+    runs: npt.NDArray[np.int64] | None = None
+    if neighbours_first and len(objects) > 1:
+        try:
+            same = np.equal(objects[1:], objects[:-1], dtype=bool)
+        except Exception:  # an ``==`` that gives no truth value: the dict will decide
+            same = None
+        if same is not None and same.any():
+            starts = np.ones(len(objects), dtype=bool)
+            np.logical_not(same, out=starts[1:])
+            run_heads = np.flatnonzero(starts)
+            runs = _cumsum(starts)
+            runs -= 1
+            objects = objects[run_heads]
+    listed = objects.tolist()
+    if _all_distinct(listed):
+        if runs is None or run_heads is None:
+            return None
+        return runs, run_heads
+    codes, leaders = _first_appearance_codes(listed)
+    if runs is None or run_heads is None:
+        return codes, leaders
+    return codes[runs], run_heads[leaders]
+
+
+def _all_distinct(values: list[Any]) -> bool:
     # Raises TypeError for an unhashable uid, as a dict would.
-    distinct: set[object] = set(values.tolist())
+    distinct: set[object] = set(values)
     return len(distinct) == len(values)
 
 
-def _first_appearance_ids(uids: list[Any]) -> npt.NDArray[np.int64]:
+def _first_appearance_codes(
+    uids: list[Any],
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """``(codes, leaders)`` as :func:`_factorize_integers` gives them, by ``dict``
+    equality (no ``None`` among ``uids``)."""
     dense: dict[object, int] = {}
-    ids: list[int] = []
-    next_id = 0
-    for uid in uids:
-        if uid is None:
-            ids.append(next_id)
-            next_id += 1
-            continue
-        gid = dense.get(uid)
-        if gid is None:
-            gid = dense[uid] = next_id
-            next_id += 1
-        ids.append(gid)
-    return np.array(ids, dtype=np.int64)
+    codes: list[int] = []
+    leaders: list[int] = []
+    for position, uid in enumerate(uids):
+        code = dense.get(uid)
+        if code is None:
+            code = dense[uid] = len(leaders)
+            leaders.append(position)
+        codes.append(code)
+    return np.array(codes, dtype=np.int64), np.array(leaders, dtype=np.int64)
 
 
 def group_medians(lengths: Tensor, groups: Tensor) -> Tensor:

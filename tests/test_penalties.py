@@ -16,7 +16,10 @@ from pydantic import SecretStr, ValidationError
 
 from producer.config import LengthPenaltyConfig
 from producer.penalties import (
+    _TABLE_SPAN,
     _dense_integer_ids,
+    _factorize_integers,
+    _first_positions,
     group_ids,
     group_median_penalty,
     group_medians,
@@ -314,6 +317,137 @@ def test_integer_group_ids_are_made_dense_in_first_appearance_order(values: list
     assert group_ids(np.array(values, dtype=np.int64)).tolist() == expected
     # What a CUDA tensor of ids goes through, run here on the CPU.
     assert _dense_integer_ids(torch.tensor(values, dtype=torch.long)).tolist() == expected
+
+
+def verl_uids(prompts: int, group: int, rng: np.random.Generator) -> np.ndarray:
+    """verl's uid column: one uuid4-like string per prompt, ``np.repeat``-ed ``group`` times
+    (so each prompt's uid is one object, side by side)."""
+    texts = [f"{rng.integers(2**63):016x}-{rng.integers(2**63):016x}" for _ in range(prompts)]
+    return np.repeat(object_array(texts), group)
+
+
+def assert_groups_like_a_dict(uids: Any, reference: list[Any]) -> None:
+    assert group_ids(uids).tolist() == first_appearance_ids(reference)
+
+
+@pytest.mark.parametrize("group", [1, 2, 8, 16])
+@pytest.mark.parametrize("layout", ["side by side", "shuffled", "mostly side by side"])
+def test_large_verl_uid_arrays_group_like_a_dict(group: int, layout: str) -> None:
+    # Large enough for every bulk path: runs, the address table, the packed sort.
+    rng = np.random.default_rng(group)
+    uids = verl_uids(4096 // group, group, rng)
+    if layout == "shuffled":  # as verl's balance_batch reorders the batch
+        uids = uids[rng.permutation(len(uids))]
+    elif layout == "mostly side by side":
+        swap = rng.choice(len(uids), size=len(uids) // 10, replace=False)
+        uids[swap] = uids[rng.permutation(swap)]
+    assert_groups_like_a_dict(uids, uids.tolist())
+    assert_groups_like_a_dict(uids.tolist(), uids.tolist())
+
+
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_large_arrays_with_missing_uids_and_equal_copies(shuffled: bool) -> None:
+    rng = np.random.default_rng(7)
+    uids = verl_uids(512, 8, rng)
+    uids[rng.choice(len(uids), size=300, replace=False)] = None
+    # Some uids rebuilt from text (equal, other objects), some ints equal to bools/floats.
+    copies = rng.choice(len(uids), size=400, replace=False)
+    uids[copies] = [equal_copy(uid) for uid in uids[copies].tolist()]
+    uids[:6] = [1, True, 1.0, 1000, equal_copy(1000), None]
+    if shuffled:
+        uids = uids[rng.permutation(len(uids))]
+    assert_groups_like_a_dict(uids, uids.tolist())
+    all_missing = object_array([None] * 1000)
+    assert group_ids(all_missing).tolist() == list(range(1000))
+
+
+def test_only_equal_copies_group_by_value() -> None:
+    rng = np.random.default_rng(3)
+    uids = object_array([equal_copy(uid) for uid in verl_uids(600, 4, rng).tolist()])
+    assert_groups_like_a_dict(uids, uids.tolist())
+    shuffled = uids[rng.permutation(len(uids))]
+    assert_groups_like_a_dict(shuffled, shuffled.tolist())
+
+
+def test_an_unhashable_uid_in_a_large_array_is_rejected() -> None:
+    uids = verl_uids(300, 8, np.random.default_rng(1))
+    uids[1234] = ["not", "hashable"]
+    with pytest.raises(TypeError, match="unhashable"):
+        group_ids(uids)
+    with pytest.raises(TypeError, match="unhashable"):
+        group_ids(uids[np.random.default_rng(2).permutation(len(uids))])
+    # Distinct objects whose == gives no truth value (arrays): still the dict's TypeError.
+    with pytest.raises(TypeError, match="unhashable"):
+        group_ids(object_array([np.arange(2), np.arange(2), np.arange(3)]))
+
+
+INT64 = np.iinfo(np.int64)
+
+
+@pytest.mark.parametrize(
+    ("low", "high"),
+    [
+        (0, 100),  # dense ids: the key table
+        (-(2**20), 2**20),  # a wider table
+        (0, 2**40),  # the packed sort
+        (INT64.min, INT64.max),  # beyond what packs: the stable argsort
+    ],
+)
+@pytest.mark.parametrize("size", [1, 2, 3000])
+def test_integer_arrays_group_like_a_dict(low: int, high: int, size: int) -> None:
+    rng = np.random.default_rng(size)
+    pool = rng.integers(low, high, size=max(size // 5, 1), endpoint=True)
+    pool[:2] = [low, high][: len(pool[:2])]
+    values = rng.choice(pool, size=size)
+    expected = first_appearance_ids(values.tolist())
+    assert group_ids(values).tolist() == expected
+    assert group_ids(torch.from_numpy(values)).tolist() == expected
+    runs = np.repeat(values, 3)
+    assert group_ids(runs).tolist() == first_appearance_ids(runs.tolist())
+
+
+def test_other_integer_dtypes_and_bools_group_by_value() -> None:
+    rng = np.random.default_rng(5)
+    for dtype in (np.int8, np.uint8, np.int16, np.int32, np.uint32, np.uint64, np.bool_):
+        values = rng.integers(0, 2 if dtype == np.bool_ else 100, size=2000).astype(dtype)
+        assert group_ids(values).tolist() == first_appearance_ids(values.tolist()), dtype
+    top = np.array([2**64 - 1, 0, 2**63, 2**64 - 1, 2**63 - 1, 0], dtype=np.uint64)
+    assert group_ids(top).tolist() == [0, 1, 2, 0, 3, 1]
+    for dtype in (torch.int8, torch.uint8, torch.int16, torch.int32, torch.bool):
+        tensor = torch.tensor([3, 1, 3, 0, 1, 1]).to(dtype)
+        assert group_ids(tensor).tolist() == first_appearance_ids(tensor.tolist()), dtype
+
+
+@PROPERTY
+@given(
+    keys=st.lists(st.integers(INT64.min, INT64.max) | st.integers(-5, 5), max_size=60),
+    shift=st.sampled_from([0, 3, 4]),
+)
+def test_factorize_integers_codes_and_leaders(keys: list[int], shift: int) -> None:
+    array = np.array(keys, dtype=np.int64)
+    codes, leaders = _factorize_integers(array, shift=shift)
+    low = min(keys, default=0)
+    expected = first_appearance_ids([(k - low) >> shift for k in keys])
+    assert codes.tolist() == expected
+    assert leaders.tolist() == [expected.index(c) for c in range(len(set(expected)))]
+
+
+def test_factorize_integers_takes_the_table_and_the_sort_alike() -> None:
+    rng = np.random.default_rng(11)
+    for spread in (1, _TABLE_SPAN - 1, _TABLE_SPAN + 1, 1000):
+        keys = rng.integers(0, spread * 500, size=500)
+        keys = keys[rng.integers(0, 500, size=2000)]
+        codes, leaders = _factorize_integers(keys)
+        assert codes.tolist() == first_appearance_ids(keys.tolist())
+        assert (np.diff(leaders) > 0).all() and (codes[leaders] == np.arange(len(leaders))).all()
+
+
+def test_first_positions_does_not_rely_on_numpy_write_order() -> None:
+    key = np.array([4, 1, 4, 0, 1, 4])
+    positions = np.arange(len(key))
+    table = np.empty(5, dtype=np.int64)
+    table[key] = positions  # written front to back: the *last* position of each key
+    assert _first_positions(table, key, positions).tolist() == [0, 1, 0, 3, 1, 0]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
