@@ -15,6 +15,7 @@ validation library, one ``json.loads``/``json.dumps`` each way, O(1) bookkeeping
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import secrets
 import time
@@ -26,7 +27,7 @@ from aiohttp import web
 
 from judge_server.config import ConfigValueError, JudgeConfig
 from judge_server.faults import IMMEDIATE_FAULTS, FaultInjector
-from judge_server.grading import CORRECT_SCORE, INCORRECT_SCORE, Grade, grade_request, user_text
+from judge_server.grading import CORRECT_SCORE, INCORRECT_SCORE, grade_request, user_text
 from judge_server.protocol import (
     ERRORS,
     MALFORMED_REPLY,
@@ -128,9 +129,9 @@ class JudgeService:
 
         grade = None if fault == "malformed" else grade_request(chat.messages, config)
         offset = dict(config.model_offsets).get(chat.model) if config.model_offsets else None
-        if grade is not None and offset:
-            grade = Grade(min(max(grade.score + offset, INCORRECT_SCORE), CORRECT_SCORE),
-                          grade.reason)
+        if grade is not None and offset and grade.reply is None:  # group replies: as graded
+            grade = dataclasses.replace(
+                grade, score=min(max(grade.score + offset, INCORRECT_SCORE), CORRECT_SCORE))
         content = MALFORMED_REPLY if grade is None else grade.reply or reply_content(grade)
         logprobs = None
         if config.logprobs and chat.top_logprobs is not None:
