@@ -22,7 +22,7 @@ import httpx2
 import openai
 from pydantic import SecretStr
 
-from broker.errors import RewardqError
+from broker.errors import ConfigError, RewardqError
 from broker.judge_core import (
     COMPLETIONS_PATH,
     judge_request,
@@ -52,8 +52,8 @@ class SyncJudge:
         max_retries: retries the SDK makes per call.
 
     Raises:
-        ConfigError: ``settings.judge_prompt_version`` names no known template, or the
-            rubrics file is bad.
+        ConfigError: ``settings.judge_prompt_version`` names no known template, the
+            rubrics file is bad, or the settings ask for an ensemble or group judging.
     """
 
     def __init__(
@@ -69,6 +69,11 @@ class SyncJudge:
         self.settings = settings
         self.rubrics = rubric_book(settings)  # a bad file or version fails here, not per call
         self.spec = judge_spec(settings, self.rubrics)
+        if self.spec.judges or self.spec.samples > 1 or self.spec.group is not None:
+            raise ConfigError(
+                "the in-process sync judge makes one call per item: ensembles "
+                "(REWARDQ_JUDGE_ENSEMBLE, REWARDQ_JUDGE_SAMPLES) and group judging "
+                "(REWARDQ_JUDGE_GROUP_MODE) need the worker fleet (use_async_io=True)")
         self.base_url = (base_url or settings.judge_base_url).rstrip("/")
         self._client = openai.OpenAI(
             base_url=self.base_url,

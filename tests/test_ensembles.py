@@ -9,12 +9,14 @@ from collections import Counter
 import pytest
 from scoring_data import make_items
 
+from broker.errors import ConfigError
 from broker.judge_core import judge_spec
 from broker.schemas import JudgeSpec, JudgeVerdict, ResultStatus, ScoreResult, Usage
 from broker.settings import Settings
 from broker.verdicts import normalize
 from judge_server.grading import expected_raw_score
 from producer.client import RewardClient
+from producer.sync_judge import SyncJudge
 from rewardq.stack import JudgeProcess
 from workers.ensembles import aggregate, ensemble_members
 
@@ -115,3 +117,11 @@ def test_ensemble_settings_reach_the_spec(settings: Settings) -> None:
     spec = judge_spec(settings.model_copy(update={
         "judge_ensemble": JUDGES, "judge_samples": 2, "judge_aggregate": "majority"}))
     assert (spec.judges, spec.samples, spec.aggregate) == (tuple(JUDGES), 2, "majority")
+
+
+@pytest.mark.parametrize("update", [{"judge_ensemble": JUDGES}, {"judge_samples": 3},
+                                    {"judge_group_mode": "pairwise"}])
+def test_the_sync_judge_refuses_what_only_the_fleet_does(
+        settings: Settings, update: dict[str, object]) -> None:
+    with pytest.raises(ConfigError, match="need the worker fleet"):
+        SyncJudge(settings.model_copy(update=update))
