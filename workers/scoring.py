@@ -170,12 +170,16 @@ class ChunkScorer:
             outcome = await asyncio.wait_for(asyncio.shield(task),
                                              timeout=max(0.0, deadline - started))
         except JudgeFailed as exc:
+            if exc.error.kind is JudgeErrorKind.BUDGET:
+                # Not judged, on purpose: the refusals are counted in the budget's metrics
+                # and dead-lettered; a WARNING each would flood a run that ran out.
+                log.debug("item %r not judged: %s", item.id, exc.error)
+                return ScoreResult.failure(item.id, ResultStatus.BUDGET_EXCEEDED,
+                                           str(exc.error), attempts=0, latency_ms=ms())
             if owner:
                 log.warning("item %r failed for good after %d attempt(s): %s", item.id,
                             exc.attempts, exc.error)
-            status = ResultStatus.BUDGET_EXCEEDED if exc.error.kind is JudgeErrorKind.BUDGET \
-                else ResultStatus.FAILED
-            return ScoreResult.failure(item.id, status, str(exc.error),
+            return ScoreResult.failure(item.id, ResultStatus.FAILED, str(exc.error),
                                        attempts=exc.attempts if owner else 0, latency_ms=ms())
         except TimeoutError:
             log.warning("item %r timed out: its chunk's deadline passed before the judge "
