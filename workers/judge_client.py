@@ -111,6 +111,7 @@ class JudgeClient:
             TransientJudgeError: rate limit, timeout, 408/409/5xx or a network error.
             PermanentJudgeError: any other HTTP error.
             UnparseableReplyError: the reply holds no readable score.
+            RubricMismatchError: this worker's rubric for the item is not the producer's.
             BrokerUnavailableError: the rate limiter could not reach Redis before the
                 call (an outage: the task scores the chunk again).
         """
