@@ -189,12 +189,12 @@ def parse_judge_prompt(user_message: str) -> JudgeRequest:
     if header is None:
         return foreign
     rubric = header.group(1)
-    prompt, pos = _section(user_message, "PROMPT", 0)
+    prompt, pos = section(user_message, "PROMPT", 0)
     if prompt is None:
         return foreign
     reference: str | None = None
     if rubric == "correctness":
-        reference, pos = _section(user_message, "REFERENCE", pos)
+        reference, pos = section(user_message, "REFERENCE", pos)
         if reference is None:
             return foreign
     start = user_message.find("<<<RESPONSE>>>\n", pos)
@@ -266,7 +266,7 @@ def _part_texts(parts: Iterable[Any]) -> Iterable[str]:
             yield part
 
 
-def _section(text: str, name: str, pos: int) -> tuple[str | None, int]:
+def section(text: str, name: str, pos: int) -> tuple[str | None, int]:
     """The text between ``<<<NAME>>>`` and ``<<<END NAME>>>`` at or after ``pos``."""
     opener = f"<<<{name}>>>\n"
     closer = f"\n<<<END {name}>>>"

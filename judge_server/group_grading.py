@@ -23,7 +23,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from judge_server.grading import Grade, grade_item
+from judge_server.grading import Grade, grade_item, section
 
 _HEADER = re.compile(r"rewardq-group v\d+ (listwise|pairwise)")
 
@@ -54,11 +54,11 @@ def parse_group_prompt(user_message: str) -> GroupRequest | None:
     header = _HEADER.fullmatch(user_message.split("\n", 1)[0].strip())
     if header is None:
         return None
-    prompt, pos = _section(user_message, "PROMPT", 0)
+    prompt, pos = section(user_message, "PROMPT", 0)
     if prompt is None:
         return None
     first = user_message.find("<<<RESPONSE A>>>\n", pos)
-    reference, after = _section(user_message[:first], "REFERENCE", pos) if first >= 0 \
+    reference, after = section(user_message[:first], "REFERENCE", pos) if first >= 0 \
         else (None, pos)
     pos = after if reference is not None else pos
     responses: list[tuple[str, str]] = []
@@ -144,16 +144,3 @@ def _label(k: int) -> str:
         k, rest = divmod(k - 1, 26)
         label = chr(ord("A") + rest) + label
     return label
-
-
-def _section(text: str, name: str, pos: int) -> tuple[str | None, int]:
-    opener = f"<<<{name}>>>\n"
-    closer = f"\n<<<END {name}>>>"
-    start = text.find(opener, pos)
-    if start < 0:
-        return None, pos
-    start += len(opener)
-    end = text.find(closer, start)
-    if end < 0:
-        return None, pos
-    return text[start:end], end + len(closer)
