@@ -186,7 +186,10 @@ def _host_group_ids(values: npt.NDArray[Any]) -> Tensor:
         # verl's layout: one object per prompt, side by side; all differ, by value too.
         _run_ids(starts, ids)
         return ids
-    codes, leaders = _factorize_integers(keys, shift=_ADDRESS_SHIFT if by_identity else 0)
+    out = ids.numpy()
+    codes, leaders = _factorize_integers(
+        keys, shift=_ADDRESS_SHIFT if by_identity else 0,
+        out=out if heads is None and named is None else None)
     if by_identity:
         at = leaders if named is None else named[leaders]
         # Most samples distinct objects: uids rebuilt from text, likely side by side still.
@@ -199,9 +202,11 @@ def _host_group_ids(values: npt.NDArray[Any]) -> Tensor:
     if merged and named is not None:
         codes = _with_singletons(codes, named[leaders], named,
                                  size if heads is None else len(heads))
-    out = ids.numpy()
     if heads is None:
-        np.copyto(out, codes if merged else np.arange(size))
+        if not merged:
+            out[:] = np.arange(size)
+        elif codes is not out:
+            np.copyto(out, codes)
         return ids
     _run_ids(starts, ids)
     if merged:
@@ -255,13 +260,14 @@ def _as_int64(values: npt.NDArray[Any]) -> npt.NDArray[np.int64]:
 
 
 def _factorize_integers(
-    keys: npt.NDArray[np.int64], *, shift: int = 0
+    keys: npt.NDArray[np.int64], *, shift: int = 0, out: npt.NDArray[np.int64] | None = None
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """Group equal integers: ``(codes, leaders)``.
 
     ``codes[i]`` is the group of ``keys[i]``, numbered in order of first appearance;
     ``leaders[c]`` is the position where group ``c`` first appears (so ``leaders``
-    ascends). All distinct keys give ``codes == leaders == arange``. Keys equal after
+    ascends). All distinct keys give ``codes == leaders == arange`` (and leave ``out``
+    alone); otherwise the codes are written to ``out`` where one is given. Keys equal after
     ``>> shift`` (of their distance to the smallest) are taken to be equal: for object
     addresses, ``shift`` is log2 of the smallest object's size.
 
@@ -294,7 +300,7 @@ def _factorize_integers(
         if len(leaders) == size:
             return positions, positions
         table[key[leaders]] = np.arange(len(leaders))  # now each key's group
-        return table[key], leaders
+        return np.take(table, key, out=out), leaders
     order, sorted_keys = _argsort(key, span)
     new = np.empty(size, dtype=bool)
     new[0] = True
@@ -308,7 +314,7 @@ def _factorize_integers(
     is_leader[by_key] = True
     rank = _cumsum(is_leader)
     rank -= 1
-    codes = np.empty(size, dtype=np.int64)
+    codes = np.empty(size, dtype=np.int64) if out is None else out
     codes[order] = np.repeat(rank[by_key], np.diff(group_starts, append=size))
     return codes, np.flatnonzero(is_leader)
 
