@@ -129,10 +129,11 @@ def test_status_counts_go_to_log_metric_once_per_call(
     good(prompts, completions[:2] + [""] * 4, log_metric=log, **kwargs)
     bad(prompts, completions, log_metric=log, **kwargs)
     assert log.counts("rewardq_judge_sync") == {
-        "ok": [5.0, 2.0], "failed": [0.0, 0.0], "timeout": [0.0, 0.0], "invalid": [1.0, 4.0]}
+        "ok": [5.0, 2.0], "failed": [0.0, 0.0], "timeout": [0.0, 0.0], "invalid": [1.0, 4.0],
+        "budget_exceeded": [0.0, 0.0]}
     assert log.counts("bad") == {"ok": [0.0], "failed": [5.0], "timeout": [0.0],
-                                 "invalid": [1.0]}
-    assert len(log.values) == 8
+                                 "invalid": [1.0], "budget_exceeded": [0.0]}
+    assert len(log.values) == 10
 
 
 def test_metrics_follow_a_later_rename(local_judge: BackgroundJudgeServer) -> None:
@@ -187,6 +188,7 @@ def test_fleet_rewards_blocking_and_async(settings: Settings, workers: Any) -> N
              for c in completions]  # not in the fleet's cache yet
     assert asyncio.run(async_reward(prompts, fresh, log_metric=log, **kwargs)
                        ) == expected_scores(prompts, fresh, kwargs["solution"])
-    ok_and_one_invalid = {"ok": [5.0], "failed": [0.0], "timeout": [0.0], "invalid": [1.0]}
+    ok_and_one_invalid = {"ok": [5.0], "failed": [0.0], "timeout": [0.0], "invalid": [1.0],
+                          "budget_exceeded": [0.0]}
     assert log.counts("rewardq_judge") == ok_and_one_invalid
     assert log.counts("rewardq_judge_async") == ok_and_one_invalid
