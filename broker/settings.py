@@ -134,7 +134,11 @@ class Settings(BaseSettings):
     budget_run: str = Field(
         default="default", min_length=1, max_length=128,
         description="The run the budget is kept for (a name; spend is counted per run).")
-    judge_transport: Literal["aiohttp", "httpx"] = "aiohttp"
+    judge_transport: Literal["direct", "aiohttp", "httpx"] = Field(
+        default="aiohttp",
+        description="How workers POST to the judge: direct (one aiohttp session per "
+                    "endpoint, no SDK), or the openai SDK's AsyncOpenAI on its aiohttp or "
+                    "httpx transport. Same errors, retries and failover on each.")
     judge_timeout_s: float = Field(default=30.0, gt=0)
     judge_max_attempts: int = Field(default=5, ge=1)
     judge_rpm: int | None = Field(default=None, gt=0)

@@ -1,7 +1,10 @@
 """Reading a score out of the judge's reply; pure, no I/O.
 
 ``classify`` maps an ``openai`` SDK error to rewardq's transient/permanent judge errors,
-so the workers and the in-process sync judge decide retries the same way.
+so the workers and the in-process sync judge decide retries the same way. A client that
+speaks HTTP without the SDK (the workers' ``direct`` transport) builds the same errors
+from the same parts: :func:`http_error` for an error status (with ``Retry-After``),
+:func:`timeout_error` and :func:`network_error` for no answer.
 
 The judge is asked for ``{"score": <1-10>, ...}``. Real models wrap that in prose or
 code fences, or answer with a bare number, so the parser tries, in order: the whole
@@ -14,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from broker.errors import (
@@ -94,31 +98,67 @@ def classify(exc: openai.APIError) -> JudgeError:
     import openai  # only the shells that call the SDK need it (the producer does not)
 
     if isinstance(exc, openai.APITimeoutError):
-        return TransientJudgeError(f"judge timed out: {exc}", kind=JudgeErrorKind.TIMEOUT)
+        return timeout_error(str(exc))
     if isinstance(exc, openai.APIConnectionError):
-        return TransientJudgeError(f"judge unreachable: {exc}", kind=JudgeErrorKind.NETWORK)
+        return network_error(str(exc))
     if isinstance(exc, openai.APIStatusError):
-        status = exc.status_code
-        retry_after = _retry_after_s(exc)
-        message = f"judge answered HTTP {status}: {_short(exc)}"
-        if status in (408, 409, 429) or status >= 500:
-            return TransientJudgeError(message, status_code=status, retry_after_s=retry_after)
-        return PermanentJudgeError(message, status_code=status)
+        return http_error(exc.status_code, exc.response.headers, str(exc.message))
     return PermanentJudgeError(f"judge error: {exc}")
 
 
-def _retry_after_s(exc: openai.APIStatusError) -> float | None:
-    headers = exc.response.headers
-    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
+def http_error(status: int, headers: Mapping[str, str], detail: str) -> JudgeError:
+    """The ``JudgeError`` of an HTTP error answer (status >= 400), however it was received.
+
+    Args:
+        status: the HTTP status.
+        headers: the answer's headers, looked up case-insensitively (``httpx`` and
+            ``aiohttp`` headers both are); ``retry-after-ms``, else ``Retry-After`` in
+            seconds, becomes ``retry_after_s`` of a transient error (an HTTP date is not
+            honoured).
+        detail: what the answer said (:func:`status_detail`); cut to 200 characters.
+
+    Returns:
+        A ``TransientJudgeError`` for 408, 409, 429 and 5xx, else a
+        ``PermanentJudgeError``; both carry ``status_code``.
+    """
+    message = f"judge answered HTTP {status}: {detail[:200]}"
+    if status in (408, 409, 429) or status >= 500:
+        return TransientJudgeError(message, status_code=status,
+                                   retry_after_s=_retry_after_s(headers))
+    return PermanentJudgeError(message, status_code=status)
+
+
+def status_detail(status: int, body: bytes) -> str:
+    """An error answer's detail as the ``openai`` SDK words it: ``Error code: <status>``,
+    then `` - <message>`` when the body is JSON with an ``error.message`` (or a top-level
+    ``message``)."""
+    detail = f"Error code: {status}"
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return detail
+    error = data.get("error", data) if isinstance(data, dict) else None
+    message = error.get("message") if isinstance(error, dict) else None
+    return f"{detail} - {message}" if isinstance(message, str) and message else detail
+
+
+def timeout_error(detail: str) -> TransientJudgeError:
+    """The error of a call that got no answer within the judge timeout."""
+    return TransientJudgeError(f"judge timed out: {detail}", kind=JudgeErrorKind.TIMEOUT)
+
+
+def network_error(detail: str) -> TransientJudgeError:
+    """The error of a call whose connection could not be made, or broke."""
+    return TransientJudgeError(f"judge unreachable: {detail}", kind=JudgeErrorKind.NETWORK)
+
+
+def _retry_after_s(headers: Mapping[str, str]) -> float | None:
+    for name, divisor in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
         value = headers.get(name)
         if value is None:
             continue
         try:
-            return max(0.0, float(value) * scale)
+            return max(0.0, float(value) / divisor)  # 350 ms: 0.35 s, not 0.35000000000000003
         except ValueError:
             continue
     return None
-
-
-def _short(exc: openai.APIStatusError) -> str:
-    return str(exc.message)[:200]

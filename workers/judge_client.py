@@ -1,32 +1,53 @@
 """The async judge client: a thin I/O shell around the one judge core (``broker.judge_core``).
 
 One ``JudgeClient`` per worker process, living on the process's asyncio loop, holding
-one ``AsyncOpenAI`` client (and so one connection pool) reused across tasks. The SDK's
-own retries are off (``max_retries=0``): ``workers.retry`` is the one layer that retries.
-SDK errors become transient or permanent ``JudgeError`` s by ``broker.verdicts.classify``,
-the one classification the sync judge shares. Before each call the fleet-wide rate
-limiter (when ``REWARDQ_JUDGE_RPM``/``TPM`` are set) admits it, and after it the
-reply's token usage is reconciled with the estimate that was debited.
+one HTTP transport per judge endpoint (and so one connection pool each) reused across
+tasks. Before each call the fleet-wide rate limiter (when ``REWARDQ_JUDGE_RPM``/``TPM``
+are set) admits it, and after it the reply's token usage is reconciled with the
+estimate that was debited. Nothing below retries: ``workers.retry`` is the one layer
+that does.
 
-With several base URLs (``Settings.judge_endpoints``) there is one ``AsyncOpenAI``
-client per endpoint and ``workers.endpoints.EndpointPool`` routes each call (fewest in
-flight, a circuit breaker per endpoint); a call that finds its endpoint down fails over
-at once to another inside the same call, before ``workers.retry`` sees an error. With
-one base URL the call goes straight to its client, as it always did.
+Transports (``Settings.judge_transport``), each POSTing the same chat-completions body
+to ``<base_url>/chat/completions`` and returning the reply's bytes for
+``broker.judge_core.read_reply``:
+
+- ``direct`` (the default): one long-lived ``aiohttp.ClientSession`` per endpoint,
+  opened on the loop at the first call (``TCPConnector(limit=max_concurrent_requests)``,
+  keep-alive), fixed headers (``Authorization: Bearer <key>``, JSON content type), the
+  SDK's per-phase timeout of ``judge_timeout_s``. Its errors are built by
+  ``broker.verdicts.http_error``/``timeout_error``/``network_error``, the functions
+  ``classify`` uses for the SDK's, so retries, breakers and dead letters see the same
+  errors. The workers are the "async OpenAI client" of the design without the ``openai``
+  SDK on the hot path: the SDK's request building and httpx2 layers cost ~0.7 ms of
+  client CPU per call over a plain aiohttp POST (``benchmarks/PROFILE.md``).
+- ``aiohttp`` / ``httpx``: ``openai.AsyncOpenAI`` (``max_retries=0``) on the SDK's
+  aiohttp or default httpx transport, errors mapped by ``broker.verdicts.classify``.
+
+The SDK stays the client of the in-process sync judge (``producer.sync_judge``) and of
+``rewardq bench``'s one-process asyncio baseline.
+
+With several base URLs (``Settings.judge_endpoints``) ``workers.endpoints.EndpointPool``
+routes each call (fewest in flight, a circuit breaker per endpoint); a call that finds
+its endpoint down fails over at once to another inside the same call, before
+``workers.retry`` sees an error, on every transport alike. With one base URL the call
+goes straight to its transport.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
+from urllib.parse import urlsplit
 
+import aiohttp
 import httpx2
 import openai
 import redis.asyncio as aioredis
 
-from broker.errors import BrokerUnavailableError, UnparseableReplyError
+from broker.errors import BrokerUnavailableError, JudgeError, UnparseableReplyError
 from broker.judge_core import (
     COMPLETIONS_PATH,
     TokenLogprob,
@@ -37,23 +58,140 @@ from broker.judge_core import (
 from broker.rubrics import RubricBook, builtin_rubrics
 from broker.schemas import JudgeSpec, JudgeVerdict, ScoreItem, Usage
 from broker.settings import Settings
-from broker.verdicts import classify
+from broker.verdicts import classify, http_error, network_error, status_detail, timeout_error
 from monitoring.costs import PriceTable
 from monitoring.metrics import WorkerMetrics, call_status
 from workers.budget import FleetBudget, Unbudgeted
-from workers.endpoints import Endpoint, EndpointPool, is_endpoint_failure
+from workers.endpoints import Endpoint, EndpointPool, NoEndpointError, is_endpoint_failure
 from workers.rate_limit import RateLimit, RedisRateLimiter, estimate_tokens
 
 log = logging.getLogger(__name__)
 
+#: httpx's default keep-alive expiry, which the SDK's transports use: an idle connection
+#: is closed before a judge's load balancer would drop it under a request.
+_KEEPALIVE_S = 5.0
 
-def _openai_client(settings: Settings, base_url: str) -> openai.AsyncOpenAI:
-    http_client = openai.DefaultAioHttpClient() if settings.judge_transport == "aiohttp" \
-        else None
-    return openai.AsyncOpenAI(base_url=base_url,
-                              api_key=settings.judge_api_key.get_secret_value(),
-                              timeout=settings.judge_timeout_s, max_retries=0,
-                              http_client=http_client)
+
+class JudgeTransport(Protocol):
+    """One endpoint's HTTP shell: POSTs a chat-completions body, returns the reply."""
+
+    async def post(self, body: dict[str, Any]) -> bytes:
+        """The body of a 2xx answer to ``body``.
+
+        Raises:
+            TransientJudgeError: timeout, network error, 408/409/429/5xx.
+            PermanentJudgeError: any other HTTP error.
+        """
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+
+
+class SdkTransport:
+    """POSTs through ``openai.AsyncOpenAI`` on the SDK's aiohttp or httpx transport.
+
+    Args:
+        settings: key, timeout and ``judge_transport`` (``aiohttp`` or ``httpx``).
+        base_url: the endpoint, e.g. ``http://127.0.0.1:8008/v1``.
+    """
+
+    def __init__(self, settings: Settings, base_url: str) -> None:
+        http_client = openai.DefaultAioHttpClient() if settings.judge_transport == "aiohttp" \
+            else None
+        self._client = openai.AsyncOpenAI(
+            base_url=base_url, api_key=settings.judge_api_key.get_secret_value(),
+            timeout=settings.judge_timeout_s, max_retries=0, http_client=http_client)
+
+    async def post(self, body: dict[str, Any]) -> bytes:
+        """See :meth:`JudgeTransport.post`."""
+        try:
+            # The raw route: the SDK's per-call transform of the params (TypedDict
+            # introspection) and pydantic parse of the reply cost more client CPU than
+            # the HTTP exchange itself (issue 5: 1.7 -> 0.9 ms per call).
+            response = await self._client.post(COMPLETIONS_PATH, cast_to=httpx2.Response,
+                                               body=body)
+        except openai.APIError as exc:
+            raise classify(exc) from exc
+        return response.content
+
+    async def close(self) -> None:
+        """See :meth:`JudgeTransport.close`."""
+        await self._client.close()
+
+
+class DirectTransport:
+    """POSTs with one long-lived ``aiohttp.ClientSession``, as the SDK would, minus its
+    per-call layers.
+
+    What goes on the wire is what the SDK sends that matters: the body as compact UTF-8
+    JSON (NaN refused), ``Authorization: Bearer <key>``, ``Content-Type`` and ``Accept``
+    ``application/json``; not the SDK's ``X-Stainless-*`` telemetry, nor the
+    ``OpenAI-Organization``/``OpenAI-Project`` headers the SDK takes from
+    ``OPENAI_ORG_ID``/``OPENAI_PROJECT_ID`` (use an SDK transport for those). The
+    timeout is the SDK's: ``judge_timeout_s`` to get a connection, to connect, and
+    between reads. HTTPS uses the SDK's SSL context (certifi, ``SSL_CERT_FILE``).
+
+    The session is opened at the first call, on the loop that makes it (an aiohttp
+    session belongs to one loop: the worker's, see ``workers.bridge``).
+
+    Args:
+        settings: key, timeout, ``max_concurrent_requests`` (the connection limit).
+        base_url: the endpoint, e.g. ``http://127.0.0.1:8008/v1``.
+    """
+
+    def __init__(self, settings: Settings, base_url: str) -> None:
+        self._url = base_url.rstrip("/") + COMPLETIONS_PATH
+        self._https = urlsplit(base_url).scheme == "https"
+        self._limit = settings.max_concurrent_requests
+        timeout = settings.judge_timeout_s
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=timeout,
+                                              sock_connect=timeout, sock_read=timeout)
+        self._headers = {
+            "Authorization": f"Bearer {settings.judge_api_key.get_secret_value()}",
+            "Content-Type": "application/json", "Accept": "application/json",
+            "User-Agent": "rewardq"}
+        self._session: aiohttp.ClientSession | None = None
+
+    def _open(self) -> aiohttp.ClientSession:
+        # The SDK's SSL context (certifi, SSL_CERT_FILE), built only where it is used.
+        ssl = httpx2.create_ssl_context(trust_env=True) if self._https else True
+        connector = aiohttp.TCPConnector(limit=self._limit, keepalive_timeout=_KEEPALIVE_S,
+                                         ssl=ssl)
+        self._session = aiohttp.ClientSession(connector=connector, headers=self._headers,
+                                              timeout=self._timeout)
+        return self._session
+
+    async def post(self, body: dict[str, Any]) -> bytes:
+        """See :meth:`JudgeTransport.post`."""
+        session = self._session or self._open()
+        data = json.dumps(body, ensure_ascii=False, separators=(",", ":"),
+                          allow_nan=False).encode()
+        try:
+            async with session.post(self._url, data=data) as response:
+                content = await response.read()
+                status, headers = response.status, response.headers
+        # aiohttp's timeouts are TimeoutErrors (an OSError too), so they go first.
+        except TimeoutError as exc:
+            raise timeout_error(f"no answer within {self._timeout.sock_read:g}s "
+                                f"({type(exc).__name__})") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise network_error(f"{type(exc).__name__}: {exc}") from exc
+        if status >= 400:
+            raise http_error(status, headers, status_detail(status, content))
+        return content
+
+    async def close(self) -> None:
+        """See :meth:`JudgeTransport.close`."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def judge_transport(settings: Settings, base_url: str) -> JudgeTransport:
+    """The transport ``settings.judge_transport`` names, for the endpoint ``base_url``."""
+    if settings.judge_transport == "direct":
+        return DirectTransport(settings, base_url)
+    return SdkTransport(settings, base_url)
 
 
 class TimedReply(NamedTuple):
@@ -83,9 +221,8 @@ class JudgeClient:
                  ) -> None:
         self._rubrics = rubrics or builtin_rubrics()
         endpoints = settings.judge_endpoints
-        # One client (one connection pool) per endpoint; the first alone when there is one.
-        self._clients = [_openai_client(settings, url) for url in endpoints]
-        self._client = self._clients[0]
+        # One transport (one connection pool) per endpoint; the first alone when there is one.
+        self._transports = [judge_transport(settings, url) for url in endpoints]
         self._slots = asyncio.Semaphore(settings.max_concurrent_requests)
         self._metrics = metrics or WorkerMetrics()
         self._pool = None if len(endpoints) == 1 else EndpointPool(
@@ -152,25 +289,23 @@ class JudgeClient:
             hold = await self._budget.reserve(model, body, max_tokens)
             started = time.perf_counter()
             try:
-                # The raw route: the SDK's per-call transform of the params (TypedDict
-                # introspection) and pydantic parse of the reply cost more client CPU
-                # than the HTTP exchange itself (issue 5: 1.7 -> 0.9 ms per call).
                 if self._pool is None:
-                    response = await self._client.post(COMPLETIONS_PATH,
-                                                       cast_to=httpx2.Response, body=body)
+                    content = await self._transports[0].post(body)
                 else:
-                    response = await self._routed_post(self._pool, model, body)
-            except openai.APIError as exc:
+                    content = await self._routed_post(self._pool, model, body)
+            except NoEndpointError:  # no call was made: nothing to count
                 await hold.release()
-                error = classify(exc)
+                raise
+            except JudgeError as error:
+                await hold.release()
                 self._metrics.judge_call(model, call_status(error),
                                          time.perf_counter() - started)
-                raise error from exc
+                raise
             except BaseException:
                 await hold.release()
                 raise
             latency_s = time.perf_counter() - started
-        reply = read_reply(response.content)
+        reply = read_reply(content)
         await hold.settle(reply.usage, model)
         usage = reply.usage or Usage()
         if limiter is not None and reply.usage is not None:
@@ -191,14 +326,14 @@ class JudgeClient:
                         "the estimate of %d tokens", exc, estimate)
 
     async def _routed_post(self, pool: EndpointPool, model: str,
-                           body: dict[str, Any]) -> httpx2.Response:
-        """The raw POST on the endpoint with the fewest calls in flight; a call that finds
+                           body: dict[str, Any]) -> bytes:
+        """The POST on the endpoint with the fewest calls in flight; a call that finds
         its endpoint down (:func:`~workers.endpoints.is_endpoint_failure`) goes on at once
         to another live one, each endpoint tried at most once.
 
         Raises:
             NoEndpointError: every breaker is open (transient: the item is retried).
-            openai.APIError: the last endpoint tried failed (the caller classifies it).
+            TransientJudgeError, PermanentJudgeError: the last endpoint tried failed.
         """
         tried: list[Endpoint] = []
         endpoint = pool.acquire()
@@ -207,10 +342,8 @@ class JudgeClient:
         while True:
             started = time.perf_counter()
             try:
-                response: httpx2.Response = await self._clients[endpoint.index].post(
-                    COMPLETIONS_PATH, cast_to=httpx2.Response, body=body)
-            except openai.APIError as exc:
-                error = classify(exc)
+                content = await self._transports[endpoint.index].post(body)
+            except JudgeError as error:
                 failure = is_endpoint_failure(error)
                 status = call_status(error)
                 pool.release(endpoint, status, failure=failure)
@@ -228,10 +361,10 @@ class JudgeClient:
                 pool.release(endpoint, status, failure=None)
                 raise
             pool.release(endpoint, "ok", failure=False)
-            return response
+            return content
 
     async def close(self) -> None:
         """Close the connection pools."""
-        for client in self._clients:
-            await client.close()
+        for transport in self._transports:
+            await transport.close()
 
