@@ -24,11 +24,19 @@ Usage::
 
     .venv/bin/python benchmarks/bench_rate_limit.py [--rpm 3000] [--workers 4]
         [--items 1500] [--latency-ms 100] [--per-process 64 4] [--cpu-hogs 0]
-        [--json FILE]
+        [--judge-nice -10] [--capacity] [--json FILE]
+
+``--capacity`` runs each step a second time without a limit (a fresh stack): what the
+fleet itself can do at that concurrency on this host. At a low per-process concurrency
+on a busy host that can be under the limit, and no limiter can use more than it; the
+bench then also reports utilization of min(limit, capacity).
 
 ``--cpu-hogs K`` keeps K busy-looping processes running through each measured step: a
 worker host that other work keeps busy, reproducibly (the limiter's waiters then wake
-late).
+late). ``--judge-nice N`` (default -10, where allowed) runs the local judge, the referee,
+at a higher CPU priority than the fleet, as a remote judge would be unaffected by the
+worker host's load: a starved judge stamps a backlog of arrivals at once and so reports
+bursts that nobody sent.
 
 Exit status: 0 when every goal is met at every concurrency, 1 when one is missed, 2 when
 the fleet does not limit at all (the setting is not wired into the workers).
@@ -37,13 +45,16 @@ the fleet does not limit at all (the setting is not wired into the workers).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import multiprocessing
+import os
 import sys
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,11 +71,13 @@ _SAMPLE_S = 0.05
 
 
 class _CounterSampler:
-    """Samples the judge's ``requests_total`` in a thread: (perf_counter, count) pairs."""
+    """Samples the judge's ``requests_total`` and tokens in a thread: (perf_counter,
+    count) pairs in ``samples`` and ``token_samples``."""
 
     def __init__(self, judge: JudgeProcess) -> None:
         self._judge = judge
         self.samples: list[tuple[float, int]] = []
+        self.token_samples: list[tuple[float, int]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -82,10 +95,19 @@ class _CounterSampler:
         with httpx.Client(timeout=5) as http:
             while not self._stop.wait(_SAMPLE_S):
                 try:
-                    count = int(http.get(f"{self._judge.root}/stats").json()["requests_total"])
+                    stats = http.get(f"{self._judge.root}/stats").json()
+                    count = int(stats["requests_total"])
+                    tokens = _tokens(stats)
                 except (httpx.HTTPError, ValueError, KeyError):
                     continue
-                self.samples.append((time.perf_counter(), count))
+                now = time.perf_counter()
+                self.samples.append((now, count))
+                self.token_samples.append((now, tokens))
+
+
+def _tokens(stats: dict[str, Any]) -> int:
+    """Tokens the judge has billed (prompt + completion of delivered answers)."""
+    return int(stats["prompt_tokens_total"]) + int(stats["completion_tokens_total"])
 
 
 def _spin(stop: Any) -> None:
@@ -134,10 +156,34 @@ def steady_rate(samples: list[tuple[float, int]], total: int) -> float | None:
     return (hi - lo) / (t_hi - t_lo)
 
 
-def measure(rpm: int, workers: int, items: int, latency_ms: float,
-            per_process: int, cpu_hogs: int = 0) -> dict[str, Any]:
-    """One cold step of ``items`` under a fleet-wide ``rpm`` limit; the judge's view."""
-    settings = Settings(judge_rpm=rpm, max_concurrent_requests=per_process).model_copy(
+def _renice(pid: int, nice: int) -> int:
+    """Set ``pid``'s nice value where allowed; returns the value it runs at."""
+    # Nice is per thread on Linux: set it on every thread of the process.
+    tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")] if os.path.isdir(
+        f"/proc/{pid}/task") else [pid]
+    for tid in tids:
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+    return os.getpriority(os.PRIO_PROCESS, pid)
+
+
+@dataclass
+class _Step:
+    run: Run
+    samples: list[tuple[float, int]]
+    token_samples: list[tuple[float, int]]
+    start: float
+    end: float
+    stats: dict[str, Any]
+    judge_nice: int
+
+
+def _cold_step(rpm: int | None, tpm: int | None, workers: int, items: int,
+               latency_ms: float, per_process: int, cpu_hogs: int,
+               judge_nice: int) -> _Step:
+    """One cold step of ``items`` on a fresh stack (``None``: no such limit)."""
+    settings = Settings(judge_rpm=rpm, judge_tpm=tpm,
+                        max_concurrent_requests=per_process).model_copy(
         update={"redis_url": None,
                 "judge_base_url": Settings.model_fields["judge_base_url"].default})
     with LocalStack(settings, workers=workers, judge_latency_ms=latency_ms) as stack:
@@ -148,6 +194,7 @@ def measure(rpm: int, workers: int, items: int, latency_ms: float,
             bench.rewardq_step(make_items(2 * workers, f"wu-{uuid.uuid4().hex[:8]}"))
             time.sleep(2.0)
             assert stack.judge is not None
+            judge_nice = _renice(stack.judge.process.pid, judge_nice)
             step = make_items(items, uuid.uuid4().hex[:12])
             marks: dict[str, float] = {}
 
@@ -162,28 +209,74 @@ def measure(rpm: int, workers: int, items: int, latency_ms: float,
             stats = stack.judge.stats()
         finally:
             bench.close()
-    limit_per_s = rpm / 60
+    return _Step(run, sampler.samples, sampler.token_samples, marks["start"], marks["end"],
+                 stats, judge_nice)
+
+
+def measure(rpm: int | None, workers: int, items: int, latency_ms: float,
+            per_process: int, cpu_hogs: int = 0, judge_nice: int = 0,
+            capacity: bool = False, tpm: int | None = None) -> dict[str, Any]:
+    """One cold step of ``items`` under fleet-wide ``rpm``/``tpm`` limits; the judge's view.
+
+    ``utilization`` is that of the binding limit (the larger of the two).
+
+    With ``capacity``, the same step again without a limit, on a fresh stack: what the
+    fleet can do at this concurrency on this host, the most any limiter could use.
+    """
+    limited = _cold_step(rpm, tpm, workers, items, latency_ms, per_process, cpu_hogs,
+                         judge_nice)
+    free = _cold_step(None, None, workers, items, latency_ms, per_process, cpu_hogs,
+                      judge_nice) if capacity else None
+    run, stats = limited.run, limited.stats
+    limit_per_s = rpm / 60 if rpm else None
     throughput = run.judge_requests / run.wall_s
-    steady = steady_rate(sampler.samples, run.judge_requests)
-    first = crossing_time(sampler.samples, 1)
-    last = crossing_time(sampler.samples, run.judge_requests)
-    fill_s = None if first is None else max(0.0, first - marks["start"])
-    drain_s = None if last is None else max(0.0, marks["end"] - last)
-    burst_s = RateLimit.from_settings(settings).burst_s
+    steady = steady_rate(limited.samples, run.judge_requests)
+    tokens = _tokens(stats)
+    token_limit_per_s = tpm / 60 if tpm else None
+    tokens_per_s = tokens / run.wall_s
+    steady_tokens = steady_rate(limited.token_samples, tokens)
+    used = {name: (rate / limit, None if steady_rate_ is None else steady_rate_ / limit)
+            for name, rate, steady_rate_, limit in (
+                ("requests", throughput, steady, limit_per_s),
+                ("tokens", tokens_per_s, steady_tokens, token_limit_per_s))
+            if limit is not None}
+    binding = max(used, key=lambda name: used[name][0])
+    first = crossing_time(limited.samples, 1)
+    last = crossing_time(limited.samples, run.judge_requests)
+    fill_s = None if first is None else max(0.0, first - limited.start)
+    drain_s = None if last is None else max(0.0, limited.end - last)
+    capacity_per_s = None if free is None else free.run.judge_requests / free.run.wall_s
+    burst_s = RateLimit(rpm=rpm, tpm=tpm).burst_s
+
+    def r4(x: float | None) -> float | None:
+        return None if x is None else round(x, 4)
+
     return {
-        "rpm": rpm, "workers": workers, "items": items, "latency_ms": latency_ms,
+        "rpm": rpm, "tpm": tpm, "workers": workers, "items": items, "latency_ms": latency_ms,
         "per_process_concurrency": per_process, "cpu_hogs": cpu_hogs,
+        "judge_nice": limited.judge_nice,
         "wall_s": round(run.wall_s, 3),
         "judge_requests": run.judge_requests,
         "requests_per_s": round(throughput, 2),
-        "limit_per_s": round(limit_per_s, 2),
-        "utilization": round(throughput / limit_per_s, 4),
+        "limit_per_s": r4(limit_per_s),
+        "tokens": tokens,
+        "tokens_per_s": round(tokens_per_s, 1),
+        "token_limit_per_s": r4(token_limit_per_s),
+        "binding_limit": binding,
+        "request_utilization": r4(used["requests"][0]) if "requests" in used else None,
+        "token_utilization": r4(used["tokens"][0]) if "tokens" in used else None,
+        "utilization": r4(used[binding][0]),
         "steady_requests_per_s": None if steady is None else round(steady, 2),
-        "steady_utilization": None if steady is None else round(steady / limit_per_s, 4),
+        "steady_utilization": r4(used[binding][1]),
         "fill_s": None if fill_s is None else round(fill_s, 3),
         "drain_s": None if drain_s is None else round(drain_s, 3),
+        "capacity_requests_per_s": None if capacity_per_s is None else round(
+            capacity_per_s, 2),
+        "utilization_of_reachable": None if capacity_per_s is None or limit_per_s is None
+        else round(throughput / min(limit_per_s, capacity_per_s), 4),
         "max_requests_in_any_1s": int(stats["max_requests_in_any_1s"]),
-        "limiter_bound_per_1s": math.floor(limit_per_s * (1 + burst_s) + 1e-9),
+        "limiter_bound_per_1s": None if limit_per_s is None
+        else math.floor(limit_per_s * (1 + burst_s) + 1e-9),
         "max_in_flight": run.max_in_flight,
         "responses_by_status": stats["responses_by_status"],
         "failed": run.failed,
@@ -197,7 +290,10 @@ def _s(seconds: float | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Measure, print the figures against the goals, optionally write JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--rpm", type=int, default=3000, help="fleet-wide requests/minute")
+    parser.add_argument("--rpm", type=int, default=3000,
+                        help="fleet-wide requests/minute (0: no request limit)")
+    parser.add_argument("--tpm", type=int, default=0,
+                        help="fleet-wide tokens/minute (0, the default: no token limit)")
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--items", type=int, default=1500,
                         help="items (1500 at 3,000 RPM is about 30 s)")
@@ -206,6 +302,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="judge calls in flight per worker process; one run for each")
     parser.add_argument("--cpu-hogs", type=int, default=0,
                         help="busy-looping processes kept running during each step")
+    parser.add_argument("--judge-nice", type=int, default=-10,
+                        help="nice value of the local judge (the referee), where allowed")
+    parser.add_argument("--capacity", action="store_true",
+                        help="also run each step without a limit: the fleet's own ceiling")
     parser.add_argument("--min-utilization", type=float, default=0.97,
                         help="goal: achieved / allowed over the step's wall time")
     parser.add_argument("--max-per-s", type=int, default=55,
@@ -214,27 +314,39 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     results, status = [], 0
     for per_process in args.per_process:
+        limits = ", ".join(f"{n:,} {unit} ({n / 60:,.1f}/s)" for n, unit in
+                           ((args.rpm, "RPM"), (args.tpm, "TPM")) if n)
         print(f"{args.items} items, {args.workers} workers x {per_process} concurrent, "
-              f"judge {args.latency_ms:g} ms, fleet limit {args.rpm} RPM "
-              f"({args.rpm / 60:.1f}/s), {args.cpu_hogs} cpu hogs ...", flush=True)
-        result = measure(args.rpm, args.workers, args.items, args.latency_ms, per_process,
-                         args.cpu_hogs)
-        peak_ok = result["max_requests_in_any_1s"] <= args.max_per_s
+              f"judge {args.latency_ms:g} ms, fleet limit {limits}, "
+              f"{args.cpu_hogs} cpu hogs ...", flush=True)
+        result = measure(args.rpm or None, args.workers, args.items, args.latency_ms,
+                         per_process, args.cpu_hogs, args.judge_nice, args.capacity,
+                         args.tpm or None)
+        peak_ok = not args.rpm or result["max_requests_in_any_1s"] <= args.max_per_s
         use_ok = result["utilization"] >= args.min_utilization
         limited = result["utilization"] <= _UNLIMITED_FACTOR
         result.update(peak_ok=peak_ok, utilization_ok=use_ok, limiter_enforced=limited)
         steady = result["steady_utilization"]
+        allowed = [f"{result['requests_per_s']:.1f} requests/s"
+                   + (f" of {result['limit_per_s']:.1f}" if args.rpm else ""),
+                   f"{result['tokens_per_s']:,.0f} tokens/s"
+                   + (f" of {result['token_limit_per_s']:,.0f}" if args.tpm else "")]
         print(f"  wall {result['wall_s']:.2f} s, {result['judge_requests']} judge requests, "
-              f"{result['requests_per_s']:.1f}/s of {result['limit_per_s']:.1f}/s allowed: "
-              f"utilization {result['utilization']:.3f} "
+              f"{'; '.join(allowed)}: utilization ({result['binding_limit']}) "
+              f"{result['utilization']:.3f} "
               f"({'ok' if use_ok else 'MISSED'}: goal >= {args.min_utilization:g}); "
               f"steady (10-90%) {'n/a' if steady is None else f'{steady:.3f}'}; "
               f"fill {_s(result['fill_s'])}, drain {_s(result['drain_s'])}", flush=True)
-        print(f"  peak in any 1 s: {result['max_requests_in_any_1s']} "
-              f"(limiter bound {result['limiter_bound_per_1s']}; "
+        bound = result["limiter_bound_per_1s"]
+        print(f"  peak requests in any 1 s: {result['max_requests_in_any_1s']} "
+              f"({'no request limit' if bound is None else f'limiter bound {bound}'}; "
               f"{'ok' if peak_ok else 'MISSED'}: goal <= {args.max_per_s}); "
-              f"max in flight {result['max_in_flight']}; "
+              f"judge nice {result['judge_nice']}; max in flight {result['max_in_flight']}; "
               f"statuses {result['responses_by_status']}", flush=True)
+        if result["utilization_of_reachable"] is not None:
+            print(f"  without a limit the fleet does {result['capacity_requests_per_s']:.1f}/s "
+                  f"here: utilization of min(limit, that) "
+                  f"{result['utilization_of_reachable']:.3f}", flush=True)
         if not limited:
             print("  the fleet did not limit its rate at all: is REWARDQ_JUDGE_RPM wired "
                   "into the workers' judge calls (workers/rate_limit.py)?", flush=True)

@@ -471,7 +471,9 @@ def _fleet_process(url: str, rpm: int, tasks: int, per_task: int, start: Barrier
     first booking, acquires made), all in Redis's clock (us).
     """
     # Never book again for lateness here: every acquire must be exactly one script call.
-    limit = RateLimit(rpm=rpm, max_late_s=60.0)
+    # And every caller books at once (no local queue): 64 callers keep the stream booked
+    # about 1.3 s ahead, so however late this loaded machine wakes them, no hole opens.
+    limit = RateLimit(rpm=rpm, max_late_s=60.0, horizon_s=60.0)
 
     async def main() -> tuple[list[int], list[int], list[int], int]:
         client = redis.asyncio.Redis.from_url(url)
@@ -495,7 +497,8 @@ def _fleet_process(url: str, rpm: int, tasks: int, per_task: int, start: Barrier
 def test_a_fleet_of_processes_uses_the_whole_limit_and_never_more(url: str) -> None:
     """4 processes x 16 callers at 3,000 RPM: the booked slots fill the limit without a
     gap (100% of it) and never exceed rate + burst in any second; every acquire is one
-    script call; nobody goes before its slot."""
+    script call; nobody goes before its slot. (Booking horizon off: see the horizon
+    test for the local queue.)"""
     rpm, procs, tasks, per_task = 3000, 4, 16, 3
     got: list[tuple[list[int], list[int], list[int], int]] = spawn_all(
         _fleet_process, lambda i, start, out: (url, rpm, tasks, per_task, start, out), procs)
@@ -532,7 +535,8 @@ def test_a_late_waking_caller_keeps_its_slot(url: str) -> None:
     them wake long after their slot. Each still makes exactly one script call and goes
     at once; a newcomer meanwhile finds the stream booked behind them, not their slots
     free; and the ten slots are consecutive: none was lost."""
-    limit = RateLimit(rpm=600, burst_s=0.0, max_late_s=30.0)  # 100 ms per request
+    # 100 ms per request; all ten book at once (no local queue)
+    limit = RateLimit(rpm=600, burst_s=0.0, max_late_s=30.0, horizon_s=30.0)
 
     async def body(client: redis.asyncio.Redis) -> tuple[list[int], float, list[float]]:
         rl = Recording(client, "late", limit)
@@ -555,7 +559,7 @@ def test_a_late_waking_caller_keeps_its_slot(url: str) -> None:
 
 
 def test_a_caller_waking_later_than_max_late_books_again(url: str) -> None:
-    limit = RateLimit(rpm=600, burst_s=0.0, max_late_s=0.1)
+    limit = RateLimit(rpm=600, burst_s=0.0, max_late_s=0.1, horizon_s=30.0)
 
     async def body(client: redis.asyncio.Redis) -> list[Reservation]:
         rl = Recording(client, "stalled", limit)
@@ -574,7 +578,8 @@ def test_a_caller_waking_later_than_max_late_books_again(url: str) -> None:
 
 
 def test_a_cancelled_wait_gives_back_its_slot_only_when_it_is_the_last(url: str) -> None:
-    limit = RateLimit(rpm=60, tpm=6000, burst_s=0.0)  # 1 s per request, 10 ms per token
+    # 1 s per request, 10 ms per token; all three book at once
+    limit = RateLimit(rpm=60, tpm=6000, burst_s=0.0, horizon_s=30.0)
 
     async def body(client: redis.asyncio.Redis) -> list[float | None]:
         rl = Recording(client, "cancel", limit)
@@ -629,3 +634,42 @@ def test_a_far_slot_is_booked_only_within_max_wait(url: str) -> None:
     assert not refused.booked and 0.9 < refused.wait_s <= 1.0
     assert within.booked and 0.9 < within.wait_s <= 1.0
     assert anyway.booked and 1.9 < anyway.wait_s <= 2.0   # however far: still booked
+
+
+def test_a_process_books_only_its_horizon_ahead_and_queues_the_rest(url: str) -> None:
+    """Twelve callers of one limiter at 600 RPM, horizon 250 ms: they book one at a time,
+    each once the process's last slot is within the horizon, so no slot is ever booked
+    more than horizon + one interval ahead; still one script call each, and the slots
+    are consecutive (a caller queued locally costs no capacity)."""
+    limit = RateLimit(rpm=600, burst_s=0.0, horizon_s=0.25)  # 100 ms per request
+
+    async def body(client: redis.asyncio.Redis) -> list[Reservation]:
+        rl = Recording(client, "horizon", limit)
+        await asyncio.gather(*(rl.acquire(1) for _ in range(12)))
+        return rl.answers
+
+    answers = run(url, body)
+    assert len(answers) == 12 and evalsha_calls(url) == 12
+    assert max(a.wait_s for a in answers) <= 0.25 + 0.1 + 0.001
+    slots = sorted(a.slot_us for a in answers)
+    assert [b - a for a, b in zip(slots, slots[1:], strict=False)] == [100_000] * 11
+
+
+def test_a_cancelled_caller_queued_locally_books_nothing(url: str) -> None:
+    limit = RateLimit(rpm=60, burst_s=0.0, horizon_s=0.25)  # 1 s per request
+
+    async def body(client: redis.asyncio.Redis) -> int:
+        rl = Recording(client, "queued", limit)
+        first = asyncio.create_task(rl.acquire(1))      # slot now
+        second = asyncio.create_task(rl.acquire(1))     # books at once: slot in 1 s
+        third = asyncio.create_task(rl.acquire(1))      # queued until 0.75 s
+        while len(rl.answers) < 2:
+            await asyncio.sleep(0.001)
+        third.cancel()
+        await asyncio.gather(first, second)
+        with pytest.raises(asyncio.CancelledError):
+            await third
+        return len(rl.answers)
+
+    assert run(url, body) == 2
+    assert evalsha_calls(url) == 2
