@@ -3,23 +3,37 @@
 A chunk is one Celery task (``TASK_SCORE_CHUNK``) whose single argument is a
 ``ScoreChunk`` as JSON; its result, stored by Celery's Redis backend under the task id,
 is the list of ``ScoreResult`` JSONs in item order. The producer, dead-letter replay and
-anything else that enqueues or waits for chunks go through these two functions.
+anything else that enqueues or waits for chunks go through these functions.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import redis
 from celery import Celery, states
+from celery.backends.redis import RedisBackend
+from kombu.exceptions import BatchPublishError, OperationalError
+from kombu.messaging import Producer
 
 from broker.app import TASK_SCORE_CHUNK
 from broker.errors import BrokerUnavailableError
 
-__all__ = ["ChunkMeta", "chunk_result", "item_results", "read_chunks", "send_chunk",
-           "visible_chunks"]
+__all__ = ["ChunkMeta", "PollingRedisBackend", "chunk_result", "item_results", "read_chunks",
+           "read_results_by_polling", "send_chunk", "send_chunks", "visible_chunks"]
+
+log = logging.getLogger(__name__)
+
+#: What a broker that cannot be reached (or refuses writes) raises through kombu:
+#: redis-py's errors, or kombu's ``OperationalError`` that Celery wraps them in.
+_BROKER_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, ConnectionError, OSError,
+                                               OperationalError)
+#: Messages per Redis pipeline when chunks are sent together (a 131k-item step is 2,048
+#: chunks of ~30 KB: pipelines of 128 bound the buffered bytes).
+_BATCH_MAX = 128
 
 #: A finished chunk's Celery result: ``status``, ``result`` (see :func:`chunk_result`, or
 #: the exception), ``date_done``.
@@ -56,17 +70,85 @@ def send_chunk(app: Celery, args: list[Any], task_id: str) -> None:
     Raises:
         BrokerUnavailableError: the broker could not be reached.
     """
-    try:
-        # argsrepr: Celery would otherwise saferepr() the whole chunk for every message
-        # (~5 ms each), only for Flower to show it truncated.
-        items = args[0].get("items") if args and isinstance(args[0], dict) else None
-        label = f"<chunk {task_id}: {len(items)} items>" if isinstance(items, list) \
-            else f"<chunk {task_id}>"
-        app.send_task(TASK_SCORE_CHUNK, args=args, task_id=task_id, argsrepr=label)
-    except Exception as exc:  # kombu raises its own and redis' connection errors
-        if isinstance(exc, (redis.RedisError, ConnectionError, OSError)):
-            raise BrokerUnavailableError(f"cannot enqueue chunk {task_id}: {exc}") from exc
-        raise
+    send_chunks(app, [(args, task_id)])
+
+
+def send_chunks(app: Celery, chunks: Sequence[tuple[list[Any], str]]) -> None:
+    """Enqueue chunk tasks, each ``(args, task_id)`` as :func:`send_chunk` takes them.
+
+    Several go through one producer and kombu publish batches of up to ``_BATCH_MAX``:
+    their messages' LPUSHes in one Redis pipeline, one round trip per batch instead of
+    one per chunk. A batch whose pipeline fails may have been delivered in part (kombu
+    cannot tell), so its chunks and those after it are then sent one by one, with
+    kombu's publish retries, as single chunks always are: a chunk may arrive twice,
+    which the fleet tolerates as it does a redelivery (its verdicts are cached by then,
+    its result is stored under the same task id), but none is lost.
+
+    Raises:
+        BrokerUnavailableError: the broker could not be reached.
+    """
+    sent = 0  # chunks surely delivered
+    if len(chunks) > 1:
+        try:
+            with app.producer_or_acquire() as producer:
+                while sent < len(chunks):
+                    batch = chunks[sent:sent + _BATCH_MAX]
+                    with producer.batch(len(batch)):
+                        for i, (args, task_id) in enumerate(batch):
+                            # The queue is declared (once per connection) with the first
+                            # message; binding it again for each costs ~0.05 ms.
+                            _publish(app, args, task_id, producer, declare=sent + i == 0)
+                    sent += len(batch)  # delivered: the batch's pipeline ran
+            return
+        except Exception as exc:  # kombu's BatchPublishError, or redis' connection errors
+            if not isinstance(exc, (BatchPublishError, *_BROKER_ERRORS)):
+                raise
+            log.warning("publishing chunks %d-%d in one batch failed (%s); sending them "
+                        "one by one", sent, min(sent + _BATCH_MAX, len(chunks)) - 1, exc)
+    for args, task_id in chunks[sent:]:
+        try:
+            _publish(app, args, task_id, None)
+        except Exception as exc:  # kombu raises its own and redis' connection errors
+            if isinstance(exc, _BROKER_ERRORS):
+                raise BrokerUnavailableError(f"cannot enqueue chunk {task_id}: {exc}") from exc
+            raise
+
+
+def _publish(app: Celery, args: list[Any], task_id: str, producer: Producer | None, *,
+             declare: bool = True) -> None:
+    # argsrepr: Celery would otherwise saferepr() the whole chunk for every message
+    # (~5 ms each), only for Flower to show it truncated.
+    items = args[0].get("items") if args and isinstance(args[0], dict) else None
+    label = f"<chunk {task_id}: {len(items)} items>" if isinstance(items, list) \
+        else f"<chunk {task_id}>"
+    options: dict[str, Any] = {} if declare else {"declare": []}
+    app.send_task(TASK_SCORE_CHUNK, args=args, task_id=task_id, argsrepr=label,
+                  producer=producer, **options)
+
+
+class PollingRedisBackend(RedisBackend):  # type: ignore[misc]
+    """Celery's Redis result backend for a client that reads results by polling them
+    (:func:`read_chunks`, one MGET over the chunks' result keys), as the producer does.
+
+    Celery's own subscribes to each task's result channel as the task is sent, for an
+    ``AsyncResult.get()`` that may come (two Redis commands per chunk, a pub/sub
+    connection, and ~0.1 ms of the sender's CPU each). Nothing here waits that way, so
+    sending subscribes to nothing; an ``AsyncResult.get()`` still works: it subscribes
+    when it starts waiting and reads a result stored before that from its key.
+    """
+
+    def on_task_call(self, producer: Any, task_id: str) -> None:
+        """Subscribe to nothing when a task is sent (see the class)."""
+
+
+def read_results_by_polling(app: Celery) -> Celery:
+    """Give ``app`` a :class:`PollingRedisBackend` on its Redis result backend URL (left
+    as it is for any other backend); call before its first use. Returns ``app``."""
+    url = str(app.conf.result_backend or "")
+    if url.startswith(("redis://", "rediss://")):
+        # Celery's "<backend class>+<url>" form: the class, on the same URL and options.
+        app.conf.result_backend = f"{__name__}:{PollingRedisBackend.__name__}+{url}"
+    return app
 
 
 def read_chunks(app: Celery, client: redis.Redis, task_ids: Sequence[str]

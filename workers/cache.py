@@ -4,8 +4,10 @@ A verdict is cached under the fingerprint of everything that changes the judge's
 answer. While one worker judges a fingerprint it holds ``rewardq:inflight:<fp>``; any
 other worker wanting the same fingerprint waits for the cached verdict instead of
 calling the judge again. Claiming a whole chunk's fingerprints is one Lua call, and
-storing a verdict with releasing its lock is another, so a judged item costs one Redis
-round trip besides its chunk's claim.
+storing verdicts with releasing their locks is another, shared by every verdict of the
+process that finishes close to it (group commit: the verdicts finished in one loop tick,
+or while the previous batch was on its way to Redis, go in one call). Each ``store``
+still returns only once its own verdict is in Redis.
 
 Locks are leases: the owning process renews all the locks it holds in one Lua call every
 third of their TTL, however long a call waits for a concurrency slot or backs off between
@@ -47,13 +49,21 @@ for i = 1, #KEYS, 2 do
 end
 return out
 """
-# Store a verdict and release our lock. KEYS[1] = cache key, KEYS[2] = inflight key;
-# ARGV[1] = verdict JSON, ARGV[2] = cache TTL s, ARGV[3] = owner token.
-_STORE = """
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-if redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
-return 1
+# Store verdicts and release our locks.
+# KEYS: 2n keys, pairs (rewardq:cache:<fp> STRING verdict JSON, TTL ARGV[1] s,
+#                       rewardq:inflight:<fp> STRING owner token).
+# ARGV[1] = cache TTL s; ARGV[2i], ARGV[2i + 1] = verdict JSON and owner token of pair i.
+# A lock is deleted only while it still holds the token (a lapsed lock re-taken by another
+# owner is left alone). Returns n.
+_STORE_MANY = """
+for i = 1, #KEYS, 2 do
+  redis.call('SET', KEYS[i], ARGV[i + 1], 'EX', ARGV[1])
+  if redis.call('GET', KEYS[i + 1]) == ARGV[i + 2] then redis.call('DEL', KEYS[i + 1]) end
+end
+return #KEYS / 2
 """
+#: The most verdicts one store call carries (bounds how long one script holds Redis).
+STORE_BATCH_MAX = 256
 # Renew our locks. KEYS = n inflight keys; ARGV[1] = TTL ms, ARGV[1 + i] = our token for
 # KEYS[i]. Only locks still holding our token are extended; returns how many were.
 _RENEW = """
@@ -71,6 +81,24 @@ _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+
+#: How long ``close`` waits for a store call under way.
+CLOSE_WAIT_S = 5.0
+
+
+def _settle(batch: list[tuple[str, str, str, asyncio.Future[None]]],
+            error: BaseException | None) -> None:
+    """Tell each waiter of ``batch`` that its verdict is stored, or why not."""
+    for *_, stored in batch:
+        if stored.done():  # its caller was cancelled
+            continue
+        if error is None:
+            stored.set_result(None)
+        elif isinstance(error, asyncio.CancelledError):
+            stored.cancel()
+        else:
+            stored.set_exception(error)
 
 
 class ClaimState(enum.Enum):
@@ -107,12 +135,18 @@ class JudgeCache:
         self._lock_ttl_ms = lock_ttl_ms
         self._poll_s = poll_s
         self._claim = redis.register_script(_CLAIM)
-        self._store = redis.register_script(_STORE)
+        self._store_many = redis.register_script(_STORE_MANY)
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
         #: fingerprint -> our token, for every lock this process holds right now
         self._held: dict[str, str] = {}
         self._renewer: asyncio.Task[None] | None = None
+        #: verdicts waiting for the next store call: (fingerprint, JSON, token, stored)
+        self._to_store: list[tuple[str, str, str, asyncio.Future[None]]] = []
+        self._storer: asyncio.Task[None] | None = None
+        #: store calls made, and verdicts they carried (for tests and benchmarks)
+        self.store_calls = 0
+        self.stored_verdicts = 0
 
     @property
     def held_locks(self) -> int:
@@ -138,10 +172,52 @@ class JudgeCache:
         return claims
 
     async def store(self, fingerprint: str, verdict: JudgeVerdict, token: str) -> None:
-        """Cache ``verdict`` with the configured TTL and release our lock, atomically."""
-        await self._store(keys=[cache_key(fingerprint), inflight_key(fingerprint)],
-                          args=[verdict.model_dump_json(), self._ttl_s, token])
+        """Cache ``verdict`` with the configured TTL and release our lock, atomically.
+
+        Returns once the verdict is in Redis. Verdicts stored close together in this
+        process share one Lua call: the first starts a batch for the next loop tick, and
+        those that arrive while a batch is on its way go in the next one.
+
+        Raises:
+            broker.connections.OUTAGE_ERRORS: Redis could not store the batch (the lock
+                stays ours, and renewed, until ``release_lock``).
+        """
+        loop = asyncio.get_running_loop()
+        stored: asyncio.Future[None] = loop.create_future()
+        self._to_store.append((fingerprint, verdict.model_dump_json(), token, stored))
+        if self._storer is None:
+            self._storer = loop.create_task(self._store_queued())
+        # A caller cancelled here cancels only its own future: its verdict is still
+        # stored with the batch, and others waiting on that batch are not disturbed.
+        await stored
         self._forget(fingerprint, token)
+
+    async def _store_queued(self) -> None:
+        """Store the queued verdicts, a batch per call, until none is left."""
+        batch: list[tuple[str, str, str, asyncio.Future[None]]] = []
+        try:
+            while self._to_store:
+                batch = self._to_store[:STORE_BATCH_MAX]
+                del self._to_store[:STORE_BATCH_MAX]
+                keys = [k for fp, _, _, _ in batch for k in (cache_key(fp), inflight_key(fp))]
+                args: list[str | int] = [self._ttl_s]
+                for _, value, token, _ in batch:
+                    args += (value, token)
+                self.store_calls += 1
+                self.stored_verdicts += len(batch)
+                try:
+                    await self._store_many(keys=keys, args=args)
+                except Exception as exc:  # each waiter gets the error its own call would
+                    _settle(batch, exc)
+                else:
+                    _settle(batch, None)
+                batch = []
+        except BaseException as exc:  # cancelled (close): nobody may wait forever
+            _settle(batch + self._to_store, exc)
+            self._to_store = []
+            raise
+        finally:
+            self._storer = None
 
     async def release_lock(self, fingerprint: str, token: str) -> None:
         """Release our lock without a verdict; a lock re-taken by another is left alone."""
@@ -158,7 +234,15 @@ class JudgeCache:
         return renewed
 
     async def close(self) -> None:
-        """Stop renewing locks (they lapse within one TTL)."""
+        """Finish storing the verdicts queued (for up to ``CLOSE_WAIT_S``), then stop
+        renewing locks (they lapse within one TTL)."""
+        storer = self._storer
+        if storer is not None:
+            await asyncio.wait({storer}, timeout=CLOSE_WAIT_S)
+            if not storer.done():
+                storer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await storer
         if self._renewer is not None:
             self._renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -14,8 +14,9 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Protocol
 
 from broker.connections import OUTAGE_ERRORS
@@ -113,7 +114,18 @@ class ChunkScorer:
     async def _score_items(self, spec: JudgeSpec, items: list[ScoreItem], deadline: float,
                            suffix: str = "") -> list[ScoreResult]:
         """One result per item, judged by ``spec``'s one model; ``suffix`` tells an
-        ensemble's repeated samples apart in the cache."""
+        ensemble's repeated samples apart in the cache.
+
+        One task per fingerprint resolves it (judges it, or waits for the process judging
+        it); the chunk waits for all of them at once, until ``deadline``. A task still
+        running then is not cancelled: it goes on and caches its verdict, and its items
+        become ``timeout`` results.
+
+        Raises:
+            broker.connections.OUTAGE_ERRORS: Redis went away while an item was resolved
+                (raised as soon as one is seen: the task scores the chunk again, joining
+                the tasks still running).
+        """
         loop = asyncio.get_running_loop()
         fingerprints = [judge_fingerprint(spec, item) + suffix for item in items]
         first_item = dict(zip(fingerprints, items, strict=True))
@@ -131,73 +143,81 @@ class ChunkScorer:
             task = loop.create_task(self._resolve(spec, first_item[fp], fp, claim,
                                                   token, deadline))
             self._resolving[fp] = task
-            task.add_done_callback(self._forget_when_done(fp))
+            task.add_done_callback(partial(self._forget, fp))
             owners[fp] = task
+        started = loop.time()
+        tasks = [*owners.values(), *joined.values()]
+        finished_at = await _wait_until(tasks, deadline)
+        _raise_outage(tasks)
+        now = loop.time()
+        results: list[ScoreResult] = []
         seen: set[str] = set()
-        results = []
         for item, fp in zip(items, fingerprints, strict=True):
             found = claims.get(fp)
             if found is not None and found.verdict is not None:
-                results.append(self._cached_result(item, found.verdict))
+                results.append(ScoreResult.from_verdict(item.id, found.verdict, cached=True))
                 continue
             owner = fp in owners and fp not in seen
             seen.add(fp)
-            results.append(self._await_result(item, owners.get(fp) or joined[fp], owner,
-                                              deadline))
-        return list(await asyncio.gather(*results))
+            if not owner:
+                self._metrics.dedup_wait()
+            task = owners.get(fp) or joined[fp]
+            ms = (finished_at.get(task, now) - started) * 1000
+            results.append(self._result(item, task, owner, ms))
+        return results
 
-    def _forget_when_done(self, fingerprint: str) -> Callable[[asyncio.Task[Outcome]], None]:
-        def forget(_task: asyncio.Task[Outcome]) -> None:
-            self._resolving.pop(fingerprint, None)
-        return forget
+    def _forget(self, fingerprint: str, task: asyncio.Task[Outcome]) -> None:
+        if self._resolving.get(fingerprint) is task:
+            del self._resolving[fingerprint]
+        if not task.cancelled():
+            task.exception()  # retrieved: one nobody waits for any more is not logged
 
-    @staticmethod
-    async def _cached_result(item: ScoreItem, verdict: JudgeVerdict) -> ScoreResult:
-        return ScoreResult.from_verdict(item.id, verdict, cached=True)
-
-    async def _await_result(self, item: ScoreItem, task: asyncio.Task[Outcome],
-                            owner: bool, deadline: float) -> ScoreResult:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-
-        def ms() -> float:
-            return (loop.time() - started) * 1000
-
-        if not owner:
-            self._metrics.dedup_wait()
-        try:
-            # Shielded: a call still running at the deadline goes on and caches its verdict.
-            outcome = await asyncio.wait_for(asyncio.shield(task),
-                                             timeout=max(0.0, deadline - started))
-        except JudgeFailed as exc:
+    def _result(self, item: ScoreItem, task: asyncio.Task[Outcome], owner: bool,
+                ms: float) -> ScoreResult:
+        """``item``'s result from the task that resolved its fingerprint (a ``timeout``
+        if it is still running); a failure costs this item only."""
+        if not task.done():
+            log.warning("item %r timed out: its chunk's deadline passed before the judge "
+                        "answered", item.id)
+            return ScoreResult.failure(item.id, ResultStatus.TIMEOUT,
+                                       "deadline passed before the judge answered",
+                                       latency_ms=ms)
+        if task.cancelled():
+            raise asyncio.CancelledError  # the loop is shutting down: not an item's fault
+        exc = task.exception()
+        if exc is None:
+            outcome = task.result()
+            if owner:
+                return ScoreResult.from_verdict(item.id, outcome.verdict,
+                                                cached=outcome.cached,
+                                                attempts=outcome.attempts, latency_ms=ms)
+            return ScoreResult.from_verdict(item.id, outcome.verdict, cached=True,
+                                            latency_ms=ms)
+        if isinstance(exc, JudgeFailed):
             if exc.error.kind is JudgeErrorKind.BUDGET:
                 # Not judged, on purpose: the refusals are counted in the budget's metrics
                 # and dead-lettered; a WARNING each would flood a run that ran out.
                 log.debug("item %r not judged: %s", item.id, exc.error)
                 return ScoreResult.failure(item.id, ResultStatus.BUDGET_EXCEEDED,
-                                           str(exc.error), attempts=0, latency_ms=ms())
+                                           str(exc.error), attempts=0, latency_ms=ms)
             if owner:
                 log.warning("item %r failed for good after %d attempt(s): %s", item.id,
                             exc.attempts, exc.error)
             return ScoreResult.failure(item.id, ResultStatus.FAILED, str(exc.error),
-                                       attempts=exc.attempts if owner else 0, latency_ms=ms())
-        except TimeoutError:
+                                       attempts=exc.attempts if owner else 0, latency_ms=ms)
+        if isinstance(exc, TimeoutError):
             log.warning("item %r timed out: its chunk's deadline passed before the judge "
                         "answered", item.id)
             return ScoreResult.failure(item.id, ResultStatus.TIMEOUT,
                                        "deadline passed before the judge answered",
-                                       latency_ms=ms())
-        except OUTAGE_ERRORS:
-            raise  # Redis is away (the rate limiter included): the task scores the chunk again
-        except Exception as exc:  # a bug must cost one item, not its chunk
-            log.exception("scoring item %r failed", item.id)
-            return ScoreResult.failure(item.id, ResultStatus.FAILED,
-                                       f"internal error: {type(exc).__name__}: {exc}",
-                                       latency_ms=ms())
-        if owner:
-            return ScoreResult.from_verdict(item.id, outcome.verdict, cached=outcome.cached,
-                                            attempts=outcome.attempts, latency_ms=ms())
-        return ScoreResult.from_verdict(item.id, outcome.verdict, cached=True, latency_ms=ms())
+                                       latency_ms=ms)
+        if not isinstance(exc, Exception):
+            raise exc  # KeyboardInterrupt, SystemExit: not an item's failure
+        # A bug must cost one item, not its chunk.
+        log.error("scoring item %r failed", item.id, exc_info=exc)
+        return ScoreResult.failure(item.id, ResultStatus.FAILED,
+                                   f"internal error: {type(exc).__name__}: {exc}",
+                                   latency_ms=ms)
 
     async def _resolve(self, spec: JudgeSpec, item: ScoreItem, fingerprint: str,
                        claim: Claim, token: str, deadline: float) -> Outcome:
@@ -248,3 +268,55 @@ class ChunkScorer:
                 self._storms.retried(call_status(exc))
             # The cache renews our lock while we back off (see ``JudgeCache``).
             await asyncio.sleep(decision.delay_s)
+
+
+def _raise_outage(tasks: Sequence[asyncio.Task[Outcome]]) -> None:
+    """Raise the first Redis outage (``OUTAGE_ERRORS``) among the finished ``tasks``: Redis
+    is away (the rate limiter's included), so the task scores the chunk again."""
+    for task in tasks:
+        if task.done() and not task.cancelled():
+            exc = task.exception()
+            if isinstance(exc, OUTAGE_ERRORS):
+                raise exc
+
+
+async def _wait_until(tasks: Sequence[asyncio.Task[Outcome]], deadline: float
+                      ) -> dict[asyncio.Task[Outcome], float]:
+    """Wait until every task of ``tasks`` is done, one of them failed with a Redis outage
+    (``OUTAGE_ERRORS``: nothing more can be stored), or ``deadline`` (loop time) passed.
+
+    One future, one timer and one callback per task, for the whole chunk; no task is
+    cancelled. Returns when each finished task did (loop time; the call's start for those
+    done before it), without the tasks still running.
+    """
+    loop = asyncio.get_running_loop()
+    now = loop.time()
+    finished_at = {task: now for task in tasks if task.done()}
+    running = [task for task in tasks if not task.done()]
+    if not running or now >= deadline:
+        return finished_at
+    woken: asyncio.Future[None] = loop.create_future()
+    left = len(running)
+
+    def wake(_: object = None) -> None:
+        if not woken.done():
+            woken.set_result(None)
+
+    def on_done(task: asyncio.Task[Outcome]) -> None:
+        nonlocal left
+        finished_at[task] = loop.time()
+        left -= 1
+        if left == 0 or (not task.cancelled()
+                         and isinstance(task.exception(), OUTAGE_ERRORS)):
+            wake()
+
+    for task in running:
+        task.add_done_callback(on_done)
+    timer = loop.call_at(deadline, wake)
+    try:
+        await woken
+    finally:
+        timer.cancel()
+        for task in running:
+            task.remove_done_callback(on_done)
+    return finished_at
