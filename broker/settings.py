@@ -135,10 +135,14 @@ class Settings(BaseSettings):
         default="default", min_length=1, max_length=128,
         description="The run the budget is kept for (a name; spend is counted per run).")
     judge_transport: Literal["direct", "aiohttp", "httpx"] = Field(
-        default="aiohttp",
+        default="direct",
         description="How workers POST to the judge: direct (one aiohttp session per "
-                    "endpoint, no SDK), or the openai SDK's AsyncOpenAI on its aiohttp or "
-                    "httpx transport. Same errors, retries and failover on each.")
+                    "endpoint, no SDK) is the default: the openai SDK's request building "
+                    "and httpx2 layers cost more CPU than the rest of a judged item (rewardq "
+                    "bench, 2 cores: ours 1.81 -> 1.03 ms per item; benchmarks/PROFILE.md); "
+                    "aiohttp or httpx: the SDK's AsyncOpenAI on that transport (e.g. to send "
+                    "the OPENAI_ORG_ID/OPENAI_PROJECT_ID headers). Same errors, retries and "
+                    "failover on each.")
     judge_timeout_s: float = Field(default=30.0, gt=0)
     judge_max_attempts: int = Field(default=5, ge=1)
     judge_rpm: int | None = Field(default=None, gt=0)
