@@ -1,8 +1,9 @@
 """Per-process worker resources: the asyncio bridge and what lives on its loop.
 
 Built lazily on a process's first task (after Celery forked or started its pool), torn
-down at worker shutdown: one loop thread, one ``AsyncOpenAI`` client, one asyncio
-Redis client and one ``ChunkScorer``, shared by every greenlet of the process.
+down at worker shutdown: one loop thread, one ``JudgeClient`` (its HTTP sessions, one
+per judge endpoint), one asyncio Redis client and one ``ChunkScorer``, shared by every
+greenlet of the process.
 """
 
 from __future__ import annotations
