@@ -209,8 +209,11 @@ def _cold_step(rpm: int | None, tpm: int | None, workers: int, items: int,
             stats = stack.judge.stats()
         finally:
             bench.close()
-    return _Step(run, sampler.samples, sampler.token_samples, marks["start"], marks["end"],
-                 stats, judge_nice)
+    # The judge's counters were reset just before the step started: count from there.
+    start = marks["start"]
+    samples = [(start, 0)] + [(t, c) for t, c in sampler.samples if t > start]
+    token_samples = [(start, 0)] + [(t, c) for t, c in sampler.token_samples if t > start]
+    return _Step(run, samples, token_samples, start, marks["end"], stats, judge_nice)
 
 
 def measure(rpm: int | None, workers: int, items: int, latency_ms: float,
