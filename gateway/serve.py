@@ -58,6 +58,9 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = GATEWAY_PORT,
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             access_log=access_log, lifespan="on", server_header=False)
     sock = config.bind_socket()
+    # Listening before it says so: a client that acts on the line below queues in the
+    # backlog until the app has started, instead of being refused (uvicorn listens later).
+    sock.listen(config.backlog)
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     print(f"rewardq gateway listening on http://{shown}:{bound_port}", flush=True)

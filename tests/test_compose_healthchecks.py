@@ -39,7 +39,10 @@ def healthcheck(service: str) -> list[str]:
 
 
 def run(argv: list[str], env: dict[str, Any] | None = None) -> int:
+    """The command's exit status (its stderr, if any, on ours for a failing test's log)."""
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    if done.returncode:
+        print(f"{argv[:2]}... exited {done.returncode}: {done.stderr[-2000:]}")
     return done.returncode
 
 
