@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
                    + (f" of {result['token_limit_per_s']:,.0f}" if args.tpm else "")]
         print(f"  wall {result['wall_s']:.2f} s, {result['judge_requests']} judge requests, "
               f"{'; '.join(allowed)}: utilization ({result['binding_limit']}) "
-              f"{result['utilization']:.3f} "
+              f"{result['utilization']:.4f} "
               f"({'ok' if use_ok else 'MISSED'}: goal >= {args.min_utilization:g}); "
               f"steady (10-90%) {'n/a' if steady is None else f'{steady:.3f}'}; "
               f"fill {_s(result['fill_s'])}, drain {_s(result['drain_s'])}", flush=True)

@@ -39,9 +39,9 @@ process bunches the few slots it had booked (about ``1 + rate * horizon_s / W`` 
 busy processes), a stall of every process at once at most ``rate * min(stall,
 horizon_s + W / rate, max_late_s)``. Measured in the same run against ask–sleep–ask
 (``benchmarks/bench_rate_limit_ab.py``, 3,000 RPM, every loop stalled about 10% of the
-time, a CPU hog): one busy process 0.98 of the limit instead of 0.85–0.91, four 0.99–1.0
-as before; busiest second 53–55 instead of 52–53; one Redis call per request instead of
-2–5.
+time, a CPU hog): one busy process 0.93–0.98 of the limit instead of 0.85–0.92, two to
+four 0.99 instead of 0.96–1.0; busiest second 53–55 instead of 52–53; one Redis call per
+request instead of 2–5.
 
 A request costing more tokens than the token burst gets a slot once the token stream is
 idle (its TAT has reached the slot) and then holds later requests back for its full
