@@ -272,16 +272,19 @@ def _factorize_integers(
     addresses, ``shift`` is log2 of the smallest object's size.
 
     Keys that span less than a few times their number (object addresses of uids made
-    together, dense group ids) are looked up in a table indexed by key, O(n); others are
-    sorted once, key and position packed into one int64 where they fit.
+    together, dense group ids) are looked up in a table indexed by key, O(n)
+    (:func:`_factorize_by_table`); others are sorted once, key and position packed into
+    one int64 where they fit.
     """
     size = len(keys)
-    positions = np.arange(size)
     if size <= 1:
+        positions = np.arange(size)
         return positions, positions
     low = int(keys.min())
     distance = int(keys.max()) - low
     span = distance >> shift
+    if span < _TABLE_SPAN * size:
+        return _factorize_by_table(keys, low, shift, span, out)
     key = keys - low  # wraps round past 2**63, which the unsigned view undoes
     if distance >= 2**63:
         key = key.view(np.uint64)
@@ -290,23 +293,13 @@ def _factorize_integers(
             key = key.view(np.int64)
     else:
         key >>= shift
-    if span < _TABLE_SPAN * size:
-        table = np.empty(span + 1, dtype=np.int64)
-        # Written back to front, so that where numpy writes in order, the first position
-        # of each key is the one left in the table.
-        table[key[::-1]] = positions[::-1]
-        first = _first_positions(table, key, positions)
-        leaders = np.flatnonzero(first == positions)
-        if len(leaders) == size:
-            return positions, positions
-        table[key[leaders]] = np.arange(len(leaders))  # now each key's group
-        return np.take(table, key, out=out), leaders
     order, sorted_keys = _argsort(key, span)
     new = np.empty(size, dtype=bool)
     new[0] = True
     np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=new[1:])
     group_starts = np.flatnonzero(new)
     if len(group_starts) == size:
+        positions = np.arange(size)
         return positions, positions
     # Equal keys sort by position, so a group's first element in ``order`` leads it.
     by_key = order[group_starts]
@@ -319,16 +312,50 @@ def _factorize_integers(
     return codes, np.flatnonzero(is_leader)
 
 
+def _factorize_by_table(
+    keys: npt.NDArray[np.int64], low: int, shift: int, span: int,
+    out: npt.NDArray[np.int64] | None,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """:func:`_factorize_integers` of keys whose ``(key - low) >> shift`` lie in
+    ``[0, span]``, through a table of ``span + 1`` positions: one scatter, two gathers.
+
+    The keys are laid out back to front once, so that the scatter that fills the table
+    leaves each key's first position where numpy writes in order, and every pass reads
+    and writes contiguous memory (a scatter through a reversed view was measured at
+    twice the time). Table and positions are int32 where the batch allows: half the
+    memory to miss in the cache.
+    """
+    size = len(keys)
+    dtype: type[np.signedinteger[Any]] = (
+        np.int32 if size <= np.iinfo(np.int32).max else np.int64)
+    backwards = np.subtract(keys[::-1], low)
+    backwards >>= shift
+    positions = np.arange(size - 1, -1, -1, dtype=dtype)  # of ``backwards``' elements
+    table: npt.NDArray[np.signedinteger[Any]] = np.empty(span + 1, dtype=dtype)
+    table[backwards] = positions
+    is_first = _first_positions(table, backwards, positions) == positions
+    leaders = np.flatnonzero(is_first[::-1])
+    if len(leaders) == size:
+        return leaders, leaders
+    key = backwards[::-1]
+    table[key[leaders]] = np.arange(len(leaders), dtype=dtype)  # now each key's group
+    codes = np.empty(size, dtype=np.int64) if out is None else out
+    codes[:] = table[key]
+    return codes, leaders
+
+
 def _first_positions(
-    table: npt.NDArray[np.int64], key: npt.NDArray[Any], positions: npt.NDArray[np.int64]
-) -> npt.NDArray[np.int64]:
+    table: npt.NDArray[np.signedinteger[Any]],
+    key: npt.NDArray[Any],
+    positions: npt.NDArray[np.signedinteger[Any]],
+) -> npt.NDArray[np.signedinteger[Any]]:
     """Each key's first position, given a ``table`` that holds *a* position of each key.
 
     numpy does not promise in which order a fancy assignment writes repeated indices; where
     some key's entry is not its first position, the first positions of the keys that show
     it (one of them is that key's first) are folded in with ``np.minimum.at``.
     """
-    first: npt.NDArray[np.int64] = table[key]
+    first: npt.NDArray[np.signedinteger[Any]] = table[key]
     late = first > positions
     if late.any():
         np.minimum.at(table, key[late], positions[late])
@@ -336,7 +363,7 @@ def _first_positions(
     return first
 
 
-# Keys spanning up to this many times their number go through a table (int64 entries), a
+# Keys spanning up to this many times their number go through a table (int32 entries), a
 # scatter and two gathers; wider ones are sorted.
 _TABLE_SPAN = 4
 
