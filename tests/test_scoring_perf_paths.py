@@ -7,6 +7,7 @@ interface, so each test decides what every call does."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -14,13 +15,16 @@ from typing import TypeVar
 
 import pytest
 import redis.asyncio as aioredis
+from hypothesis import given
+from hypothesis import strategies as st
 
 from broker.connections import OUTAGE_ERRORS, async_redis_client
 from broker.embedded import EmbeddedRedis, free_port
 from broker.errors import BrokerUnavailableError
-from broker.keys import cache_key, inflight_key, judge_fingerprint
+from broker.keys import cache_key, inflight_key, judge_fingerprint, judge_fingerprints
 from broker.rubrics import builtin_rubrics
 from broker.schemas import (
+    GroupSpec,
     JudgeSpec,
     JudgeVerdict,
     ResultStatus,
@@ -322,3 +326,81 @@ def test_a_broker_refusing_the_chunks_fails_the_submit_as_unavailable(
         with pytest.raises(BrokerUnavailableError, match="cannot enqueue chunk"):
             client.submit(submit_items(2000, "o"))
         client.redis.config_set("maxmemory", 0)
+
+
+# --- the fingerprint is the SHA-256 of the documented JSON, however it is computed ---
+
+def _documented_fingerprint(spec: JudgeSpec, item: ScoreItem) -> str:
+    """``judge_fingerprint``'s definition, spelled out with ``json.dumps`` of the list."""
+    rubric = item.rubric or ("correctness" if item.reference is not None else "quality")
+    material: list[object] = [spec.model, spec.prompt_version, spec.temperature,
+                              spec.max_tokens, rubric, item.prompt, item.response,
+                              item.reference]
+    if spec.score_mode != "parsed":
+        material.append(spec.score_mode)
+    if rubric in spec.rubrics:
+        material.append(spec.rubrics[rubric])
+    if spec.group is not None:
+        material += ["group", spec.group.mode, spec.group.size, item.uid]
+    blob = json.dumps(material, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+_TEXT = st.text(min_size=1, max_size=40)  # any code point: quotes, controls, emoji
+
+
+@given(spec=st.builds(
+           JudgeSpec, model=_TEXT, prompt_version=_TEXT,
+           temperature=st.floats(0, 2), max_tokens=st.integers(1, 10_000),
+           score_mode=st.sampled_from(["parsed", "logprobs"]),
+           rubrics=st.dictionaries(st.sampled_from(["correctness", "quality", "r1"]),
+                                   st.text(max_size=12), max_size=3),
+           group=st.one_of(st.none(), st.builds(
+               GroupSpec, mode=st.sampled_from(["listwise", "pairwise"]),
+               size=st.integers(2, 64)))),
+       items=st.lists(st.builds(
+           ScoreItem, id=st.just("i"), prompt=_TEXT, response=_TEXT,
+           reference=st.one_of(st.none(), st.text(max_size=20)),
+           uid=st.one_of(st.none(), _TEXT),
+           rubric=st.one_of(st.none(), st.sampled_from(["correctness", "quality", "r1"]))),
+           min_size=1, max_size=5))
+def test_batched_fingerprints_are_the_documented_sha256_of_the_json(
+        spec: JudgeSpec, items: list[ScoreItem]) -> None:
+    expected = [_documented_fingerprint(spec, item) for item in items]
+    assert judge_fingerprints(spec, items) == expected
+    assert [judge_fingerprint(spec, item) for item in items] == expected
+
+
+# --- cache hits at submit: one validation pass, the same results as one by one ---
+
+@given(verdicts=st.lists(st.builds(
+           JudgeVerdict, score=st.floats(0, 1), raw_score=st.floats(-1e6, 1e6),
+           usage=st.builds(Usage, prompt_tokens=st.integers(0, 10**6),
+                           completion_tokens=st.integers(0, 10**6)),
+           score_source=st.sampled_from(["parsed", "logprobs", "parsed_fallback"]),
+           agreement=st.one_of(st.none(), st.floats(0, 1))), min_size=1, max_size=8),
+       ids=st.lists(st.text(min_size=1, max_size=20), min_size=8, max_size=8))
+def test_cached_verdicts_become_the_results_from_verdict_builds(
+        verdicts: list[JudgeVerdict], ids: list[str]) -> None:
+    ids = ids[:len(verdicts)]
+    found = ScoreResult.from_cached_verdicts(ids, [v.model_dump_json() for v in verdicts])
+    assert [r.model_dump() for r in found] == [
+        ScoreResult.from_verdict(i, v, cached=True).model_dump()
+        for i, v in zip(ids, verdicts, strict=True)]
+
+
+def test_a_verdict_cached_before_a_field_existed_gets_the_verdicts_default() -> None:
+    [result] = ScoreResult.from_cached_verdicts(["a"], [b'{"score":0.5,"raw_score":5}'])
+    assert result.usage == Usage() and result.score_source == "parsed"
+    assert result.model_dump() == ScoreResult.from_verdict(
+        "a", JudgeVerdict(score=0.5, raw_score=5), cached=True).model_dump()
+
+
+@pytest.mark.parametrize("value", [
+    b'{"score":1.5,"raw_score":2}', b'{"raw_score":2}', b'{"score":0.2}', b"[0.2]",
+    b'{"score":0.2,"raw_score":2,"unknown":1}', b'{"score":0.2,"raw_score":2,"error":"e"}',
+    b'{"score":"0.2","raw_score":2}', b"not json"])
+def test_a_cached_value_that_is_not_a_verdict_is_refused(value: bytes) -> None:
+    with pytest.raises(ValueError):
+        ScoreResult.from_cached_verdicts(["a", "b"], [JudgeVerdict(
+            score=0.1, raw_score=1).model_dump_json().encode(), value])

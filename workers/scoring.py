@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from broker.connections import OUTAGE_ERRORS
 from broker.errors import JudgeError, JudgeErrorKind
-from broker.keys import judge_fingerprint
+from broker.keys import judge_fingerprints
 from broker.rubrics import RubricBook, builtin_rubrics
 from broker.schemas import JudgeSpec, JudgeVerdict, ResultStatus, ScoreChunk, ScoreItem, ScoreResult
 from monitoring.metrics import WorkerMetrics, call_status
@@ -127,7 +127,7 @@ class ChunkScorer:
                 the tasks still running).
         """
         loop = asyncio.get_running_loop()
-        fingerprints = [judge_fingerprint(spec, item) + suffix for item in items]
+        fingerprints = [fp + suffix for fp in judge_fingerprints(spec, items)]
         first_item = dict(zip(fingerprints, items, strict=True))
         token = uuid.uuid4().hex
         # Snapshot before awaiting anything: a task that finishes meanwhile stays joinable.
