@@ -1,4 +1,4 @@
-"""Time ``group_ids`` (uid -> dense group id) now against the two versions before it.
+"""Time ``group_ids`` (uid -> dense group id) now against the versions before it.
 
 The batch is a GRPO step's uids: ``--batch`` samples, one uuid4 string per prompt, each
 repeated ``--group`` times. It is timed in the forms a caller may hold:
@@ -14,7 +14,7 @@ repeated ``--group`` times. It is timed in the forms a caller may hold:
   text), which takes the slower exact path (a dict over the distinct objects);
 - ``int64 tensor`` and ``int64 tensor, shuffled``: group ids already hashed by the caller.
 
-Three implementations, called in turn, ``--repeats`` times each after a warm-up, in the
+The implementations, called in turn, ``--repeats`` times each after a warm-up, in the
 same run (medians, with ratios to ``now``):
 
 - ``loop``: the per-sample dict loop that ``group_ids`` first was (for a tensor, the
@@ -22,14 +22,19 @@ same run (medians, with ratios to ``now``):
   identity);
 - ``runs``: the version that found runs of one repeated object by their addresses and
   fell back to the loop for any other layout (kept below, verbatim in behaviour);
+- ``base`` (with ``--baseline REV``): ``group_ids`` as ``producer/penalties.py`` is at
+  git revision ``REV``, for a before -> after in one run;
 - ``now``: :func:`producer.penalties.group_ids`.
 
-All three are checked to give the same ids before timing.
+All are checked to give the same ids before timing. Each call follows calls of the
+others, so it does not find its data left warm in the caches by itself, as in a trainer
+step; called back to back, ``now`` on the shuffled array measured 1.5 ms where this
+benchmark gave 1.9 ms.
 
 Usage::
 
     .venv/bin/python benchmarks/bench_group_ids.py [--batch 131072] [--group 8] \\
-        [--device cpu|cuda] [--json FILE]
+        [--device cpu|cuda] [--baseline REV] [--forms FORM ...] [--json FILE]
 """
 
 from __future__ import annotations
@@ -37,8 +42,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import time
+import types
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -125,6 +132,19 @@ def _runs_all_distinct(values: npt.NDArray[Any]) -> bool:
     return len(set(values.tolist())) == len(values)
 
 
+def load_group_ids(rev: str) -> Callable[..., torch.Tensor]:
+    """``group_ids`` as ``producer/penalties.py`` is at git revision ``rev``."""
+    root = Path(__file__).resolve().parents[1]
+    source = subprocess.run(
+        ["git", "show", f"{rev}:producer/penalties.py"],
+        cwd=root, capture_output=True, text=True, check=True,
+    ).stdout
+    module = types.ModuleType(f"penalties_at_{rev}")
+    exec(compile(source, f"producer/penalties.py@{rev}", "exec"), module.__dict__)
+    function: Callable[..., torch.Tensor] = module.group_ids
+    return function
+
+
 # --- the benchmark --------------------------------------------------------------------------
 
 
@@ -185,6 +205,13 @@ def main(argv: list[str] | None = None) -> int:
         "--device", default="cpu", help="where the ids go, e.g. cuda (default: cpu)"
     )
     parser.add_argument("--json", type=Path, help="also write the results to this file")
+    parser.add_argument(
+        "--baseline", metavar="REV",
+        help="also time group_ids as it is at this git revision (column 'base')",
+    )
+    parser.add_argument(
+        "--forms", nargs="+", metavar="FORM", help="time only these forms of the uids"
+    )
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -193,51 +220,63 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    implementations: dict[str, Callable[..., torch.Tensor]] = {
+        "loop": group_ids_loop, "runs": group_ids_runs}
+    if args.baseline is not None:
+        implementations["base"] = load_group_ids(args.baseline)
+    implementations["now"] = group_ids
+    others = [name for name in implementations if name != "now"]
     inputs = make_inputs(args.batch, args.group, args.seed)
+    if args.forms:
+        inputs = {form: inputs[form] for form in args.forms}
     print(
         f"batch={args.batch} group={args.group} device={device} repeats={args.repeats} "
-        f"torch threads={torch.get_num_threads()}; medians in ms, same run"
+        f"torch threads={torch.get_num_threads()}"
+        + (f" base={args.baseline}" if args.baseline else "")
+        + "; medians in ms, same run"
     )
-    print(f"{'uids':<25}{'loop':>9}{'runs':>9}{'now':>9}{'loop/now':>10}{'runs/now':>10}"
-          f"{'now cpu':>9}")
+    print(f"{'uids':<25}" + "".join(f"{name:>9}" for name in implementations)
+          + "".join(f"{name + '/now':>10}" for name in others) + f"{'now cpu':>9}")
     results: dict[str, dict[str, float]] = {}
     for form, (loop_uids, uids) in inputs.items():
         expected = group_ids_loop(loop_uids, device=device)
-        for name, fn in (("runs", group_ids_runs), ("now", group_ids)):
-            if not torch.equal(fn(uids, device=device), expected):
+        for name in others[1:] + ["now"]:
+            if not torch.equal(implementations[name](uids, device=device), expected):
                 print(f"{form}: {name} disagrees with the loop", file=sys.stderr)
                 return 1
         medians = timed_medians(
             {
-                "loop": lambda loop_uids=loop_uids: group_ids_loop(loop_uids, device=device),
-                "runs": lambda uids=uids: group_ids_runs(uids, device=device),
-                "now": lambda uids=uids: group_ids(uids, device=device),
+                name: (lambda fn=fn, arg=loop_uids if name == "loop" else uids:
+                       fn(arg, device=device))
+                for name, fn in implementations.items()
             },
             args.repeats,
             sync,
         )
-        loop, runs, now = (medians[name][0] for name in ("loop", "runs", "now"))
+        now = medians["now"][0]
         results[form] = {
-            "loop_ms": loop, "runs_ms": runs, "now_ms": now,
-            "loop_over_now": loop / now, "runs_over_now": runs / now,
-            **{f"{name}_cpu_ms": medians[name][1] for name in ("loop", "runs", "now")},
+            **{f"{name}_ms": medians[name][0] for name in implementations},
+            **{f"{name}_over_now": medians[name][0] / now for name in others},
+            **{f"{name}_cpu_ms": medians[name][1] for name in implementations},
         }
-        print(f"{form:<25}{loop:>9.2f}{runs:>9.2f}{now:>9.2f}{loop / now:>9.1f}x"
-              f"{runs / now:>9.1f}x{medians['now'][1]:>9.2f}")
-    verl = [results[form] for form in ("object array", "object array, shuffled")]
-    print(f"verl's uid column, side by side / shuffled: {verl[0]['now_ms']:.2f} / "
-          f"{verl[1]['now_ms']:.2f} ms wall, {verl[0]['now_cpu_ms']:.2f} / "
-          f"{verl[1]['now_cpu_ms']:.2f} ms CPU (target <= {TARGET_MS} ms for 131,072)")
-
+        print(f"{form:<25}" + "".join(f"{medians[name][0]:>9.2f}" for name in implementations)
+              + "".join(f"{medians[name][0] / now:>9.2f}x" for name in others)
+              + f"{medians['now'][1]:>9.2f}")
     if args.json is not None:
         payload = {
             "batch": args.batch,
             "group": args.group,
             "device": str(device),
             "repeats": args.repeats,
+            "baseline": args.baseline,
             "median_ms": results,
         }
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    if "object array" in results and "object array, shuffled" in results:
+        verl = [results[form] for form in ("object array", "object array, shuffled")]
+        print(f"verl's uid column, side by side / shuffled: {verl[0]['now_ms']:.2f} / "
+              f"{verl[1]['now_ms']:.2f} ms wall, {verl[0]['now_cpu_ms']:.2f} / "
+              f"{verl[1]['now_cpu_ms']:.2f} ms CPU (target <= {TARGET_MS} ms for 131,072)")
     return 0
 
 

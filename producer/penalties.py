@@ -355,11 +355,11 @@ def _first_positions(
     some key's entry is not its first position, the first positions of the keys that show
     it (one of them is that key's first) are folded in with ``np.minimum.at``.
     """
-    first: npt.NDArray[np.signedinteger[Any]] = table[key]
+    first: npt.NDArray[np.signedinteger[Any]] = np.take(table, key)
     late = first > positions
     if late.any():
         np.minimum.at(table, key[late], positions[late])
-        first = table[key]
+        first = np.take(table, key)
     return first
 
 
