@@ -21,9 +21,11 @@ from kombu.messaging import Producer
 
 from broker.app import TASK_SCORE_CHUNK
 from broker.errors import BrokerUnavailableError
+from broker.keys import JOB_DONE_TTL_S, job_done_key
 
-__all__ = ["ChunkMeta", "PollingRedisBackend", "chunk_result", "item_results", "read_chunks",
-           "read_results_by_polling", "send_chunk", "send_chunks", "visible_chunks"]
+__all__ = ["ChunkMeta", "PollingRedisBackend", "announce_chunk_done", "chunk_result",
+           "item_results", "read_chunks", "read_results_by_polling", "send_chunk",
+           "send_chunks", "visible_chunks", "wait_for_chunk_done"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,41 @@ def item_results(meta: ChunkMeta) -> list[dict[str, Any]]:
     value = meta["result"]
     results: list[dict[str, Any]] = value["results"] if isinstance(value, dict) else value
     return results
+
+
+def announce_chunk_done(client: redis.Redis, task_id: str) -> None:
+    """Wake whoever waits for ``task_id``'s job: called once the chunk's result is stored.
+
+    The task id is ``<job id>-<chunk index>``. One pipelined LPUSH + EXPIRE. A lost
+    announcement (Redis away) costs its waiter one poll interval, nothing else: waiters
+    poll the results anyway.
+    """
+    job_id, _, index = task_id.rpartition("-")
+    if not job_id:
+        return
+    key = job_done_key(job_id)
+    pipe = client.pipeline(transaction=False)
+    pipe.lpush(key, index)
+    pipe.expire(key, JOB_DONE_TTL_S)
+    pipe.execute()
+
+
+def wait_for_chunk_done(client: redis.Redis, job_ids: Sequence[str], timeout_s: float
+                        ) -> bool:
+    """Block until a chunk of one of ``job_ids`` is announced done, or ``timeout_s``.
+
+    Returns whether one was: then every announcement of those jobs so far is consumed
+    (one wake-up for chunks that finished together), and results stored before them are
+    readable. Redis errors pass through.
+    """
+    keys = [job_done_key(job_id) for job_id in job_ids]
+    if not keys or timeout_s <= 0:
+        return False
+    # BLPOP's timeout is in seconds, 0 meaning forever: never round down to it.
+    if client.blpop(keys, timeout=max(timeout_s, 0.001)) is None:
+        return False
+    client.delete(*keys)
+    return True
 
 
 def send_chunk(app: Celery, args: list[Any], task_id: str) -> None:

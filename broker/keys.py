@@ -67,6 +67,10 @@ key                                    type    meaning, TTL
                                                ``workers.leases.ChunkLeases``); no TTL
 ``unacked`` / ``unacked_mutex``        HASH /  kombu's unacked messages by tag, and the lock
                                        STRING  of its restore sweep (``chunk_lease_s``)
+``rewardq:done:<job id>``              LIST    a chunk's index, pushed by the worker once
+                                               the chunk's result is stored: the producer
+                                               blocks on it (BLPOP) between polls instead
+                                               of sleeping; TTL ``JOB_DONE_TTL_S``
 ``celery-task-meta-<task id>``         STRING  Celery result of one chunk; TTL
                                                ``Settings.result_expires_s``
 =====================================  ======  ============================================
@@ -145,6 +149,15 @@ def judge_fingerprints(spec: JudgeSpec, items: Iterable[ScoreItem]) -> list[str]
 
 def _json_text(value: str | None) -> str:
     return "null" if value is None else _json_str(value)
+
+
+#: A job's "chunk done" list lives this long after its last push.
+JOB_DONE_TTL_S = 600
+
+
+def job_done_key(job_id: str) -> str:
+    """Key of the list of a job's chunks whose results were just stored."""
+    return f"{PREFIX}:done:{job_id}"
 
 
 def cache_key(fingerprint: str) -> str:

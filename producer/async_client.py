@@ -10,8 +10,9 @@ submit without being enqueued.
 
 Nothing here blocks the event loop: Redis work (the cache lookup and enqueueing of a
 submit, the one MGET per poll round over every outstanding chunk) runs on one
-dedicated thread, and waiting is ``asyncio.sleep``. One poller task per client serves
-every outstanding submit.
+dedicated thread, and waiting between rounds blocks on the jobs' "done" lists on a
+second one (woken as soon as a worker stores a chunk). One poller task per client
+serves every outstanding submit.
 
 A client belongs to one event loop at a time; used from a new loop (a second
 ``asyncio.run``), it starts afresh there.
@@ -101,6 +102,9 @@ class AsyncRewardClient:
         # One thread for every blocking Redis call: submits keep their order, and no
         # redis-py PubSub or pipeline is ever shared across threads.
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rewardq-io")
+        # Waiting between poll rounds blocks (BLPOP) on a thread of its own, so that it
+        # never holds up a submit on the I/O thread.
+        self._waiter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rewardq-wait")
         self._state: _Loop | None = None
         #: Celery tasks (chunks) this client has enqueued, for tests and metrics.
         self.chunks_sent = 0
@@ -175,7 +179,7 @@ class AsyncRewardClient:
                     f"job {pending.job_id}: {len(pending.pending_task_ids)} of "
                     f"{pending.chunk_count} chunk(s) still pending after {timeout}s")
             interval = _FIRST_POLL_S if fresh else min(interval * 1.5, _MAX_POLL_S)
-            await asyncio.sleep(interval)
+            await self._pause([pending], interval)
 
     async def result(self, pending: PendingScores, timeout: float | None = None
                      ) -> list[ScoreResult]:
@@ -204,6 +208,7 @@ class AsyncRewardClient:
     def close(self) -> None:
         """Release the thread and, if this client built it, the ``RewardClient``."""
         self._io.shutdown(wait=False, cancel_futures=True)
+        self._waiter.shutdown(wait=False, cancel_futures=True)
         if self._owns_client:
             self.client.close()
 
@@ -225,6 +230,17 @@ class AsyncRewardClient:
         """Run a blocking call (Redis) on this client's I/O thread, off the event loop."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._io, lambda: fn(*args, **kwargs))
+
+    async def _pause(self, pendings: list[PendingScores], timeout_s: float) -> None:
+        """Until a worker announces a stored chunk of one of ``pendings``, or
+        ``timeout_s`` (``RewardClient.wait_for_chunks``), without blocking the loop."""
+        if not pendings:
+            await asyncio.sleep(timeout_s)
+            return
+        loop = asyncio.get_running_loop()
+        job_ids = [p.job_id for p in pendings]
+        await loop.run_in_executor(
+            self._waiter, lambda: self.client.wait_for_chunks(job_ids, timeout_s))
 
     def _flush(self, state: _Loop) -> None:
         """Send the open batch (called by its timer, or when it is full)."""
@@ -293,7 +309,7 @@ class AsyncRewardClient:
                 for p, error in failures.items():
                     _fail(state.waiting.pop(p, ()), error)
             interval = _FIRST_POLL_S if finished else min(interval * 1.5, _MAX_POLL_S)
-            await asyncio.sleep(interval)
+            await self._pause(list(state.waiting), interval)
 
 
 async def _stopped(task: asyncio.Task[None]) -> None:

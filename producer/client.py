@@ -46,12 +46,12 @@ from broker.jobs import (
     read_results_by_polling,
     send_chunks,
     visible_chunks,
+    wait_for_chunk_done,
 )
 from broker.judge_core import judge_spec
 from broker.keys import SUBMIT_CACHE_HITS, cache_key, judge_fingerprints
 from broker.rubrics import rubric_book
 from broker.schemas import (
-    JudgeVerdict,
     ResultStatus,
     ScoreChunk,
     ScoreItem,
@@ -82,8 +82,11 @@ class RewardClient:
         settings: Redis URL, judge model and prompt version, chunk size, deadlines.
 
     Results are read from Celery's Redis result backend by polling the chunks' result
-    keys with one MGET per round (a few ms apart), not by pub/sub: no subscription can
-    miss a chunk that finished before it, and any number of threads may wait at once.
+    keys with one MGET per round, not by pub/sub: no subscription can miss a chunk that
+    finished before it, and any number of threads may wait at once. Between rounds the
+    waiter blocks on its job's "done" list (BLPOP, up to 25 ms), which a worker pushes
+    to once a chunk's result is stored: a result is read as soon as it lands, not a
+    poll interval later.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -177,6 +180,16 @@ class RewardClient:
             BrokerUnavailableError: the result backend could not be reached.
         """
         return read_chunks(self.app, self.redis, task_ids)
+
+    def wait_for_chunks(self, job_ids: Sequence[str], timeout_s: float) -> bool:
+        """Sleep up to ``timeout_s``, waking as soon as a worker announces a stored chunk
+        of one of ``job_ids`` (``broker.jobs.wait_for_chunk_done``); whether one did.
+        With Redis away this is a plain sleep: the next poll reports the outage."""
+        try:
+            return wait_for_chunk_done(self.redis, job_ids, timeout_s)
+        except redis.RedisError:
+            time.sleep(timeout_s)
+            return False
 
     def visible_chunks(self, task_ids: Sequence[str]) -> set[str] | None:
         """Which chunks Redis still knows (queued, held, or with a result); ``None`` when
@@ -406,7 +419,11 @@ class PendingScores:
                         f"job {self.job_id}: {len(self._pending)} of {self._chunk_count} "
                         f"chunk(s) still pending after {timeout}s")
                 return
-            time.sleep(interval if left is None else min(interval, left))
+            pause = interval if left is None else min(interval, left)
+            if outage_since is None:  # woken early by a worker that stored a chunk
+                self._client.wait_for_chunks([self.job_id], pause)
+            else:
+                time.sleep(pause)
             interval = min(interval * 1.5, _MAX_POLL_S)
 
     def _final(self) -> list[ScoreResult]:

@@ -35,7 +35,7 @@ from pydantic import ValidationError
 from broker.app import TASK_SCORE_CHUNK, create_app
 from broker.connections import redis_client, with_outage_retries
 from broker.errors import InvalidItemError
-from broker.jobs import chunk_result
+from broker.jobs import announce_chunk_done, chunk_result
 from broker.schemas import ResultStatus, ScoreChunk, ScoreItem, ScoreResult, parse_items
 from broker.settings import Settings
 from workers.dead_lettering import DeadLetterHook
@@ -70,9 +70,16 @@ def create_worker_app(settings: Settings) -> Celery:
         ShutdownWatchdog(runtime.close),  # last: the others have stopped when it exits
     ], patience_s=settings.redis_retry_s)
     hooks.connect_signals()
+    announcer = redis_client(settings)
+
+    def after_return(task: Task[Any, Any], status: str, retval: Any, task_id: str,
+                     *_: Any) -> None:
+        """Celery calls this once the result is stored: wake the producer waiting for it
+        (a failure here is logged by Celery; the producer's next poll finds the result)."""
+        announce_chunk_done(announcer, task_id)
 
     @app.task(name=TASK_SCORE_CHUNK, bind=True,  # type: ignore[untyped-decorator]
-              throws=(MalformedChunkError,))
+              throws=(MalformedChunkError,), after_return=after_return)
     def score_chunk(self: Task[Any, Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
         """Score one chunk; returns ``broker.jobs.chunk_result``: the items per status and
         one result JSON per item, in order."""
