@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import multiprocessing
 import os
 import sys
@@ -78,6 +77,7 @@ class _CounterSampler:
         self._judge = judge
         self.samples: list[tuple[float, int]] = []
         self.token_samples: list[tuple[float, int]] = []
+        self.in_flight_samples: list[tuple[float, int]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -98,11 +98,13 @@ class _CounterSampler:
                     stats = http.get(f"{self._judge.root}/stats").json()
                     count = int(stats["requests_total"])
                     tokens = _tokens(stats)
+                    in_flight = int(stats["in_flight"])
                 except (httpx.HTTPError, ValueError, KeyError):
                     continue
                 now = time.perf_counter()
                 self.samples.append((now, count))
                 self.token_samples.append((now, tokens))
+                self.in_flight_samples.append((now, in_flight))
 
 
 def _tokens(stats: dict[str, Any]) -> int:
@@ -147,13 +149,44 @@ def crossing_time(samples: list[tuple[float, int]], count: float) -> float | Non
     return None
 
 
-def steady_rate(samples: list[tuple[float, int]], total: int) -> float | None:
-    """Requests per second between 10% and 90% of ``total``."""
-    lo, hi = 0.1 * total, 0.9 * total
+def steady_rate(samples: list[tuple[float, int]], total: int, lo_share: float = 0.1,
+                hi_share: float = 0.9) -> float | None:
+    """Requests per second between 10% (``lo_share``) and 90% (``hi_share``) of
+    ``total``."""
+    lo, hi = lo_share * total, hi_share * total
     t_lo, t_hi = crossing_time(samples, lo), crossing_time(samples, hi)
     if t_lo is None or t_hi is None or t_hi <= t_lo:
         return None
     return (hi - lo) / (t_hi - t_lo)
+
+
+PHASES = ("fill", "ramp", "steady", "tail", "drain")
+
+
+def phases(samples: list[tuple[float, int]], in_flight: list[tuple[float, int]],
+           total: int, start: float, end: float, limit_per_s: float
+           ) -> dict[str, dict[str, float]] | None:
+    """Where the step's wall time went short of the limit, phase by phase.
+
+    fill: submit to the first judge request; ramp: to 10% of the requests; steady: to
+    90%; tail: to the last request; drain: to the results in hand. Per phase: seconds,
+    requests, ``lost`` = slots the limit allowed there minus requests made (they add
+    up to ``limit * wall - total``), and the judge's mean ``in_flight`` (calls at the
+    judge: the fleet's concurrency in use, times judge latency over round trip).
+    """
+    marks = [crossing_time(samples, c) for c in (1, 0.1 * total, 0.9 * total, total)]
+    if any(m is None for m in marks):
+        return None
+    edges = [start, *(m for m in marks if m is not None), end]
+    counts = [0, 1, 0.1 * total, 0.9 * total, total, total]
+    out = {}
+    for name, t0, t1, c0, c1 in zip(PHASES, edges, edges[1:], counts, counts[1:],
+                                    strict=False):
+        flights = [f for t, f in in_flight if t0 <= t < t1]
+        out[name] = {"s": round(t1 - t0, 3), "requests": round(c1 - c0, 1),
+                     "lost": round(limit_per_s * (t1 - t0) - (c1 - c0), 1),
+                     "in_flight": round(sum(flights) / len(flights), 2) if flights else 0.0}
+    return out
 
 
 def _renice(pid: int, nice: int) -> int:
@@ -172,6 +205,7 @@ class _Step:
     run: Run
     samples: list[tuple[float, int]]
     token_samples: list[tuple[float, int]]
+    in_flight_samples: list[tuple[float, int]]
     start: float
     end: float
     stats: dict[str, Any]
@@ -213,7 +247,9 @@ def _cold_step(rpm: int | None, tpm: int | None, workers: int, items: int,
     start = marks["start"]
     samples = [(start, 0)] + [(t, c) for t, c in sampler.samples if t > start]
     token_samples = [(start, 0)] + [(t, c) for t, c in sampler.token_samples if t > start]
-    return _Step(run, samples, token_samples, start, marks["end"], stats, judge_nice)
+    in_flight = [(t, c) for t, c in sampler.in_flight_samples if t > start]
+    return _Step(run, samples, token_samples, in_flight, start, marks["end"], stats,
+                 judge_nice)
 
 
 def measure(rpm: int | None, workers: int, items: int, latency_ms: float,
@@ -249,7 +285,14 @@ def measure(rpm: int | None, workers: int, items: int, latency_ms: float,
     fill_s = None if first is None else max(0.0, first - limited.start)
     drain_s = None if last is None else max(0.0, limited.end - last)
     capacity_per_s = None if free is None else free.run.judge_requests / free.run.wall_s
-    burst_s = RateLimit(rpm=rpm, tpm=tpm).burst_s
+    # The fleet's own ceiling while every call slot is busy: C calls / L per call.
+    # 10-60%: before any process has run out of items (the chunks are dealt out at the
+    # start, unevenly, so the tail runs on fewer processes).
+    bound_per_s = None if free is None else steady_rate(free.samples,
+                                                        free.run.judge_requests, 0.1, 0.6)
+    calls = workers * per_process
+    reachable = None if bound_per_s is None or limit_per_s is None else min(
+        limit_per_s, bound_per_s)
 
     def r4(x: float | None) -> float | None:
         return None if x is None else round(x, 4)
@@ -275,11 +318,18 @@ def measure(rpm: int | None, workers: int, items: int, latency_ms: float,
         "drain_s": None if drain_s is None else round(drain_s, 3),
         "capacity_requests_per_s": None if capacity_per_s is None else round(
             capacity_per_s, 2),
-        "utilization_of_reachable": None if capacity_per_s is None or limit_per_s is None
-        else round(throughput / min(limit_per_s, capacity_per_s), 4),
+        "concurrency_calls": calls,
+        "concurrency_bound_per_s": None if bound_per_s is None else round(bound_per_s, 2),
+        "round_trip_ms": None if bound_per_s is None else round(1000 * calls / bound_per_s, 1),
+        "utilization_of_reachable": None if reachable is None
+        else round(throughput / reachable, 4),
+        "steady_utilization_of_reachable": None if reachable is None or steady is None
+        else round(steady / reachable, 4),
+        "phases": None if limit_per_s is None else phases(
+            limited.samples, limited.in_flight_samples, run.judge_requests, limited.start,
+            limited.end, limit_per_s),
         "max_requests_in_any_1s": int(stats["max_requests_in_any_1s"]),
-        "limiter_bound_per_1s": None if limit_per_s is None
-        else math.floor(limit_per_s * (1 + burst_s) + 1e-9),
+        "limiter_bound_per_1s": RateLimit(rpm=rpm, tpm=tpm).peak_requests(),
         "max_in_flight": run.max_in_flight,
         "responses_by_status": stats["responses_by_status"],
         "failed": run.failed,
@@ -311,8 +361,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="also run each step without a limit: the fleet's own ceiling")
     parser.add_argument("--min-utilization", type=float, default=0.97,
                         help="goal: achieved / allowed over the step's wall time")
-    parser.add_argument("--max-per-s", type=int, default=55,
-                        help="goal: most judge requests in any 1 s window")
+    parser.add_argument("--max-per-s", type=int,
+                        help="goal: most judge requests in any 1 s window (default: the "
+                             "limit plus the judge's margin, RateLimit.peak_requests())")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     results, status = [], 0
@@ -325,7 +376,9 @@ def main(argv: list[str] | None = None) -> int:
         result = measure(args.rpm or None, args.workers, args.items, args.latency_ms,
                          per_process, args.cpu_hogs, args.judge_nice, args.capacity,
                          args.tpm or None)
-        peak_ok = not args.rpm or result["max_requests_in_any_1s"] <= args.max_per_s
+        bound = result["limiter_bound_per_1s"]
+        max_per_s = args.max_per_s if args.max_per_s is not None else bound
+        peak_ok = not args.rpm or result["max_requests_in_any_1s"] <= max_per_s
         use_ok = result["utilization"] >= args.min_utilization
         limited = result["utilization"] <= _UNLIMITED_FACTOR
         result.update(peak_ok=peak_ok, utilization_ok=use_ok, limiter_enforced=limited)
@@ -340,16 +393,22 @@ def main(argv: list[str] | None = None) -> int:
               f"({'ok' if use_ok else 'MISSED'}: goal >= {args.min_utilization:g}); "
               f"steady (10-90%) {'n/a' if steady is None else f'{steady:.3f}'}; "
               f"fill {_s(result['fill_s'])}, drain {_s(result['drain_s'])}", flush=True)
-        bound = result["limiter_bound_per_1s"]
-        print(f"  peak requests in any 1 s: {result['max_requests_in_any_1s']} "
-              f"({'no request limit' if bound is None else f'limiter bound {bound}'}; "
-              f"{'ok' if peak_ok else 'MISSED'}: goal <= {args.max_per_s}); "
+        print(f"  peak requests in any 1 s at the judge: {result['max_requests_in_any_1s']} "
+              f"({'no request limit' if bound is None else f'limit + burst {bound}'}; "
+              f"{'ok' if peak_ok else 'MISSED'}: goal <= {max_per_s}); "
               f"judge nice {result['judge_nice']}; max in flight {result['max_in_flight']}; "
               f"statuses {result['responses_by_status']}", flush=True)
-        if result["utilization_of_reachable"] is not None:
-            print(f"  without a limit the fleet does {result['capacity_requests_per_s']:.1f}/s "
-                  f"here: utilization of min(limit, that) "
-                  f"{result['utilization_of_reachable']:.3f}", flush=True)
+        if result["phases"] is not None:
+            print("  slots lost (limit x time - requests) by phase: " + ", ".join(
+                f"{name} {p['lost']:.1f} in {p['s']:.2f} s (in flight {p['in_flight']:.1f})"
+                for name, p in result["phases"].items()), flush=True)
+        if result["concurrency_bound_per_s"] is not None:
+            print(f"  concurrency bound C/L: {result['concurrency_calls']} calls / "
+                  f"{result['round_trip_ms']:.0f} ms per call (judge {args.latency_ms:g} ms) "
+                  f"= {result['concurrency_bound_per_s']:.1f}/s (unlimited run, 10-60%); "
+                  f"utilization of min(limit, C/L) {result['utilization_of_reachable']:.4f}, "
+                  f"steady {result['steady_utilization_of_reachable'] or 0:.4f}; unlimited "
+                  f"step {result['capacity_requests_per_s']:.1f}/s over its wall", flush=True)
         if not limited:
             print("  the fleet did not limit its rate at all: is REWARDQ_JUDGE_RPM wired "
                   "into the workers' judge calls (workers/rate_limit.py)?", flush=True)
