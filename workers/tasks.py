@@ -156,6 +156,10 @@ def parse_chunk_message(args: tuple[Any, ...], kwargs: dict[str, Any]
         problems = "; ".join(f"field {'.'.join(str(p) for p in e['loc'])!r}: {e['msg']}"
                              for e in exc.errors())
         raise MalformedChunkError(f"malformed chunk message: {problems}") from None
+    try:  # the common case, every item valid: one validation pass
+        return envelope.model_copy(update={"items": parse_items(raw_items)}), {}
+    except InvalidItemError:
+        pass  # item by item below, so that each bad one gets its own result
     valid: list[ScoreItem] = []
     invalid: dict[int, ScoreResult] = {}
     for position, raw in enumerate(raw_items):
