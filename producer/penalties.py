@@ -461,9 +461,10 @@ def _equal_objects(
 
 
 def _address_order(addresses: npt.NDArray[np.intp]) -> npt.NDArray[np.intp]:
-    """An order of ``addresses`` that ascends to within 1/65,536 of their span: a stable
-    radix sort of uint16 buckets, O(n), so that objects are read nearly in sequence, which
-    the CPU's prefetcher follows, rather than at random."""
+    """An order of ``addresses`` that ascends bucket by bucket, the buckets the least
+    power of two that cuts their span into at most 65,536: a stable radix sort of uint16,
+    O(n), so that objects are read nearly in sequence, which the CPU's prefetcher
+    follows, rather than at random."""
     low = int(addresses.min())
     shift = max((int(addresses.max()) - low).bit_length() - 16, 0)
     buckets = np.subtract(addresses, low)

@@ -17,6 +17,7 @@ from pydantic import SecretStr, ValidationError
 from producer.config import LengthPenaltyConfig
 from producer.penalties import (
     _TABLE_SPAN,
+    _address_order,
     _dense_integer_ids,
     _factorize_integers,
     _first_positions,
@@ -450,6 +451,27 @@ def test_first_positions_does_not_rely_on_numpy_write_order() -> None:
     assert _first_positions(table, key, positions).tolist() == [0, 1, 0, 3, 1, 0]
 
 
+@PROPERTY
+@given(
+    addresses=st.lists(st.integers(0, 2**47), min_size=2, max_size=80)
+    | st.lists(st.integers(2**40, 2**40 + 2**16 - 1), min_size=2, max_size=80),
+)
+def test_address_order_ascends_by_65536_buckets(addresses: list[int]) -> None:
+    array = np.array(addresses, dtype=np.intp)
+    order = _address_order(array)
+    assert sorted(order.tolist()) == list(range(len(addresses)))
+    span = max(addresses) - min(addresses)
+    bucket = 1  # the least power of two that cuts the span into at most 2**16 buckets
+    while span // bucket >= 2**16:
+        bucket *= 2
+    in_order = array[order]
+    # Never below an address before it by a bucket or more; within 2**16, sorted.
+    assert (in_order[1:] > np.maximum.accumulate(in_order)[:-1] - bucket).all()
+    if max(addresses) - min(addresses) < 2**16:
+        assert in_order.tolist() == sorted(addresses)
+        assert order.tolist() == sorted(range(len(addresses)), key=addresses.__getitem__)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_group_ids_on_cuda_match_the_reference() -> None:
     values = [3, 3, 1, 1, 3, 2, 2, 7]
@@ -484,6 +506,8 @@ def test_group_ids_rejects_unhashable_uids_and_bad_arrays() -> None:
         group_ids([["a"], ["a"]])
     with pytest.raises(TypeError, match="unhashable"):
         group_ids(["a", {"a"}])
+    with pytest.raises(TypeError, match="unhashable"):  # alone, a dict still hashes it
+        group_ids([None, ["a"], None])
     with pytest.raises(TypeError, match="integer"):
         group_ids(torch.tensor([0.0, 1.0]))
     with pytest.raises(ValueError, match="1-D"):
