@@ -89,11 +89,13 @@ def group_ids(
       reordering and Ray's pickling), then the distinct objects are checked by value
       with one ``set``. Equal uids that are distinct objects (rebuilt from text) are
       merged by a ``dict`` over the distinct objects only. 131,072 verl uids in groups of
-      8 take about 1.5 ms side by side, 2.5 ms shuffled, on one core of a loaded host
-      (``benchmarks/bench_group_ids.py``);
+      8 take 0.9-1.0 ms side by side, 1.8-1.9 ms shuffled, and 6.5-7 ms rebuilt from
+      text, on one core of a loaded 2-core host (``benchmarks/bench_group_ids.py``, each
+      call following other work, as in a trainer step; shuffled, 1.5 ms back to back);
     - a 1-D integer (or bool) tensor or numpy array holds group ids already, the fast
-      path for callers that hash uids themselves (any integers: they are made dense). On
-      an accelerator the ids are made dense there, without a copy to the host;
+      path for callers that hash uids themselves (any integers: they are made dense;
+      0.4-0.6 ms side by side, 0.9-1.0 ms shuffled, for 131,072 on the host). On an
+      accelerator the ids are made dense there, without a copy to the host;
     - any other 1-D numpy array (fixed-width strings, floats) is compared by value.
 
     Args:
@@ -156,9 +158,10 @@ def _host_group_ids(values: npt.NDArray[Any]) -> Tensor:
        integers) are grouped by :func:`_factorize_integers`, so that a layout shuffled
        after the repeat (verl's ``balance_batch``) costs no Python step per sample either.
     3. Value (object arrays): the distinct objects left, one per group so far, go through
-       one ``set``; only if two of them are equal (uids rebuilt from text) are they
-       merged by a ``dict`` in Python (:func:`_equal_objects`). This keeps ``dict``
-       semantics exact, and raises ``TypeError`` for an unhashable uid, as a dict would.
+       one ``set``, in address order; only if two of them are equal (uids rebuilt from
+       text) are they merged by a ``dict`` in Python (:func:`_equal_objects`). This keeps
+       ``dict`` semantics exact, and raises ``TypeError`` for an unhashable uid, as a dict
+       would.
     """
     # The ids go straight into torch's memory: a fresh 1 MB numpy result per call was
     # measured to cost more than the grouping itself where glibc trims the heap after it.
