@@ -14,8 +14,9 @@ repeated ``--group`` times. It is timed in the forms a caller may hold:
   text), which takes the slower exact path (a dict over the distinct objects);
 - ``int64 tensor`` and ``int64 tensor, shuffled``: group ids already hashed by the caller.
 
-The implementations, called in turn, ``--repeats`` times each after a warm-up, in the
-same run (medians, with ratios to ``now``):
+The implementations, called in turn (each round in another of their orders),
+``--repeats`` times each after a warm-up, in the same run (medians, with ratios to
+``now``):
 
 - ``loop``: the per-sample dict loop that ``group_ids`` first was (for a tensor, the
   loop over the same ids as a list of ints: that version hashed each element tensor by
@@ -29,12 +30,13 @@ same run (medians, with ratios to ``now``):
 All are checked to give the same ids before timing. Each call follows calls of the
 others, so it does not find its data left warm in the caches by itself, as in a trainer
 step; called back to back, ``now`` on the shuffled array measured 1.5 ms where this
-benchmark gave 1.9 ms.
+benchmark gave 1.8-1.9 ms.
 
 Usage::
 
     .venv/bin/python benchmarks/bench_group_ids.py [--batch 131072] [--group 8] \\
-        [--device cpu|cuda] [--baseline REV] [--forms FORM ...] [--json FILE]
+        [--repeats 24] [--device cpu|cuda] [--baseline REV] [--forms FORM ...] \\
+        [--json FILE]
 """
 
 from __future__ import annotations
