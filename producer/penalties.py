@@ -275,8 +275,8 @@ def _factorize_integers(
     ``>> shift`` (of their distance to the smallest) are taken to be equal: for object
     addresses, ``shift`` is log2 of the smallest object's size.
 
-    Keys that span less than a few times their number (object addresses of uids made
-    together, dense group ids) are looked up in a table indexed by key, O(n)
+    Keys that span less than ``_TABLE_SPAN`` times their number (object addresses of uids
+    made together, dense group ids) are looked up in a table indexed by key, O(n)
     (:func:`_factorize_by_table`); others are sorted once, key and position packed into
     one int64 where they fit.
     """
