@@ -14,11 +14,17 @@ concurrency asked for (``--per-process 64 4``: a fresh stack for each). The judg
   The same samples give **fill** (submit to the first judge request) and **drain** (the
   last judge request to results in hand), each to about 50 ms: the part of the wall time
   that no limiter can use.
-- **peak**: ``max_requests_in_any_1s`` at the judge, against the limiter's bound
-  ``floor(R/60 * (1 + burst_s))`` (52 at 3,000 RPM) and the goal ``--max-per-s`` (55,
-  the judge's limit). The judge server itself enforces no limit here (``rpm_limit=0``):
-  only the fleet's limiter holds the rate, so a fleet that ignores the setting shows up
-  as a throughput far above the limit.
+- **slots lost by phase**: the limit's slots over each phase's time minus the requests
+  made in it, for fill, ramp (to 10% of the requests), steady (10-90%), tail (90% to
+  the last request) and drain; they add up to ``(1 - utilization) * limit * wall``.
+  With each the judge's mean ``in_flight``: a tail that runs with fewer calls in flight
+  is processes that ran out of items (a step's chunks are dealt out at its start), not
+  the limiter.
+- **peak**: ``max_requests_in_any_1s`` at the judge, against the limit plus the judge's
+  margin, ``RateLimit.peak_requests()`` (52 at 3,000 RPM: 20 ms of burst, 30 ms of
+  lateness), the default goal ``--max-per-s``. The judge server itself enforces no limit
+  here (``rpm_limit=0``): only the fleet's limiter holds the rate, so a fleet that
+  ignores the setting shows up as a throughput far above the limit.
 
 Usage::
 
@@ -27,9 +33,12 @@ Usage::
         [--judge-nice -10] [--capacity] [--json FILE]
 
 ``--capacity`` runs each step a second time without a limit (a fresh stack): what the
-fleet itself can do at that concurrency on this host. At a low per-process concurrency
-on a busy host that can be under the limit, and no limiter can use more than it; the
-bench then also reports utilization of min(limit, capacity).
+fleet itself can do at that concurrency on this host. Its rate between 10% and 60% of
+the requests, while every process still has items, is the **concurrency bound** C/L
+(C = workers x per-process calls, L the round trip per call: judge latency plus the
+fleet's own per-call time, printed). At a low per-process concurrency on a busy host
+that can be near or under the limit, and no limiter can use more than it; the bench then
+also reports utilization of min(limit, C/L), over the wall and steady.
 
 ``--cpu-hogs K`` keeps K busy-looping processes running through each measured step: a
 worker host that other work keeps busy, reproducibly (the limiter's waiters then wake

@@ -25,8 +25,10 @@ max_late_s)`` requests (``burst_s`` counts as at least one interval):
   (``rate * w + 1`` when that is more), whatever the order in which the fleet's calls
   reach Redis;
 - ``RateLimit.max_late_s``: how late after its slot a caller may go. One that would go
-  later books again (that slot is lost, the only loss the limiter makes). Lateness is
-  counted from when the booking was sent, so a reply read late counts too.
+  later books again (that slot is lost, the only loss the limiter makes). The slot is
+  placed on the process's clock by ``RedisClock``, which learns the offset to Redis's
+  clock from the fastest round trips, so a reply read late counts towards lateness and
+  no caller goes before its slot.
 
 The defaults, 20 ms and 30 ms, give 52 per second at 3,000 RPM (50/s), the bound that
 slots alone had with 50 ms of burst. (Before, 50 ms of burst plus a lateness allowance
@@ -76,6 +78,10 @@ DEFAULT_MAX_LATE_S = 0.03
 
 DEFAULT_HORIZON_S = 0.05
 """Default: a process books a new slot once its last one is less than 50 ms away."""
+
+CLOCK_AGING = 0.001
+"""How fast a Redis-clock sample loses weight: 1 ms of round trip per second of age
+(worse than any clock's drift), so a newer sample replaces it in time."""
 
 CHARS_PER_TOKEN = 4
 TOKENS_PER_MESSAGE = 3
@@ -329,6 +335,33 @@ class Reservation:
         return self.now_us + round(self.wait_s * 1_000_000)
 
 
+class RedisClock:
+    """Redis server time on this process's loop clock, learnt from the limiter's calls.
+
+    A reply's Redis ``now`` lies between the moment its call was sent and the moment
+    the reply was read. The call with the shortest round trip pins the offset between
+    the two clocks best (NTP's rule), to within half that round trip; a sample ages by
+    :data:`CLOCK_AGING`, so newer ones replace it as the clocks drift apart. No I/O.
+    """
+
+    def __init__(self) -> None:
+        self._offset = 0.0  # Redis time - loop time, seconds
+        self._rtt = math.inf
+        self._at = 0.0
+
+    def observe(self, sent: float, read: float, redis_now: float) -> None:
+        """One call: sent and its reply read at these loop times; Redis said ``now``."""
+        rtt = read - sent
+        if rtt <= self._rtt + (sent - self._at) * CLOCK_AGING:
+            self._offset, self._rtt, self._at = redis_now - (sent + read) / 2, rtt, sent
+
+    def window(self, redis_time: float, now: float) -> tuple[float, float]:
+        """The loop times between which ``redis_time`` falls (``now``: the loop time)."""
+        error = (self._rtt + (now - self._at) * CLOCK_AGING) / 2
+        centre = redis_time - self._offset
+        return centre - error, centre + error
+
+
 @dataclass(frozen=True, slots=True)
 class Admission:
     """What :meth:`RedisRateLimiter.admit` did for one request.
@@ -372,6 +405,7 @@ class RedisRateLimiter:
         # ``_last_slot``: the loop time of the latest slot booked here.
         self._booking = asyncio.Lock()
         self._last_slot = -math.inf
+        self._clock = RedisClock()
 
     def _outage(self, exc: Exception) -> BrokerUnavailableError:
         return BrokerUnavailableError(f"rate limiter for {self.model!r}: {exc}")
@@ -439,12 +473,12 @@ class RedisRateLimiter:
         waiters until the process's last booked slot is within ``limit.horizon_s``,
         books the next free slot of the fleet (however far ahead that is), and goes at
         it (or, woken late, as soon as it runs). A caller that would go more than
-        ``limit.max_late_s`` after its slot books again. Its lateness is counted from
-        the moment the booking was *sent* (Redis's ``now`` is no earlier), so a reply
-        read late counts against it too, while the sleep runs from the reply's arrival,
-        so it never goes before its slot. Cancel it (or wrap it in a timeout) to give
-        up: nothing is booked while it queues, and a booked slot that is still the
-        last one of the fleet is given back.
+        ``limit.max_late_s`` after its slot books again. The slot is placed on the loop's
+        clock by :class:`RedisClock` (to about half the fastest round trip to Redis) or,
+        where that is tighter, by the booking's own round trip: the caller never goes
+        before its slot, and a reply read late counts towards its lateness. Cancel it
+        (or wrap it in a timeout) to give up: nothing is booked while it queues, and a
+        booked slot that is still the last one of the fleet is given back.
 
         Args:
             tokens: the request's estimated token cost (see :func:`estimate_tokens`);
@@ -471,18 +505,25 @@ class RedisRateLimiter:
                     await asyncio.sleep(ahead_s)
                 asked = loop.time()
                 answer = await self.reserve(tokens)
+                read = loop.time()
                 bookings += 1
-                # The slot lies between asked + wait and the reply's arrival + wait.
-                slot = loop.time() + answer.wait_s
-                self._last_slot = max(self._last_slot, slot)
-            if answer.wait_s > 0:
+                # The slot lies between asked + wait and read + wait (Redis's `now` lies
+                # between the call and its reply), and within the clock's window of it:
+                # go at the earliest time sure to be no earlier than the slot, and count
+                # lateness from the latest time sure to be no later.
+                self._clock.observe(asked, read, answer.now_us / 1_000_000)
+                earliest, latest = self._clock.window(answer.slot_us / 1_000_000, read)
+                slot_from = max(asked + answer.wait_s, earliest)
+                go_at = min(read + answer.wait_s, latest)
+                self._last_slot = max(self._last_slot, go_at)
+            if go_at > loop.time():
                 try:
-                    await asyncio.sleep(answer.wait_s)
+                    await asyncio.sleep(go_at - loop.time())
                 except asyncio.CancelledError:
                     self._give_back(answer)
                     raise
             now = loop.time()
-            late_s = now - (asked + answer.wait_s)
+            late_s = now - slot_from
             if late_s <= self.limit.max_late_s:
                 return Admission(waited_s=now - started, slot_us=answer.slot_us,
                                  late_s=late_s, bookings=bookings)
