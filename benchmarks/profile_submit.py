@@ -2,9 +2,11 @@
 
 Starts an embedded Redis only (no workers: the chunks stay queued), submits ``--steps``
 steps of N fresh items under ``cProfile``, and prints the wall and CPU time of each
-submit without the profiler first, then the functions with the most own time and the
-call counts that say how many round trips and validations a submit makes. The profiler
-counts CPU time (``time.process_time``), so waits on Redis and a loaded host do not show.
+submit without the profiler first, then the warm step (the N items of one step with
+every verdict already cached, as a worker would have left them: ``submit().result()``,
+``--steps`` times), then the functions with the most own time and the call counts that
+say how many round trips and validations a submit makes. The profiler counts CPU time
+(``time.process_time``), so waits on Redis and a loaded host do not show.
 
 Usage::
 
@@ -26,6 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from broker.embedded import EmbeddedRedis  # noqa: E402
+from broker.keys import cache_key, judge_fingerprints  # noqa: E402
+from broker.schemas import JudgeVerdict, Usage, parse_items  # noqa: E402
 from broker.settings import Settings  # noqa: E402
 from producer.client import RewardClient  # noqa: E402
 from rewardq.bench import make_items  # noqa: E402
@@ -35,9 +39,10 @@ COUNTED = [
     ("Redis commands sent (redis-py execute_command)", "client.py", "execute_command"),
     ("kombu publishes", "messaging.py", "_publish"),
     ("Celery send_task", "base.py", "send_task"),
-    ("pydantic model_validate", "main.py", "model_validate"),
+    ("pydantic TypeAdapter.validate_python (all items at once)", "type_adapter.py",
+     "validate_python"),
     ("pydantic model_dump", "main.py", "model_dump"),
-    ("judge_fingerprint", "keys.py", "judge_fingerprint"),
+    ("judge_fingerprints (one call for the step)", "keys.py", "judge_fingerprints"),
     ("json.dumps", "__init__.py", "dumps"),
 ]
 
@@ -60,6 +65,7 @@ def main() -> int:
                 client.submit(items)
                 walls.append((time.perf_counter() - wall) * 1000)
                 cpus.append((time.process_time() - cpu) * 1000)
+            warm_walls, warm_cpus = warm_step(client, args.items, args.steps)
             steps = [make_items(args.items, f"prof-{uuid.uuid4().hex[:8]}")
                      for _ in range(args.steps)]
             profiler = cProfile.Profile(time.process_time)  # CPU, not wall: a loaded host
@@ -72,6 +78,9 @@ def main() -> int:
     print(f"submit() of {args.items} items, {args.steps} steps, no profiler: wall median "
           f"{statistics.median(walls):.1f} ms ({', '.join(f'{w:.0f}' for w in walls)}), "
           f"CPU median {statistics.median(cpus):.1f} ms")
+    print(f"warm step (all {args.items} cached), submit().result(), {args.steps} steps: wall "
+          f"median {statistics.median(warm_walls):.1f} ms, CPU median "
+          f"{statistics.median(warm_cpus):.1f} ms")
     stats = pstats.Stats(profiler)
     print("calls per submit:")
     for label, file_part, function in COUNTED:
@@ -82,6 +91,23 @@ def main() -> int:
     pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(args.top)
     print(out.getvalue())
     return 0
+
+
+def warm_step(client: RewardClient, n: int, steps: int) -> tuple[list[float], list[float]]:
+    """Wall and CPU ms of ``steps`` warm steps: n items whose verdicts are all cached."""
+    items = make_items(n, f"warm-{uuid.uuid4().hex[:8]}")
+    verdict = JudgeVerdict(score=0.9, raw_score=9.0, usage=Usage(
+        prompt_tokens=120, completion_tokens=4)).model_dump_json()
+    client.redis.mset({cache_key(fp): verdict for fp in judge_fingerprints(
+        client.spec, client.rubrics.assign(parse_items(items)))})
+    walls, cpus = [], []
+    for _ in range(steps):
+        cpu, wall = time.process_time(), time.perf_counter()
+        results = client.submit(items).result(timeout=30)
+        walls.append((time.perf_counter() - wall) * 1000)
+        cpus.append((time.process_time() - cpu) * 1000)
+        assert len(results) == n and all(r.cached for r in results)
+    return walls, cpus
 
 
 if __name__ == "__main__":
