@@ -20,9 +20,11 @@ and scores a step of N items with distinct content in each of these ways:
 Every phase reports its wall time, items/s and CPU seconds per item of *our* processes
 (the bench process = the producer, the worker processes, the asyncio child), read from
 ``/proc/<pid>/stat`` — never the judge server's; Redis' and the judge's CPU are shown
-beside it, with Redis commands per item and the result delivery lag (last chunk
-stored → ``result()`` returned). Together they give the host's CPU bound, cores /
-CPU per item: on a small machine that, not ``ideal``, is the floor the fleet meets.
+beside it, with Redis commands per item, the result delivery lag (last chunk
+stored → ``result()`` returned) and the step overhead (wall minus the longest time a
+worker spent scoring one of the step's items: what the pipeline adds to the judge).
+Together they give the host's CPU bound, cores / CPU per item: on a small machine that,
+not ``ideal``, is the floor the fleet meets.
 Timed phases are interleaved per repeat (so load from other users of the machine hits
 all of them alike), each repeat on a fresh item set, and the medians are reported.
 One untimed warm-up step first opens the connection pools and builds the workers'
@@ -115,6 +117,10 @@ class Run:
     judge_requests: int = 0
     max_in_flight: int = 0
     delivery_ms: float = 0.0  #: last chunk's result stored -> ``result()`` returned
+    #: wall minus the longest in-worker scoring of an item (``latency_ms``: its chunk's
+    #: start to its verdict): submit, queue, task, result and delivery — the per-step
+    #: constant the pipeline adds to the judge's own time
+    overhead_ms: float = 0.0
     chunks: int = 0  #: Celery tasks enqueued
     first_result_s: float = 0.0  #: start -> first result in hand (per-item, streaming)
 
@@ -145,6 +151,7 @@ class Phase:
     judge_requests: int = 0
     max_in_flight: int = 0
     delivery_ms: float = 0.0
+    overhead_ms: float = 0.0
     chunks: int = 0
     first_result_ms: float = 0.0
     failed: int = 0
@@ -338,8 +345,10 @@ class Bench:
         results = pending.result(timeout=self.stack.settings.chunk_deadline_s, partial=True)
         ended = time.perf_counter()
         last_stored = pending.finished_at_perf()
+        judged = [r.latency_ms for r in results if not r.cached]
         return Run(wall_s=ended - started, items=len(items), failed=_count_failed(results),
                    delivery_ms=(ended - last_stored) * 1000 if last_stored else 0.0,
+                   overhead_ms=(ended - started) * 1000 - max(judged) if judged else 0.0,
                    chunks=pending.chunk_count)
 
     def per_item_step(self, items: list[dict[str, Any]]) -> Run:
@@ -423,6 +432,7 @@ def summarize(name: str, runs: list[Run], *, scale_to: int | None = None,
                  judge_requests=int(statistics.median(r.judge_requests for r in runs)),
                  max_in_flight=max(r.max_in_flight for r in runs),
                  delivery_ms=statistics.median(r.delivery_ms for r in runs),
+                 overhead_ms=statistics.median(r.overhead_ms for r in runs),
                  chunks=int(statistics.median(r.chunks for r in runs)),
                  first_result_ms=statistics.median(r.first_result_s for r in runs) * 1000,
                  failed=sum(r.failed for r in runs),
@@ -587,7 +597,9 @@ def format_table(report: dict[str, Any]) -> str:
     lines.append(f"rewardq/asyncio {r['rewardq_over_asyncio']:.3f}   "
                  f"rewardq/ideal {r['rewardq_over_ideal']:.3f}   "
                  f"sync/rewardq {r['sync_over_rewardq']:.1f}   warm {r['warm_ms']:.1f} ms   "
-                 f"result delivery lag {report['phases']['rewardq']['delivery_ms']:.1f} ms")
+                 f"result delivery lag {report['phases']['rewardq']['delivery_ms']:.1f} ms   "
+                 f"step overhead {report['phases']['rewardq']['overhead_ms']:.1f} ms "
+                 f"(wall - longest in-worker scoring)")
     pi, st = report["per_item"], report["streaming"]
     lines.append(f"per-item/batch {pi['ratio']:.3f} (per-item {pi['wall_s']:.3f} s, batch "
                  f"{pi['batch_wall_s']:.3f} s; per repeat {pi['ratio_per_repeat']})   "

@@ -51,6 +51,9 @@ def test_bench_writes_every_phase_ratio_and_per_item_figures(tmp_path: Path) -> 
     # duplicates step judged each distinct pair once (64 - round(0.3 * 64) = 45).
     assert phases["asyncio"]["judge_requests"] == 64
     assert phases["rewardq"]["judge_requests"] == 64
+    # The step's overhead: its wall less the longest in-worker scoring, a part of it.
+    assert 0 < phases["rewardq"]["overhead_ms"] < phases["rewardq"]["wall_s"] * 1000
+    assert phases["rewardq_warm"]["overhead_ms"] == 0  # nothing judged
     assert phases["rewardq_warm"]["judge_requests"] == 0
     assert phases["rewardq_dup"]["judge_requests"] == 45
     assert phases["rewardq_per_item"]["judge_requests"] == 64
