@@ -31,8 +31,16 @@ max_late_s)`` requests (``burst_s`` counts as at least one interval):
   no caller goes before its slot.
 
 The defaults, 20 ms and 30 ms, give 52 per second at 3,000 RPM (50/s), the bound that
-slots alone had with 50 ms of burst. (Before, 50 ms of burst plus a lateness allowance
-of 250 ms: slots held 52 per second, the judge counted 53–55.)
+slots alone had with 50 ms of burst. Measured on the full stack, same runs, against 50 ms
+of burst and 250 ms of lateness before (``benchmarks/bench_rate_limit.py``, 4 workers at
+2, 4 and 64 calls each, with and without 2 CPU hogs): busiest second at the judge 52–57
+before, 51–53 after (53 twice in 12 steps, both at 4 calls each with the hogs: a send
+leaves the loaded host after the limiter let it go); steady utilization 0.998–1.0 at 4
+and 64 calls each, either way. The price is the slots of callers woken more than 30 ms
+late: with a thread holding every process's GIL a fifth of the time
+(``benchmarks/bench_rate_limit_ab.py --gil-duty 0.2 --cpu-hogs 2``) 8% of requests book
+again and 2 or 4 callers per process use 0.89–0.90 of the limit instead of 0.93–0.99
+(0.98 instead of 1.0 with 16).
 
 A process also books only ``RateLimit.horizon_s`` ahead of itself: its waiters queue
 locally (FIFO) and book one at a time, each once the process's last booked slot is less
@@ -369,8 +377,8 @@ class Admission:
     Attributes:
         waited_s: seconds spent in the limiter.
         slot_us: the slot the caller went for, in Redis server time (us); 0 unlimited.
-        late_s: how long after that slot the caller went, at most (counted from when
-            the booking was sent); never above ``RateLimit.max_late_s``.
+        late_s: how long after that slot the caller went, at most (counted from the
+            earliest loop time the slot can be at); never above ``RateLimit.max_late_s``.
         bookings: script calls made (more than 1: a slot was missed, booked again).
     """
 
