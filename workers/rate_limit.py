@@ -34,10 +34,10 @@ The defaults, 20 ms and 30 ms, give 52 per second at 3,000 RPM (50/s), the bound
 slots alone had with 50 ms of burst. Measured on the full stack, same runs, against 50 ms
 of burst and 250 ms of lateness before (``benchmarks/bench_rate_limit.py``, 4 workers at
 2, 4 and 64 calls each, with and without 2 CPU hogs): busiest second at the judge 52–57
-before, 51–53 after (53 twice in 12 steps, both at 4 calls each with the hogs: a send
-leaves the loaded host after the limiter let it go); steady utilization 0.998–1.0 at 4
-and 64 calls each, either way. The price is the slots of callers woken more than 30 ms
-late: with a thread holding every process's GIL a fifth of the time
+in 12 steps before, 51–53 in 9 after (53 twice, both at 4 calls each with the hogs: a
+send leaves the loaded host after the limiter let it go); steady utilization at 4 and
+64 calls each 0.965–1.0 before, 0.997–1.0 after. The price is the slots of callers
+woken more than 30 ms late: with a thread holding every process's GIL a fifth of the time
 (``benchmarks/bench_rate_limit_ab.py --gil-duty 0.2 --cpu-hogs 2``) 8% of requests book
 again and 2 or 4 callers per process use 0.89–0.90 of the limit instead of 0.93–0.99
 (0.98 instead of 1.0 with 16).
