@@ -30,7 +30,8 @@ Usage::
 
     .venv/bin/python benchmarks/bench_rate_limit.py [--rpm 3000] [--workers 4]
         [--items 1500] [--latency-ms 100] [--per-process 64 4] [--cpu-hogs 0]
-        [--judge-nice -10] [--capacity] [--json FILE]
+        [--judge-nice -10] [--capacity] [--chunk-size 64] [--worker-concurrency 64]
+        [--json FILE]
 
 ``--capacity`` runs each step a second time without a limit (a fresh stack): what the
 fleet itself can do at that concurrency on this host. Its rate between 10% and 60% of
@@ -39,6 +40,11 @@ the requests, while every process still has items, is the **concurrency bound** 
 fleet's own per-call time, printed). At a low per-process concurrency on a busy host
 that can be near or under the limit, and no limiter can use more than it; the bench then
 also reports utilization of min(limit, C/L), over the wall and steady.
+
+The step's chunks are dealt out at its start (each worker takes up to
+``--worker-concurrency`` chunks of ``--chunk-size`` items ahead), unevenly: with few
+calls per process, the processes that got more items then run on alone, at their own
+C/L, in the tail. ``--chunk-size 8 --worker-concurrency 4`` deals them out as they go.
 
 ``--cpu-hogs K`` keeps K busy-looping processes running through each measured step: a
 worker host that other work keeps busy, reproducibly (the limiter's waiters then wake
@@ -223,10 +229,11 @@ class _Step:
 
 def _cold_step(rpm: int | None, tpm: int | None, workers: int, items: int,
                latency_ms: float, per_process: int, cpu_hogs: int,
-               judge_nice: int) -> _Step:
-    """One cold step of ``items`` on a fresh stack (``None``: no such limit)."""
-    settings = Settings(judge_rpm=rpm, judge_tpm=tpm,
-                        max_concurrent_requests=per_process).model_copy(
+               judge_nice: int, overrides: dict[str, Any]) -> _Step:
+    """One cold step of ``items`` on a fresh stack (``None``: no such limit), with other
+    ``Settings`` fields from ``overrides``."""
+    settings = Settings(judge_rpm=rpm, judge_tpm=tpm, max_concurrent_requests=per_process,
+                        **overrides).model_copy(
         update={"redis_url": None,
                 "judge_base_url": Settings.model_fields["judge_base_url"].default})
     with LocalStack(settings, workers=workers, judge_latency_ms=latency_ms) as stack:
@@ -263,18 +270,21 @@ def _cold_step(rpm: int | None, tpm: int | None, workers: int, items: int,
 
 def measure(rpm: int | None, workers: int, items: int, latency_ms: float,
             per_process: int, cpu_hogs: int = 0, judge_nice: int = 0,
-            capacity: bool = False, tpm: int | None = None) -> dict[str, Any]:
+            capacity: bool = False, tpm: int | None = None,
+            overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """One cold step of ``items`` under fleet-wide ``rpm``/``tpm`` limits; the judge's view.
 
     ``utilization`` is that of the binding limit (the larger of the two).
 
     With ``capacity``, the same step again without a limit, on a fresh stack: what the
     fleet can do at this concurrency on this host, the most any limiter could use.
+    ``overrides``: other ``Settings`` fields (``chunk_size``, ``worker_concurrency``).
     """
+    overrides = overrides or {}
     limited = _cold_step(rpm, tpm, workers, items, latency_ms, per_process, cpu_hogs,
-                         judge_nice)
+                         judge_nice, overrides)
     free = _cold_step(None, None, workers, items, latency_ms, per_process, cpu_hogs,
-                      judge_nice) if capacity else None
+                      judge_nice, overrides) if capacity else None
     run, stats = limited.run, limited.stats
     limit_per_s = rpm / 60 if rpm else None
     throughput = run.judge_requests / run.wall_s
@@ -309,6 +319,7 @@ def measure(rpm: int | None, workers: int, items: int, latency_ms: float,
     return {
         "rpm": rpm, "tpm": tpm, "workers": workers, "items": items, "latency_ms": latency_ms,
         "per_process_concurrency": per_process, "cpu_hogs": cpu_hogs,
+        "settings_overrides": overrides,
         "judge_nice": limited.judge_nice,
         "wall_s": round(run.wall_s, 3),
         "judge_requests": run.judge_requests,
@@ -373,8 +384,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-per-s", type=int,
                         help="goal: most judge requests in any 1 s window (default: the "
                              "limit plus the judge's margin, RateLimit.peak_requests())")
+    parser.add_argument("--chunk-size", type=int,
+                        help="items per Celery task (default: Settings.chunk_size, 64)")
+    parser.add_argument("--worker-concurrency", type=int,
+                        help="gevent pool size, so chunks each worker takes ahead "
+                             "(default: Settings.worker_concurrency, 64)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
+    overrides = {name: value for name, value in (
+        ("chunk_size", args.chunk_size), ("worker_concurrency", args.worker_concurrency))
+        if value is not None}
     results, status = [], 0
     for per_process in args.per_process:
         limits = ", ".join(f"{n:,} {unit} ({n / 60:,.1f}/s)" for n, unit in
@@ -384,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.cpu_hogs} cpu hogs ...", flush=True)
         result = measure(args.rpm or None, args.workers, args.items, args.latency_ms,
                          per_process, args.cpu_hogs, args.judge_nice, args.capacity,
-                         args.tpm or None)
+                         args.tpm or None, overrides)
         bound = result["limiter_bound_per_1s"]
         max_per_s = args.max_per_s if args.max_per_s is not None else bound
         peak_ok = not args.rpm or result["max_requests_in_any_1s"] <= max_per_s
