@@ -163,6 +163,74 @@ def test_every_waiter_of_a_batch_redis_refuses_gets_the_error() -> None:
     assert all(isinstance(o, OUTAGE_ERRORS) for o in outcomes), outcomes
 
 
+def test_waiters_on_other_owners_share_one_round_trip_per_round(redis_url: str) -> None:
+    """300 callers wait on 100 fingerprints another process holds: each gets the owner's
+    verdict, or ``None`` once its lock is gone without one or its deadline passed, and
+    the waiting costs two MGETs per watcher round, however many wait."""
+    fps = [f"w{i}" for i in range(100)]
+
+    async def body(client: aioredis.Redis, cache: JudgeCache) -> None:
+        owner = JudgeCache(client, ttl_s=60, lock_ttl_ms=60_000)
+        try:
+            assert {c.state for c in await owner.claim(fps, "owner")} == {ClaimState.OWNED}
+            assert {c.state for c in await cache.claim(fps, "me")} == {ClaimState.BUSY}
+            await client.config_resetstat()
+            loop = asyncio.get_running_loop()
+            far, near = loop.time() + 60, loop.time() + 0.05
+            waits = [asyncio.ensure_future(cache.wait_for_owner(fps[i % 100], far))
+                     for i in range(300)]
+            waits.append(asyncio.ensure_future(cache.wait_for_owner("w99", near)))
+            assert await waits[-1] is None  # its deadline passed while the lock is held
+            # So far only the waiting talked to Redis: two MGETs a round, nothing per waiter.
+            stats, rounds = await client.info("commandstats"), cache.watch_rounds
+            assert rounds >= 1
+            assert set(stats) - {"cmdstat_config", "cmdstat_info"} == {"cmdstat_mget"}, stats
+            assert stats["cmdstat_mget"]["calls"] in (2 * rounds, 2 * rounds - 2)  # one on its way
+            await asyncio.gather(*(owner.store(fp, verdict(i), "owner")
+                                   for i, fp in enumerate(fps[:90])))
+            await client.delete(*(inflight_key(fp) for fp in fps[90:]))  # owner died
+            found = await asyncio.gather(*waits[:300])
+            assert found == [verdict(i % 100) if i % 100 < 90 else None for i in range(300)]
+        finally:
+            await owner.close()
+
+    run_with_cache(redis_url, body)
+
+
+def test_a_cached_value_that_is_no_verdict_fails_its_waiters_only(redis_url: str) -> None:
+    async def body(client: aioredis.Redis, cache: JudgeCache) -> None:
+        await client.set(inflight_key("bad"), "owner")
+        await client.set(inflight_key("good"), "owner")
+        loop = asyncio.get_running_loop()
+        bad = asyncio.ensure_future(cache.wait_for_owner("bad", loop.time() + 60))
+        good = asyncio.ensure_future(cache.wait_for_owner("good", loop.time() + 60))
+        await asyncio.sleep(0.05)
+        await client.set(cache_key("bad"), "not a verdict")
+        await client.set(cache_key("good"), verdict(3).model_dump_json())
+        with pytest.raises(ValueError):
+            await bad
+        assert await good == verdict(3)
+
+    run_with_cache(redis_url, body)
+
+
+def test_every_owner_waiter_gets_the_outage_when_redis_is_away() -> None:
+    async def main() -> list[BaseException | JudgeVerdict | None]:
+        client = async_redis_client(Settings(redis_url=f"redis://127.0.0.1:{free_port()}"))
+        cache = JudgeCache(client, ttl_s=60, lock_ttl_ms=5000)
+        try:
+            deadline = asyncio.get_running_loop().time() + 120
+            return list(await asyncio.wait_for(asyncio.gather(
+                *(cache.wait_for_owner(f"fp{i % 2}", deadline) for i in range(5)),
+                return_exceptions=True), timeout=60))
+        finally:
+            await cache.close()
+            await client.aclose()
+
+    outcomes = asyncio.run(main())
+    assert all(isinstance(o, OUTAGE_ERRORS) for o in outcomes), outcomes
+
+
 def score(redis_url: str, judge: ScriptedJudge, chunk: ScoreChunk,
           after: Callable[[aioredis.Redis, ChunkScorer], Awaitable[None]] | None = None
           ) -> tuple[list[ScoreResult], JudgeCache]:

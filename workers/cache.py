@@ -144,9 +144,14 @@ class JudgeCache:
         #: verdicts waiting for the next store call: (fingerprint, JSON, token, stored)
         self._to_store: list[tuple[str, str, str, asyncio.Future[None]]] = []
         self._storer: asyncio.Task[None] | None = None
+        #: fingerprint -> (deadline, future) of each caller waiting for another's verdict
+        self._waiting: dict[str, list[tuple[float, asyncio.Future[JudgeVerdict | None]]]] = {}
+        self._watcher: asyncio.Task[None] | None = None
         #: store calls made, and verdicts they carried (for tests and benchmarks)
         self.store_calls = 0
         self.stored_verdicts = 0
+        #: rounds the owner watcher made (one round trip each, however many waiters)
+        self.watch_rounds = 0
 
     @property
     def held_locks(self) -> int:
@@ -243,6 +248,14 @@ class JudgeCache:
                 storer.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await storer
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+            self._watcher = None
+            for waiters in self._waiting.values():
+                _answer(waiters, None)
+            self._waiting.clear()
         if self._renewer is not None:
             self._renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -269,19 +282,70 @@ class JudgeCache:
     async def wait_for_owner(self, fingerprint: str, deadline: float) -> JudgeVerdict | None:
         """Wait while another caller judges ``fingerprint``.
 
+        Every fingerprint this process waits on is looked at by one watcher, every
+        ``poll_s``, in one round trip (an MGET of the verdicts and one of the locks), not
+        by a poll per waiter: a step with hundreds of duplicates in flight on other
+        processes made two Redis commands per waiter per ``poll_s``.
+
         Returns:
             The owner's verdict, or ``None`` once the lock is gone without one (the owner
             failed or died) or ``deadline`` (loop time) passed: the caller decides then.
+
+        Raises:
+            broker.connections.OUTAGE_ERRORS: Redis could not be asked.
         """
         loop = asyncio.get_running_loop()
-        while loop.time() < deadline:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.get(cache_key(fingerprint))
-                pipe.exists(inflight_key(fingerprint))
-                value, locked = await pipe.execute()
-            if value is not None:
-                return JudgeVerdict.model_validate_json(value)
-            if not locked:
-                return None
+        if loop.time() >= deadline:
+            return None
+        found: asyncio.Future[JudgeVerdict | None] = loop.create_future()
+        self._waiting.setdefault(fingerprint, []).append((deadline, found))
+        if self._watcher is None or self._watcher.done():
+            self._watcher = loop.create_task(self._watch_owners())
+        return await found
+
+    async def _watch_owners(self) -> None:
+        """Answer the waiters of ``wait_for_owner``, one round trip per round."""
+        loop = asyncio.get_running_loop()
+        while self._waiting:
             await asyncio.sleep(self._poll_s)
-        return None
+            fingerprints = list(self._waiting)
+            self.watch_rounds += 1
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    pipe.mget([cache_key(fp) for fp in fingerprints])
+                    pipe.mget([inflight_key(fp) for fp in fingerprints])
+                    values, locks = await pipe.execute()
+            except Exception as exc:  # every waiter of this round sees the outage
+                for fp in fingerprints:
+                    _answer(self._waiting.pop(fp, []), error=exc)
+                continue
+            now = loop.time()
+            for fp, value, lock in zip(fingerprints, values, locks, strict=True):
+                if value is not None:
+                    try:
+                        verdict = JudgeVerdict.model_validate_json(value)
+                    except ValueError as exc:
+                        _answer(self._waiting.pop(fp, []), error=exc)
+                    else:
+                        _answer(self._waiting.pop(fp, []), verdict)
+                elif lock is None:  # the owner is gone without a verdict
+                    _answer(self._waiting.pop(fp, []), None)
+                else:
+                    late = [w for w in self._waiting[fp] if now >= w[0]]
+                    _answer(late, None)
+                    left = [w for w in self._waiting[fp] if now < w[0] and not w[1].done()]
+                    if left:
+                        self._waiting[fp] = left
+                    else:
+                        del self._waiting[fp]
+
+
+def _answer(waiters: list[tuple[float, asyncio.Future[JudgeVerdict | None]]],
+            verdict: JudgeVerdict | None = None, *, error: Exception | None = None) -> None:
+    """Answer ``waiters`` (those still waiting: a cancelled caller is skipped)."""
+    for _, found in waiters:
+        if not found.done():
+            if error is not None:
+                found.set_exception(error)
+            else:
+                found.set_result(verdict)
