@@ -102,9 +102,10 @@ class AsyncRewardClient:
         # One thread for every blocking Redis call: submits keep their order, and no
         # redis-py PubSub or pipeline is ever shared across threads.
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rewardq-io")
-        # Waiting between poll rounds blocks (BLPOP) on a thread of its own, so that it
-        # never holds up a submit on the I/O thread.
-        self._waiter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rewardq-wait")
+        # Waiting between poll rounds blocks (BLPOP) on threads of its own, so that it
+        # never holds up a submit on the I/O thread, nor one waiter another (the poller
+        # and each ``as_completed`` wait at once).
+        self._waiter = ThreadPoolExecutor(max_workers=8, thread_name_prefix="rewardq-wait")
         self._state: _Loop | None = None
         #: Celery tasks (chunks) this client has enqueued, for tests and metrics.
         self.chunks_sent = 0
