@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from celery.utils.nodenames import default_nodename
 from pydantic import SecretStr
 
 from broker.app import QUEUE_JUDGE, create_app
@@ -146,10 +147,13 @@ def wait_for_workers(settings: Settings, names: list[str], timeout_s: float = 60
     """
     app = create_app(settings)
     wanted = set(names)
+    # Asked by full node name (start_worker names them ``name@%h``), a ping returns as
+    # soon as each has answered instead of always waiting out its timeout.
+    nodes = [f"{name}@{default_nodename(None).split('@', 1)[1]}" for name in names]
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline:
-            replies = app.control.ping(timeout=0.5) or []
+            replies = app.control.ping(destination=nodes, limit=len(nodes), timeout=0.25) or []
             seen = {host.split("@")[0] for reply in replies for host in reply}
             if wanted <= seen:
                 return
