@@ -70,6 +70,8 @@ class WorkerHeartbeat:
         self._greenlet: gevent.Greenlet[Any, None] | None = None
         self._failing = False
         self._stopped = False
+        #: ``stop()`` has done all it does (the beat deleted, or left to expire)
+        self.finished = False
 
     @classmethod
     def for_worker(cls, settings: Settings, consumer: Any) -> WorkerHeartbeat:
@@ -137,6 +139,7 @@ class WorkerHeartbeat:
             log.info("worker heartbeat of %s not deleted (%s); it expires within %.0f s",
                      self.node, exc, self._ttl_ms / 1000)
         self._redis.close()
+        self.finished = True
 
     def stop_soon(self) -> None:
         """``stop()`` in a new greenlet: safe from a signal handler, where no I/O may block."""
@@ -166,3 +169,8 @@ class HeartbeatHook(WorkerHook):
     def worker_stopped(self) -> None:  # also a shutdown without a signal (remote control)
         if self.heartbeat is not None:
             self.heartbeat.stop()
+
+    def settled(self) -> bool:
+        """Nothing of this hook is left to do: the beat is deleted (or never written).
+        Safe from any thread (``ShutdownWatchdog`` asks from a native one)."""
+        return self.heartbeat is None or self.heartbeat.finished

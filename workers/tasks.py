@@ -60,14 +60,16 @@ def create_worker_app(settings: Settings) -> Celery:
     if settings.log_format == "json":
         after_setup_logger.connect(_json_logs, weak=False)
     runtime = WorkerRuntime(settings)
+    heartbeat = HeartbeatHook(settings)
     hooks = WorkerHooks([
         DeadLetterHook(settings, runtime.metrics),  # first: letters land before counts
         MetricsHook(runtime.metrics, settings.metrics_port,
                     fleet=redis_client(settings) if settings.metrics_port is not None
                     else None),
         ChunkLeases(app, settings),
-        HeartbeatHook(settings),
-        ShutdownWatchdog(runtime.close),  # last: the others have stopped when it exits
+        heartbeat,
+        # Last: the others have stopped when it exits (a warm stop, once the beat is gone).
+        ShutdownWatchdog(runtime.close, settled=heartbeat.settled),
     ], patience_s=settings.redis_retry_s)
     hooks.connect_signals()
     announcer = redis_client(settings)

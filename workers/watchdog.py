@@ -45,17 +45,21 @@ class ShutdownWatchdog(WorkerHook):
         close: releases the process's resources (``WorkerRuntime.close``) before exit.
         grace_s: how long Celery may take to finish by itself after the last task, when
             it stops on a failure.
-        warm_grace_s: the same after a warm shutdown (status 0): long enough for the
-            other hooks' last greenlets (the heartbeat's delete) to run; every test and
-            every rolling restart pays it.
+        warm_grace_s: the most the same may take after a warm shutdown (status 0): the
+            other hooks' last greenlets (the heartbeat's delete) run meanwhile, and the
+            process ends as soon as ``settled`` says they are done.
         drain_s: how long running tasks may take after an unrecoverable error.
         poll_s: how often the worker's exit status is looked at.
+        settled: whether the other hooks' shutdown work is done (called from this
+            watchdog's native thread); without it every warm shutdown waits
+            ``warm_grace_s`` in full.
     """
 
     def __init__(self, close: Callable[[], None], *, grace_s: float = 3.0,
-                 warm_grace_s: float = 1.0, drain_s: float = 30.0, poll_s: float = 0.5
-                 ) -> None:
+                 warm_grace_s: float = 1.0, drain_s: float = 30.0, poll_s: float = 0.5,
+                 settled: Callable[[], bool] | None = None) -> None:
         self._close = close
+        self._settled = settled
         self._grace_s = grace_s
         self._warm_grace_s = warm_grace_s
         self._drain_s = drain_s
@@ -112,7 +116,12 @@ class ShutdownWatchdog(WorkerHook):
                           len(worker_state.active_requests), self._drain_s)
                 break
             sleep(0.1)
-        sleep(self._grace_s if self._exitcode else self._warm_grace_s)
+        if self._exitcode:
+            sleep(self._grace_s)
+        else:  # a warm shutdown: until the other hooks are done, at most warm_grace_s
+            until = monotonic() + self._warm_grace_s
+            while monotonic() < until and not (self._settled is not None and self._settled()):
+                sleep(0.02)
         try:
             self._close()
         except Exception:  # exiting anyway
