@@ -193,7 +193,7 @@ class ScoreResult(BaseModel):
                 raise ValueError(f"cached verdict of {item_id!r} is not a JSON object")
             parts.append(b"%s%s\"id\":%s,\"status\":\"ok\",\"cached\":true}" % (
                 body[:-1], b"," if body != b"{}" else b"", _json_str(item_id).encode()))
-        results = _RESULTS.validate_json(b"[" + b",".join(parts) + b"]", strict=True)
+        results = SCORE_RESULTS.validate_json(b"[" + b",".join(parts) + b"]", strict=True)
         for result in results:
             score, raw = result.score, result.raw_score
             if score is None or raw is None or not 0.0 <= score <= 1.0 \
@@ -215,7 +215,8 @@ class ScoreResult(BaseModel):
 
 assert set(JudgeVerdict.model_fields) <= set(ScoreResult.model_fields), \
     "ScoreResult.from_cached_verdicts splices a verdict's fields into a result"
-_RESULTS = TypeAdapter(list[ScoreResult])
+#: Validates a list of results in one call (a chunk's, or a step's cache hits).
+SCORE_RESULTS = TypeAdapter(list[ScoreResult])
 #: A spliced verdict with every field: the verdict's, then id, status and cached.
 _SPLICED_FIELDS = len(JudgeVerdict.model_fields) + 3
 #: Where a verdict's default differs from a result's (``usage``: zero tokens, not None).

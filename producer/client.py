@@ -26,7 +26,6 @@ from typing import Any
 import redis
 from celery import Celery, states
 from kombu.utils.url import maybe_sanitize_url
-from pydantic import TypeAdapter
 from pydantic_core import PydanticSerializationError
 
 from broker.app import QUEUE_JUDGE, create_app
@@ -52,6 +51,7 @@ from broker.judge_core import judge_spec
 from broker.keys import SUBMIT_CACHE_HITS, cache_key, judge_fingerprints
 from broker.rubrics import rubric_book
 from broker.schemas import (
+    SCORE_RESULTS,
     ResultStatus,
     ScoreChunk,
     ScoreItem,
@@ -435,7 +435,7 @@ class PendingScores:
     def _collect(self, positions: list[int], meta: ChunkMeta) -> None:
         if meta["status"] == states.SUCCESS:
             # One validation pass per chunk, not a model_validate call per item.
-            for i, result in zip(positions, _RESULTS.validate_python(item_results(meta)),
+            for i, result in zip(positions, SCORE_RESULTS.validate_python(item_results(meta)),
                                  strict=True):
                 self._results[i] = result
             return
@@ -457,9 +457,6 @@ class PendingScores:
 
     def __await__(self) -> Generator[Any, None, list[ScoreResult]]:
         return asyncio.to_thread(self.result).__await__()
-
-
-_RESULTS = TypeAdapter(list[ScoreResult])
 
 
 def _unserializable(items: Sequence[ScoreItem], positions: Sequence[int]) -> list[str]:

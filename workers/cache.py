@@ -21,7 +21,9 @@ import asyncio
 import contextlib
 import enum
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -87,18 +89,19 @@ return 0
 CLOSE_WAIT_S = 5.0
 
 
-def _settle(batch: list[tuple[str, str, str, asyncio.Future[None]]],
-            error: BaseException | None) -> None:
-    """Tell each waiter of ``batch`` that its verdict is stored, or why not."""
-    for *_, stored in batch:
-        if stored.done():  # its caller was cancelled
+def _resolve(entries: Iterable[tuple[Any, ...]], result: Any,
+             error: BaseException | None = None) -> None:
+    """Answer the future that ends each of ``entries``, unless its caller was cancelled:
+    with ``error`` (a ``CancelledError`` cancels it), else with ``result``."""
+    for *_, future in entries:
+        if future.done():
             continue
         if error is None:
-            stored.set_result(None)
+            future.set_result(result)
         elif isinstance(error, asyncio.CancelledError):
-            stored.cancel()
+            future.cancel()
         else:
-            stored.set_exception(error)
+            future.set_exception(error)
 
 
 class ClaimState(enum.Enum):
@@ -213,12 +216,12 @@ class JudgeCache:
                 try:
                     await self._store_many(keys=keys, args=args)
                 except Exception as exc:  # each waiter gets the error its own call would
-                    _settle(batch, exc)
+                    _resolve(batch, None, exc)
                 else:
-                    _settle(batch, None)
+                    _resolve(batch, None)
                 batch = []
         except BaseException as exc:  # cancelled (close): nobody may wait forever
-            _settle(batch + self._to_store, exc)
+            _resolve(batch + self._to_store, None, exc)
             self._to_store = []
             raise
         finally:
@@ -254,7 +257,7 @@ class JudgeCache:
                 await self._watcher
             self._watcher = None
             for waiters in self._waiting.values():
-                _answer(waiters, None)
+                _resolve(waiters, None)
             self._waiting.clear()
         if self._renewer is not None:
             self._renewer.cancel()
@@ -317,7 +320,7 @@ class JudgeCache:
                     values, locks = await pipe.execute()
             except Exception as exc:  # every waiter of this round sees the outage
                 for fp in fingerprints:
-                    _answer(self._waiting.pop(fp, []), error=exc)
+                    _resolve(self._waiting.pop(fp, []), None, exc)
                 continue
             now = loop.time()
             for fp, value, lock in zip(fingerprints, values, locks, strict=True):
@@ -325,27 +328,16 @@ class JudgeCache:
                     try:
                         verdict = JudgeVerdict.model_validate_json(value)
                     except ValueError as exc:
-                        _answer(self._waiting.pop(fp, []), error=exc)
+                        _resolve(self._waiting.pop(fp, []), None, exc)
                     else:
-                        _answer(self._waiting.pop(fp, []), verdict)
+                        _resolve(self._waiting.pop(fp, []), verdict)
                 elif lock is None:  # the owner is gone without a verdict
-                    _answer(self._waiting.pop(fp, []), None)
+                    _resolve(self._waiting.pop(fp, []), None)
                 else:
                     late = [w for w in self._waiting[fp] if now >= w[0]]
-                    _answer(late, None)
+                    _resolve(late, None)
                     left = [w for w in self._waiting[fp] if now < w[0] and not w[1].done()]
                     if left:
                         self._waiting[fp] = left
                     else:
                         del self._waiting[fp]
-
-
-def _answer(waiters: list[tuple[float, asyncio.Future[JudgeVerdict | None]]],
-            verdict: JudgeVerdict | None = None, *, error: Exception | None = None) -> None:
-    """Answer ``waiters`` (those still waiting: a cancelled caller is skipped)."""
-    for _, found in waiters:
-        if not found.done():
-            if error is not None:
-                found.set_exception(error)
-            else:
-                found.set_result(verdict)
