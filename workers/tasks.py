@@ -41,6 +41,7 @@ from broker.settings import Settings
 from workers.dead_lettering import DeadLetterHook
 from workers.heartbeat import HeartbeatHook
 from workers.hooks import ChunkRun, MetricsHook, WorkerHooks
+from workers.intake import ChunkIntake
 from workers.leases import ChunkLeases
 from workers.logs import quiet_http_clients, use_json_format
 from workers.runtime import WorkerRuntime
@@ -72,6 +73,7 @@ def create_worker_app(settings: Settings) -> Celery:
         ShutdownWatchdog(runtime.close, settled=heartbeat.settled),
     ], patience_s=settings.redis_retry_s)
     hooks.connect_signals()
+    app.steps["consumer"].add(ChunkIntake.for_slots(settings.max_concurrent_requests))
     announcer = redis_client(settings)
 
     def after_return(task: Task[Any, Any], status: str, retval: Any, task_id: str,
