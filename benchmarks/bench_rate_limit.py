@@ -18,8 +18,7 @@ concurrency asked for (``--per-process 64 4``: a fresh stack for each). The judg
   made in it, for fill, ramp (to 10% of the requests), steady (10-90%), tail (90% to
   the last request) and drain; they add up to ``(1 - utilization) * limit * wall``.
   With each the judge's mean ``in_flight``: a tail that runs with fewer calls in flight
-  is processes that ran out of items (a step's chunks are dealt out at its start), not
-  the limiter.
+  is processes that ran out of items at the step's end, not the limiter.
 - **peak**: ``max_requests_in_any_1s`` at the judge, against the limit plus the judge's
   margin, ``RateLimit.peak_requests()`` (52 at 3,000 RPM: 20 ms of burst, 30 ms of
   lateness), the default goal ``--max-per-s``. The judge server itself enforces no limit
@@ -41,10 +40,11 @@ fleet's own per-call time, printed). At a low per-process concurrency on a busy 
 that can be near or under the limit, and no limiter can use more than it; the bench then
 also reports utilization of min(limit, C/L), over the wall and steady.
 
-The step's chunks are dealt out at its start (each worker takes up to
-``--worker-concurrency`` chunks of ``--chunk-size`` items ahead), unevenly: with few
-calls per process, the processes that got more items then run on alone, at their own
-C/L, in the tail. ``--chunk-size 8 --worker-concurrency 4`` deals them out as they go.
+Each worker takes chunks of ``--chunk-size`` items only while it holds fewer than two
+rounds of its calls (``workers.intake``), and at most ``--worker-concurrency`` at once,
+so the step's chunks are dealt out as it runs; before that gate, each worker took what
+its pool could hold at the step's start, and with few calls per process the ones that got
+more items ran on alone, at their own C/L, in the tail.
 
 ``--cpu-hogs K`` keeps K busy-looping processes running through each measured step: a
 worker host that other work keeps busy, reproducibly (the limiter's waiters then wake
@@ -305,8 +305,7 @@ def measure(rpm: int | None, workers: int, items: int, latency_ms: float,
     drain_s = None if last is None else max(0.0, limited.end - last)
     capacity_per_s = None if free is None else free.run.judge_requests / free.run.wall_s
     # The fleet's own ceiling while every call slot is busy: C calls / L per call.
-    # 10-60%: before any process has run out of items (the chunks are dealt out at the
-    # start, unevenly, so the tail runs on fewer processes).
+    # 10-60%: before any process has run out of items (the tail runs on fewer).
     bound_per_s = None if free is None else steady_rate(free.samples,
                                                         free.run.judge_requests, 0.1, 0.6)
     calls = workers * per_process

@@ -101,13 +101,19 @@ class ChunkIntake(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def wait_for_room(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds (cooperatively) until the consumer may take a
-        message; whether it may."""
+        message, or the worker is asked to stop; whether it may."""
         deadline = time.monotonic() + timeout
         while not self.can_consume():
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline or _stopping():
                 return False
             gevent.sleep(RECHECK_S)
         return True
+
+
+def _stopping() -> bool:
+    """A shutdown was asked for: the consumer loop must get back to Celery's checks."""
+    return worker_state.should_stop not in (None, False) or \
+        worker_state.should_terminate not in (None, False)
 
 
 class _GatedConnection:
