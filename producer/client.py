@@ -37,7 +37,7 @@ from broker.errors import (
     NoWorkersError,
     ScoringTimeoutError,
 )
-from broker.fleet import live_workers
+from broker.fleet import BEAT_INTERVAL_S, chunk_size_for, live_workers
 from broker.jobs import (
     ChunkMeta,
     item_results,
@@ -98,6 +98,7 @@ class RewardClient:
         self.rubrics = rubric_book(settings)
         self.spec = judge_spec(settings, self.rubrics)
         self.queue = QUEUE_JUDGE
+        self._fleet_chunk_size: tuple[float, int] | None = None  # (read at, size)
 
     @classmethod
     def from_env(cls) -> RewardClient:
@@ -145,7 +146,7 @@ class RewardClient:
                 raise BrokerUnavailableError(f"cannot count cache hits: {exc}") from exc
         job_id = uuid.uuid4().hex
         deadline = time.time() + (deadline_s or self.settings.chunk_deadline_s)
-        size = self.settings.chunk_size
+        size = self.chunk_size() if misses else self.settings.chunk_size
         chunks: list[tuple[list[int], str]] = []
         # Every chunk is built and serialized before the first is sent: an item that
         # cannot become JSON fails the submit with nothing enqueued.
@@ -195,6 +196,23 @@ class RewardClient:
         """Which chunks Redis still knows (queued, held, or with a result); ``None`` when
         the broker is not Redis and nothing can be said."""
         return visible_chunks(self.app, self.redis, self.queue, task_ids)
+
+    def chunk_size(self) -> int:
+        """Items per chunk for the live fleet: ``settings.chunk_size``, or fewer where a
+        worker makes only a few judge calls at once (``broker.fleet.chunk_size_for``).
+        Heartbeats are read at most once per beat interval.
+
+        Raises:
+            BrokerUnavailableError: Redis could not be reached.
+        """
+        now = time.monotonic()
+        if self._fleet_chunk_size is None or now - self._fleet_chunk_size[0] >= BEAT_INTERVAL_S:
+            try:
+                beats = live_workers(self.redis, self.queue)
+            except redis.RedisError as exc:
+                raise BrokerUnavailableError(f"cannot read worker heartbeats: {exc}") from exc
+            self._fleet_chunk_size = (now, chunk_size_for(self.settings.chunk_size, beats))
+        return self._fleet_chunk_size[1]
 
     def live_worker_count(self) -> int:
         """How many workers consuming this client's queue sent a heartbeat lately.

@@ -61,6 +61,7 @@ def test_two_workers_beat_with_their_pid_and_the_judge_queue(
     assert {b.pid for b in beats} == {p.pid for p in procs}
     assert all(b.queues == (QUEUE_JUDGE,) for b in beats)
     assert all(b.started_at <= b.beat_at for b in beats)
+    assert {b.judge_calls for b in beats} == {settings.max_concurrent_requests}
     # The beat is renewed: a later reading carries a later beat time.
     first = {b.node: b.beat_at for b in beats}
     later = poll(lambda: live_workers(client),

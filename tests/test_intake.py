@@ -1,8 +1,12 @@
-"""A worker takes chunks only as its judge slots allow (``workers.intake``).
+"""How a step's chunks fall to workers.
 
-The gate weighs the chunks a worker holds by their items against two waves of its judge
-slots, so the rest of a step stays queued for whichever worker frees slots first, and
-the consumer loop waits on the gate itself rather than in kombu's one-second poll.
+A worker takes chunks only as its judge slots allow (``workers.intake``): the gate weighs
+the chunks it holds by their items against two waves of its judge slots, so the rest of
+a step stays queued for whichever worker frees slots first, and the consumer loop waits
+on the gate itself rather than in kombu's one-second poll. The producer makes chunks no
+longer than a few rounds of the fewest calls a live worker makes
+(``broker.fleet.chunk_size_for``), so that the chunks still running at a step's end are
+short.
 """
 
 from __future__ import annotations
@@ -10,10 +14,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import redis
 from celery.worker import state as worker_state
 from scoring_data import make_items
 
-from broker.app import create_app
+from broker.app import QUEUE_JUDGE, create_app
+from broker.fleet import CHUNK_ROUNDS, WorkerBeat, chunk_size_for
+from broker.keys import WORKER_INDEX, worker_key
 from broker.settings import Settings
 from producer.client import RewardClient
 from workers.intake import HELD_WAVES, ChunkIntake, items_held
@@ -104,3 +111,30 @@ def test_workers_hold_no_more_chunks_than_their_judge_slots_allow(
         assert all(n <= 2 for s in busy for n in s.values()), samples
     finally:
         client.close()
+
+
+def _beat(node: str, judge_calls: int | None) -> WorkerBeat:
+    return WorkerBeat(node=node, pid=1, queues=(QUEUE_JUDGE,), started_at=0.0, beat_at=0.0,
+                      judge_calls=judge_calls)
+
+
+def test_chunks_last_at_most_a_few_rounds_of_the_fewest_calls_a_worker_makes() -> None:
+    assert chunk_size_for(64, []) == 64  # nobody says: as configured
+    assert chunk_size_for(64, [_beat("a", None)]) == 64  # an older worker says nothing
+    assert chunk_size_for(64, [_beat("a", 256), _beat("b", 128)]) == 64
+    assert chunk_size_for(64, [_beat("a", 256), _beat("b", 2)]) == 2 * CHUNK_ROUNDS
+    assert chunk_size_for(64, [_beat("a", 1)]) == CHUNK_ROUNDS
+    assert chunk_size_for(4, [_beat("a", 1)]) == 4  # never more than configured
+
+
+def test_the_producer_sizes_chunks_by_the_live_workers_heartbeats(
+        settings: Settings) -> None:
+    configured = settings.model_copy(update={"chunk_size": 64})
+    raw = redis.Redis.from_url(settings.broker_url)
+    with RewardClient(configured) as client:  # no heartbeat: as configured
+        assert len(client.submit(make_items(40, "none")).pending_task_ids) == 1
+    raw.set(worker_key("slow@host"), _beat("slow@host", 1).model_dump_json(), ex=60)
+    raw.sadd(WORKER_INDEX, "slow@host")
+    with RewardClient(configured) as client:
+        pending = client.submit(make_items(40, "one-call"))
+        assert len(pending.pending_task_ids) == 40 // CHUNK_ROUNDS

@@ -53,13 +53,16 @@ class WorkerHeartbeat:
         client: a client of the Redis producers read (``Settings.broker_url``).
         node: the worker's Celery node name (``name@host``).
         queues: returns the queue names consumed now, or ``None`` to keep the last ones.
+        judge_calls: judge calls the worker makes at once (``max_concurrent_requests``).
         interval_s: time between beats.
         ttl_s: lifetime of one beat; a worker that misses beats for this long is gone.
     """
 
     def __init__(self, client: redis.Redis, node: str, queues: QueueNames, *,
-                 interval_s: float = BEAT_INTERVAL_S, ttl_s: float = BEAT_TTL_S) -> None:
+                 judge_calls: int | None = None, interval_s: float = BEAT_INTERVAL_S,
+                 ttl_s: float = BEAT_TTL_S) -> None:
         self.node = node
+        self._judge_calls = judge_calls
         self._redis = client
         self._queues = queues
         self._interval_s = interval_s
@@ -77,7 +80,8 @@ class WorkerHeartbeat:
     def for_worker(cls, settings: Settings, consumer: Any) -> WorkerHeartbeat:
         """The heartbeat of the worker whose Celery consumer is ``consumer`` (``worker_ready``)."""
         client = redis_client(settings, socket_timeout=5)
-        return cls(client, consumer.hostname, lambda: consumed_queues(consumer))
+        return cls(client, consumer.hostname, lambda: consumed_queues(consumer),
+                   judge_calls=settings.max_concurrent_requests)
 
     def beat(self) -> WorkerBeat:
         """Write one beat now and return it.
@@ -89,7 +93,8 @@ class WorkerHeartbeat:
         if queues is not None:
             self._last_queues = tuple(queues)
         beat = WorkerBeat(node=self.node, pid=os.getpid(), queues=self._last_queues,
-                          started_at=self._started_at, beat_at=time.time())
+                          started_at=self._started_at, beat_at=time.time(),
+                          judge_calls=self._judge_calls)
         with self._redis.pipeline() as pipe:
             pipe.set(worker_key(self.node), beat.model_dump_json(), px=self._ttl_ms)
             pipe.sadd(WORKER_INDEX, self.node)
