@@ -93,7 +93,9 @@ class ChunkIntake(bootsteps.StartStopStep):  # type: ignore[misc]
         # The hook Celery's own worker_disable_prefetch uses: kombu's Redis transport asks
         # it before each BRPOP and before it delivers a reply.
         qos.can_consume = self.can_consume = can_consume
-        if c.loop is loops.synloop:
+        # Gevent's loop; again on a restart (a step of the last start may have wrapped it).
+        if c.loop is loops.synloop or getattr(c.loop, "__func__", None) is \
+                ChunkIntake._synloop:
             c.loop = self._synloop
 
     def _synloop(self, obj: Any, connection: Any, *args: Any, **kwargs: Any) -> Any:
