@@ -22,7 +22,9 @@ Every phase reports its wall time, items/s and CPU seconds per item of *our* pro
 ``/proc/<pid>/stat`` — never the judge server's; Redis' and the judge's CPU are shown
 beside it, with Redis commands per item, the result delivery lag (last chunk
 stored → ``result()`` returned) and the step overhead (wall minus the longest time a
-worker spent scoring one of the step's items: what the pipeline adds to the judge).
+worker spent scoring one of the step's items: what the pipeline adds to the judge, for a
+step whose chunks the workers take at once; a larger step's chunks also wait in the
+queue for judge calls to free, ``workers.intake``).
 Together they give the host's CPU bound, cores / CPU per item: on a small machine that,
 not ``ideal``, is the floor the fleet meets.
 Timed phases are interleaved per repeat (so load from other users of the machine hits
@@ -599,7 +601,8 @@ def format_table(report: dict[str, Any]) -> str:
                  f"sync/rewardq {r['sync_over_rewardq']:.1f}   warm {r['warm_ms']:.1f} ms   "
                  f"result delivery lag {report['phases']['rewardq']['delivery_ms']:.1f} ms   "
                  f"step overhead {report['phases']['rewardq']['overhead_ms']:.1f} ms "
-                 f"(wall - longest in-worker scoring)")
+                 f"(wall - longest in-worker scoring; with more chunks than workers "
+                 f"take at once, their time in the queue too)")
     pi, st = report["per_item"], report["streaming"]
     lines.append(f"per-item/batch {pi['ratio']:.3f} (per-item {pi['wall_s']:.3f} s, batch "
                  f"{pi['batch_wall_s']:.3f} s; per repeat {pi['ratio_per_repeat']})   "
