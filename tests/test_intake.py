@@ -138,3 +138,9 @@ def test_the_producer_sizes_chunks_by_the_live_workers_heartbeats(
     with RewardClient(configured) as client:
         pending = client.submit(make_items(40, "one-call"))
         assert len(pending.pending_task_ids) == 40 // CHUNK_ROUNDS
+
+
+def test_without_redis_the_producer_keeps_the_configured_chunk_size() -> None:
+    away = Settings(redis_url="redis://127.0.0.1:1/0", chunk_size=48, redis_retry_s=0.5)
+    with RewardClient(away) as client:
+        assert client.chunk_size() == 48
