@@ -20,6 +20,8 @@ measured, a pool sized to the judge's slots ran at 0.43 of the ideal. The consum
 here waits on the gate itself, and polls again within ``RECHECK_S`` of a chunk finishing.
 
 A Celery consumer bootstep, so that it is installed again on every consumer (re)start.
+Redis brokers only (the default): with RabbitMQ (``REWARDQ_CELERY_BROKER_URL``) the
+broker keeps the prefetch count, in messages, and workers take chunks as before.
 """
 
 from __future__ import annotations
@@ -84,6 +86,9 @@ class ChunkIntake(bootsteps.StartStopStep):  # type: ignore[misc]
         return items_held() < HELD_WAVES * self.slots
 
     def start(self, c: Any) -> None:
+        if c.connection.transport.driver_type != "redis":
+            # AMQP brokers keep the prefetch count themselves; nothing here to gate.
+            return
         qos = c.task_consumer.channel.qos
         kombu_can_consume = qos.can_consume
 
