@@ -18,7 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from broker.errors import InvalidItemError
 
 MAX_ID_CHARS = 256
-MAX_TEXT_CHARS = 64_000
+#: Longest prompt or response: a 128k-token context is about 512k characters.
+MAX_TEXT_CHARS = 600_000
+#: Longest reference answer.
+MAX_REFERENCE_CHARS = 64_000
 MAX_METADATA_JSON_CHARS = 16_000
 
 
@@ -27,12 +30,17 @@ class _Wire(BaseModel):
 
 
 class ScoreItem(_Wire):
-    """One (prompt, response) pair to score; ``reference`` selects the correctness rubric."""
+    """One (prompt, response) pair to score; ``reference`` selects the correctness rubric.
+
+    ``response`` is the rollout as the policy wrote it, thinking included, and may be
+    empty: the producer shows the judge only its view of it (``broker.rollout_view``),
+    and a rollout with no final answer gets ``no_answer`` without a judge call.
+    """
 
     id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
     prompt: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
-    response: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
-    reference: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)
+    response: str = Field(max_length=MAX_TEXT_CHARS)
+    reference: str | None = Field(default=None, max_length=MAX_REFERENCE_CHARS)
     data_source: str | None = Field(default=None, max_length=MAX_ID_CHARS)
     uid: str | None = Field(default=None, max_length=MAX_ID_CHARS)
     #: The rubric to judge with, by name; unset = chosen by ``data_source`` (see
@@ -46,7 +54,10 @@ class ScoreItem(_Wire):
 ScoreMode = Literal["parsed", "logprobs"]
 #: Where a verdict's score came from; ``parsed_fallback``: logprobs were asked for but the
 #: reply carried none on the scale, so the written integer stands in.
-ScoreSource = Literal["parsed", "logprobs", "parsed_fallback"]
+ScoreSource = Literal["parsed", "logprobs", "logprobs_partial", "parsed_fallback"]
+#: ``logprobs_partial``: part of the probability mass could not be attributed to one score
+#: (a "1" that may begin a "10" on a digit-by-digit tokenizer); the expectation is over
+#: the part that could (``broker.logprob_scores``).
 
 
 Aggregate = Literal["mean", "majority"]
@@ -107,13 +118,21 @@ class ResultStatus(enum.StrEnum):
     INVALID = "invalid"
     #: not judged: the fleet-wide judge budget was spent (dead-lettered: replay it later)
     BUDGET_EXCEEDED = "budget_exceeded"
+    #: not judged: the rollout has no final answer to show the judge (it is empty, or its
+    #: thinking was never closed: cut at the policy's length limit)
+    NO_ANSWER = "no_answer"
 
 
 class Usage(_Wire):
-    """Token counts from the judge's reply (``usage`` of chat completions)."""
+    """Token counts from the judge's reply (``usage`` of chat completions).
+
+    ``reasoning_tokens`` (``completion_tokens_details.reasoning_tokens``) are part of
+    ``completion_tokens``, as the providers count and bill them.
+    """
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    reasoning_tokens: int = 0
 
 
 class JudgeVerdict(_Wire):
