@@ -167,6 +167,10 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(
         default=None, description="Prometheus endpoint of each worker process: the first free "
                                   "port from here (0 = any free port); unset = none.")
+    metrics_host: str = Field(
+        default="127.0.0.1",
+        description="The interface the workers' Prometheus endpoints bind: loopback unless "
+                    "set (0.0.0.0 where Prometheus scrapes from another host or container).")
     judge_prices: dict[str, tuple[float, float]] = Field(
         default_factory=dict,
         description="USD per 1M (input, output) tokens per judge model, as JSON, e.g. "

@@ -196,20 +196,22 @@ class MetricsHook(WorkerHook):
     Args:
         metrics: the worker process's metrics (shared with the runtime that counts calls).
         port: ``Settings.metrics_port``: where the endpoint listens; ``None`` = no endpoint.
+        host: ``Settings.metrics_host``: the interface it binds (loopback unless set).
         fleet: a Redis client for the fleet-wide series (live workers, cache hits at
             submit) the endpoint also serves.
     """
 
     def __init__(self, metrics: WorkerMetrics, port: int | None,
-                 fleet: Any = None) -> None:
+                 fleet: Any = None, host: str = "127.0.0.1") -> None:
         self._metrics = metrics
         self._port = port
+        self._host = host
         self._fleet = fleet
 
     def worker_ready(self, consumer: Any) -> None:
         if self._port is not None:
             serve_worker_metrics(self._metrics, self._port, node=consumer.hostname,
-                                 fleet=self._fleet)
+                                 addr=self._host, fleet=self._fleet)
 
     def chunk_done(self, run: ChunkRun, results: Sequence[ScoreResult]) -> None:
         self._metrics.chunk("ok", (r.status.value for r in results))

@@ -66,7 +66,7 @@ def create_worker_app(settings: Settings) -> Celery:
         DeadLetterHook(settings, runtime.metrics),  # first: letters land before counts
         MetricsHook(runtime.metrics, settings.metrics_port,
                     fleet=redis_client(settings) if settings.metrics_port is not None
-                    else None),
+                    else None, host=settings.metrics_host),
         ChunkLeases(app, settings),
         heartbeat,
         # Last: the others have stopped when it exits (a warm stop, once the beat is gone).
