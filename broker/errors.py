@@ -4,6 +4,8 @@
      ├── ConfigError            settings or config values that cannot work (permanent)
      ├── InvalidItemError       an item failed validation at an edge (permanent)
      ├── BrokerUnavailableError Redis could not be reached within the deadline
+     │    └── RedisFullError    Redis answers but refuses writes: its memory reached
+     │                          maxmemory (``OOM command not allowed``)
      ├── ScoringTimeoutError    results did not arrive within the caller's timeout
      ├── NoWorkersError         no live worker consumes the queue the work was sent to
      ├── ChunksLostError        Redis lost queued work (restarted empty) and re-enqueueing
@@ -14,6 +16,9 @@
           │    └── UnparseableReplyError  no score in the reply (a model sampling at
           │                               temperature > 0 may well answer properly next time)
           ├── PermanentJudgeError   not worth retrying: 400, 401/403
+          │    ├── CutReplyError          the reply was cut by its token limit before a
+          │    │                          verdict (raise the judge's max tokens)
+          │    ├── RefusedParameterError  the endpoint refuses a request parameter
           │    ├── BudgetExceededError    the run's or step's judge budget is spent
           │    └── RubricMismatchError    producer and worker hold different rubrics
 
@@ -47,6 +52,25 @@ class BrokerUnavailableError(RewardqError, ConnectionError):
     """Redis (broker, backend or cache) could not be reached within the deadline."""
 
 
+class RedisFullError(BrokerUnavailableError):
+    """Redis is up but refuses writes: its used memory reached ``maxmemory`` under the
+    ``noeviction`` policy (Redis' ``OOM command not allowed``).
+
+    Treated like an outage (retried with backoff, since freeing memory ends it without
+    a restart), but named for what it is: raise ``maxmemory`` or free memory.
+
+    Attributes:
+        used_bytes: Redis' ``used_memory`` when it was seen full, if it could be read.
+        maxmemory_bytes: its ``maxmemory``, if it could be read.
+    """
+
+    def __init__(self, message: str, *, used_bytes: int | None = None,
+                 maxmemory_bytes: int | None = None) -> None:
+        super().__init__(message)
+        self.used_bytes = used_bytes
+        self.maxmemory_bytes = maxmemory_bytes
+
+
 class ScoringTimeoutError(RewardqError, TimeoutError):
     """Results did not all arrive within the caller's timeout."""
 
@@ -70,6 +94,7 @@ class JudgeErrorKind(enum.StrEnum):
     TIMEOUT = "timeout"          #: no answer within the timeout
     NETWORK = "network"          #: no connection, or it broke
     UNPARSEABLE = "unparseable"  #: an answer without a readable score
+    CUT = "cut"                  #: an answer cut by its token limit before the verdict
     BUDGET = "budget"            #: not called: the judge budget is spent
     RUBRIC = "rubric"            #: not called: the worker's rubric differs from the producer's
     OTHER = "other"              #: anything else the SDK raised
@@ -108,6 +133,26 @@ class UnparseableReplyError(TransientJudgeError):
     attempts last)."""
 
     default_kind = JudgeErrorKind.UNPARSEABLE
+
+
+class CutReplyError(PermanentJudgeError):
+    """The reply was cut by its token limit (``finish_reason: "length"``, or thinking left
+    open) before a verdict: never scored, not retried (the same budget cuts it again)."""
+
+    default_kind = JudgeErrorKind.CUT
+
+
+class RefusedParameterError(PermanentJudgeError):
+    """The endpoint answered 400 to a request parameter it does not take (OpenAI's
+    ``unsupported_parameter``/``unsupported_value``, or a message naming the parameter).
+
+    Attributes:
+        param: the parameter refused, e.g. ``max_tokens``, ``temperature``, ``logprobs``.
+    """
+
+    def __init__(self, message: str, *, param: str, status_code: int | None = 400) -> None:
+        super().__init__(message, status_code=status_code)
+        self.param = param
 
 
 class BudgetExceededError(PermanentJudgeError):

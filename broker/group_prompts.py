@@ -32,6 +32,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 from broker.errors import UnparseableReplyError
+from broker.judge_request import reply_budget, request_body
 from broker.prompts import SCALE_MAX, SCALE_MIN
 from broker.schemas import JudgeSpec
 
@@ -132,13 +133,14 @@ def listwise_request(spec: JudgeSpec, prompt: str, reference: str | None,
 def pairwise_request(spec: JudgeSpec, prompt: str, reference: str | None, first: str,
                      second: str) -> dict[str, Any]:
     """The chat-completions body of one pairwise call, ``first`` shown as A."""
-    return _body(spec, pairwise_messages(prompt, reference, first, second), spec.max_tokens)
+    return _body(spec, pairwise_messages(prompt, reference, first, second), reply_budget(spec))
 
 
 def listwise_max_tokens(spec: JudgeSpec, n: int) -> int:
-    """The reply budget of a listwise call over ``n`` responses: ``spec.max_tokens``, or
-    more when ``n`` scores (about 6 tokens each) and a reason would not fit."""
-    return max(spec.max_tokens, 32 + 6 * n)
+    """The reply budget of a listwise call over ``n`` responses: the judge's
+    (``broker.judge_request.reply_budget``), or more when ``n`` scores (about 6 tokens each)
+    and a reason would not fit."""
+    return max(reply_budget(spec), 32 + 6 * n)
 
 
 def parse_listwise(content: str | None, names: Sequence[str]) -> dict[str, float]:
@@ -198,9 +200,9 @@ def _messages(head: str, prompt: str, reference: str | None,
 
 
 def _body(spec: JudgeSpec, messages: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
-    # No logprobs: a group verdict is read from the written JSON whatever score_mode says.
-    return {"model": spec.model, "messages": messages, "temperature": spec.temperature,
-            "max_tokens": max_tokens}
+    # No logprobs and no single-score schema: a group verdict is read from the written JSON
+    # whatever score_mode says.
+    return request_body(spec, messages, max_tokens=max_tokens, structured=False)
 
 
 def _json_object(content: str | None, key: str) -> dict[str, Any]:

@@ -25,21 +25,21 @@ import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from broker.errors import UnparseableReplyError
+from broker.errors import CutReplyError, UnparseableReplyError
+from broker.judge_request import TOP_LOGPROBS, request_body
 from broker.prompts import SCALE_MAX, SCALE_MIN
+from broker.rollout_view import final_answer
 from broker.rubrics import Rubric, RubricBook
 from broker.schemas import GroupSpec, JudgeSpec, JudgeVerdict, ScoreItem, ScoreMode, Usage
 from broker.settings import Settings
 from broker.verdicts import extract_raw_score, normalize
 
-__all__ = ["COMPLETIONS_PATH", "TOP_LOGPROBS", "ChatReply", "TokenLogprob", "expected_score",
-           "judge_request", "judge_spec", "judge_verdict", "read_reply", "scale_distribution"]
+__all__ = ["COMPLETIONS_PATH", "TOP_LOGPROBS", "ChatReply", "TokenLogprob", "answer_text",
+           "expected_score", "judge_request", "judge_spec", "judge_verdict", "read_reply",
+           "scale_distribution"]
 
 #: Where the body is POSTed, relative to the OpenAI-compatible base URL.
 COMPLETIONS_PATH = "/chat/completions"
-#: Alternatives asked for per token in logprobs mode: the most the OpenAI API allows, so
-#: that all ten scale tokens usually make the list.
-TOP_LOGPROBS = 20
 #: A rubric's lowest and highest score.
 Scale = tuple[int, int]
 DEFAULT_SCALE: Scale = (int(SCALE_MIN), int(SCALE_MAX))
@@ -55,12 +55,13 @@ class TokenLogprob:
 
 
 class ChatReply(NamedTuple):
-    """What a chat completion says: the first choice's text, the token usage, and the
-    first choice's per-token logprobs (``None`` when the reply carries none)."""
+    """What a chat completion says: the first choice's text, the token usage, the first
+    choice's per-token logprobs (``None`` when the reply carries none) and why it ended."""
 
     content: str | None
     usage: Usage | None
     tokens: tuple[TokenLogprob, ...] | None = None
+    finish_reason: str | None = None
 
 
 def judge_spec(settings: Settings, rubrics: RubricBook | None = None) -> JudgeSpec:
@@ -74,6 +75,11 @@ def judge_spec(settings: Settings, rubrics: RubricBook | None = None) -> JudgeSp
     return JudgeSpec(model=settings.judge_model, prompt_version=settings.judge_prompt_version,
                      temperature=settings.judge_temperature,
                      max_tokens=settings.judge_max_tokens,
+                     reasoning_effort=settings.judge_reasoning_effort,
+                     extra_body=settings.judge_extra_body,
+                     judge_options=settings.judge_options,
+                     structured_output=settings.judge_structured_output,
+                     view=settings.judge_view, view_max_tokens=settings.judge_view_max_tokens,
                      score_mode=settings.judge_score_mode,
                      judges=tuple(settings.judge_ensemble), samples=settings.judge_samples,
                      aggregate=settings.judge_aggregate, group=group,
@@ -81,14 +87,42 @@ def judge_spec(settings: Settings, rubrics: RubricBook | None = None) -> JudgeSp
 
 
 def judge_request(spec: JudgeSpec, rubric: Rubric, item: ScoreItem) -> dict[str, Any]:
-    """The chat-completions request body asking the judge to score ``item`` by ``rubric``."""
-    body: dict[str, Any] = {
-        "model": spec.model, "messages": rubric.messages(item),
-        "temperature": spec.temperature, "max_tokens": spec.max_tokens}
-    if rubric.score_mode_for(spec) == "logprobs":
-        body["logprobs"] = True
-        body["top_logprobs"] = TOP_LOGPROBS
-    return body
+    """The chat-completions request body asking the judge to score ``item`` by ``rubric``,
+    with the parameters ``spec.model`` takes (``broker.judge_request``)."""
+    structured = rubric.structured_output if rubric.structured_output is not None else None
+    return request_body(spec, rubric.messages(item),
+                        logprobs=rubric.score_mode_for(spec) == "logprobs",
+                        scale=rubric.scale, structured=structured)
+
+
+def answer_text(reply: ChatReply, max_tokens: int | None = None) -> str:
+    """The judge's final answer in ``reply``: its content after any thinking block.
+
+    Thinking never counts: a ``reasoning_content``/``reasoning`` field is not read, and a
+    ``<think>`` (``<thinking>``, ``<reasoning>``) block in the content is skipped.
+
+    Args:
+        reply: the chat completion, as :func:`read_reply` read it.
+        max_tokens: the call's reply budget, named in the error.
+
+    Raises:
+        CutReplyError: the reply was cut by its token limit (``finish_reason: "length"``)
+            or its thinking was never closed: the verdict may be missing or a draft.
+    """
+    content = reply.content or ""
+    answer = final_answer(content)
+    if reply.finish_reason == "length" or answer is None:
+        usage = reply.usage or Usage()
+        spent = f"{usage.completion_tokens} completion tokens" + (
+            f", {usage.reasoning_tokens} of them reasoning" if usage.reasoning_tokens else "")
+        where = "inside its thinking" if answer is None or not answer.strip() else \
+            "before the verdict was complete"
+        budget = f" (now {max_tokens})" if max_tokens is not None else ""
+        raise CutReplyError(
+            f"judge reply cut by its token limit {where} ({spent}, finish_reason="
+            f"{reply.finish_reason!r}): raise REWARDQ_JUDGE_MAX_TOKENS{budget} or the "
+            f"judge's max_tokens in REWARDQ_JUDGE_OPTIONS")
+    return answer
 
 
 def read_reply(body: bytes | str) -> ChatReply:
@@ -105,12 +139,10 @@ def read_reply(body: bytes | str) -> ChatReply:
         reply: Any = json.loads(body)
         choices = reply.get("choices") or []
         content = choices[0]["message"].get("content") if choices else None
-        usage = reply.get("usage")
-        return ChatReply(content,
-                         Usage(prompt_tokens=usage.get("prompt_tokens") or 0,
-                               completion_tokens=usage.get("completion_tokens") or 0)
-                         if usage else None,
-                         _tokens(choices[0].get("logprobs")) if choices else None)
+        finish = choices[0].get("finish_reason") if choices else None
+        return ChatReply(content, _usage(reply.get("usage")),
+                         _tokens(choices[0].get("logprobs")) if choices else None,
+                         finish if isinstance(finish, str) else None)
     except (ValueError, TypeError, LookupError, AttributeError, RecursionError) as exc:
         raise UnparseableReplyError(f"judge reply is not a chat completion: {exc}") from exc
 
@@ -200,6 +232,16 @@ def _renormalized(alternatives: tuple[tuple[str, float], ...],
     weights = {k: math.fsum(math.exp(lp - peak) for lp in lps) for k, lps in logprobs.items()}
     total = math.fsum(weights.values())
     return {k: w / total for k, w in sorted(weights.items())}
+
+
+def _usage(usage: Any) -> Usage | None:
+    if not usage:
+        return None
+    details = usage.get("completion_tokens_details") or {}
+    reasoning = details.get("reasoning_tokens") if isinstance(details, dict) else None
+    return Usage(prompt_tokens=usage.get("prompt_tokens") or 0,
+                 completion_tokens=usage.get("completion_tokens") or 0,
+                 reasoning_tokens=reasoning if isinstance(reasoning, int) else 0)
 
 
 def _tokens(logprobs: Any) -> tuple[TokenLogprob, ...] | None:

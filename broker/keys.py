@@ -3,8 +3,13 @@
 =====================================  ======  ============================================
 key                                    type    meaning, TTL
 =====================================  ======  ============================================
-``rewardq:cache:<sha256>``             STRING  JSON ``JudgeVerdict`` for one (spec, item);
-                                               TTL ``Settings.cache_ttl_s``
+``rewardq:cache:<sha256>``             STRING  JSON ``JudgeVerdict`` for one (spec, item),
+                                               without its default fields; TTL
+                                               ``Settings.cache_ttl_s``; the only keys
+                                               deleted to make room (least recently used
+                                               first) while Redis' memory is above
+                                               ``Settings.cache_max_memory_ratio`` of its
+                                               maxmemory (``workers.cache``)
 ``rewardq:inflight:<sha256>``          STRING  owner token of the one judge call in flight
                                                for that cache key; TTL
                                                ``Settings.inflight_lock_ttl_s``, renewed by
@@ -45,6 +50,8 @@ key                                    type    meaning, TTL
                                                (a lease: a dead owner's group is taken over)
 ``rewardq:stats:submit_cache_hits``    STRING  items producers answered from the cache at
                                                submit, never enqueued (INCRBY); no TTL
+``rewardq:stats:cache_evictions``      STRING  cache entries deleted to make room (INCRBY);
+                                               no TTL
 ``rewardq:budget:run:<run>``           HASH    the judge budget of one run, in integer
                                                nano-USD (``BUDGET_UNITS_PER_USD``):
                                                ``limit``, ``step_limit`` (absent or ``none``
@@ -72,7 +79,9 @@ key                                    type    meaning, TTL
                                                blocks on it (BLPOP) between polls instead
                                                of sleeping; TTL ``JOB_DONE_TTL_S``
 ``celery-task-meta-<task id>``         STRING  Celery result of one chunk; TTL
-                                               ``Settings.result_expires_s``
+                                               ``Settings.result_expires_s``, cut to
+                                               ``READ_RESULT_TTL_S`` once a producer has
+                                               read it (``broker.jobs.read_chunks``)
 =====================================  ======  ============================================
 """
 
@@ -91,6 +100,8 @@ DEAD_INDEX = f"{PREFIX}:dead:index"
 WORKER_INDEX = f"{PREFIX}:workers"
 #: Counter of items answered from the cache at submit (they never reach a worker).
 SUBMIT_CACHE_HITS = f"{PREFIX}:stats:submit_cache_hits"
+#: Counter of cache entries deleted to make room (``workers.cache``).
+CACHE_EVICTIONS = f"{PREFIX}:stats:cache_evictions"
 #: Index of the runs whose judge budget is kept (``budget_key``).
 BUDGET_RUNS = f"{PREFIX}:budget:runs"
 #: The unit of the budget hashes' amounts: nano-dollars (integers add up exactly).
@@ -131,6 +142,7 @@ def judge_fingerprints(spec: JudgeSpec, items: Iterable[ScoreItem]) -> list[str]
     # Appended only off the defaults, so that keys made before each addition stay valid.
     mode = "" if spec.score_mode == "parsed" else "," + _json_str(spec.score_mode)
     digests = {name: "," + _json_str(digest) for name, digest in spec.rubrics.items()}
+    mode += spec.request_key()
     group = "" if spec.group is None else \
         f",{_json_str('group')},{_json_str(spec.group.mode)},{int(spec.group.size)},"
     sha256 = hashlib.sha256
@@ -153,6 +165,9 @@ def _json_text(value: str | None) -> str:
 
 #: A job's "chunk done" list lives this long after its last push.
 JOB_DONE_TTL_S = 600
+#: A chunk's result lives this long once a producer has read it (a second read, e.g. a
+#: caller polling twice, still finds it; nobody needs it for the hour Celery keeps it).
+READ_RESULT_TTL_S = 60
 
 
 def job_done_key(job_id: str) -> str:

@@ -18,6 +18,8 @@ A rubrics file is TOML::
     data_sources = ["gsm8k", "math"]
     scale = [1, 10]                      # the integers the judge may answer (default 1-10)
     score_mode = "logprobs"              # optional: "parsed" or "logprobs" (G-Eval)
+    structured_output = true             # optional: ask for {"score": <int>} by JSON schema
+    view = "full"                        # optional: show the judge the thinking too
     system = "You are a strict grader."  # optional: the built-in system message
     user = '''
     Does the RESPONSE reach the REFERENCE answer? PROMPT: {prompt}
@@ -49,14 +51,16 @@ from typing import Any
 
 from broker.errors import ConfigError, InvalidItemError, RubricMismatchError
 from broker.prompts import CORRECTNESS_V1, QUALITY_V1, SCALE_MAX, SCALE_MIN, SYSTEM_V1, VERSIONS
-from broker.schemas import MAX_ID_CHARS, JudgeSpec, ScoreItem, ScoreMode
+from broker.schemas import MAX_ID_CHARS, JudgeSpec, ScoreItem, ScoreMode, View
 from broker.settings import Settings
 
 __all__ = ["FIELDS", "Rubric", "RubricBook", "builtin_rubrics", "load_rubrics", "rubric_book"]
 
 #: The item fields a template may name.
 FIELDS = ("prompt", "response", "reference", "data_source")
-_RUBRIC_KEYS = {"data_sources", "scale", "score_mode", "system", "user"}
+_RUBRIC_KEYS = {"data_sources", "scale", "score_mode", "structured_output", "system", "user",
+                "view"}
+_VIEWS = ("final_answer", "full")
 _TOP_KEYS = {"default", "default_with_reference", "rubrics"}
 _SCORE_MODES = ("parsed", "logprobs")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -73,6 +77,8 @@ class Rubric:
         scale: the lowest and highest score the judge may give; scores are clamped to it
             and mapped to [0, 1].
         score_mode: how the score is read (``None``: the run's ``judge_score_mode``).
+        structured_output: ask for a structured verdict (``None``: the run's setting).
+        view: what the judge is shown of a rollout (``None``: the run's ``judge_view``).
         data_sources: the items' ``data_source`` values it is chosen for.
     """
 
@@ -83,12 +89,16 @@ class Rubric:
     score_mode: ScoreMode | None = None
     data_sources: tuple[str, ...] = ()
     fields: frozenset[str] = field(default=frozenset(), compare=False)
+    structured_output: bool | None = None
+    view: View | None = None
 
     @cached_property
     def digest(self) -> str:
         """16 hex digits of SHA-256 over what the judge is sent and how its answer is read."""
-        blob = json.dumps([self.system, self.user, list(self.scale), self.score_mode],
-                          ensure_ascii=False, separators=(",", ":"))
+        material: list[Any] = [self.system, self.user, list(self.scale), self.score_mode]
+        if self.structured_output is not None or self.view is not None:
+            material += [self.structured_output, self.view]
+        blob = json.dumps(material, ensure_ascii=False, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def messages(self, item: ScoreItem) -> list[dict[str, str]]:
@@ -101,6 +111,10 @@ class Rubric:
     def score_mode_for(self, spec: JudgeSpec) -> ScoreMode:
         """The score mode in force: the rubric's own, else the spec's."""
         return self.score_mode or spec.score_mode
+
+    def view_for(self, spec: JudgeSpec) -> View:
+        """The rollout view in force: the rubric's own, else the spec's."""
+        return self.view or spec.view
 
 
 @dataclass(frozen=True)
@@ -302,8 +316,16 @@ def _rubric(name: str, table: Any, where: _Locator) -> Rubric:
     sources = table.get("data_sources", [])
     if not isinstance(sources, list) or not all(isinstance(s, str) and s for s in sources):
         raise where.error(name, "data_sources", "'data_sources' must be a list of strings")
+    structured = table.get("structured_output")
+    if structured is not None and not isinstance(structured, bool):
+        raise where.error(name, "structured_output", "'structured_output' must be true or "
+                                                     f"false, got {structured!r}")
+    view = table.get("view")
+    if view is not None and view not in _VIEWS:
+        raise where.error(name, "view", f"'view' must be one of {', '.join(_VIEWS)}, "
+                                        f"got {view!r}")
     return Rubric(name, system, user, (scale[0], scale[1]), mode, tuple(sources),
-                  frozenset(fields))
+                  frozenset(fields), structured, view)
 
 
 def _template_fields(name: str, template: str, where: _Locator) -> set[str]:

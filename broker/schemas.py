@@ -75,13 +75,40 @@ class GroupSpec(_Wire):
     size: int = Field(ge=2, le=64, description="Members per group (the rollouts per prompt).")
 
 
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
+#: What the judge is shown of a rollout (``broker.rollout_view``).
+View = Literal["final_answer", "full"]
+
+
+class JudgeOptions(_Wire):
+    """Request options of one judge model; unset fields take the fleet-wide ones."""
+
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = None
+    reasoning_effort: ReasoningEffort | None = None
+    #: Fields sent as written in the request body (e.g. vLLM's ``chat_template_kwargs``).
+    extra_body: dict[str, Any] = Field(default_factory=dict)
+    structured_output: bool = False
+
+
 class JudgeSpec(_Wire):
     """Everything besides the item that changes the judge's answer (part of the cache key)."""
 
     model: str = Field(min_length=1)
     prompt_version: str = Field(min_length=1)
-    temperature: float = 0.0
-    max_tokens: int = Field(default=64, ge=1)
+    #: ``None``: sent as the family takes it (``broker.judge_request``).
+    temperature: float | None = 0.0
+    #: The reply budget; ``None``: the model family's (larger for judges that think).
+    max_tokens: int | None = Field(default=None, ge=1)
+    reasoning_effort: ReasoningEffort | None = None
+    extra_body: dict[str, Any] = Field(default_factory=dict)
+    #: Ask for ``{"score": <integer>}`` through ``response_format`` (structured outputs).
+    structured_output: bool = False
+    #: Per-judge options by model, over the fleet-wide ones above.
+    judge_options: dict[str, JudgeOptions] = Field(default_factory=dict)
+    #: What the judge is shown of each rollout, and at most how many tokens of it.
+    view: View = "final_answer"
+    view_max_tokens: int = Field(default=8192, ge=16)
     #: ``parsed``: the integer the judge wrote; ``logprobs``: the expectation over the
     #: scale tokens' probabilities where it wrote it (G-Eval).
     score_mode: ScoreMode = "parsed"
@@ -95,6 +122,28 @@ class JudgeSpec(_Wire):
     aggregate: Aggregate = "mean"
     #: Judge items sharing a ``uid`` as a group (unset: each item alone).
     group: GroupSpec | None = None
+
+    def request_key(self) -> str:
+        """The request options that change the answer, as JSON for the cache key: empty
+        at their defaults."""
+        fields = ("reasoning_effort", "extra_body", "structured_output", "judge_options",
+                  "view", "view_max_tokens")
+        defaults = type(self).model_fields
+        changed = {name: getattr(self, name) for name in fields
+                   if getattr(self, name) != defaults[name].get_default(
+                       call_default_factory=True)}
+        if not changed:
+            return ""
+        return "," + json.dumps(_jsonable(changed), sort_keys=True, separators=(",", ":"),
+                                ensure_ascii=False)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json", exclude_unset=True)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
 
 
 class ScoreChunk(_Wire):

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from broker.errors import ConfigError
+from broker.schemas import JudgeOptions, ReasoningEffort, View
 
 EMBEDDED_REDIS_PORT = 6389
 LOCAL_JUDGE_PORT = 8008
@@ -87,8 +88,41 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("OPENAI_API_KEY", "REWARDQ_JUDGE_API_KEY"),
     )
     judge_prompt_version: str = "v1"
-    judge_temperature: float = 0.0
-    judge_max_tokens: int = 64
+    judge_temperature: float | None = Field(
+        default=0.0,
+        description="Sampling temperature of judge calls; not sent to models that take only "
+                    "their default (OpenAI's o-series and GPT-5), nor at all when null.")
+    judge_max_tokens: int | None = Field(
+        default=None, ge=1,
+        description="Reply budget of a judge call (sent as max_completion_tokens where a model "
+                    "wants it); unset = 64, or 8192 for a judge known to think (o-series, "
+                    "GPT-5, R1-style, QwQ, Qwen3). A judge that thinks spends it on its "
+                    "thinking first: items whose reply is cut fail naming this setting.")
+    judge_reasoning_effort: ReasoningEffort | None = Field(
+        default=None,
+        description="reasoning_effort sent to the judge (OpenAI reasoning models, vLLM "
+                    "gpt-oss); unset = not sent.")
+    judge_extra_body: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Fields added to every judge request body as written, as JSON, e.g. "
+                    '{"chat_template_kwargs": {"enable_thinking": false}} for Qwen3 on vLLM.')
+    judge_options: dict[str, JudgeOptions] = Field(
+        default_factory=dict,
+        description="Per-judge options by model name, as JSON, over the fleet-wide ones: "
+                    "max_tokens, temperature, reasoning_effort, extra_body, "
+                    'structured_output; e.g. {"gpt-5-mini": {"reasoning_effort": "low"}}.')
+    judge_structured_output: bool = Field(
+        default=False,
+        description="Ask the judge for {\"score\": <integer>} through response_format (JSON "
+                    "schema); an endpoint that refuses it gets plain prompting instead.")
+    judge_view: View = Field(
+        default="final_answer",
+        description="What the judge is shown of a rollout: final_answer (the text after the "
+                    "last closing thinking tag) or full (thinking included).")
+    judge_view_max_tokens: int = Field(
+        default=8192, ge=16,
+        description="Most tokens of a rollout shown to the judge (4 characters a token); "
+                    "beyond it the head and the tail are kept with a marker between.")
     judge_score_mode: Literal["parsed", "logprobs"] = Field(
         default="parsed",
         description="logprobs: ask for top_logprobs and score the expectation over the "
@@ -160,6 +194,13 @@ class Settings(BaseSettings):
     cache_ttl_s: int = Field(default=7 * 24 * 3600, gt=0)
     result_expires_s: int = Field(default=3600, gt=0)
     dead_letter_ttl_s: int = Field(default=7 * 24 * 3600, gt=0)
+    cache_max_memory_ratio: float = Field(
+        default=0.7, gt=0, le=1,
+        description="The verdict cache gives way (least recently used verdicts first) "
+                    "while Redis' used memory is above this share of its maxmemory, so "
+                    "the rest stays free for queued chunks, results and leases, which "
+                    "never give way (docs/memory.md). No effect on a Redis without "
+                    "maxmemory.")
 
     # Operations: logs, metrics, cost, Flower.
     log_format: Literal["text", "json"] = Field(
@@ -210,10 +251,12 @@ class Settings(BaseSettings):
                                    description="Most items in one request (else 413).")
     gateway_token_concurrency: int = Field(
         default=1024, ge=1,
-        description="Requests in flight per token; beyond it 429 with Retry-After. Remote-RM "
-                    "clients send one request per sample, so keep it above their batch.")
+        description="Scoring requests per token worked on at once; more wait in the token's "
+                    "queue (first in, first out), bounded by gateway_token_queue_items and "
+                    "gateway_token_queue_bytes.")
     gateway_retry_after_s: int = Field(default=1, ge=1,
-                                       description="Retry-After of a 429.")
+                                       description="Retry-After of a 429 (a token's "
+                                                   "queue over its bounds).")
     gateway_rm_timeout_s: float = Field(
         default=100.0, gt=0,
         description="How long a remote-RM request (OpenRLHF, slime) waits for its scores "
@@ -231,6 +274,33 @@ class Settings(BaseSettings):
         default=None,
         description="Reward a remote-RM reply gives an item that could not be scored; unset "
                     "= the request fails (502) and the client retries.")
+    gateway_token_queue_items: int = Field(
+        default=1_000_000, ge=1,
+        description="Items one token may have in a gateway process at once, waiting or being "
+                    "scored; a request beyond it gets 429 with Retry-After (sized for abuse: "
+                    "about 100 steps of 1,024 prompts x 8 rollouts).")
+    gateway_token_queue_bytes: int = Field(
+        default=1024 * 1024 * 1024, ge=1024,
+        description="Request body bytes one token may have in a gateway process at once, "
+                    "waiting or being scored; beyond it 429 with Retry-After.")
+    gateway_rm_max_items: int = Field(
+        default=65_536, ge=1,
+        description="Most queries in one OpenRLHF /get_reward request (else 413): an "
+                    "old-style whole-step batch, e.g. 1,024 prompts x 16 rollouts = 16,384.")
+    gateway_rm_max_body_bytes: int = Field(
+        default=512 * 1024 * 1024, ge=1024,
+        description="Largest body of a remote-RM request (/get_reward, /slime/reward; else "
+                    "413); split a larger step with --remote_rm_url URL,URL.")
+    gateway_no_answer_reward: float | None = Field(
+        default=0.0,
+        description="Remote-RM reward of a rollout with no final answer (empty, or its "
+                    "thinking never closed): the judge's lowest score; unset = treated like an "
+                    "item that could not be scored (gateway_failed_reward, else 502).")
+    gateway_openrlhf_extra_logs: bool = Field(
+        default=True,
+        description="/get_reward answers extra_logs (rewardq_ok, rewardq_cached, "
+                    "rewardq_no_answer); false for OpenRLHF 0.8.x, which cannot read them "
+                    "(per URL: ?extra_logs=0).")
 
     @field_validator("judge_base_url")
     @classmethod

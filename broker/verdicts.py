@@ -24,6 +24,7 @@ from broker.errors import (
     JudgeError,
     JudgeErrorKind,
     PermanentJudgeError,
+    RefusedParameterError,
     TransientJudgeError,
     UnparseableReplyError,
 )
@@ -102,11 +103,17 @@ def classify(exc: openai.APIError) -> JudgeError:
     if isinstance(exc, openai.APIConnectionError):
         return network_error(str(exc))
     if isinstance(exc, openai.APIStatusError):
-        return http_error(exc.status_code, exc.response.headers, str(exc.message))
+        param = exc.param if exc.code in REFUSAL_CODES and isinstance(exc.param, str) else None
+        return http_error(exc.status_code, exc.response.headers, str(exc.message), param=param)
     return PermanentJudgeError(f"judge error: {exc}")
 
 
-def http_error(status: int, headers: Mapping[str, str], detail: str) -> JudgeError:
+#: OpenAI's error codes for a request parameter a model does not take.
+REFUSAL_CODES = ("unsupported_parameter", "unsupported_value")
+
+
+def http_error(status: int, headers: Mapping[str, str], detail: str, *,
+               param: str | None = None) -> JudgeError:
     """The ``JudgeError`` of an HTTP error answer (status >= 400), however it was received.
 
     Args:
@@ -117,15 +124,36 @@ def http_error(status: int, headers: Mapping[str, str], detail: str) -> JudgeErr
             honoured).
         detail: what the answer said (:func:`status_detail`); cut to 200 characters.
 
+        param: the request parameter the answer refuses (:func:`refused_param`).
+
     Returns:
-        A ``TransientJudgeError`` for 408, 409, 429 and 5xx, else a
-        ``PermanentJudgeError``; both carry ``status_code``.
+        A ``TransientJudgeError`` for 408, 409, 429 and 5xx, a ``RefusedParameterError``
+        for a 400 refusing ``param``, else a ``PermanentJudgeError``; all carry
+        ``status_code``.
     """
     message = f"judge answered HTTP {status}: {detail[:200]}"
     if status in (408, 409, 429) or status >= 500:
         return TransientJudgeError(message, status_code=status,
                                    retry_after_s=_retry_after_s(headers))
+    if param is not None and status == 400:
+        return RefusedParameterError(message, param=param, status_code=status)
     return PermanentJudgeError(message, status_code=status)
+
+
+def refused_param(status: int, body: bytes) -> str | None:
+    """The parameter an error answer refuses, as OpenAI says it: ``error.code``
+    ``unsupported_parameter`` or ``unsupported_value`` with ``error.param``."""
+    if status != 400:
+        return None
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    error = data.get("error") if isinstance(data, dict) else None
+    if not isinstance(error, dict) or error.get("code") not in REFUSAL_CODES:
+        return None
+    param = error.get("param")
+    return param if isinstance(param, str) and param else None
 
 
 def status_detail(status: int, body: bytes) -> str:

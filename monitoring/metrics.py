@@ -9,6 +9,7 @@ metric                                                type       labels
 ``rewardq_judge_latency_seconds``                     histogram  model
 ``rewardq_judge_prompt_tokens_total``                 counter    model
 ``rewardq_judge_completion_tokens_total``             counter    model
+``rewardq_judge_reasoning_tokens_total``              counter    model
 ``rewardq_judge_cost_usd_total``                      counter    model
 ``rewardq_cache_hits_total``                          counter
 ``rewardq_cache_misses_total``                        counter
@@ -150,6 +151,7 @@ class WorkerMetrics:
         self._latency: dict[str, _Histogram] = {}
         self._prompt_tokens: dict[str, float] = {}
         self._completion_tokens: dict[str, float] = {}
+        self._reasoning_tokens: dict[str, float] = {}
         self._cost: dict[str, float] = {}
         self._retries: dict[str, float] = {}
         self._dead_letters: dict[str, float] = {}
@@ -217,12 +219,16 @@ class WorkerMetrics:
             self._dead_letters[kind] = self._dead_letters.get(kind, 0.0) + 1
 
     def usage(self, model: str, prompt_tokens: int, completion_tokens: int,
-              cost_usd: float) -> None:
-        """Tokens (and their price) of one judge reply that the provider bills."""
+              cost_usd: float, *, reasoning_tokens: int = 0) -> None:
+        """Tokens (and their price) of one judge reply that the provider bills; the
+        reasoning tokens are part of the completion tokens."""
         with self._lock:
             self._prompt_tokens[model] = self._prompt_tokens.get(model, 0.0) + prompt_tokens
             self._completion_tokens[model] = (self._completion_tokens.get(model, 0.0)
                                               + completion_tokens)
+            if reasoning_tokens:
+                self._reasoning_tokens[model] = (self._reasoning_tokens.get(model, 0.0)
+                                                 + reasoning_tokens)
             self._cost[model] = self._cost.get(model, 0.0) + cost_usd
 
     def chunk(self, status: str, item_statuses: Iterable[str] = ()) -> None:
@@ -275,6 +281,7 @@ class WorkerMetrics:
                          for m, h in self._latency.items()},
                 prompt_tokens=dict(self._prompt_tokens),
                 completion_tokens=dict(self._completion_tokens),
+                reasoning_tokens=dict(self._reasoning_tokens),
                 cost_usd=dict(self._cost), retries=dict(self._retries),
                 dead_letters=dict(self._dead_letters), chunks=dict(self._chunks),
                 items=dict(self._items), scalars=dict(self._scalars))
@@ -288,6 +295,7 @@ class MetricsSnapshot:
     latency: Mapping[str, tuple[list[int], float, int]]
     prompt_tokens: Mapping[str, float]
     completion_tokens: Mapping[str, float]
+    reasoning_tokens: Mapping[str, float]
     cost_usd: Mapping[str, float]
     retries: Mapping[str, float]
     dead_letters: Mapping[str, float]
@@ -330,6 +338,8 @@ class _Collector(Collector):
                 ("judge_prompt_tokens", "Prompt (input) tokens billed.", s.prompt_tokens),
                 ("judge_completion_tokens", "Completion (output) tokens billed.",
                  s.completion_tokens),
+                ("judge_reasoning_tokens", "Reasoning tokens billed (part of the "
+                                           "completion tokens).", s.reasoning_tokens),
                 ("judge_cost_usd", "Judge cost in US dollars (price table x tokens).",
                  s.cost_usd)):
             yield _counter(name, doc, ["model"], {(m,): v for m, v in values.items()})

@@ -49,6 +49,7 @@ from broker.jobs import (
 )
 from broker.judge_core import judge_spec
 from broker.keys import SUBMIT_CACHE_HITS, cache_key, judge_fingerprints
+from broker.rollout_view import view_items
 from broker.rubrics import rubric_book
 from broker.schemas import (
     SCORE_RESULTS,
@@ -121,27 +122,38 @@ class RewardClient:
             BrokerUnavailableError: Redis could not be reached.
         """
         parsed = self.rubrics.assign(parse_items(items))
-        results: list[ScoreResult | None] = [None] * len(parsed)
+        # Only what the judge will see travels on: a rollout with nothing to judge is
+        # answered here (no_answer), the others carry their view as their response.
+        results: list[ScoreResult | None] = []
+        for n, viewed in enumerate(view_items(parsed, self.spec, self.rubrics)):
+            if isinstance(viewed, ScoreItem):
+                parsed[n] = viewed
+                results.append(None)
+            else:
+                results.append(viewed)
+        to_judge = [i for i, result in enumerate(results) if result is None]
         # A verdict cached under the spec's fingerprint answers at once, unless the spec
         # asks for more than one plain call per item (an ensemble, group judging): the
         # workers combine those.
-        lookup = parsed and not self.spec.judges and self.spec.samples == 1 \
+        lookup = to_judge and not self.spec.judges and self.spec.samples == 1 \
             and self.spec.group is None
         try:
             cached = self.redis.mget([cache_key(fp) for fp in judge_fingerprints(
-                self.spec, parsed)]) if lookup else [None] * len(parsed)
+                self.spec, [parsed[i] for i in to_judge])]) if lookup \
+                else [None] * len(to_judge)
         except redis.RedisError as exc:
             raise BrokerUnavailableError(f"cannot read the judge cache: {exc}") from exc
-        misses = [i for i, value in enumerate(cached) if value is None]
-        hits = [(i, value) for i, value in enumerate(cached) if value is not None]
+        misses = [i for i, value in zip(to_judge, cached, strict=True) if value is None]
+        hits = [(i, value) for i, value in zip(to_judge, cached, strict=True)
+                if value is not None]
         if hits:
             found = ScoreResult.from_cached_verdicts([parsed[i].id for i, _ in hits],
                                                       [v for _, v in hits])
             for (i, _), result in zip(hits, found, strict=True):
                 results[i] = result
-        if len(misses) < len(parsed):  # operators' cache hit rate counts these too
+        if hits:  # operators' cache hit rate counts these too
             try:
-                self.redis.incrby(SUBMIT_CACHE_HITS, len(parsed) - len(misses))
+                self.redis.incrby(SUBMIT_CACHE_HITS, len(hits))
             except redis.RedisError as exc:
                 raise BrokerUnavailableError(f"cannot count cache hits: {exc}") from exc
         job_id = uuid.uuid4().hex

@@ -9,6 +9,8 @@ same judge answers both modes give the same scores.
 Retries are left to the SDK (``max_retries``, honouring ``Retry-After``); a result's
 ``attempts`` is 1 for every item that reached the judge, however many HTTP retries the
 SDK made underneath. One item's failure never raises: it becomes a ``failed`` result.
+The judge is shown the items' views (``broker.rollout_view``), as the fleet's producer
+shows them, and a parameter the endpoint refuses is learned once, as the workers do.
 """
 
 from __future__ import annotations
@@ -25,11 +27,14 @@ from pydantic import SecretStr
 from broker.errors import ConfigError, RewardqError
 from broker.judge_core import (
     COMPLETIONS_PATH,
+    answer_text,
     judge_request,
     judge_spec,
     judge_verdict,
     read_reply,
 )
+from broker.judge_request import LearnedRequests, reply_budget
+from broker.rollout_view import view_items
 from broker.rubrics import rubric_book
 from broker.schemas import JudgeVerdict, ResultStatus, ScoreItem, ScoreResult, parse_items
 from broker.settings import Settings
@@ -81,6 +86,7 @@ class SyncJudge:
             timeout=timeout_s if timeout_s is not None else settings.judge_timeout_s,
             max_retries=max_retries,
         )
+        self._learned = LearnedRequests()
 
     def judge(self, item: ScoreItem) -> JudgeVerdict:
         """One judge call for ``item`` (the SDK's retries included), no cache.
@@ -98,12 +104,21 @@ class SyncJudge:
             UnparseableReplyError: the reply holds no readable score.
         """
         rubric = self.rubrics.rubric_for(self.spec, item)
-        try:
-            response = self._client.post(COMPLETIONS_PATH, cast_to=httpx2.Response,
-                                         body=judge_request(self.spec, rubric, item))
-        except openai.APIError as exc:
-            raise classify(exc) from exc
-        return judge_verdict(*read_reply(response.content), mode=rubric.score_mode_for(self.spec),
+        body = self._learned.adapt(judge_request(self.spec, rubric, item))
+        while True:
+            try:
+                response = self._client.post(COMPLETIONS_PATH, cast_to=httpx2.Response,
+                                             body=body)
+                break
+            except openai.APIError as exc:
+                error = classify(exc)
+                retry = self._learned.retry_body(body, error, self.base_url)
+                if retry is None:
+                    raise error from exc
+                body = retry
+        reply = read_reply(response.content)
+        return judge_verdict(answer_text(reply, reply_budget(self.spec)), reply.usage,
+                             reply.tokens, mode=rubric.score_mode_for(self.spec),
                              scale=rubric.scale)
 
     def score_one(self, item: ScoreItem) -> ScoreResult:
@@ -111,8 +126,11 @@ class SyncJudge:
         for a judge failure.
         """
         started = time.perf_counter()
+        viewed = view_items([item], self.spec, self.rubrics)[0]
+        if isinstance(viewed, ScoreResult):
+            return viewed
         try:
-            verdict = self.judge(item)
+            verdict = self.judge(viewed)
         except (RewardqError, openai.OpenAIError, ValueError) as exc:
             # ValueError: a body the SDK could not decode; still this item's failure only.
             return ScoreResult.failure(

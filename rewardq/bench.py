@@ -238,6 +238,7 @@ def asyncio_child_main() -> None:
     from broker.errors import JudgeError
     from broker.judge_core import (
         COMPLETIONS_PATH,
+        answer_text,
         judge_request,
         judge_spec,
         judge_verdict,
@@ -266,7 +267,8 @@ def asyncio_child_main() -> None:
                 try:
                     response = await client.post(COMPLETIONS_PATH, cast_to=httpx2.Response,
                                                  body=body)
-                    return judge_verdict(*read_reply(response.content)).score
+                    reply = read_reply(response.content)
+                    return judge_verdict(answer_text(reply), reply.usage, reply.tokens).score
                 except (openai.APIError, JudgeError):
                     return None
 

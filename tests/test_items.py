@@ -21,7 +21,7 @@ GOOD = {"id": "a", "prompt": "What is 2+2?", "response": "4", "reference": "4"}
 
 @pytest.mark.parametrize(("bad", "field", "words"), [
     ({k: v for k, v in GOOD.items() if k != "response"}, "response", "required"),
-    ({**GOOD, "response": ""}, "response", "at least 1 character"),
+    ({**GOOD, "prompt": ""}, "prompt", "at least 1 character"),
     ({**GOOD, "prompt": "x" * (MAX_TEXT_CHARS + 1)}, "prompt", f"at most {MAX_TEXT_CHARS}"),
     ({**GOOD, "response": 4}, "response", "valid string"),
     ({**GOOD, "uid": 3}, "uid", "valid string"),
@@ -45,14 +45,14 @@ def test_every_problem_is_reported_at_once() -> None:
 
 def test_submit_refuses_a_bad_batch_before_enqueueing_anything(settings: Settings) -> None:
     with RewardClient(settings) as client, pytest.raises(InvalidItemError, match="item 1"):
-        client.submit([GOOD, {**GOOD, "response": ""}])
+        client.submit([GOOD, {**GOOD, "prompt": ""}])
     import redis
     assert redis.Redis.from_url(settings.broker_url).llen("rewardq.judge") == 0
 
 
 def test_submit_command_names_line_id_and_field(tmp_path: Path) -> None:
     src = tmp_path / "items.jsonl"
-    src.write_text(json.dumps(GOOD) + "\n\n" + json.dumps({**GOOD, "id": "b", "response": ""})
+    src.write_text(json.dumps(GOOD) + "\n\n" + json.dumps({**GOOD, "id": "b", "response": 4})
                    + "\n{not json\n")
     done = subprocess.run([sys.executable, "-m", "rewardq.cli", "submit", str(src)],
                           capture_output=True, text=True, timeout=60)

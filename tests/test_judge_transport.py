@@ -130,7 +130,7 @@ def test_the_setting_picks_the_transport(judge: RecordingJudge) -> None:
     for name, kind in (("direct", DirectTransport), ("aiohttp", SdkTransport),
                        ("httpx", SdkTransport)):
         client = JudgeClient(settings_for(name, [judge.base_url]))
-        assert [type(t) for t in client._transports] == [kind]
+        assert [type(t._inner) for t in client._transports] == [kind]
 
 
 # -- the same errors for the same faults ---------------------------------------------

@@ -183,7 +183,7 @@ def test_the_fleet_judges_each_item_with_its_rubric(
     assert len(seen) == len(batch)  # one call per item
     for item, result in zip(batch, results, strict=True):
         want_title = "math rubric v1" if item.data_source == "gsm8k" else "style rubric v1"
-        assert seen[item.response] == want_title, item.id
+        assert seen[item.response.strip()] == want_title, item.id  # the view trims
         assert result.status is ResultStatus.OK, result
         assert result.score == pytest.approx(expected_score(book, item), abs=1e-9), item.id
 

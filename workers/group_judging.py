@@ -67,6 +67,7 @@ from broker.group_prompts import (
     parse_pairwise,
     presentation_order,
 )
+from broker.judge_request import reply_budget
 from broker.keys import cache_key, judge_fingerprint, judge_group_key, judge_group_lock_key
 from broker.schemas import (
     GroupSpec,
@@ -453,7 +454,7 @@ class GroupJudging:
         calls = [asyncio.ensure_future(self._call(
             spec, pairwise_request(spec, prompt, reference, items[a].response,
                                    items[b].response),
-            spec.max_tokens, parse_pairwise, deadline)) for a, b in ordered]
+            reply_budget(spec), parse_pairwise, deadline)) for a, b in ordered]
         try:
             replies = await asyncio.gather(*calls)
         finally:
@@ -462,7 +463,8 @@ class GroupJudging:
         winners = {pair: reply[0] for pair, reply in zip(ordered, replies, strict=True)}
         standings = pairwise_scores(counts, winners)
         total = Usage(prompt_tokens=sum(r[1].prompt_tokens for r in replies),
-                      completion_tokens=sum(r[1].completion_tokens for r in replies))
+                      completion_tokens=sum(r[1].completion_tokens for r in replies),
+                      reasoning_tokens=sum(r[1].reasoning_tokens for r in replies))
         shares = _split(total, len(order))
         return {fp: JudgeVerdict(score=standings[fp].score, raw_score=standings[fp].points,
                                  usage=share, agreement=standings[fp].agreement)
@@ -521,7 +523,8 @@ def _split(usage: Usage, n: int) -> list[Usage]:
     def share(total: int, k: int) -> int:
         return total // n + (1 if k < total % n else 0)
     return [Usage(prompt_tokens=share(usage.prompt_tokens, k),
-                  completion_tokens=share(usage.completion_tokens, k)) for k in range(n)]
+                  completion_tokens=share(usage.completion_tokens, k),
+                  reasoning_tokens=share(usage.reasoning_tokens, k)) for k in range(n)]
 
 
 def _text(value: Any) -> str:

@@ -47,18 +47,33 @@ import httpx2
 import openai
 import redis.asyncio as aioredis
 
-from broker.errors import BrokerUnavailableError, JudgeError, UnparseableReplyError
+from broker.errors import (
+    BrokerUnavailableError,
+    CutReplyError,
+    JudgeError,
+    PermanentJudgeError,
+    UnparseableReplyError,
+)
 from broker.judge_core import (
     COMPLETIONS_PATH,
     TokenLogprob,
+    answer_text,
     judge_request,
     judge_verdict,
     read_reply,
 )
+from broker.judge_request import LearnedRequests, reply_budget
 from broker.rubrics import RubricBook, builtin_rubrics
 from broker.schemas import JudgeSpec, JudgeVerdict, ScoreItem, Usage
 from broker.settings import Settings
-from broker.verdicts import classify, http_error, network_error, status_detail, timeout_error
+from broker.verdicts import (
+    classify,
+    http_error,
+    network_error,
+    refused_param,
+    status_detail,
+    timeout_error,
+)
 from monitoring.costs import PriceTable
 from monitoring.metrics import WorkerMetrics, call_status
 from workers.budget import FleetBudget, Unbudgeted
@@ -177,7 +192,8 @@ class DirectTransport:
         except (aiohttp.ClientError, OSError) as exc:
             raise network_error(f"{type(exc).__name__}: {exc}") from exc
         if status >= 400:
-            raise http_error(status, headers, status_detail(status, content))
+            raise http_error(status, headers, status_detail(status, content),
+                             param=refused_param(status, content))
         return content
 
     async def close(self) -> None:
@@ -187,15 +203,49 @@ class DirectTransport:
             self._session = None
 
 
+class LearningTransport:
+    """A transport that learns which parameters its endpoint refuses, per model
+    (``broker.judge_request.LearnedRequests``): the refused call is made again at once
+    without them, and every later call leaves them out. One WARNING per lesson.
+
+    Args:
+        inner: the endpoint's transport.
+        base_url: the endpoint, named in the warning.
+    """
+
+    def __init__(self, inner: JudgeTransport, base_url: str) -> None:
+        self._inner = inner
+        self._base_url = base_url
+        self._learned = LearnedRequests()
+
+    async def post(self, body: dict[str, Any]) -> bytes:
+        """See :meth:`JudgeTransport.post`."""
+        body = self._learned.adapt(body)
+        while True:
+            try:
+                return await self._inner.post(body)
+            except PermanentJudgeError as error:
+                retry = self._learned.retry_body(body, error, self._base_url)
+                if retry is None:
+                    raise
+                body = retry
+
+    async def close(self) -> None:
+        """See :meth:`JudgeTransport.close`."""
+        await self._inner.close()
+
+
 def judge_transport(settings: Settings, base_url: str) -> JudgeTransport:
-    """The transport ``settings.judge_transport`` names, for the endpoint ``base_url``."""
-    if settings.judge_transport == "direct":
-        return DirectTransport(settings, base_url)
-    return SdkTransport(settings, base_url)
+    """The transport ``settings.judge_transport`` names, for the endpoint ``base_url``,
+    learning the parameters the endpoint refuses."""
+    inner: JudgeTransport = DirectTransport(settings, base_url) \
+        if settings.judge_transport == "direct" else SdkTransport(settings, base_url)
+    return LearningTransport(inner, base_url)
 
 
 class TimedReply(NamedTuple):
-    """A chat completion's reply (``broker.judge_core.ChatReply``) and how long it took."""
+    """A chat completion's reply (``broker.judge_core.ChatReply``) and how long it took;
+    ``content`` is the judge's final answer (``broker.judge_core.answer_text``)."""
 
     content: str | None
     usage: Usage
@@ -254,7 +304,7 @@ class JudgeClient:
         """
         rubric = self._rubrics.rubric_for(spec, item)  # RubricMismatchError: no call made
         reply = await self.complete(spec.model, judge_request(spec, rubric, item),
-                                    spec.max_tokens)
+                                    reply_budget(spec))
         try:
             verdict = judge_verdict(reply.content, reply.usage, reply.tokens,
                                     mode=rubric.score_mode_for(spec), scale=rubric.scale)
@@ -312,8 +362,14 @@ class JudgeClient:
             await self._reconcile(limiter, estimate, usage)
         self._metrics.usage(model, usage.prompt_tokens, usage.completion_tokens,
                             self._prices.cost(model, usage.prompt_tokens,
-                                              usage.completion_tokens))
-        return TimedReply(reply.content, usage, reply.tokens, latency_s)
+                                              usage.completion_tokens),
+                            reasoning_tokens=usage.reasoning_tokens)
+        try:
+            answer = answer_text(reply, max_tokens)
+        except CutReplyError as error:
+            self._metrics.judge_call(model, call_status(error), latency_s)
+            raise
+        return TimedReply(answer, usage, reply.tokens, latency_s)
 
     async def _reconcile(self, limiter: RedisRateLimiter, estimate: int, usage: Usage) -> None:
         # The verdict is paid for: a Redis blip here must not cost a second judge call.
