@@ -15,7 +15,11 @@ from collections.abc import Sequence
 from judge_server.config import (
     DEFAULT_MODEL,
     DEFAULT_PORT,
+    DEFAULT_REASONING_EFFORT,
+    DIGIT_NEIGHBOURS,
     FAULT_KINDS,
+    PROFILES,
+    REASONING_EFFORTS,
     ConfigValueError,
     JudgeConfig,
     parse_error_kinds,
@@ -23,7 +27,49 @@ from judge_server.config import (
 from judge_server.server import LOOPS, run
 
 DESCRIPTION = ("Local OpenAI-compatible LLM judge: deterministic grading, "
-               "injectable latency, faults and rate limits.")
+               "injectable latency, faults and rate limits, and profiles that answer "
+               "the way today's reasoning judges do.")
+
+#: What ``--help`` says about the profiles (``judge_server.profiles`` has the details).
+PROFILES_EPILOG = """\
+profiles (--profile), each modelled on the provider's own documentation:
+  plain             a non-reasoning judge (GPT-4.1/4o class): every common
+                    parameter accepted, the JSON verdict at once (the default).
+  openai-reasoning  GPT-5.x / o-series on chat completions (OpenAI API reference,
+                    /v1/chat/completions; reasoning guide): 400 for max_tokens
+                    (code unsupported_parameter, "Use 'max_completion_tokens'
+                    instead"), for temperature/top_p other than 1 (unsupported_value),
+                    for logprobs/top_logprobs, logit_bias and the penalties
+                    (unsupported_parameter), for parameters the API does not know
+                    (unknown_parameter); takes max_completion_tokens and
+                    reasoning_effort (minimal/low/medium/high, default medium). Hidden
+                    reasoning (--reasoning-tokens) counts against
+                    max_completion_tokens: too small a budget gives empty content with
+                    finish_reason "length"; usage.completion_tokens includes it and
+                    usage.completion_tokens_details.reasoning_tokens reports it.
+  think-in-content  an R1 distill / QwQ / Qwen3-thinking on vLLM or SGLang without a
+                    reasoning parser: content is "<think>\\n" + thinking that opens with
+                    a DRAFT verdict {"score": 11 - score} + "\\n</think>\\n\\n" + the
+                    final verdict. max_completion_tokens or else max_tokens is
+                    honoured: one token per 4 characters of generated text, rounded
+                    up; a longer reply is cut after 4 x budget characters with
+                    finish_reason "length" (a small budget cuts inside the thinking).
+                    chat_template_kwargs {"enable_thinking": false} turns thinking off.
+  reasoning-field   the same models with a reasoning parser (vLLM "Reasoning
+                    Outputs"): the thinking, draft included, goes to
+                    message.reasoning_content and message.reasoning; content holds
+                    the verdict (null while the thinking was cut);
+                    completion_tokens_details.reasoning_tokens counts the thinking.
+  digit-logprobs    a tokenizer that writes numbers digit by digit (Qwen, Mistral):
+                    a 10 is the tokens "1","0". The judge means its grade s with
+                    probability q (--digit-confidence) and one neighbour n
+                    (--digit-neighbour) with 1-q; expectation q*s + (1-q)*n. At the
+                    first digit "1" carries p(1)+p(10); after a "1", "0" carries
+                    p(10)/(p(1)+p(10)) and the JSON token that follows the rest.
+every profile answers response_format {"type": "json_schema"} with exactly the JSON
+object ({"score": 7}; after the thinking where there is one), unless
+--refuse-response-format.
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,8 +117,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-offset", action="append", default=[], metavar="MODEL=N",
                         help="add N to every score given as MODEL (repeatable): one server "
                              "plays several judges that disagree")
+    parser.add_argument("--profile", choices=PROFILES, default=defaults.profile,
+                        help="which kind of judge to play (see 'profiles' below; "
+                             "default plain)")
+    parser.add_argument("--refuse-response-format", action="store_true",
+                        help="an endpoint without structured outputs: a body with a "
+                             "response_format other than text gets HTTP 400, worded as "
+                             "OpenAI words it for a model without Structured Outputs "
+                             "(\"Invalid parameter: 'response_format' of type "
+                             "'json_schema' is not supported with this model...\")")
+    parser.add_argument("--thinking-tokens", type=int, default=defaults.thinking_tokens,
+                        help="think-in-content / reasoning-field: length of the thinking "
+                             "before the verdict, in tokens of 4 characters (default "
+                             f"{defaults.thinking_tokens})")
+    efforts = ", ".join(f"{effort}={tokens}" for effort, tokens in sorted(
+        defaults.reasoning_tokens, key=lambda pair: REASONING_EFFORTS.index(pair[0])))
+    parser.add_argument("--reasoning-tokens", action="append", default=[],
+                        metavar="EFFORT=N",
+                        help="openai-reasoning: hidden reasoning tokens spent at a "
+                             "reasoning_effort (repeatable; default "
+                             f"{efforts}; no reasoning_effort = {DEFAULT_REASONING_EFFORT})")
+    parser.add_argument("--digit-confidence", type=float, default=defaults.digit_confidence,
+                        help="digit-logprobs: the probability q (0.5..1) the judge gives "
+                             f"the score it writes (default {defaults.digit_confidence})")
+    parser.add_argument("--digit-neighbour", choices=DIGIT_NEIGHBOURS,
+                        default=defaults.digit_neighbour,
+                        help="digit-logprobs: the value that gets 1-q: inward (towards the "
+                             "middle: 1-5 -> s+1, 6-10 -> s-1; the default), up (s+1, "
+                             "10 -> 9) or down (s-1, 1 -> 2)")
     parser.add_argument("--loop", choices=LOOPS, default="auto",
                         help="event loop; auto = uvloop when installed")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = PROFILES_EPILOG
 
 
 def config_from_args(args: argparse.Namespace) -> JudgeConfig:
@@ -88,7 +164,13 @@ def config_from_args(args: argparse.Namespace) -> JudgeConfig:
         rpm_limit=args.rpm_limit, model=args.model,
         position_bias=args.position_bias, position_bias_margin=args.position_bias_margin,
         logprobs=args.logprobs,
-        model_offsets=tuple(sorted(parse_model_offsets(args.model_offset).items())))
+        model_offsets=tuple(sorted(parse_model_offsets(args.model_offset).items())),
+        profile=args.profile, refuse_response_format=args.refuse_response_format,
+        thinking_tokens=args.thinking_tokens,
+        reasoning_tokens=tuple(sorted(
+            {**dict(JudgeConfig().reasoning_tokens),
+             **parse_reasoning_tokens(args.reasoning_tokens)}.items())),
+        digit_confidence=args.digit_confidence, digit_neighbour=args.digit_neighbour)
 
 
 def parse_model_offsets(values: Sequence[str]) -> dict[str, int]:
@@ -107,6 +189,25 @@ def parse_model_offsets(values: Sequence[str]) -> dict[str, int]:
         if not sep or not model:
             raise ConfigValueError(f"--model-offset {value!r}: expected MODEL=INTEGER")
     return offsets
+
+
+def parse_reasoning_tokens(values: Sequence[str]) -> dict[str, int]:
+    """``["high=8000", "low=64"]`` as ``{"high": 8000, "low": 64}``.
+
+    Raises:
+        ConfigValueError: an entry that is not ``EFFORT=INTEGER`` with a known effort.
+    """
+    tokens = {}
+    for value in values:
+        effort, sep, number = value.partition("=")
+        try:
+            tokens[effort] = int(number)
+        except ValueError:
+            sep = ""
+        if not sep or effort not in REASONING_EFFORTS:
+            raise ConfigValueError(f"--reasoning-tokens {value!r}: expected EFFORT=INTEGER "
+                                   f"with EFFORT one of {list(REASONING_EFFORTS)}")
+    return tokens
 
 
 def serve(args: argparse.Namespace) -> int:

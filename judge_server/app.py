@@ -1,8 +1,9 @@
 """The local judge's HTTP application: chat completions, models, stats and admin routes.
 
 - ``POST /v1/chat/completions``: grade the request (``judge_server.grading``) and answer
-  a ``chat.completion`` after the configured latency, unless a fault is injected or
-  ``rpm_limit`` refuses it;
+  a ``chat.completion`` shaped by the configured profile (``judge_server.profiles``)
+  after the configured latency, unless the profile refuses the request (its 400), a
+  fault is injected or ``rpm_limit`` refuses it;
 - ``GET /v1/models``: the configured model;
 - ``GET /stats``: the counters (``judge_server.stats``); ``POST /stats/reset`` zeroes them;
 - ``GET /admin/config``: the knobs (``judge_server.config``); ``POST`` changes any subset;
@@ -27,27 +28,31 @@ from aiohttp import web
 
 from judge_server.config import ConfigValueError, JudgeConfig
 from judge_server.faults import IMMEDIATE_FAULTS, FaultInjector
-from judge_server.grading import CORRECT_SCORE, INCORRECT_SCORE, grade_request, user_text
+from judge_server.grading import (
+    CORRECT_SCORE,
+    INCORRECT_SCORE,
+    grade_request,
+    shown_responses,
+    user_text,
+)
+from judge_server.profiles import Refusal, Reply, answer, check_request
 from judge_server.protocol import (
     ERRORS,
-    MALFORMED_REPLY,
     BadRequest,
     ErrorShape,
     chat_completion,
-    count_tokens,
     error_body,
-    logprobs_content,
     models_list,
     parse_chat_request,
     prompt_tokens,
-    reply_content,
     retry_after_headers,
     score_spread,
 )
 from judge_server.rate_limit import SlidingWindowLimiter
 from judge_server.stats import JudgeStats, PromptTally
 
-#: Request bodies above this are refused (413); rewardq items are at most 3 x 64k chars.
+#: Request bodies above this are refused (413): room for an item prompt whose response is
+#: at rewardq's per-response limit (600k characters), prompt and reference besides.
 MAX_BODY_BYTES = 4 * 1024 * 1024
 #: Status recorded for an answer whose client hung up first (nginx's convention).
 CLIENT_GONE = 499
@@ -108,7 +113,11 @@ class JudgeService:
             return self._error(request, ERRORS["413"])
         text = user_text(chat.messages)
         tally = stats.tally(text)
-        stats.record(chat.model, text)
+        stats.record(chat.model, text, chat.body)
+        stats.shown(shown_responses(text))
+        refusal = check_request(chat, config)
+        if refusal is not None:
+            return self._refuse(request, refusal)
 
         retry_after = self.limiter.admit(config.rpm_limit, time.monotonic())
         if retry_after is not None:
@@ -132,28 +141,32 @@ class JudgeService:
         if grade is not None and offset and grade.reply is None:  # group replies: as graded
             grade = dataclasses.replace(
                 grade, score=min(max(grade.score + offset, INCORRECT_SCORE), CORRECT_SCORE))
-        content = MALFORMED_REPLY if grade is None else grade.reply or reply_content(grade)
-        logprobs = None
-        if config.logprobs and chat.top_logprobs is not None:
-            spread = score_spread(config.seed, user_text(chat.messages))
-            logprobs = logprobs_content(content, None if grade is None else grade.score, spread,
-                                        chat.top_logprobs)
-        return self._completion(request, chat.model, chat.messages, content, tally,
-                                scored=grade is not None, logprobs=logprobs)
+        spread = score_spread(config.seed, text) if chat.top_logprobs is not None else 0.0
+        reply = answer(chat, grade, config, spread)
+        return self._completion(request, chat.model, chat.messages, reply, tally,
+                                scored=grade is not None and reply.complete)
 
     def _completion(self, request: web.Request, model: str, messages: list[Any],
-                    content: str, tally: PromptTally, *, scored: bool,
-                    logprobs: list[dict[str, Any]] | None = None) -> web.Response:
+                    reply: Reply, tally: PromptTally, *, scored: bool) -> web.Response:
         n_prompt = prompt_tokens(messages)
-        n_completion = count_tokens(content)
         request_id = f"chatcmpl-{self._id_prefix}{next(self._ids):010x}"
-        body = chat_completion(request_id, model, content, n_prompt, n_completion, logprobs)
+        body = chat_completion(request_id, model, reply.content, n_prompt,
+                               reply.completion_tokens, reply.logprobs,
+                               finish_reason=reply.finish_reason,
+                               message_extra=reply.message_extra,
+                               usage_extra=reply.usage_extra)
         if _client_gone(request):
             self.stats.answered(CLIENT_GONE)
         else:
             self.stats.answered(200)
-            self.stats.judged(tally, n_prompt, n_completion, scored=scored)
+            self.stats.judged(tally, n_prompt, reply.completion_tokens, scored=scored,
+                              reasoning_tokens=reply.reasoning_tokens,
+                              finish_reason=reply.finish_reason)
         return _json_response(body)
+
+    def _refuse(self, request: web.Request, refusal: Refusal) -> web.Response:
+        self.stats.answered(CLIENT_GONE if _client_gone(request) else refusal.status)
+        return _json_response(refusal.body(), status=refusal.status)
 
     def _error(self, request: web.Request, shape: ErrorShape, message: str | None = None,
                retry_after_s: float | None = None) -> web.Response:

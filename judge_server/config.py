@@ -23,6 +23,22 @@ DEFAULT_MODEL = "rewardq-local-judge"
 #: Fault kinds ``error_kinds`` may name: HTTP statuses, plus a hang and a scoreless reply.
 FAULT_KINDS = ("429", "500", "503", "400", "401", "timeout", "malformed")
 
+#: Which kind of judge the server plays (``judge_server.profiles`` says how each answers).
+PROFILES = ("plain", "openai-reasoning", "think-in-content", "reasoning-field",
+            "digit-logprobs")
+#: ``reasoning_effort`` values an OpenAI reasoning model takes on chat completions.
+REASONING_EFFORTS = ("minimal", "low", "medium", "high")
+#: The effort a request without ``reasoning_effort`` gets (OpenAI's documented default).
+DEFAULT_REASONING_EFFORT = "medium"
+#: Reasoning tokens the ``openai-reasoning`` profile spends per effort (settable).
+DEFAULT_REASONING_TOKENS: tuple[tuple[str, int], ...] = (
+    ("high", 4096), ("low", 256), ("medium", 1024), ("minimal", 0))
+#: Where the ``digit-logprobs`` judge puts the probability it does not give its score.
+DIGIT_NEIGHBOURS = ("inward", "up", "down")
+#: The knobs that choose and shape a profile, with their defaults (a test resets them).
+PROFILE_FIELDS = ("profile", "refuse_response_format", "thinking_tokens", "reasoning_tokens",
+                  "digit_confidence", "digit_neighbour")
+
 
 class ConfigValueError(ValueError):
     """A judge-server knob with an unknown name or a value it cannot take."""
@@ -53,6 +69,21 @@ class JudgeConfig:
         model_offsets: per requested model name, a number added to every score it gives
             (clamped to 1-10), so one server plays several judges that disagree, e.g.
             ``{"judge-lenient": 2, "judge-harsh": -3}`` (ensembles).
+        profile: the kind of judge played, one of ``PROFILES`` (``judge_server.profiles``):
+            ``plain`` (the default), ``openai-reasoning``, ``think-in-content``,
+            ``reasoning-field`` or ``digit-logprobs``.
+        refuse_response_format: answer a body carrying a ``response_format`` other than
+            ``text`` with the 400 an endpoint without structured outputs sends.
+        thinking_tokens: length of the thinking the ``think-in-content`` and
+            ``reasoning-field`` profiles write before their verdict (4 characters a token).
+        reasoning_tokens: ``openai-reasoning``: reasoning tokens spent per
+            ``reasoning_effort`` (a mapping; effort names missing from it keep
+            ``DEFAULT_REASONING_TOKENS``).
+        digit_confidence: ``digit-logprobs``: the probability q the judge gives the score
+            it writes; the rest, 1 - q, goes to one neighbour (0.5..1).
+        digit_neighbour: ``digit-logprobs``: which neighbour gets 1 - q: ``inward`` (towards
+            the middle of the scale: 1-5 -> score + 1, 6-10 -> score - 1), ``up``
+            (score + 1; 10 -> 9) or ``down`` (score - 1; 1 -> 2).
 
     Raises:
         ConfigValueError: a value out of range or of the wrong type.
@@ -71,6 +102,12 @@ class JudgeConfig:
     position_bias: float = 0.0
     position_bias_margin: int = 0
     model_offsets: tuple[tuple[str, int], ...] = ()
+    profile: str = "plain"
+    refuse_response_format: bool = False
+    thinking_tokens: int = 256
+    reasoning_tokens: tuple[tuple[str, int], ...] = DEFAULT_REASONING_TOKENS
+    digit_confidence: float = 0.8
+    digit_neighbour: str = "inward"
 
     def __post_init__(self) -> None:
         for name in ("latency_ms", "jitter_ms", "retry_after_s", "timeout_sleep_s"):
@@ -101,6 +138,34 @@ class JudgeConfig:
         _require(isinstance(self.error_kinds, tuple) and bool(self.error_kinds)
                  and all(kind in FAULT_KINDS for kind in self.error_kinds),
                  "error_kinds", f"a non-empty list drawn from {list(FAULT_KINDS)}")
+        _require(self.profile in PROFILES, "profile", f"one of {list(PROFILES)}")
+        _require(isinstance(self.refuse_response_format, bool), "refuse_response_format",
+                 "true or false")
+        _require(_is_int(self.thinking_tokens) and 1 <= self.thinking_tokens <= 1_000_000,
+                 "thinking_tokens", "an integer in [1, 1000000]")
+        tokens = self.reasoning_tokens
+        if isinstance(tokens, Mapping):
+            _require(all(isinstance(effort, str) for effort in tokens), "reasoning_tokens",
+                     f"an object of effort ({'/'.join(REASONING_EFFORTS)}) -> tokens")
+            merged: dict[str, Any] = dict(DEFAULT_REASONING_TOKENS)
+            merged.update(dict(tokens))
+            tokens = tuple((effort, merged[effort]) for effort in sorted(merged))
+            object.__setattr__(self, "reasoning_tokens", tokens)
+        _require(isinstance(tokens, tuple) and all(
+            isinstance(pair, tuple) and len(pair) == 2 and pair[0] in REASONING_EFFORTS
+            and _is_int(pair[1]) and 0 <= pair[1] <= 10_000_000 for pair in tokens)
+            and {pair[0] for pair in tokens} == set(REASONING_EFFORTS),
+            "reasoning_tokens",
+            f"an object of effort ({'/'.join(REASONING_EFFORTS)}) -> tokens (an integer >= 0)")
+        _require(_is_real(self.digit_confidence) and 0.5 <= self.digit_confidence <= 1.0,
+                 "digit_confidence", "a number in [0.5, 1]")
+        object.__setattr__(self, "digit_confidence", float(self.digit_confidence))
+        _require(self.digit_neighbour in DIGIT_NEIGHBOURS, "digit_neighbour",
+                 f"one of {list(DIGIT_NEIGHBOURS)}")
+
+    def reasoning_tokens_for(self, effort: str) -> int:
+        """Reasoning tokens the ``openai-reasoning`` profile spends at ``effort``."""
+        return dict(self.reasoning_tokens)[effort]
 
     def updated(self, changes: Mapping[str, Any]) -> JudgeConfig:
         """A copy with ``changes`` applied, as JSON gives them (lists, ``null``, numbers).
@@ -127,7 +192,15 @@ class JudgeConfig:
         values = dataclasses.asdict(self)
         values["error_kinds"] = list(self.error_kinds)
         values["model_offsets"] = dict(self.model_offsets)
+        values["reasoning_tokens"] = dict(self.reasoning_tokens)
         return values
+
+
+def profile_defaults() -> dict[str, Any]:
+    """The profile knobs (``PROFILE_FIELDS``) at their defaults, JSON-ready: what
+    ``POST /admin/config`` takes to put a judge back to the ``plain`` profile."""
+    values = JudgeConfig().as_dict()
+    return {name: values[name] for name in PROFILE_FIELDS}
 
 
 def parse_error_kinds(value: str | Iterable[Any]) -> tuple[str, ...]:

@@ -230,6 +230,19 @@ def grade_request(messages: Any, config: JudgeConfig | None = None) -> Grade:
     return grade_item(request.prompt, request.response, request.reference)
 
 
+def shown_responses(user_message: str) -> list[str]:
+    """The RESPONSE section(s) of a rewardq judge prompt: one for an item prompt, one per
+    response for a group prompt, none for a foreign prompt (what ``GET /stats`` inspects
+    for thinking and end-of-turn tokens)."""
+    from judge_server import group_grading
+
+    if group_grading.is_group_prompt(user_message):
+        group = group_grading.parse_group_prompt(user_message)
+        return [] if group is None else [text for _, text in group.responses]
+    request = parse_judge_prompt(user_message)
+    return [] if request.rubric is None else [request.response]
+
+
 def grade_messages(messages: Any) -> int:
     """The score (1..10) the local judge gives a chat-completions ``messages`` list."""
     return grade_request(messages).score

@@ -19,7 +19,7 @@ import json
 import math
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from judge_server.grading import Grade, content_text
@@ -76,6 +76,8 @@ class ChatRequest:
     messages: list[Any]
     #: ``top_logprobs`` asked for, or ``None`` when ``logprobs`` was not asked for.
     top_logprobs: int | None = None
+    #: The whole request body (the profiles read the parameters they answer to).
+    body: dict[str, Any] = field(default_factory=dict)
 
 
 def count_tokens(text: str) -> int:
@@ -119,7 +121,7 @@ def parse_chat_request(body: bytes) -> ChatRequest:
         raise BadRequest("'logprobs' must be true when 'top_logprobs' is set")
     model = data.get("model")
     return ChatRequest(model if isinstance(model, str) and model else "unknown", messages,
-                       (top or 0) if logprobs else None)
+                       (top or 0) if logprobs else None, data)
 
 
 def reply_content(grade: Grade) -> str:
@@ -179,11 +181,28 @@ def _token_entry(token: str, logprob: float) -> dict[str, Any]:
     return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
 
 
-def chat_completion(request_id: str, model: str, content: str, prompt_token_count: int,
+def chat_completion(request_id: str, model: str, content: str | None, prompt_token_count: int,
                     completion_token_count: int,
-                    logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                    logprobs: list[dict[str, Any]] | None = None, *,
+                    finish_reason: str = "stop",
+                    message_extra: dict[str, Any] | None = None,
+                    usage_extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """A ``chat.completion`` object with one choice carrying ``content`` (and the
-    per-token ``logprobs``, when given)."""
+    per-token ``logprobs``, when given).
+
+    ``message_extra`` adds fields to the message (e.g. ``reasoning_content``),
+    ``usage_extra`` to the usage (e.g. ``completion_tokens_details``).
+    """
+    message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+    if message_extra:
+        message.update(message_extra)
+    usage: dict[str, Any] = {
+        "prompt_tokens": prompt_token_count,
+        "completion_tokens": completion_token_count,
+        "total_tokens": prompt_token_count + completion_token_count,
+    }
+    if usage_extra:
+        usage.update(usage_extra)
     return {
         "id": request_id,
         "object": "chat.completion",
@@ -191,23 +210,20 @@ def chat_completion(request_id: str, model: str, content: str, prompt_token_coun
         "model": model,
         "choices": [{
             "index": 0,
-            "message": {"role": "assistant", "content": content, "refusal": None},
+            "message": message,
             "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None},
-            "finish_reason": "stop",
+            "finish_reason": finish_reason,
         }],
-        "usage": {
-            "prompt_tokens": prompt_token_count,
-            "completion_tokens": completion_token_count,
-            "total_tokens": prompt_token_count + completion_token_count,
-        },
+        "usage": usage,
         "system_fingerprint": "rewardq-local-judge",
     }
 
 
-def error_body(shape: ErrorShape, message: str | None = None) -> dict[str, Any]:
+def error_body(shape: ErrorShape, message: str | None = None,
+               param: str | None = None) -> dict[str, Any]:
     """The ``{"error": {...}}`` body of an API error."""
     return {"error": {"message": message or shape.message, "type": shape.type,
-                      "param": None, "code": shape.code}}
+                      "param": param, "code": shape.code}}
 
 
 def retry_after_headers(seconds: float) -> dict[str, str]:

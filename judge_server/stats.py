@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from hashlib import blake2b
 from typing import Any
 
@@ -19,6 +19,10 @@ ONE_SECOND = 1.0
 #: Requests ``GET /requests`` remembers, and how much of each user message.
 RECENT_REQUESTS = 4096
 RECENT_CHARS = 2000
+#: Marks of a policy's thinking: a RESPONSE section holding one was shown thinking.
+THINKING_MARKERS = ("<think>", "</think>", "<thinking>", "<reasoning>")
+#: Chat end-of-turn tokens (ChatML, Llama 3, Llama 2/Mistral, GPT-2/Qwen base).
+END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "</s>", "<|endoftext|>")
 
 
 class PromptTally:
@@ -65,8 +69,15 @@ class JudgeStats:
         self._arrivals: deque[float] = deque()
         self.max_requests_in_any_1s = 0
         self.max_in_flight = self.in_flight
-        #: the latest requests: model, first line of the user message ("title"), the message
-        self.recent: deque[dict[str, str]] = deque(maxlen=RECENT_REQUESTS)
+        #: the latest requests: model, first line of the user message ("title"), the
+        #: message, and the body's top-level parameter names ("params")
+        self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_REQUESTS)
+        self.params_seen: Counter[str] = Counter()
+        self.requests_with_thinking = 0
+        self.requests_with_end_of_turn = 0
+        self.max_response_chars = 0
+        self.reasoning_tokens_total = 0
+        self.finish_reasons: Counter[str] = Counter()
 
     def arrived(self) -> None:
         """Count a chat-completions request on arrival."""
@@ -93,11 +104,26 @@ class JudgeStats:
             self.max_requests_per_prompt = tally.requests
         return tally
 
-    def record(self, model: str, user_message: str) -> None:
-        """Remember a request: which model it asked for and which instructions it sent
-        (tests read them back to see which rubric each item was judged by)."""
+    def record(self, model: str, user_message: str, params: Iterable[str] = ()) -> None:
+        """Remember a request: which model it asked for, which instructions it sent
+        (tests read them back to see which rubric each item was judged by) and which
+        top-level body parameters it carried (counted in ``params_seen``)."""
+        names = sorted(params)
+        self.params_seen.update(names)
         self.recent.append({"model": model, "title": user_message.partition("\n")[0][:200],
-                            "user": user_message[:RECENT_CHARS]})
+                            "user": user_message[:RECENT_CHARS], "params": names})
+
+    def shown(self, responses: Iterable[str]) -> None:
+        """Count what a request showed the judge in its RESPONSE section(s): thinking
+        marks, end-of-turn tokens, and the longest section's length."""
+        thinking = end_of_turn = False
+        for response in responses:
+            if len(response) > self.max_response_chars:
+                self.max_response_chars = len(response)
+            thinking = thinking or any(mark in response for mark in THINKING_MARKERS)
+            end_of_turn = end_of_turn or any(mark in response for mark in END_OF_TURN_MARKERS)
+        self.requests_with_thinking += thinking
+        self.requests_with_end_of_turn += end_of_turn
 
     def started(self) -> None:
         """A request is now being handled."""
@@ -114,10 +140,13 @@ class JudgeStats:
         self.responses_by_status[str(status)] += 1
 
     def judged(self, tally: PromptTally, prompt_tokens: int, completion_tokens: int,
-               *, scored: bool) -> None:
-        """Count a 200 answer delivered; ``scored`` is false for a malformed reply."""
+               *, scored: bool, reasoning_tokens: int = 0, finish_reason: str = "stop") -> None:
+        """Count a 200 answer delivered; ``scored`` is false for a malformed or cut reply
+        (one that carries no whole verdict)."""
         self.prompt_tokens_total += prompt_tokens
         self.completion_tokens_total += completion_tokens
+        self.reasoning_tokens_total += reasoning_tokens
+        self.finish_reasons[finish_reason] += 1
         if scored and tally.generation == self._generation:
             tally.ok += 1
             if tally.ok > self.max_ok_per_prompt:
@@ -140,10 +169,20 @@ class JudgeStats:
         - ``unique_prompts``: distinct user-message contents;
         - ``max_requests_per_prompt``: most requests for any one prompt;
         - ``max_ok_per_prompt``: most delivered 200 answers *carrying a score* for any one
-          prompt (a ``malformed`` reply judges nothing): 1 proves nothing was judged twice;
+          prompt (a ``malformed`` reply, or one cut by the token budget, judges nothing):
+          1 proves nothing was judged twice;
         - ``max_requests_in_any_1s``: most arrivals within any sliding 1 s window;
         - ``in_flight`` / ``max_in_flight``: requests being handled now / at the peak;
         - ``prompt_tokens_total`` / ``completion_tokens_total``: usage of delivered 200s;
+          ``reasoning_tokens_total``: the reasoning tokens inside ``completion_tokens_total``;
+        - ``finish_reasons``: ``"stop"`` / ``"length"`` (cut by the token budget) -> count
+          of delivered 200s;
+        - ``params_seen``: top-level request-body parameter -> how many requests carried
+          it (every parsed request, refused ones included);
+        - ``requests_with_thinking``: requests whose RESPONSE section(s) held ``<think>``,
+          ``</think>``, ``<thinking>`` or ``<reasoning>``;
+          ``requests_with_end_of_turn``: ... held ``<|im_end|>``, ``<|eot_id|>``, ``</s>``
+          or ``<|endoftext|>``; ``max_response_chars``: the longest RESPONSE section;
         - ``faults_injected``: fault kind -> count; ``rpm_rejections``: 429s by ``rpm_limit``;
         - ``uptime_s``: since the server started; ``process_cpu_s``: the server process's
           CPU time (never reset: benchmarks take differences).
@@ -159,6 +198,12 @@ class JudgeStats:
             "max_in_flight": self.max_in_flight,
             "prompt_tokens_total": self.prompt_tokens_total,
             "completion_tokens_total": self.completion_tokens_total,
+            "reasoning_tokens_total": self.reasoning_tokens_total,
+            "finish_reasons": dict(self.finish_reasons),
+            "params_seen": dict(self.params_seen),
+            "requests_with_thinking": self.requests_with_thinking,
+            "requests_with_end_of_turn": self.requests_with_end_of_turn,
+            "max_response_chars": self.max_response_chars,
             "faults_injected": dict(self.faults_injected),
             "rpm_rejections": self.rpm_rejections,
             "uptime_s": round(time.monotonic() - self._started, 3),
