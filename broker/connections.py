@@ -7,12 +7,20 @@ the same everywhere: redis-py's connection and timeout errors, or our
 ``BrokerUnavailableError`` that wraps them (:data:`OUTAGE_ERRORS`). What to do about one
 is decided once too: :func:`with_outage_retries` runs an operation again with backoff
 until Redis is back or the patience runs out.
+
+A Redis that answers but refuses writes because its memory reached ``maxmemory`` (Redis'
+``OOM command not allowed``) is its own condition: :func:`is_redis_full` recognizes it
+however it arrives (redis-py's ``OutOfMemoryError``, or the text of a Lua script's
+error), :func:`redis_full_error` names it as a :class:`~broker.errors.RedisFullError`
+("Redis is full (maxmemory N, used M)"), and the retries treat it as an outage: it ends
+as soon as memory is freed (evictions, expiry, a raised cap), without a restart.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -22,21 +30,106 @@ import redis.asyncio as aioredis
 from redis.backoff import EqualJitterBackoff
 from redis.retry import Retry
 
-from broker.errors import BrokerUnavailableError
+from broker.errors import BrokerUnavailableError, RedisFullError
 from broker.settings import Settings
 
-__all__ = ["OUTAGE_ERRORS", "async_redis_client", "outage_delay", "redis_client",
-           "with_outage_retries"]
+__all__ = ["OUTAGE_ERRORS", "async_redis_client", "describe_memory", "is_redis_full",
+           "outage_delay", "redis_client", "redis_full_error", "redis_full_errors",
+           "redis_memory", "with_outage_retries"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 #: What a Redis restart, failover or network cut raises (``BusyLoadingError``, raised
-#: while a restarted Redis loads its data, is a ``ConnectionError``).
+#: while a restarted Redis loads its data, is a ``ConnectionError``), and what a full
+#: Redis answers a write with (``OutOfMemoryError``; ``RedisFullError`` is a
+#: ``BrokerUnavailableError``): both end by themselves, so both are waited out.
 OUTAGE_ERRORS: tuple[type[Exception], ...] = (redis.exceptions.ConnectionError,
                                               redis.exceptions.TimeoutError,
+                                              redis.exceptions.OutOfMemoryError,
                                               BrokerUnavailableError)
+
+#: The text of Redis' answer to a write while its memory is at ``maxmemory``: redis-py
+#: turns the ``OOM`` code into ``OutOfMemoryError``, but an error raised inside a Lua
+#: script reaches the client as a plain ``ResponseError`` carrying this text (Redis 6).
+_FULL_TEXT = "used memory > 'maxmemory'"
+
+
+class _FullCounter:
+    """How many times this process met a full Redis (``rewardq_redis_full_errors_total``)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # never held across I/O
+        self.count = 0
+        #: (used_memory, maxmemory) as last read from Redis, for messages without a client
+        self.last_memory: tuple[int | None, int | None] = (None, None)
+
+    def add(self) -> None:
+        with self._lock:
+            self.count += 1
+
+
+_FULL = _FullCounter()
+
+
+def redis_full_errors() -> int:
+    """How many times this process met a full Redis so far (every write refused counts;
+    an operation retried through a full Redis counts each refusal)."""
+    return _FULL.count
+
+
+def is_redis_full(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or an error it was raised from) is Redis refusing a write because
+    its memory reached ``maxmemory``."""
+    for _ in range(6):  # kombu and Celery wrap redis-py's errors
+        if exc is None:
+            return False
+        if isinstance(exc, RedisFullError | redis.exceptions.OutOfMemoryError):
+            return True
+        if isinstance(exc, redis.exceptions.ResponseError) and _FULL_TEXT in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def redis_memory(client: redis.Redis | None) -> tuple[int | None, int | None]:
+    """``(used_memory, maxmemory)`` of the Redis behind ``client`` (``INFO memory``, a
+    read: it works while Redis is full); the last values read in this process when
+    ``client`` is ``None`` or cannot be asked. ``maxmemory`` 0 means no cap."""
+    if client is not None:
+        try:
+            info = client.info("memory")
+            _FULL.last_memory = (int(info["used_memory"]), int(info.get("maxmemory", 0)))
+        except (redis.RedisError, KeyError, ValueError):
+            pass
+    return _FULL.last_memory
+
+
+def describe_memory(used: int | None, maxmemory: int | None) -> str:
+    """``maxmemory 8.0 MB, used 8.1 MB`` (``unknown`` where a value is)."""
+    def size(n: int | None) -> str:
+        return "unknown" if n is None else "none" if n == 0 else f"{n / 1e6:.1f} MB"
+    return f"maxmemory {size(maxmemory)}, used {size(used)}"
+
+
+def redis_full_error(what: str, cause: BaseException | None = None, *,
+                     client: redis.Redis | None = None,
+                     memory: tuple[int | None, int | None] | None = None) -> RedisFullError:
+    """The :class:`RedisFullError` of ``what`` (e.g. "cannot enqueue chunk j-0") failing
+    because Redis is full, with Redis' ``(used_memory, maxmemory)``: ``memory``, else read
+    through ``client``, else the last known; counted in :func:`redis_full_errors`. Raise
+    it ``from cause``."""
+    _FULL.add()
+    if memory is not None and memory[0] is not None:
+        _FULL.last_memory = memory
+    used, maxmemory = memory if memory is not None else redis_memory(client)
+    return RedisFullError(
+        f"Redis is full ({describe_memory(used, maxmemory)}): {what}. Raise maxmemory or "
+        f"free memory (the verdict cache gives way by itself; queued chunks, results and "
+        f"leases never do: see docs/memory.md); work resumes by itself once memory is "
+        f"free" + (f" [{cause}]" if cause is not None else ""),
+        used_bytes=used, maxmemory_bytes=maxmemory)
 
 #: Seconds before a connection attempt or a reply counts as lost.
 CONNECT_TIMEOUT_S = 5.0
@@ -97,23 +190,40 @@ def with_outage_retries(operation: Callable[[], T], patience_s: float,
         deadline: unix time after which nobody wants the answer any more.
         sleep: how to wait (``time.sleep`` is cooperative under gevent's patching).
 
+    A full Redis (:func:`is_redis_full`) is waited out the same way: it ends once memory
+    is freed; the log line and, in the end, the error say "Redis is full".
+
     Raises:
         whatever of :data:`OUTAGE_ERRORS` the operation last raised, once the outage
-        outlasts ``patience_s`` (or reaches ``deadline``).
+        outlasts ``patience_s`` (or reaches ``deadline``); a :class:`RedisFullError`
+        when Redis was full.
     """
     attempt = 0
     give_up: float | None = None
     while True:
         try:
             return operation()
-        except OUTAGE_ERRORS as exc:
+        except Exception as exc:
+            full = is_redis_full(exc)
+            if not full and not isinstance(exc, OUTAGE_ERRORS):
+                raise
+            if full and not isinstance(exc, RedisFullError):
+                _FULL.add()
             attempt += 1
             now = time.time()
             give_up = give_up or now + patience_s
             delay = outage_delay(attempt)
             if now + delay >= min(give_up, deadline or give_up):
+                if full and not isinstance(exc, RedisFullError):
+                    raise redis_full_error(f"gave up after {patience_s:.0f}s", exc) from exc
                 raise
             if attempt == 1:
-                log.warning("Redis unavailable (%s); retrying for up to %.0fs", exc,
-                            patience_s)
+                if full:
+                    used, maxmemory = _FULL.last_memory
+                    log.warning("Redis is full (%s): %s; raise maxmemory or free memory "
+                                "(docs/memory.md); retrying for up to %.0fs",
+                                describe_memory(used, maxmemory), exc, patience_s)
+                else:
+                    log.warning("Redis unavailable (%s); retrying for up to %.0fs", exc,
+                                patience_s)
             sleep(delay)

@@ -13,6 +13,17 @@ Locks are leases: the owning process renews all the locks it holds in one Lua ca
 third of their TTL, however long a call waits for a concurrency slot or backs off between
 retries. A process that dies (SIGKILL) stops renewing, so its locks lapse within one TTL
 and a waiter takes the work over.
+
+The cache is a cache: it gives way so that nothing else has to. Redis runs with
+``noeviction`` (queued chunks, results, leases and heartbeats must never be dropped), so
+the claim and store calls make room themselves: while Redis' used memory is above
+``Settings.cache_max_memory_ratio`` of its ``maxmemory``, each call first deletes cache
+entries, the least recently used of a few sampled at random each time (the sampling
+Redis' own LRU eviction does), two per entry it writes and more the further memory is
+over (``rewardq:stats:cache_evictions`` counts them). Because the deletes come first, a
+store still lands when Redis is full of verdicts (a script that has written may go on
+writing). Verdicts are stored without their default fields (a score, a raw score and
+the tokens): about 60 bytes of JSON each.
 """
 
 from __future__ import annotations
@@ -25,21 +36,74 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 import redis.asyncio as aioredis
 
-from broker.keys import cache_key, inflight_key
+from broker.connections import is_redis_full, redis_full_error
+from broker.errors import RedisFullError
+from broker.keys import CACHE_EVICTIONS, cache_key, inflight_key
 from broker.schemas import JudgeVerdict
 
 log = logging.getLogger(__name__)
 
+#: The most cache entries one claim or store call deletes to make room (bounds how long
+#: one script holds Redis: each is a few RANDOMKEY and one OBJECT IDLETIME).
+EVICT_MAX_PER_CALL = 512
+#: Cache entries sampled per deletion; the least recently used of them goes.
+EVICT_SAMPLES = 5
+#: What one entry takes in Redis, roughly (key, value, expiry): how many to delete for
+#: the bytes over the line.
+ENTRY_BYTES = 200
+
+# Prologue of the claim and store scripts: make room by deleting cache entries.
+# make_room(ratio, writes, counter): while used_memory > ratio * maxmemory (a maxmemory
+# of 0 = no cap: nothing to do), delete the least recently used (OBJECT IDLETIME) of
+# EVICT_SAMPLES cache keys drawn by RANDOMKEY, 2 per entry about to be written plus one
+# per ENTRY_BYTES over the line, at most EVICT_MAX_PER_CALL; INCRBY counter by the number
+# deleted. Deleting first also lets the writes after it run while Redis is full.
+_MAKE_ROOM = f"""
+local function make_room(ratio, writes, counter)
+  local info = redis.call('INFO', 'memory')
+  local used = tonumber(string.match(info, 'used_memory:(%d+)'))
+  local cap = tonumber(string.match(info, 'maxmemory:(%d+)')) or 0
+  if cap == 0 or used == nil or used <= cap * ratio then return 0 end
+  local want = math.min({EVICT_MAX_PER_CALL},
+                        2 * writes + math.ceil((used - cap * ratio) / {ENTRY_BYTES}))
+  local prefix = '{cache_key("")}'
+  local evicted = 0
+  for _ = 1, want do
+    local best, idle, seen = nil, -1, 0
+    for _ = 1, {4 * EVICT_SAMPLES} do
+      local key = redis.call('RANDOMKEY')
+      if not key then break end
+      if string.sub(key, 1, #prefix) == prefix then
+        local age = redis.call('OBJECT', 'IDLETIME', key)
+        if age and age > idle then best, idle = key, age end
+        seen = seen + 1
+        if seen == {EVICT_SAMPLES} then break end
+      end
+    end
+    if not best then break end
+    redis.call('DEL', best)
+    evicted = evicted + 1
+  end
+  if evicted > 0 then redis.call('INCRBY', counter, evicted) end
+  return evicted
+end
+"""
+
 # Claim a batch of fingerprints.
 # KEYS: 2n keys, pairs (rewardq:cache:<fp> STRING verdict JSON,
-#                       rewardq:inflight:<fp> STRING owner token, TTL ARGV[2] ms).
-# ARGV[1] = owner token, ARGV[2] = lock TTL in ms.
-# Returns, per pair, the cached verdict JSON, or 1 (now ours), or 0 (another owner).
-_CLAIM = """
+#                       rewardq:inflight:<fp> STRING owner token, TTL ARGV[2] ms),
+#       then rewardq:stats:cache_evictions.
+# ARGV[1] = owner token, ARGV[2] = lock TTL in ms, ARGV[3] = cache_max_memory_ratio.
+# Returns, per pair, the cached verdict JSON, or 1 (now ours), or 0 (another owner), then
+# the number of cache entries deleted to make room.
+_CLAIM = _MAKE_ROOM + """
+local n = (#KEYS - 1) / 2
+local evicted = make_room(tonumber(ARGV[3]), n, KEYS[#KEYS])
 local out = {}
-for i = 1, #KEYS, 2 do
+for i = 1, #KEYS - 1, 2 do
   local v = redis.call('GET', KEYS[i])
   if v then
     out[#out + 1] = v
@@ -49,20 +113,24 @@ for i = 1, #KEYS, 2 do
     out[#out + 1] = 0
   end
 end
+out[#out + 1] = evicted
 return out
 """
 # Store verdicts and release our locks.
 # KEYS: 2n keys, pairs (rewardq:cache:<fp> STRING verdict JSON, TTL ARGV[1] s,
-#                       rewardq:inflight:<fp> STRING owner token).
-# ARGV[1] = cache TTL s; ARGV[2i], ARGV[2i + 1] = verdict JSON and owner token of pair i.
-# A lock is deleted only while it still holds the token (a lapsed lock re-taken by another
-# owner is left alone). Returns n.
-_STORE_MANY = """
-for i = 1, #KEYS, 2 do
-  redis.call('SET', KEYS[i], ARGV[i + 1], 'EX', ARGV[1])
-  if redis.call('GET', KEYS[i + 1]) == ARGV[i + 2] then redis.call('DEL', KEYS[i + 1]) end
+#                       rewardq:inflight:<fp> STRING owner token),
+#       then rewardq:stats:cache_evictions.
+# ARGV[1] = cache TTL s, ARGV[2] = cache_max_memory_ratio; ARGV[2i + 1], ARGV[2i + 2] =
+# verdict JSON and owner token of pair i. A lock is deleted only while it still holds the
+# token (a lapsed lock re-taken by another owner is left alone). Returns the number of
+# cache entries deleted to make room.
+_STORE_MANY = _MAKE_ROOM + """
+local evicted = make_room(tonumber(ARGV[2]), (#KEYS - 1) / 2, KEYS[#KEYS])
+for i = 1, #KEYS - 1, 2 do
+  redis.call('SET', KEYS[i], ARGV[i + 2], 'EX', ARGV[1])
+  if redis.call('GET', KEYS[i + 1]) == ARGV[i + 3] then redis.call('DEL', KEYS[i + 1]) end
 end
-return #KEYS / 2
+return evicted
 """
 #: The most verdicts one store call carries (bounds how long one script holds Redis).
 STORE_BATCH_MAX = 256
@@ -129,12 +197,15 @@ class JudgeCache:
         lock_ttl_ms: how long an in-flight lock outlives a silent (e.g. killed) owner;
             live owners renew theirs every third of it.
         poll_s: how often a waiter looks for the owner's verdict.
+        max_memory_ratio: the share of Redis' maxmemory above which the cache gives way
+            (``Settings.cache_max_memory_ratio``).
     """
 
     def __init__(self, redis: aioredis.Redis, ttl_s: int, lock_ttl_ms: int,
-                 poll_s: float = 0.02) -> None:
+                 poll_s: float = 0.02, max_memory_ratio: float = 0.7) -> None:
         self._redis = redis
         self._ttl_s = ttl_s
+        self._ratio = max_memory_ratio
         self._lock_ttl_ms = lock_ttl_ms
         self._poll_s = poll_s
         self._claim = redis.register_script(_CLAIM)
@@ -155,6 +226,8 @@ class JudgeCache:
         self.stored_verdicts = 0
         #: rounds the owner watcher made (one round trip each, however many waiters)
         self.watch_rounds = 0
+        #: cache entries this process deleted to make room
+        self.evicted = 0
 
     @property
     def held_locks(self) -> int:
@@ -170,7 +243,15 @@ class JudgeCache:
             return []
         self._start_renewer()
         keys = [k for fp in fingerprints for k in (cache_key(fp), inflight_key(fp))]
-        raw = await self._claim(keys=keys, args=[token, self._lock_ttl_ms])
+        try:
+            raw = await self._claim(keys=[*keys, CACHE_EVICTIONS],
+                                    args=[token, self._lock_ttl_ms, self._ratio])
+        except redis.ResponseError as exc:
+            if not is_redis_full(exc):
+                raise
+            raise await self._full(exc, f"cannot claim {len(fingerprints)} verdict(s)") \
+                from exc
+        self.evicted += int(raw.pop())
         claims = [Claim(ClaimState.CACHED, JudgeVerdict.model_validate_json(v))
                   if isinstance(v, bytes | str)
                   else Claim(ClaimState.OWNED if v == 1 else ClaimState.BUSY) for v in raw]
@@ -192,7 +273,10 @@ class JudgeCache:
         """
         loop = asyncio.get_running_loop()
         stored: asyncio.Future[None] = loop.create_future()
-        self._to_store.append((fingerprint, verdict.model_dump_json(), token, stored))
+        # Without the fields at their defaults (JudgeVerdict and the producer's
+        # ScoreResult.from_cached_verdicts read them back as such).
+        self._to_store.append((fingerprint, verdict.model_dump_json(exclude_defaults=True),
+                               token, stored))
         if self._storer is None:
             self._storer = loop.create_task(self._store_queued())
         # A caller cancelled here cancels only its own future: its verdict is still
@@ -208,13 +292,21 @@ class JudgeCache:
                 batch = self._to_store[:STORE_BATCH_MAX]
                 del self._to_store[:STORE_BATCH_MAX]
                 keys = [k for fp, _, _, _ in batch for k in (cache_key(fp), inflight_key(fp))]
-                args: list[str | int] = [self._ttl_s]
+                args: list[str | int | float] = [self._ttl_s, self._ratio]
                 for _, value, token, _ in batch:
                     args += (value, token)
                 self.store_calls += 1
                 self.stored_verdicts += len(batch)
                 try:
-                    await self._store_many(keys=keys, args=args)
+                    try:
+                        evicted = await self._store_many(keys=[*keys, CACHE_EVICTIONS],
+                                                         args=args)
+                    except redis.ResponseError as exc:
+                        if not is_redis_full(exc):
+                            raise
+                        raise await self._full(exc, f"cannot cache {len(batch)} "
+                                                    f"verdict(s)") from exc
+                    self.evicted += int(evicted)
                 except Exception as exc:  # each waiter gets the error its own call would
                     _resolve(batch, None, exc)
                 else:
@@ -226,6 +318,19 @@ class JudgeCache:
             raise
         finally:
             self._storer = None
+
+    async def _full(self, exc: redis.ResponseError, what: str) -> RedisFullError:
+        """The :class:`RedisFullError` of Redis refusing ``what`` for memory (``exc``),
+        with its memory figures; logged."""
+        memory: tuple[int | None, int | None] | None = None
+        try:
+            info = await self._redis.info("memory")
+            memory = (int(info["used_memory"]), int(info.get("maxmemory", 0)))
+        except Exception:  # the figures are a courtesy; the error is what matters
+            log.debug("could not read Redis' memory figures", exc_info=True)
+        error = redis_full_error(what, exc, memory=memory)
+        log.warning("%s", error)
+        return error
 
     async def release_lock(self, fingerprint: str, token: str) -> None:
         """Release our lock without a verdict; a lock re-taken by another is left alone."""

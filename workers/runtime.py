@@ -70,7 +70,8 @@ class WorkerRuntime:
             # Locks are renewed while held (see ``JudgeCache``), so their TTL only bounds
             # how long a dead worker's locks keep others waiting.
             self._cache = JudgeCache(self._redis, ttl_s=s.cache_ttl_s,
-                                     lock_ttl_ms=int(s.inflight_lock_ttl_s * 1000))
+                                     lock_ttl_ms=int(s.inflight_lock_ttl_s * 1000),
+                                     max_memory_ratio=s.cache_max_memory_ratio)
             policy = RetryPolicy(max_attempts=s.judge_max_attempts)
             groups = GroupJudging(self._judge, self._redis, policy, self.metrics,
                                   cache_ttl_s=s.cache_ttl_s,
