@@ -9,6 +9,13 @@ decides liveness, so clocks of different hosts never have to agree.
 The index exists so that asking costs one SMEMBERS and one MGET whatever the size of the
 keyspace (a SCAN would walk every cached verdict). Readers prune members whose beat has
 expired.
+
+A worker process also announces itself while it is still starting (importing, connecting,
+starting its pool: seconds on a loaded host), with a ``starting`` beat under the same key
+and a longer TTL (``STARTING_TTL_S``), which its first real beat replaces. Starting
+workers consume nothing yet, so :func:`live_workers` leaves them out;
+:func:`fleet_counts` counts them apart, so that a producer waits for a worker that is
+coming instead of failing with ``NoWorkersError`` a second before it takes the chunks.
 """
 
 from __future__ import annotations
@@ -29,6 +36,13 @@ BEAT_INTERVAL_S = 2.0
 BEAT_TTL_S = 3 * BEAT_INTERVAL_S
 #: Judge rounds a chunk may last at most on the worker making the fewest calls at once.
 CHUNK_ROUNDS = 8
+#: Lifetime of a starting worker's beat: the gaps between its renewals are long while
+#: the process imports (CPU-bound, nothing else runs), and a worker that dies starting
+#: stops being waited for this long after its last renewal.
+STARTING_TTL_S = 30.0
+#: A worker still starting after this long stops announcing itself (something is wrong
+#: with it; producers go back to failing fast).
+STARTING_MAX_S = 120.0
 
 
 class WorkerBeat(BaseModel):
@@ -42,6 +56,8 @@ class WorkerBeat(BaseModel):
         beat_at: unix time of this beat (the worker's clock).
         judge_calls: judge calls it makes at once (``Settings.max_concurrent_requests``);
             ``None`` from a worker that does not say.
+        starting: the process is still starting: it consumes nothing yet, and ``queues``
+            are the ones it was told to consume (its beat is replaced once it is ready).
     """
 
     # Unknown fields are ignored, so a newer worker still counts as alive to an older reader.
@@ -53,6 +69,7 @@ class WorkerBeat(BaseModel):
     started_at: float
     beat_at: float
     judge_calls: int | None = None
+    starting: bool = False
 
 
 def live_workers(client: redis.Redis, queue: str | None = QUEUE_JUDGE) -> list[WorkerBeat]:
@@ -63,11 +80,28 @@ def live_workers(client: redis.Redis, queue: str | None = QUEUE_JUDGE) -> list[W
         queue: keep only workers consuming this queue; ``None`` keeps every live worker.
 
     Returns:
-        Their latest beats, sorted by node name; empty when none is alive.
+        Their latest beats, sorted by node name; empty when none is alive. Workers still
+        starting are not among them (:func:`fleet_counts` counts those).
 
     Raises:
         redis.ConnectionError, redis.TimeoutError: Redis could not be reached.
     """
+    return [beat for beat in _beats(client, queue) if not beat.starting]
+
+
+def fleet_counts(client: redis.Redis, queue: str | None = QUEUE_JUDGE) -> tuple[int, int]:
+    """``(live, starting)``: workers consuming ``queue`` now, and worker processes still
+    starting that were told to consume it (one SMEMBERS and one MGET).
+
+    Raises:
+        redis.ConnectionError, redis.TimeoutError: Redis could not be reached.
+    """
+    beats = _beats(client, queue)
+    starting = sum(1 for beat in beats if beat.starting)
+    return len(beats) - starting, starting
+
+
+def _beats(client: redis.Redis, queue: str | None) -> list[WorkerBeat]:
     nodes = sorted(_text(n) for n in client.smembers(WORKER_INDEX))
     if not nodes:
         return []

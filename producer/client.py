@@ -37,7 +37,7 @@ from broker.errors import (
     NoWorkersError,
     ScoringTimeoutError,
 )
-from broker.fleet import BEAT_INTERVAL_S, chunk_size_for, live_workers
+from broker.fleet import BEAT_INTERVAL_S, chunk_size_for, fleet_counts, live_workers
 from broker.jobs import (
     ChunkMeta,
     item_results,
@@ -235,6 +235,17 @@ class RewardClient:
         except redis.RedisError as exc:
             raise BrokerUnavailableError(f"cannot read worker heartbeats: {exc}") from exc
 
+    def fleet_counts(self) -> tuple[int, int]:
+        """``(live, starting)`` workers of this client's queue (``broker.fleet``).
+
+        Raises:
+            BrokerUnavailableError: Redis could not be reached.
+        """
+        try:
+            return fleet_counts(self.redis, self.queue)
+        except redis.RedisError as exc:
+            raise BrokerUnavailableError(f"cannot read worker heartbeats: {exc}") from exc
+
     def close(self) -> None:
         """Release Redis connections and the Celery producer pool."""
         self.redis.close()
@@ -326,7 +337,8 @@ class PendingScores:
 
         Raises:
             NoWorkersError: chunks are pending and no live worker has consumed the queue
-                for ``NO_WORKER_GRACE_S``.
+                for ``NO_WORKER_GRACE_S`` (a worker process still starting, announced
+                by its ``starting`` beat, is waited for).
             ChunksLostError: Redis lost chunks and ``settings.reenqueue_lost_chunks`` is
                 off.
             BrokerUnavailableError: Redis could not be reached.
@@ -334,7 +346,7 @@ class PendingScores:
         now = time.monotonic()
         if self._pending and now >= self._next_worker_check:
             self._next_worker_check = now + _WORKER_CHECK_EVERY_S
-            if self._client.live_worker_count() > 0:
+            if any(self._client.fleet_counts()):  # a live worker, or one still starting
                 self._no_workers_since = None
             elif self._no_workers_since is None:
                 self._no_workers_since = now
