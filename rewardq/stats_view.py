@@ -93,6 +93,9 @@ class FleetMetrics:
     chunks: dict[str, float] = field(default_factory=dict)
     prompt_tokens: float = 0.0
     completion_tokens: float = 0.0
+    reasoning_tokens: float = 0.0
+    #: judge replies cut by their token limit before a verdict
+    cut_replies: float = 0.0
     cost_usd: float = 0.0
     submit_cache_hits: float = 0.0
 
@@ -123,6 +126,7 @@ class FleetMetrics:
                   "rewardq_retries_total": "retries",
                   "rewardq_judge_prompt_tokens_total": "prompt_tokens",
                   "rewardq_judge_completion_tokens_total": "completion_tokens",
+                  "rewardq_judge_reasoning_tokens_total": "reasoning_tokens",
                   "rewardq_judge_cost_usd_total": "cost_usd"}.get(name)
         if scalar is not None:
             setattr(self, scalar, getattr(self, scalar) + value)
@@ -130,6 +134,8 @@ class FleetMetrics:
             self.judge_requests += value
             if labels.get("status") != "ok":
                 self.judge_errors += value
+            if labels.get("status") == "cut":
+                self.cut_replies += value
         elif name in ("rewardq_items_total", "rewardq_chunks_total"):
             into = self.items if name == "rewardq_items_total" else self.chunks
             status = labels.get("status", "?")
@@ -290,10 +296,11 @@ def render(current: StatsSnapshot, previous: StatsSnapshot | None = None, *,
             f"items           {items_ok:>10,.0f} ok   {m.items_failed:,.0f} failed"
             f"   ({item_rate})",
             f"judge calls     {m.judge_requests:>10,.0f}   errors {m.judge_errors:,.0f}"
-            f"   retries {m.retries:,.0f}   ({call_rate})",
+            f" (cut {m.cut_replies:,.0f})   retries {m.retries:,.0f}   ({call_rate})",
             f"cache hit rate  {hit:>10}   dedup waits {m.dedup_waits:,.0f}"
             f"   rate-limit wait {m.rate_limit_wait_s:,.1f}s",
-            f"tokens          {m.prompt_tokens:>10,.0f} in   {m.completion_tokens:,.0f} out",
+            f"tokens          {m.prompt_tokens:>10,.0f} in   {m.completion_tokens:,.0f} out"
+            f" ({m.reasoning_tokens:,.0f} reasoning)",
             f"cost            {m.cost_usd:>10,.4f} USD",
         ]
     if current.workers:
