@@ -23,7 +23,7 @@ from hypothesis import settings as hypothesis_settings
 
 from broker.embedded import EmbeddedRedis
 from broker.settings import Settings
-from judge_server.config import JudgeConfig
+from judge_server.config import JudgeConfig, profile_defaults
 from judge_server.server import BackgroundJudgeServer
 from rewardq.stack import JudgeProcess, start_judge, start_worker, stop_process, wait_for_workers
 
@@ -87,9 +87,29 @@ def judge_server() -> Iterator[JudgeProcess]:
 def judge(judge_server: JudgeProcess) -> JudgeProcess:
     """The shared judge with default behaviour and zeroed ``/stats``."""
     judge_server.configure(latency_ms=0, jitter_ms=0, error_rate=0, rpm_limit=0,
-                           error_kinds=["429", "500"], seed=0, logprobs=True, model_offsets={})
+                           error_kinds=["429", "500"], seed=0, logprobs=True, model_offsets={},
+                           **profile_defaults())
     judge_server.reset_stats()
     return judge_server
+
+
+JudgeProfile = Callable[..., JudgeProcess]
+
+
+@pytest.fixture
+def judge_profile(judge: JudgeProcess) -> JudgeProfile:
+    """``judge_profile(name, **knobs)``: the shared judge playing profile ``name``
+    (``plain``, ``openai-reasoning``, ``think-in-content``, ``reasoning-field``,
+    ``digit-logprobs``; see ``judge_server.profiles``) with any other ``JudgeConfig``
+    knobs, e.g. ``refuse_response_format=True``, ``thinking_tokens=2048``,
+    ``reasoning_tokens={"medium": 512}``, ``digit_confidence=0.7``. Returns the judge;
+    the next test's ``judge`` fixture puts it back to ``plain``."""
+
+    def use(profile: str = "plain", **knobs: Any) -> JudgeProcess:
+        judge.configure(profile=profile, **knobs)
+        return judge
+
+    return use
 
 
 @pytest.fixture
@@ -104,6 +124,24 @@ def local_judge() -> Iterator[BackgroundJudgeServer]:
     """A judge server in a thread of the test process (for the in-process sync path)."""
     with BackgroundJudgeServer(JudgeConfig()) as server:
         yield server
+
+
+@pytest.fixture
+def background_judge() -> Iterator[Callable[..., BackgroundJudgeServer]]:
+    """``background_judge(**config)``: a judge of its own in a thread of the test process,
+    started with ``JudgeConfig(**config)`` (e.g. ``profile="think-in-content"``) and
+    stopped at teardown; its ``base_url`` is what an OpenAI client or ``Settings`` takes."""
+    started: list[BackgroundJudgeServer] = []
+
+    def start(**config: Any) -> BackgroundJudgeServer:
+        server = BackgroundJudgeServer(JudgeConfig(**config))
+        server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
 
 
 @pytest.fixture(scope="module")
