@@ -29,10 +29,12 @@ scale value ``v`` when nothing else on the scale can be written through it:
 - it ends the number: it holds non-digits after its digits (``"7,"``), or, after the
   first digit, it is no digit at all (a ``","`` after ``"1"`` means the number was 1);
 - one value on the scale only begins with the digits so far (``"7"`` on 1-10 is 7, and
-  ``"1"`` on 95-100 is 100);
-- the tokenizer is seen to keep digits together (some token of the reply, written or
-  offered, is two or more digits) and the alternative has fewer than three digits: such a
-  tokenizer writes a number's digits in chunks of three, so a shorter chunk ends it;
+  ``"1"`` on 95-100 is 100): a number is taken to stop where the scale does, a judge
+  writing off its scale is not modelled;
+- the tokenizer is seen to keep digits together (some token of the final answer, written
+  or offered, is two or more digits) and the alternative has fewer than three digits:
+  such a tokenizer writes a number's digits in chunks of three, so a shorter chunk ends
+  it (Llama 3's ``"1"`` beside its ``"10"`` is the number 1);
 - it is the digit the judge wrote, and the next position's alternatives split its
   probability further, read the same way: p(10) = p("1") * p("0" | "1"), and the rest of
   "1"'s probability goes to 1 and any other value its continuations prove.
@@ -43,8 +45,8 @@ its own token with probability 1, and the token written is counted even where th
 leaves it out.
 
 **The 1-versus-10 ambiguity.** On a digit-by-digit tokenizer, an alternative ``"1"`` that the
-judge did *not* write is the probability of 1 *and* of 10 (and on 1-100 of 10-19 and 100),
-and nothing in the reply says how it splits: the next position's alternatives are
+judge did *not* write is the probability of 1 *and* of 10 (on 1-100, a ``"9"`` is 9 and
+90-99), and nothing in the reply says how it splits: the next position's alternatives are
 conditioned on the digit that was written. That probability is *unresolved*: it is left
 out, the expectation is taken over the proved values, and the score says so with
 ``source="logprobs_partial"``. The expectation left out can move the score by at most the
@@ -57,6 +59,7 @@ silently wrong.
 
 from __future__ import annotations
 
+import bisect
 import math
 import re
 from collections.abc import Sequence
@@ -78,7 +81,7 @@ NEGLIGIBLE_SHARE = 1e-4
 MAX_DIGIT_CHUNK = 3
 
 Scale = tuple[int, int]
-ScoreSource = Literal["logprobs", "logprobs_partial"]
+LogprobSource = Literal["logprobs", "logprobs_partial"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +100,7 @@ class LogprobScore:
     that could be attributed to one value (see the module docstring)."""
 
     value: float
-    source: ScoreSource
+    source: LogprobSource
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +134,7 @@ def logprob_score(tokens: Sequence[TokenLogprob], scale: Scale) -> LogprobScore 
         return None
     proved = distribution.proved
     value = math.fsum(k * p for k, p in proved.items()) / math.fsum(proved.values())
-    source: ScoreSource = ("logprobs" if distribution.unresolved <= NEGLIGIBLE_SHARE
+    source: LogprobSource = ("logprobs" if distribution.unresolved <= NEGLIGIBLE_SHARE
                            else "logprobs_partial")
     return LogprobScore(value=min(max(value, scale[0]), scale[1]), source=source)
 
@@ -150,12 +153,12 @@ def score_distribution(tokens: Sequence[TokenLogprob],
     answer = final_answer(text)
     if answer is None:
         return None
-    span = _score_span(text, len(text) - len(answer), scale)
+    answer_at = len(text) - len(answer)
+    span = _score_span(text, answer_at, scale)
     if span is None:
         return None
-    walk = _Walk(tokens, text, span, scale)
-    first = next(i for i, end in enumerate(walk.ends) if end > span[0])
-    walk.position(first, "", 0.0)
+    walk = _Walk(tokens, text, span, scale, answer_at)
+    walk.position(walk.first(span[0]), "", 0.0)
     if not walk.outcomes:
         return None
     peak = max(logmass for logmass, _ in walk.outcomes)
@@ -208,7 +211,7 @@ class _Walk:
     ``value`` is ``None`` for an unresolved alternative."""
 
     def __init__(self, tokens: Sequence[TokenLogprob], text: str, span: tuple[int, int],
-                 scale: Scale) -> None:
+                 scale: Scale, answer_at: int) -> None:
         self.tokens = tokens
         self.text = text
         self.span = span
@@ -218,9 +221,15 @@ class _Walk:
         for token in tokens:
             end += len(token.token)
             self.ends.append(end)
+        # a token of two or more digits in the answer shows a tokenizer that keeps digits
+        # together (the thinking before it is not searched: it may be long)
         self.chunked = any(_is_multi_digit(t.token) or any(_is_multi_digit(a) for a, _ in t.top)
-                           for t in tokens)
+                           for t in tokens[self.first(answer_at):])
         self.outcomes: list[tuple[float, int | None]] = []
+
+    def first(self, offset: int) -> int:
+        """The index of the token holding the character at ``offset`` of the text."""
+        return bisect.bisect_right(self.ends, offset)
 
     def position(self, index: int, prefix: str, logmass: float) -> None:
         """Spread ``exp(logmass)``, the probability of ``prefix`` written before token
@@ -232,7 +241,7 @@ class _Walk:
         written = (self.text[max(start, number_start):end]
                    if start < number_end and end <= number_end else None)
         for alternative, logprob in _alternatives(token):
-            if math.isnan(logprob) or logprob == -math.inf:
+            if not math.isfinite(logprob):
                 continue
             body = alternative.lstrip(_LEAD) if not prefix else alternative
             digits = _DIGITS.match(body)

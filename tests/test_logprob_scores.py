@@ -13,8 +13,9 @@ cannot, never silently wrong.
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import httpx
@@ -38,6 +39,7 @@ from broker.rubrics import builtin_rubrics
 from broker.schemas import JudgeSpec, JudgeVerdict, ResultStatus, ScoreItem, Usage
 from broker.settings import Settings
 from judge_server.config import JudgeConfig
+from judge_server.digit_logprobs import intended_expectation
 from judge_server.server import BackgroundJudgeServer
 from producer.client import RewardClient
 from producer.sync_judge import SyncJudge
@@ -137,6 +139,36 @@ def test_parsed_mode_asks_for_no_logprobs_and_keeps_its_cache_keys(settings: Set
     assert old.score_source == "parsed"
 
 
+@pytest.mark.parametrize(("profile", "how"), [("plain", "inward"), ("digit-logprobs", "inward"),
+                                            ("digit-logprobs", "up"),
+                                            ("digit-logprobs", "down")])
+def test_the_local_judges_logprobs_read_back_as_the_score_it_means(
+        background_judge: Callable[..., BackgroundJudgeServer], profile: str,
+        how: str) -> None:
+    # item 1 is a wrong answer, graded 1; a per-model offset lifts it to every other value
+    item = ScoreItem.model_validate(make_items(2, "lp-scale")[1])
+    assert expected(item.model_dump())[1] == 1.0
+    server = background_judge(profile=profile, digit_confidence=0.7, digit_neighbour=how,
+                              model_offsets={f"judge-{k}": k - 1 for k in range(1, 11)})
+    spec = judge_spec(_logprob_settings(Settings()))
+    for score in range(1, 11):
+        body = {**_request(spec, item), "model": f"judge-{score}"}
+        reply = httpx.post(f"{server.base_url}/chat/completions", json=body, timeout=10)
+        chat = read_reply(reply.content)
+        assert chat.tokens is not None and chat.content is not None
+        assert json.loads(chat.content)["score"] == score
+        got = logprob_score(chat.tokens, (1, 10))
+        assert got is not None, score
+        if profile == "plain":  # whole-number tokens, "10" among them: always resolved
+            assert _is(got, _expectation_from_reply(reply.json()), "logprobs"), score
+        elif (how, score) in {("up", 9), ("down", 2)}:
+            # "1" offered beside the written digit: 1 or 10 cannot be told, and it says so
+            assert _is(got, score, "logprobs_partial"), score
+        else:
+            meant = intended_expectation(score, 0.7, how)
+            assert _is(got, meant, "logprobs"), (score, got, meant)
+
+
 # -- the reader: token streams as each kind of tokenizer writes them -----------------------
 
 #: How a tokenizer cuts a number: one token ("10"), digit by digit ("1", "0": Qwen, Mistral),
@@ -200,14 +232,13 @@ def score_stream(distribution: dict[int, float], written: int, style: str, *,
 
 
 def provable(distribution: dict[int, float], written: int, style: str,
-             scale: tuple[int, int], draft: int | None = None) -> set[int]:
+             scale: tuple[int, int]) -> set[int]:
     """The values of ``distribution`` a reader can tell apart in ``score_stream``: where a
     value's tokens part from the written ones, no other value of the scale starts with the
     same tokens (or the value ends there). A tokenizer that keeps digits together shows
-    it only through a token of two or more digits (in the score or the ``draft``); without
-    one, its stream is a digit tokenizer's."""
-    shown = [*distribution, *([] if draft is None else [draft])]
-    if not any(len(t.strip()) > 1 for v in shown for t in number_tokens(v, style)):
+    it only through a token of two or more digits in the final answer (a draft score in
+    the thinking is not searched); without one, its stream is a digit tokenizer's."""
+    if not any(len(t.strip()) > 1 for v in distribution for t in number_tokens(v, style)):
         style = "digits"
     cut = {v: number_tokens(v, style) for v in range(scale[0], scale[1] + 1)}
     mine, proved = cut[written], set()
@@ -247,7 +278,7 @@ def test_the_score_is_what_the_stream_proves_and_flagged_where_it_proves_less(
     distribution, written, style, scale = judge
     draft = (scale[1] if written != scale[1] else scale[0]) if thinking else None
     tokens = score_stream(distribution, written, style, junk=junk, draft=draft)
-    proved = provable(distribution, written, style, scale, draft)
+    proved = provable(distribution, written, style, scale)
     unresolved = math.fsum(p for v, p in distribution.items() if v not in proved)
     assume(all(abs(unresolved - limit) > 1e-9 for limit in (PARTIAL_LIMIT, NEGLIGIBLE_SHARE)))
 
@@ -369,6 +400,18 @@ def test_spellings_of_one_value_are_summed_and_other_numbers_before_the_key_igno
     read = score_distribution(tokens, (1, 10))
     assert read is not None and read.proved == pytest.approx({3: 0.5, 7: 0.5})
     assert _is(logprob_score(tokens, (1, 10)), 5.0, "logprobs")
+
+
+def test_raw_token_spellings_of_a_space_and_unusable_logprobs() -> None:
+    # servers returning raw pieces spell the space as GPT-2's "Ġ" or SentencePiece's "▁"
+    for space in ("\u0120", "\u2581"):
+        top = ((f"{space}7", math.log(0.5)), (f"{space}9", math.log(0.5)))
+        tokens = (*_fixed(['{"', "score", '":']), TokenLogprob(f"{space}7", math.log(0.5), top))
+        assert _is(logprob_score(tokens, (1, 10)), 8.0, "logprobs"), space
+    top = (("7", math.log(0.5)), ("8", math.nan), ("9", math.inf), ("3", -math.inf),
+           ("5", math.log(0.5)))
+    tokens = (*_fixed(['{"score": ']), TokenLogprob("7", math.log(0.5), top))
+    assert _is(logprob_score(tokens, (1, 10)), 6.0, "logprobs")
 
 
 def test_a_bare_reply_is_read_at_its_first_number_on_the_scale() -> None:
