@@ -210,8 +210,6 @@ class LearnedRequests:
         if param is None or param not in body or param in _REQUIRED:
             return None
         refused = self._refused.setdefault(body.get("model", ""), {})
-        if param in refused:
-            return None  # learned already: this refusal is about something else
         for name in _TOGETHER.get(param, (param,)):
             refused[name] = _RENAMED.get(name)
         return param
@@ -223,11 +221,14 @@ class LearnedRequests:
         such a refusal."""
         if not isinstance(error, PermanentJudgeError) or error.status_code not in (400, 422):
             return None
+        model = str(body.get("model"))
+        known = set(self._refused.get(model, {}))
         param = self.learn(body, error.param if isinstance(error, RefusedParameterError)
                            else None, str(error))
         if param is None:
             return None
-        model = str(body.get("model"))
+        if param in known:  # a call sent before the lesson: no second warning
+            return self.adapt(body)
         replacement = self._refused.get(model, {}).get(param)
         log.warning("judge %s refuses %r for model %s (%s): %s from now on", endpoint, param,
                     model, error, f"sending {replacement} instead" if replacement
