@@ -17,7 +17,10 @@ handles each:
 **Where the score is.** In the final answer only (``broker.rollout_view.final_answer``):
 the text after the last closing thinking tag (``</think>``, ``</thinking>``,
 ``</reasoning>``), so a draft verdict inside the thinking is never read; a thinking block
-left open means there is no final answer, and no score. In the answer, the score is the
+left open means there is no final answer, and no score. Given the final answer the caller
+read from the reply's content (``answer=``), the reader looks from where the tokens' text
+holds it, so thinking whose tags the token texts lack is never read either. In the
+answer, the score is the
 number written as the value of the first ``"score"`` key (``"score": 7`` or
 ``"score": "7"``); an answer without that key is a bare reply, and its score is the first
 number in it that is on the scale.
@@ -113,12 +116,18 @@ class ScoreDistribution:
     unresolved: float
 
 
-def logprob_score(tokens: Sequence[TokenLogprob], scale: Scale) -> LogprobScore | None:
+def logprob_score(tokens: Sequence[TokenLogprob], scale: Scale, *,
+                  answer: str | None = None) -> LogprobScore | None:
     """The expected score where the judge wrote it, over the proved values of ``scale``.
 
     Args:
         tokens: the reply's tokens with their ``top_logprobs`` alternatives.
         scale: the rubric's lowest and highest score, ``0 <= low < high``.
+        answer: the reply's final answer as read from its content, if known: the score is
+            then looked for from its last occurrence in the tokens' text, so thinking the
+            token texts carry without its tags (a server that drops them, a reasoning
+            channel) is never read. Where the tokens do not hold it, the thinking tags
+            decide (the module docstring).
 
     Returns:
         The expectation, ``source="logprobs"`` when the unresolved share is at most
@@ -129,7 +138,7 @@ def logprob_score(tokens: Sequence[TokenLogprob], scale: Scale) -> LogprobScore 
     Raises:
         ValueError: ``scale`` is not ``(low, high)`` with ``0 <= low < high``.
     """
-    distribution = score_distribution(tokens, scale)
+    distribution = score_distribution(tokens, scale, answer=answer)
     if distribution is None or distribution.unresolved > PARTIAL_LIMIT:
         return None
     proved = distribution.proved
@@ -139,8 +148,8 @@ def logprob_score(tokens: Sequence[TokenLogprob], scale: Scale) -> LogprobScore 
     return LogprobScore(value=min(max(value, scale[0]), scale[1]), source=source)
 
 
-def score_distribution(tokens: Sequence[TokenLogprob],
-                       scale: Scale) -> ScoreDistribution | None:
+def score_distribution(tokens: Sequence[TokenLogprob], scale: Scale, *,
+                       answer: str | None = None) -> ScoreDistribution | None:
     """The probabilities of the scale values where the judge wrote its score.
 
     ``None`` when there is no final answer, no number where the score is, or no
@@ -150,10 +159,12 @@ def score_distribution(tokens: Sequence[TokenLogprob],
     if not 0 <= low < high:
         raise ValueError(f"scale must be (low, high) with 0 <= low < high, got {scale!r}")
     text = "".join(t.token for t in tokens)
-    answer = final_answer(text)
-    if answer is None:
-        return None
-    answer_at = len(text) - len(answer)
+    answer_at = text.rfind(answer.strip()) if answer is not None and answer.strip() else -1
+    if answer_at < 0:
+        final = final_answer(text)
+        if final is None:
+            return None
+        answer_at = len(text) - len(final)
     span = _score_span(text, answer_at, scale)
     if span is None:
         return None

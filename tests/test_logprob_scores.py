@@ -436,6 +436,22 @@ def test_the_score_is_read_after_the_last_closing_thinking_tag(tag: str) -> None
     assert logprob_score((*thinking, *_fixed([f"<{tag}>"]), *answer), (1, 10)) is None
 
 
+def test_the_final_answer_read_from_the_content_locates_the_score() -> None:
+    # the token texts carry the thinking without its tags (a reasoning channel, a server
+    # that drops them): the final answer the content gave says where the verdict is
+    top = (("7", math.log(0.5)), ("8", math.log(0.5)))
+    draft = _fixed(["We need", ' {"score": ', "2", "}. Check.", "\n"])
+    verdict = (*_fixed(['{"score": ']), TokenLogprob("7", math.log(0.5), top), *_fixed(["}"]))
+    tokens = (*draft, *verdict, *_fixed(["<|im_end|>"]))
+    assert _is(logprob_score(tokens, (1, 10), answer='{"score": 7}\n'), 7.5, "logprobs")
+    # the same draft written word for word as the verdict: the last one is the verdict
+    same = (*_fixed(['{"score": ', "7", "}"]), *verdict)
+    assert _is(logprob_score(same, (1, 10), answer='{"score": 7}'), 7.5, "logprobs")
+    # an answer the tokens do not hold: the thinking tags decide
+    tagged = (*_fixed(["<think>", 'draft {"score": 2}', "</think>"]), *verdict)
+    assert _is(logprob_score(tagged, (1, 10), answer="{'score': 7}"), 7.5, "logprobs")
+
+
 def test_no_number_where_the_score_is_reads_as_none() -> None:
     for words in ([], ['{"score": null, "n": 7}'], ["I cannot grade this."],
                   ['{"score": ', "-", "3}"], ["The answer is 42."]):
