@@ -23,6 +23,7 @@ import logging
 import random
 import subprocess
 import sys
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
@@ -49,8 +50,10 @@ from rewardq.budget_cli import read_budget, set_limits
 from rewardq.stack import JudgeProcess, settings_env
 from rewardq.stats_view import run_stats
 from workers.budget import (
+    BudgetHold,
     BudgetLimits,
     FleetBudget,
+    budget_usage_key,
     cost_units,
     in_step,
     units_to_usd,
@@ -93,45 +96,122 @@ def state(url: str, run_name: str) -> dict[str, int]:
 # -- the accounting on a real Redis -------------------------------------------------------
 
 
-def test_reserve_admits_up_to_the_limit_and_refuses_the_call_that_would_pass_it(
+def test_a_call_that_does_not_fit_waits_for_the_calls_in_flight_and_goes_at_a_settlement(
         redis_url: str) -> None:
-    # Each call's worst case: (93 + 7) prompt tokens + 0 reply tokens = 100,000 nano-USD.
-    async def body(client: aioredis.Redis) -> tuple[int, str]:
+    # Before any reply the estimate is the worst case: (93 + 7) prompt tokens = 100,000.
+    async def body(client: aioredis.Redis) -> tuple[list[str], list[dict[str, int]], int]:
         budget = FleetBudget(client, "r", PRICES, limits=BudgetLimits(usd=0.00035))
-        holds = []
+        holds = [await budget.reserve(MODEL, body_of(93), 0) for _ in range(3)]
+        events: list[str] = []
+
+        async def fourth() -> int:
+            hold = await budget.reserve(MODEL, body_of(93), 0)
+            events.append("fourth admitted")
+            return hold.units
+
+        waiting = asyncio.create_task(fourth())
+        await asyncio.sleep(0.2)  # 3 x 100,000 in flight: 400,000 > 350,000, so it waits
+        seen = [state(redis_url, "r")]
+        events.append(f"waiting={budget.waiting}")
+        await holds[0].settle(Usage(prompt_tokens=30), MODEL)  # 30 of 100 worst-case tokens
+        events.append("settled")
+        units = await waiting
+        await holds[1].release()
+        await holds[1].settle(Usage(prompt_tokens=30), MODEL)  # released already: no-op
+        seen.append(state(redis_url, "r"))
+        return events, seen, units
+
+    events, (before, after), units = run(redis_url, body)
+
+    assert events == ["waiting=1", "settled", "fourth admitted"]
+    assert before == {"limit": 350_000, "reserved": 300_000}  # waiting is not refused
+    # The settlement taught 0.3 prompt tokens per worst-case token: 30,000 now.
+    assert units == 30_000
+    assert after == {"limit": 350_000, "spent": 30_000, "reserved": 130_000, "calls": 1}
+
+
+def test_a_call_is_refused_at_once_only_when_the_limit_is_spent_and_the_last_one_goes(
+        redis_url: str) -> None:
+    async def body(client: aioredis.Redis) -> tuple[list[int], str]:
+        budget = FleetBudget(client, "r", PRICES, limits=BudgetLimits(usd=0.00025))
+        units = []
+        for _ in range(3):  # 100,000 each; the third does not fit (300,000 > 250,000)
+            hold = await budget.reserve(MODEL, body_of(93), 0)  # but nothing is in flight
+            units.append(hold.units)
+            await hold.settle(Usage(prompt_tokens=100), MODEL)
         with pytest.raises(BudgetExceededError) as refused:
-            for _ in range(10):
-                holds.append(await budget.reserve(MODEL, body_of(93), 0))
-        return len(holds), str(refused.value)
+            await in_step(None, budget.reserve(MODEL, body_of(93), 0), time.time() + 60)
+        return units, str(refused.value)
 
-    admitted, message = run(redis_url, body)
+    units, message = run(redis_url, body)
 
-    assert admitted == 3  # 3 x 100,000 <= 350,000 < 4 x 100,000
-    assert state(redis_url, "r") == {"limit": 350_000, "reserved": 300_000, "refused": 1}
+    assert units == [100_000] * 3
+    # The last call went with 50,000 left and cost 100,000: the limit passed by half a call.
+    assert state(redis_url, "r") == {"limit": 250_000, "spent": 300_000, "reserved": 0,
+                                     "calls": 3, "refused": 1}
+    assert "0.000300 USD spent of 0.000250" in message and "did not settle" not in message
     assert "run 'r'" in message and "rewardq budget set --usd" in message
 
 
-def test_settle_charges_the_reply_instead_of_the_worst_case_and_release_charges_nothing(
+def test_the_estimate_follows_the_peaks_of_real_usage_capped_by_the_call(
         redis_url: str) -> None:
-    async def body(client: aioredis.Redis) -> None:
-        budget = FleetBudget(client, "r", PRICES, limits=BudgetLimits(usd=0.00025))
+    async def body(client: aioredis.Redis) -> tuple[list[int], dict[str, int]]:
+        budget = FleetBudget(client, "r", PRICES, limits=BudgetLimits(usd=1.0))
+        units = []
+
+        async def call(prompt_bytes: int, max_tokens: int, usage: Usage) -> None:
+            hold = await budget.reserve(MODEL, body_of(prompt_bytes), max_tokens)
+            units.append(hold.units)
+            await hold.settle(usage, MODEL)
+
+        await call(93, 64, Usage(prompt_tokens=50, completion_tokens=10))  # worst: 164,000
+        await call(93, 64, Usage(prompt_tokens=30, completion_tokens=40))  # 50 + 10 tokens
+        await call(93, 64, Usage(prompt_tokens=30, completion_tokens=5))
+        await call(93, 16, Usage(prompt_tokens=10, completion_tokens=3))
+        await call(93, 64, Usage(prompt_tokens=10, completion_tokens=3))
+        client_sync = redis.Redis.from_url(redis_url)
+        learned = {k.decode(): int(v) for k, v in
+                   client_sync.hgetall(budget_usage_key("r")).items()}
+        client_sync.close()
+        return units, learned
+
+    units, learned = run(redis_url, body)
+
+    # Per worst-case prompt token: 0.5, then 0.5 - (0.5 - 0.3)/16 = 0.4875 (down by 1/16 of
+    # the gap), ...; reply tokens: 10, then 40 (a peak: at once), then 40 - 35/16, capped
+    # at 16 by the fourth call's reply budget; each estimate rounds tokens up.
+    assert units == [164_000, 60_000, 49_000 + 40_000, 48_000 + 16_000, 46_000 + 36_000]
+    assert learned == {f"{MODEL}|prompt_ppm": 430_278, f"{MODEL}|reply_milli": 33_599}
+
+
+def test_a_reply_over_the_worst_case_is_charged_but_never_reserved_above_it(
+        redis_url: str) -> None:
+    async def body(client: aioredis.Redis) -> list[int]:
+        budget = FleetBudget(client, "r", PRICES, limits=BudgetLimits(usd=1.0))
         first = await budget.reserve(MODEL, body_of(93), 0)
+        await first.settle(Usage(prompt_tokens=200), MODEL)  # a tokenizer above 1 per byte
         second = await budget.reserve(MODEL, body_of(93), 0)
-        with pytest.raises(BudgetExceededError):
-            await budget.reserve(MODEL, body_of(93), 0)
-        await first.settle(Usage(prompt_tokens=30, completion_tokens=0), MODEL)
-        await first.settle(Usage(prompt_tokens=30, completion_tokens=0), MODEL)  # once only
-        await second.release()
-        # 30,000 spent: two more worst cases fit (230,000 <= 250,000), a third does not
-        await budget.reserve(MODEL, body_of(93), 0)
-        await budget.reserve(MODEL, body_of(93), 0)
-        with pytest.raises(BudgetExceededError):
-            await budget.reserve(MODEL, body_of(93), 0)
+        return [first.units, second.units]
 
-    run(redis_url, body)
+    assert run(redis_url, body) == [100_000, 100_000]
+    assert state(redis_url, "r")["spent"] == 200_000
 
-    assert state(redis_url, "r") == {"limit": 250_000, "spent": 30_000, "reserved": 200_000,
-                                     "calls": 1, "refused": 2}
+
+def test_reasoning_tokens_are_priced_once_as_part_of_the_completion(redis_url: str) -> None:
+    prices = PriceTable({MODEL: [1.0, 4.0]})
+
+    async def body(client: aioredis.Redis) -> int:
+        budget = FleetBudget(client, "r", prices, limits=BudgetLimits(usd=1.0))
+        hold = await budget.reserve(MODEL, body_of(93), 8192)
+        await hold.settle(Usage(prompt_tokens=40, completion_tokens=700,
+                                reasoning_tokens=650), MODEL)
+        second = await budget.reserve(MODEL, body_of(93), 8192)
+        return second.units
+
+    estimate = run(redis_url, body)
+
+    assert state(redis_url, "r")["spent"] == 40 * 1000 + 700 * 4000
+    assert estimate == 40 * 1000 + 700 * 4000  # learned: 700 completion tokens, not 8,192
 
 
 def test_a_step_limit_holds_per_step_and_the_run_limit_across_steps(redis_url: str) -> None:
@@ -152,29 +232,84 @@ def test_a_step_limit_holds_per_step_and_the_run_limit_across_steps(redis_url: s
 
     admitted = run(redis_url, body)
 
-    # step 1: 2 (step limit), step 2: 2 more (400,000 spent), no step: no step limit but
-    # the run's leaves none (500,000 > 450,000), step 3: none either
-    assert admitted == {1: 2, 2: 2, None: 0, 3: 0}
+    # step 1: 3 (the third is its last call: 200,000 spent < 250,000), step 2: 2 more
+    # (the run's last call at 400,000 < 450,000), then the run's limit is spent
+    assert admitted == {1: 3, 2: 2, None: 0, 3: 0}
     s = state(redis_url, "r")
-    assert (s["spent"], s["s:1:spent"], s["s:2:spent"]) == (400_000, 200_000, 200_000)
+    assert (s["spent"], s["s:1:spent"], s["s:2:spent"]) == (500_000, 300_000, 200_000)
     assert (s["s:1:refused"], s["s:2:refused"], s["s:3:refused"], s["refused"]) == (1, 1, 1, 4)
 
 
-def test_concurrent_callers_on_several_clients_never_spend_past_the_limit(
+def test_waiting_calls_go_in_their_order_as_room_is_freed(redis_url: str) -> None:
+    async def body(client: aioredis.Redis) -> tuple[list[int], list[int]]:
+        budget = FleetBudget(client, "r", PRICES, limits=BudgetLimits(usd=0.0003))
+        holds = [await budget.reserve(MODEL, body_of(93), 0) for _ in range(3)]
+        admitted: list[int] = []
+        after_each: list[int] = []
+
+        async def waiter(i: int) -> BudgetHold:
+            hold = await budget.reserve(MODEL, body_of(93), 0)
+            admitted.append(i)
+            return hold
+
+        tasks = [asyncio.create_task(waiter(i)) for i in range(5)]
+        await asyncio.sleep(0.1)
+        for hold in holds:  # each release frees one worst case: one waiter goes
+            await hold.release()
+            await asyncio.sleep(0.1)
+            after_each.append(len(admitted))
+        for task in tasks[:3]:
+            await (await task).release()
+        await asyncio.gather(*tasks[3:])
+        return admitted, after_each
+
+    admitted, after_each = run(redis_url, body)
+
+    assert admitted == [0, 1, 2, 3, 4]
+    assert after_each == [1, 2, 3]
+
+
+def test_a_call_waits_at_most_until_its_deadline_and_a_raised_limit_lets_waiters_go(
+        redis_url: str) -> None:
+    sync = redis.Redis.from_url(redis_url)
+
+    async def body(client: aioredis.Redis) -> tuple[str, int]:
+        budget = FleetBudget(client, "r", PRICES, limits=BudgetLimits(usd=0.00015))
+        stuck = await budget.reserve(MODEL, body_of(93), 0)  # never settles
+        with pytest.raises(BudgetExceededError) as gave_up:
+            await in_step(3, budget.reserve(MODEL, body_of(93), 0), time.time() + 0.3)
+        waiting = asyncio.create_task(budget.reserve(MODEL, body_of(93), 0))
+        await asyncio.sleep(0.2)
+        set_limits(sync, "r", usd=1.0)  # `rewardq budget set`: no settlement needed
+        hold = await waiting
+        await stuck.release()
+        await hold.release()
+        return str(gave_up.value), budget.waiting
+
+    message, left_waiting = run(redis_url, body)
+    sync.close()
+
+    assert "did not settle within the call's deadline" in message
+    assert "0.000100 in flight of 0.000150" in message
+    assert left_waiting == 0
+    assert state(redis_url, "r") == {"limit": 1_000_000_000, "spent": 0, "reserved": 0,
+                                     "refused": 1, "s:3:refused": 1}
+
+
+def test_concurrent_callers_on_several_clients_leave_nothing_unspent_at_the_cap(
         redis_url: str) -> None:
     rng = random.Random(13)
     charged: list[int] = []
-    refused = 0
+    refusals: list[str] = []
 
     async def caller(budget: FleetBudget, n: int) -> None:
-        nonlocal refused
         for _ in range(n):
             worst = rng.randrange(1, 400)
             try:
                 hold = await in_step(rng.choice([1, 2]),
                                      budget.reserve(MODEL, body_of(worst), 0))
-            except BudgetExceededError:
-                refused += 1
+            except BudgetExceededError as exc:
+                refusals.append(str(exc))
                 continue
             await asyncio.sleep(rng.random() / 200)
             if rng.random() < 0.2:
@@ -197,20 +332,26 @@ def test_concurrent_callers_on_several_clients_never_spend_past_the_limit(
     run(redis_url, body)
 
     s = state(redis_url, "r")
-    assert refused > 0 and charged  # the limit was reached, and calls were made
-    assert s["spent"] == sum(charged) <= 20_000_000
+    assert refusals and charged  # the limit was reached, and calls were made
+    assert all("did not settle" not in r for r in refusals)  # refused: the limit was spent
+    assert s["spent"] == sum(charged) >= 20_000_000  # nothing left unspent at the cap
+    # Past it by at most what the 16 calls in flight cost beyond their estimates.
+    assert s["spent"] - 20_000_000 < 16 * 407_000
     assert s["reserved"] == 0 and s["s:1:reserved"] == 0 and s["s:2:reserved"] == 0
     assert s["s:1:spent"] + s["s:2:spent"] == s["spent"]
-    assert s["calls"] == len(charged) and s["refused"] == refused
+    assert s["calls"] == len(charged) and s["refused"] == len(refusals)
 
 
-def test_an_abandoned_hold_is_charged_in_full_and_a_late_settle_corrects_it(
+def test_an_abandoned_hold_is_charged_its_worst_case_and_a_late_settle_corrects_it(
         redis_url: str) -> None:
     async def body(client: aioredis.Redis) -> list[dict[str, int]]:
         budget = FleetBudget(client, "r", PRICES, limits=BudgetLimits(usd=1.0),
                              hold_ttl_s=0.05)
-        abandoned = await in_step(4, budget.reserve(MODEL, body_of(93), 0))  # worst 100,000
-        late = await in_step(4, budget.reserve(MODEL, body_of(193), 0))  # worst 200,000
+        # Learn 0.5 prompt tokens per worst-case prompt token: holds reserve half their worst.
+        teach = await budget.reserve(MODEL, body_of(93), 0)
+        await teach.settle(Usage(prompt_tokens=50), MODEL)
+        abandoned = await in_step(4, budget.reserve(MODEL, body_of(93), 0))  # 50,000 held
+        late = await in_step(4, budget.reserve(MODEL, body_of(193), 0))  # 100,000 held
         await asyncio.sleep(0.3)  # both holds expire (Redis time)
         seen = []
         fresh = await budget.reserve(MODEL, body_of(93), 0)  # this reserve sweeps them
@@ -218,14 +359,17 @@ def test_an_abandoned_hold_is_charged_in_full_and_a_late_settle_corrects_it(
         await late.settle(Usage(prompt_tokens=50), MODEL)
         await fresh.release()
         seen.append(state(redis_url, "r"))
-        assert abandoned.units == 100_000
+        assert (abandoned.units, abandoned.worst, late.units, late.worst) == (
+            50_000, 100_000, 100_000, 200_000)
         return seen
 
     swept, settled = run(redis_url, body)
 
-    assert (swept["spent"], swept["s:4:spent"], swept["s:4:reserved"]) == (300_000, 300_000, 0)
-    assert swept["reserved"] == 100_000  # the fresh hold alone
-    assert (settled["spent"], settled["s:4:spent"], settled["reserved"]) == (150_000, 150_000, 0)
+    # Charged their worst cases (100,000 + 200,000) on top of the 50,000 taught.
+    assert (swept["spent"], swept["s:4:spent"], swept["s:4:reserved"]) == (350_000, 300_000, 0)
+    assert swept["reserved"] == 50_000  # the fresh hold alone
+    # The late settle: 50,000 instead of its 200,000 worst case.
+    assert (settled["spent"], settled["s:4:spent"], settled["reserved"]) == (200_000, 150_000, 0)
     client = redis.Redis.from_url(redis_url)
     assert client.zcard(budget_holds_key("r")) == 0
     client.close()
@@ -361,9 +505,9 @@ def test_cli_sets_shows_and_resets_a_budget_and_the_metrics_read_it(
     got = json.loads(shown.stdout)
     assert (got["run"], got["limit_usd"], got["step_limit_usd"]) == ("cli", 1.25, 0.5)
     assert got["spent_usd"] == pytest.approx(0.00008) and got["calls"] == 1
-    assert got["reserved_usd"] == pytest.approx(0.0002)
+    assert got["reserved_usd"] == pytest.approx(0.00016)  # 200 worst-case tokens x 0.8 learned
     assert got["steps"]["7"]["spent_usd"] == pytest.approx(0.00008)
-    assert got["remaining_usd"] == pytest.approx(1.25 - 0.00028)
+    assert got["remaining_usd"] == pytest.approx(1.25 - 0.00024)
     assert unlimit.returncode == 0 and "step limit      unlimited" in unlimit.stdout
 
     def sample(name: str) -> float:
@@ -371,12 +515,12 @@ def test_cli_sets_shows_and_resets_a_budget_and_the_metrics_read_it(
         return float(s.value)
 
     assert sample("rewardq_fleet_budget_spent_usd") == pytest.approx(0.00008)
-    assert sample("rewardq_fleet_budget_reserved_usd") == pytest.approx(0.0002)
+    assert sample("rewardq_fleet_budget_reserved_usd") == pytest.approx(0.00016)
     assert sample("rewardq_fleet_budget_limit_usd") == 1.25
     assert families["rewardq_fleet_budget_step_limit_usd"].samples == []  # unlimited now
     assert reset.returncode == 0, reset.stderr
     assert (after["spent_usd"], after["calls"], after["limit_usd"]) == (0.0, 0, 1.25)
-    assert after["reserved_usd"] == pytest.approx(0.0002)  # the call in flight still holds
+    assert after["reserved_usd"] == pytest.approx(0.00016)  # the call in flight still holds
     assert bad.returncode == 2 and "must be > 0" in bad.stderr
     assert nothing.returncode == 2 and "--usd" in nothing.stderr
 
