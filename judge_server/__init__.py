@@ -11,6 +11,9 @@ Modules:
     grading     pure grading: ``final_answer``, ``expected_raw_score``, ``grade_messages``
     config      ``JudgeConfig``, the runtime knobs
     protocol    the chat-completions wire format
+    profiles    the kinds of judge it plays (OpenAI reasoning models, thinking models
+                on vLLM/SGLang with and without a reasoning parser, digit tokenizers)
+    digit_logprobs  logprobs of a tokenizer that writes numbers digit by digit
     faults      seeded fault and latency draws
     rate_limit  the sliding-minute ``rpm_limit`` window
     stats       the ``GET /stats`` counters

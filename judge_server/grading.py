@@ -183,7 +183,7 @@ def parse_judge_prompt(user_message: str) -> JudgeRequest:
     back with ``rubric=None`` and the whole text as the response. The response section
     runs to the *last* end marker, so a response that quotes a marker is still read whole.
     """
-    first_line = user_message.split("\n", 1)[0].strip()
+    first_line = first_line_of(user_message).strip()
     header = _HEADER.fullmatch(first_line)
     foreign = JudgeRequest(None, "", user_message, None)
     if header is None:
@@ -236,7 +236,9 @@ def shown_responses(user_message: str) -> list[str]:
     for thinking and end-of-turn tokens)."""
     from judge_server import group_grading
 
-    if group_grading.is_group_prompt(user_message):
+    if not user_message.startswith("rewardq-"):  # neither header: a foreign prompt
+        return []
+    if user_message.startswith("rewardq-group"):
         group = group_grading.parse_group_prompt(user_message)
         return [] if group is None else [text for _, text in group.responses]
     request = parse_judge_prompt(user_message)
@@ -277,6 +279,13 @@ def _part_texts(parts: Iterable[Any]) -> Iterable[str]:
             yield part["text"]
         elif isinstance(part, str):
             yield part
+
+
+def first_line_of(text: str) -> str:
+    """``text`` up to its first newline, without copying the rest (judge prompts carry
+    rollouts of hundreds of thousands of characters)."""
+    end = text.find("\n")
+    return text if end < 0 else text[:end]
 
 
 def section(text: str, name: str, pos: int) -> tuple[str | None, int]:

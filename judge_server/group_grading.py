@@ -23,7 +23,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from judge_server.grading import Grade, grade_item, section
+from judge_server.grading import Grade, first_line_of, grade_item, section
 
 _HEADER = re.compile(r"rewardq-group v\d+ (listwise|pairwise)")
 
@@ -41,7 +41,7 @@ class GroupRequest:
 
 def is_group_prompt(user_message: str) -> bool:
     """Whether ``user_message`` is a rewardq group prompt (its first line says so)."""
-    return _HEADER.fullmatch(user_message.split("\n", 1)[0].strip()) is not None
+    return _HEADER.fullmatch(first_line_of(user_message).strip()) is not None
 
 
 def parse_group_prompt(user_message: str) -> GroupRequest | None:
@@ -51,7 +51,7 @@ def parse_group_prompt(user_message: str) -> GroupRequest | None:
     followed by the next one's opener, the last to the last end marker, so a response
     that quotes a marker is still read whole.
     """
-    header = _HEADER.fullmatch(user_message.split("\n", 1)[0].strip())
+    header = _HEADER.fullmatch(first_line_of(user_message).strip())
     if header is None:
         return None
     prompt, pos = section(user_message, "PROMPT", 0)

@@ -115,7 +115,7 @@ class Refusal:
                           "code": self.code}}
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Reply:
     """A completion as a profile shapes it."""
 

@@ -120,6 +120,8 @@ class JudgeStats:
         for response in responses:
             if len(response) > self.max_response_chars:
                 self.max_response_chars = len(response)
+            if "<" not in response:  # every marker starts with "<": one scan for most
+                continue
             thinking = thinking or any(mark in response for mark in THINKING_MARKERS)
             end_of_turn = end_of_turn or any(mark in response for mark in END_OF_TURN_MARKERS)
         self.requests_with_thinking += thinking
