@@ -8,25 +8,26 @@ functions, so for the same judge answers every path gives the same score.
     spec = judge_spec(settings)                  # what changes the answer (and the cache key)
     rubric = book.rubric_for(spec, item)         # the item's instructions (broker.rubrics)
     body = judge_request(spec, rubric, item)     # POST {base_url}/chat/completions
-    content, usage, tokens = read_reply(response_bytes)  # text, token usage, logprobs
-    verdict = judge_verdict(content, usage, tokens, mode=rubric.score_mode_for(spec),
-                            scale=rubric.scale)
+    reply = read_reply(response_bytes)           # text, usage, logprobs, finish reason
+    answer = answer_text(reply)                  # after the thinking; CutReplyError if cut
+    verdict = judge_verdict(answer, reply.usage, reply.tokens,
+                            mode=rubric.score_mode_for(spec), scale=rubric.scale)
 
-In ``logprobs`` mode (G-Eval) the request asks for ``top_logprobs`` and the score is the
-expectation over the rubric's scale tokens ("1".."10" by default) at the position where
-the judge wrote its score, renormalized over the scale tokens listed there; a reply
-without them falls back to the written integer, flagged ``parsed_fallback``.
+The request carries the parameters the judge model takes (``broker.judge_request``). In
+``logprobs`` mode (G-Eval) it asks for ``top_logprobs`` and the score is the expectation
+over the rubric's scale where the judge wrote its score, whatever its tokenizer
+(``broker.logprob_scores``); a reply without them falls back to the written integer,
+flagged ``parsed_fallback``.
 """
 
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from broker.errors import CutReplyError, UnparseableReplyError
 from broker.judge_request import TOP_LOGPROBS, request_body
+from broker.logprob_scores import TokenLogprob, logprob_score
 from broker.prompts import SCALE_MAX, SCALE_MIN
 from broker.rollout_view import final_answer
 from broker.rubrics import Rubric, RubricBook
@@ -35,23 +36,13 @@ from broker.settings import Settings
 from broker.verdicts import extract_raw_score, normalize
 
 __all__ = ["COMPLETIONS_PATH", "TOP_LOGPROBS", "ChatReply", "TokenLogprob", "answer_text",
-           "expected_score", "judge_request", "judge_spec", "judge_verdict", "read_reply",
-           "scale_distribution"]
+           "judge_request", "judge_spec", "judge_verdict", "read_reply"]
 
 #: Where the body is POSTed, relative to the OpenAI-compatible base URL.
 COMPLETIONS_PATH = "/chat/completions"
 #: A rubric's lowest and highest score.
 Scale = tuple[int, int]
 DEFAULT_SCALE: Scale = (int(SCALE_MIN), int(SCALE_MAX))
-
-
-@dataclass(frozen=True, slots=True)
-class TokenLogprob:
-    """One generated token: its text, its logprob and the ``top_logprobs`` alternatives."""
-
-    token: str
-    logprob: float
-    top: tuple[tuple[str, float], ...] = ()
 
 
 class ChatReply(NamedTuple):
@@ -158,8 +149,9 @@ def judge_verdict(content: str | None, usage: Usage | None,
         usage: the reply's token usage.
         tokens: the reply's per-token logprobs (``ChatReply.tokens``).
         mode: the rubric's score mode; in ``logprobs`` mode the score is
-            :func:`expected_score` of ``tokens``, or the integer (``parsed_fallback``)
-            when they hold no scale token where the score was written.
+            ``broker.logprob_scores.logprob_score`` of ``tokens`` (``logprobs`` or
+            ``logprobs_partial``), or the integer (``parsed_fallback``) when they say
+            nothing provable about the score.
         scale: the rubric's lowest and highest score: the score is clamped to it and
             mapped to [0, 1].
 
@@ -169,69 +161,12 @@ def judge_verdict(content: str | None, usage: Usage | None,
     raw = extract_raw_score(content)
     if mode == "parsed":
         return JudgeVerdict(score=normalize(raw, scale), raw_score=raw, usage=usage or Usage())
-    expected = expected_score(tokens, scale) if tokens else None
-    if expected is None:
+    read = logprob_score(tokens, scale) if tokens else None
+    if read is None:
         return JudgeVerdict(score=normalize(raw, scale), raw_score=raw, usage=usage or Usage(),
                             score_source="parsed_fallback")
-    return JudgeVerdict(score=normalize(expected, scale), raw_score=expected,
-                        usage=usage or Usage(), score_source="logprobs")
-
-
-def expected_score(tokens: tuple[TokenLogprob, ...],
-                   scale: Scale = DEFAULT_SCALE) -> float | None:
-    """The expected score, sum of k * p(k) over the scale, at the score's position.
-
-    ``None`` when no position carries a scale token (see :func:`scale_distribution`).
-    """
-    distribution = scale_distribution(tokens, scale)
-    if distribution is None:
-        return None
-    return math.fsum(k * p for k, p in distribution.items())
-
-
-def scale_distribution(tokens: tuple[TokenLogprob, ...],
-                       scale: Scale = DEFAULT_SCALE) -> dict[int, float] | None:
-    """p(k) for the scale values k among the alternatives where the score was written.
-
-    The score's position is the first token that is a scale value after the text
-    ``"score"`` (the judge's JSON key), or the first such token at all if the reply never
-    says ``score`` (a bare number). Its ``top_logprobs`` entries that are scale values
-    (surrounding whitespace ignored, so ``" 7"`` counts as 7, and equal values summed)
-    are renormalized to sum to 1; a position without alternatives counts its own token.
-    A score written as several tokens (``"1"``, ``"0"`` for 10) is read at its first.
-
-    Returns ``None`` when no token is a scale value.
-    """
-    values = _scale_tokens(scale)
-    text = "".join(t.token for t in tokens)
-    key = text.find('"score"')
-    start = key + len('"score"') if key >= 0 else 0
-    offset = 0
-    for token in tokens:
-        end = offset + len(token.token)
-        if end > start and token.token.strip() in values:
-            return _renormalized(token.top or ((token.token, token.logprob),), values)
-        offset = end
-    return None
-
-
-def _scale_tokens(scale: Scale) -> dict[str, int]:
-    return {str(k): k for k in range(scale[0], scale[1] + 1)}
-
-
-def _renormalized(alternatives: tuple[tuple[str, float], ...],
-                  values: dict[str, int]) -> dict[int, float] | None:
-    logprobs: dict[int, list[float]] = {}
-    for token, logprob in alternatives:
-        value = values.get(token.strip())
-        if value is not None and math.isfinite(logprob):
-            logprobs.setdefault(value, []).append(logprob)
-    if not logprobs:
-        return None
-    peak = max(max(lps) for lps in logprobs.values())  # subtracted so exp() cannot underflow all
-    weights = {k: math.fsum(math.exp(lp - peak) for lp in lps) for k, lps in logprobs.items()}
-    total = math.fsum(weights.values())
-    return {k: w / total for k, w in sorted(weights.items())}
+    return JudgeVerdict(score=normalize(read.value, scale), raw_score=read.value,
+                        usage=usage or Usage(), score_source=read.source)
 
 
 def _usage(usage: Any) -> Usage | None:

@@ -19,6 +19,7 @@ from broker.judge_core import judge_spec
 from broker.rubrics import builtin_rubrics
 from broker.schemas import JudgeOptions, ResultStatus, ScoreItem
 from broker.settings import Settings
+from judge_server.digit_logprobs import intended_expectation, neighbour
 from monitoring.costs import PriceTable
 from monitoring.metrics import WorkerMetrics
 from producer.client import RewardClient
@@ -238,3 +239,27 @@ def test_metrics_count_cut_replies_and_reasoning_tokens_in_the_cost(
     cut = asyncio.run(run(priced.model_copy(update={"judge_max_tokens": 100})))
     assert "cut by its token limit" in str(cut)
     assert metrics.snapshot().requests[("gpt-5-mini", "cut")] == 1
+
+
+@pytest.mark.parametrize("how", ["inward", "up"])
+def test_digit_by_digit_logprobs_give_the_score_the_judge_meant(
+        settings: Settings, workers, judge_profile, tmp_path, how: str) -> None:
+    """A Qwen-style tokenizer writes 10 as "1", "0": each score is within 0.05 of the
+    expectation the judge meant, 1 and 10 included; where a "1" was only offered its
+    share cannot be split and the result says so (``logprobs_partial``)."""
+    judge_profile("digit-logprobs", digit_confidence=0.8, digit_neighbour=how)
+    run = settings.model_copy(update={"judge_score_mode": "logprobs"})
+    workers(1, judge_score_mode="logprobs")
+    items = make_items(36, f"digits-{how}")
+    results = _score(run, items)
+    grades = set()
+    for item, result in zip(items, results, strict=True):
+        assert result.status is ResultStatus.OK, (result, worker_logs(tmp_path)[-2000:])
+        grade = int(expected(item)[1])
+        grades.add(grade)
+        meant = intended_expectation(grade, 0.8, how)
+        assert result.score == pytest.approx((meant - 1) / 9, abs=0.05), (item["id"], grade)
+        assert result.score_source in ("logprobs", "logprobs_partial")
+        if result.score_source == "logprobs_partial":
+            assert "1" in str(neighbour(grade, how)) and grade != 1
+    assert {1, 10} <= grades and len(grades) >= 4
