@@ -120,6 +120,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", choices=PROFILES, default=defaults.profile,
                         help="which kind of judge to play (see 'profiles' below; "
                              "default plain)")
+    parser.add_argument("--model-profile", action="append", default=[],
+                        metavar="MODEL=PROFILE",
+                        help="requests naming MODEL get PROFILE instead of --profile "
+                             "(repeatable): one server plays an ensemble of different judges")
     parser.add_argument("--refuse-response-format", action="store_true",
                         help="an endpoint without structured outputs: a body with a "
                              "response_format other than text gets HTTP 400, worded as "
@@ -165,7 +169,9 @@ def config_from_args(args: argparse.Namespace) -> JudgeConfig:
         position_bias=args.position_bias, position_bias_margin=args.position_bias_margin,
         logprobs=args.logprobs,
         model_offsets=tuple(sorted(parse_model_offsets(args.model_offset).items())),
-        profile=args.profile, refuse_response_format=args.refuse_response_format,
+        profile=args.profile,
+        model_profiles=tuple(sorted(parse_model_profiles(args.model_profile).items())),
+        refuse_response_format=args.refuse_response_format,
         thinking_tokens=args.thinking_tokens,
         reasoning_tokens=tuple(sorted(
             {**dict(JudgeConfig().reasoning_tokens),
@@ -189,6 +195,22 @@ def parse_model_offsets(values: Sequence[str]) -> dict[str, int]:
         if not sep or not model:
             raise ConfigValueError(f"--model-offset {value!r}: expected MODEL=INTEGER")
     return offsets
+
+
+def parse_model_profiles(values: Sequence[str]) -> dict[str, str]:
+    """``["judge-r1=think-in-content"]`` as ``{"judge-r1": "think-in-content"}``.
+
+    Raises:
+        ConfigValueError: an entry that is not ``MODEL=PROFILE`` with a known profile.
+    """
+    profiles = {}
+    for value in values:
+        model, sep, profile = value.rpartition("=")
+        if not sep or not model or profile not in PROFILES:
+            raise ConfigValueError(f"--model-profile {value!r}: expected MODEL=PROFILE with "
+                                   f"PROFILE one of {list(PROFILES)}")
+        profiles[model] = profile
+    return profiles
 
 
 def parse_reasoning_tokens(values: Sequence[str]) -> dict[str, int]:

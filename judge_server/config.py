@@ -36,8 +36,8 @@ DEFAULT_REASONING_TOKENS: tuple[tuple[str, int], ...] = (
 #: Where the ``digit-logprobs`` judge puts the probability it does not give its score.
 DIGIT_NEIGHBOURS = ("inward", "up", "down")
 #: The knobs that choose and shape a profile, with their defaults (a test resets them).
-PROFILE_FIELDS = ("profile", "refuse_response_format", "thinking_tokens", "reasoning_tokens",
-                  "digit_confidence", "digit_neighbour")
+PROFILE_FIELDS = ("profile", "model_profiles", "refuse_response_format", "thinking_tokens",
+                  "reasoning_tokens", "digit_confidence", "digit_neighbour")
 
 
 class ConfigValueError(ValueError):
@@ -72,6 +72,9 @@ class JudgeConfig:
         profile: the kind of judge played, one of ``PROFILES`` (``judge_server.profiles``):
             ``plain`` (the default), ``openai-reasoning``, ``think-in-content``,
             ``reasoning-field`` or ``digit-logprobs``.
+        model_profiles: per requested model name, a profile that replaces ``profile`` for
+            requests naming that model, e.g. ``{"judge-r1": "think-in-content"}``: one
+            server plays an ensemble of a reasoning and a non-reasoning judge.
         refuse_response_format: answer a body carrying a ``response_format`` other than
             ``text`` with the 400 an endpoint without structured outputs sends.
         thinking_tokens: length of the thinking the ``think-in-content`` and
@@ -103,6 +106,7 @@ class JudgeConfig:
     position_bias_margin: int = 0
     model_offsets: tuple[tuple[str, int], ...] = ()
     profile: str = "plain"
+    model_profiles: tuple[tuple[str, str], ...] = ()
     refuse_response_format: bool = False
     thinking_tokens: int = 256
     reasoning_tokens: tuple[tuple[str, int], ...] = DEFAULT_REASONING_TOKENS
@@ -139,6 +143,14 @@ class JudgeConfig:
                  and all(kind in FAULT_KINDS for kind in self.error_kinds),
                  "error_kinds", f"a non-empty list drawn from {list(FAULT_KINDS)}")
         _require(self.profile in PROFILES, "profile", f"one of {list(PROFILES)}")
+        profiles = self.model_profiles
+        if isinstance(profiles, Mapping):
+            profiles = tuple(sorted(profiles.items()))
+            object.__setattr__(self, "model_profiles", profiles)
+        _require(isinstance(profiles, tuple) and all(
+            isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)
+            and pair[1] in PROFILES for pair in profiles),
+            "model_profiles", f"an object of model name -> profile (one of {list(PROFILES)})")
         _require(isinstance(self.refuse_response_format, bool), "refuse_response_format",
                  "true or false")
         _require(_is_int(self.thinking_tokens) and 1 <= self.thinking_tokens <= 1_000_000,
@@ -162,6 +174,13 @@ class JudgeConfig:
         object.__setattr__(self, "digit_confidence", float(self.digit_confidence))
         _require(self.digit_neighbour in DIGIT_NEIGHBOURS, "digit_neighbour",
                  f"one of {list(DIGIT_NEIGHBOURS)}")
+
+    def profile_for(self, model: str) -> str:
+        """The profile a request naming ``model`` gets: its ``model_profiles`` entry, else
+        ``profile``."""
+        if not self.model_profiles:
+            return self.profile
+        return dict(self.model_profiles).get(model, self.profile)
 
     def reasoning_tokens_for(self, effort: str) -> int:
         """Reasoning tokens the ``openai-reasoning`` profile spends at ``effort``."""
@@ -193,6 +212,7 @@ class JudgeConfig:
         values["error_kinds"] = list(self.error_kinds)
         values["model_offsets"] = dict(self.model_offsets)
         values["reasoning_tokens"] = dict(self.reasoning_tokens)
+        values["model_profiles"] = dict(self.model_profiles)
         return values
 
 

@@ -1,6 +1,8 @@
 """The kinds of judge the local judge plays: what each refuses and how each answers; pure.
 
-A profile (``JudgeConfig.profile``) is modelled on what the provider documents and what
+A profile (``JudgeConfig.profile``; ``JudgeConfig.model_profiles`` gives a requested
+model name a profile of its own, so one server plays an ensemble of different judges)
+is modelled on what the provider documents and what
 its endpoints are seen to answer, so a client that works against the profile works
 against the real judge:
 
@@ -137,11 +139,12 @@ class Reply:
 def check_request(chat: ChatRequest, config: JudgeConfig) -> Refusal | None:
     """The 400 the played judge answers to ``chat``, or ``None`` when it accepts it."""
     body = chat.body
-    if config.profile == "openai-reasoning":
+    profile = config.profile_for(chat.model)
+    if profile == "openai-reasoning":
         refusal = check_openai_reasoning(body)
         if refusal is not None:
             return refusal
-    elif config.profile in ("think-in-content", "reasoning-field"):
+    elif profile in ("think-in-content", "reasoning-field"):
         for name in ("max_completion_tokens", "max_tokens"):
             value = body.get(name)
             if value is not None and not (_is_int(value) and value >= 1):
@@ -209,11 +212,11 @@ def answer(chat: ChatRequest, grade: Grade | None, config: JudgeConfig,
     """
     verdict = MALFORMED_REPLY if grade is None else verdict_text(
         grade, chat.body.get("response_format"))
-    profile = config.profile
+    profile = config.profile_for(chat.model)
     if profile == "openai-reasoning":
         return _openai_reasoning(chat, verdict, config)
     if profile in ("think-in-content", "reasoning-field"):
-        return _thinking(chat, grade, verdict, config, spread)
+        return _thinking(chat, grade, verdict, config, spread, profile)
     logprobs = None
     if config.logprobs and chat.top_logprobs is not None:
         score = None if grade is None else grade.score
@@ -304,7 +307,7 @@ def _openai_reasoning(chat: ChatRequest, verdict: str, config: JudgeConfig) -> R
 
 
 def _thinking(chat: ChatRequest, grade: Grade | None, verdict: str, config: JudgeConfig,
-              spread: float) -> Reply:
+              spread: float, profile: str) -> Reply:
     body = chat.body
     thinking = None
     if grade is not None and thinking_enabled(body):
@@ -327,7 +330,7 @@ def _thinking(chat: ChatRequest, grade: Grade | None, verdict: str, config: Judg
             if verdict_score_at >= 0:
                 marks.append((len(prefix) + verdict_score_at + len('"score": '), grade.score))
         logprobs = marked_logprobs(generated, marks, spread, chat.top_logprobs)
-    if config.profile == "think-in-content":
+    if profile == "think-in-content":
         return Reply(generated, completion, finish, logprobs=logprobs)
     reasoning_text, content = _split_reasoning(generated, thinking is not None)
     reasoning = 0

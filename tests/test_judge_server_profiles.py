@@ -298,6 +298,20 @@ def test_think_in_content_group_prompts_draft_the_reverse(judge_profile: JudgePr
     assert '{"scores": {"A": 1, "B": 10}}' in content.split("</think>")[0]
 
 
+def test_one_server_plays_an_ensemble_of_different_judges(judge_profile: JudgeProfile) -> None:
+    judge = judge_profile("plain", model_profiles={"judge-r1": "think-in-content",
+                                                   "judge-gpt5": "openai-reasoning"})
+    assert judge.configure()["model_profiles"] == {"judge-gpt5": "openai-reasoning",
+                                                   "judge-r1": "think-in-content"}
+    body = {"messages": messages(*RIGHT), "max_tokens": 4096, "temperature": 0}
+    plain = post(judge, **body).json()["choices"][0]["message"]["content"]
+    assert json.loads(plain)["score"] == CORRECT_SCORE
+    thinking = post(judge, **{**body, "model": "judge-r1"}).json()
+    assert final_json(thinking["choices"][0]["message"]["content"])["score"] == CORRECT_SCORE
+    refused = post(judge, **{**body, "model": "judge-gpt5"})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens"
+
+
 # ------------------------------------------------------------------- reasoning-field
 
 
@@ -507,7 +521,7 @@ def test_stats_inspect_every_response_of_a_group_prompt(judge: JudgeProcess) -> 
 def test_profile_knobs_are_validated(judge: JudgeProcess) -> None:
     for bad in ({"profile": "gpt-9"}, {"digit_confidence": 0.3}, {"thinking_tokens": 0},
                 {"reasoning_tokens": {"extreme": 5}}, {"digit_neighbour": "sideways"},
-                {"refuse_response_format": "yes"}):
+                {"refuse_response_format": "yes"}, {"model_profiles": {"m": "gpt-9"}}):
         response = httpx.post(judge.root + "/admin/config", json=bad, timeout=10)
         assert response.status_code == 400, bad
     assert judge.configure()["profile"] == "plain"
@@ -523,8 +537,11 @@ def parse(*flags: str) -> JudgeConfig:
 
 def test_command_line_sets_every_profile_knob() -> None:
     config = parse("--profile", "think-in-content", "--thinking-tokens", "900",
+                   "--model-profile", "judge-o=openai-reasoning",
                    "--refuse-response-format", "--reasoning-tokens", "high=9000",
                    "--digit-confidence", "0.65", "--digit-neighbour", "up")
+    assert config.profile_for("judge-o") == "openai-reasoning"
+    assert config.profile_for("other") == "think-in-content"
     assert (config.profile, config.thinking_tokens, config.refuse_response_format,
             config.reasoning_tokens_for("high"), config.reasoning_tokens_for("low"),
             config.digit_confidence, config.digit_neighbour) == (
@@ -532,6 +549,8 @@ def test_command_line_sets_every_profile_knob() -> None:
     assert parse() == JudgeConfig()
     with pytest.raises(ConfigValueError):
         parse("--reasoning-tokens", "extreme=5")
+    with pytest.raises(ConfigValueError):
+        parse("--model-profile", "judge-o=gpt-9")
 
 
 def test_help_documents_every_profile_and_option() -> None:
@@ -541,6 +560,7 @@ def test_help_documents_every_profile_and_option() -> None:
     for word in ("--profile", "plain", "openai-reasoning", "think-in-content",
                  "reasoning-field", "digit-logprobs", "--refuse-response-format",
                  "--thinking-tokens", "--reasoning-tokens", "--digit-confidence",
+                 "--model-profile",
                  "--digit-neighbour", "max_completion_tokens", "unsupported_parameter",
                  "reasoning_content", "one token per 4 characters"):
         assert word in out.stdout, word
