@@ -8,16 +8,19 @@ code  ``error``               when
 ====  ======================  ===================================================
 400   ``bad_json``            the body is not JSON (or not UTF-8)
 401   ``unauthorized``        no token, or not a configured one
-413   ``too_large``           body over ``gateway_max_body_bytes``, or more items
-                              than ``gateway_max_items``
-422   ``invalid_request``     the request's own fields (``items``, ``step``...)
-422   ``invalid_items``       items failing the broker's validation; nothing enqueued
-429   ``too_many_requests``   the token's concurrency is used up (``Retry-After``)
-502   ``not_scored``          a remote-RM item ended failed/invalid/timeout and no
-                              ``gateway_failed_reward`` is set (the client retries)
-503   ``no_workers``          no live worker consumes the queue
-503   ``broker_unavailable``  Redis cannot be reached
-504   ``timeout``             results not all in within the request's timeout
+413   ``too_large``           body or item count over the endpoint's limit
+422   ``invalid_request``     the request's own fields (``items``, ``step``...), or
+                              a remote-RM label with no reference in it (``label``)
+422   ``invalid_items``       ``/v1/score`` items failing the broker's validation;
+                              nothing enqueued
+429   ``too_many_requests``   the token's queue is over its item or byte bounds
+                              (``Retry-After``); within them requests wait
+502   ``not_scored``          a remote-RM item failed for good (``items`` says which
+                              and why) and no ``gateway_failed_reward`` is set
+503   ``no_workers``          no live worker consumed the queue until the deadline
+503   ``broker_unavailable``  Redis could not be reached until the deadline
+504   ``timeout``             results not all in within the request's deadline
+                              (transient failures were retried until then)
 ====  ======================  ===================================================
 """
 
@@ -40,12 +43,19 @@ from broker.errors import (
 class GatewayRequestError(Exception):
     """A request the gateway answers with an error reply of its own."""
 
-    def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
+    def __init__(self, status: int, code: str, message: str, *,
+                 headers: Mapping[str, str] | None = None, **extra: Any) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.headers = dict(headers or {})
         self.extra = extra
+
+    def response(self) -> JSONResponse:
+        """This error's JSON reply."""
+        return error_response(self.status, self.code, self.message, headers=self.headers,
+                              **self.extra)
 
 
 def error_response(status: int, code: str, message: str, *,

@@ -1,74 +1,178 @@
 """Limits on what one request, and one token, may ask of the gateway.
 
-- :class:`BodyLimitMiddleware`: a body over ``gateway_max_body_bytes`` is refused with
-  413 before it is read (by its ``Content-Length``) or as soon as the bytes received pass
-  the limit (chunked uploads), so no oversize body is ever held in memory.
-- :class:`TokenConcurrencyMiddleware`: each token may have ``gateway_token_concurrency``
-  requests in flight (a streaming reply counts until its last line); one more is
-  answered 429 with ``Retry-After``, at once, without touching the fleet. The count is
-  per gateway process: N processes behind a load balancer allow N times as many.
+- :class:`BodyLimitMiddleware`: a body over its path's limit is refused with 413 before
+  it is read (by its ``Content-Length``) or as soon as the bytes received pass the limit
+  (chunked uploads), so no oversize body is ever held in memory. The remote-RM paths
+  have limits of their own (an old-style OpenRLHF request holds a whole step).
+- :class:`TokenQueues`: backpressure, not refusal. Scoring requests are queued work: each
+  token has ``concurrency`` requests being scored at once, and the rest wait in the
+  token's own queue, first in, first out, for as long as their deadline allows. What a
+  token holds in a gateway process (waiting or being scored) is bounded in items and in
+  body bytes; only a request beyond those bounds, which are sized for abuse rather than
+  for a training step, is answered 429 with ``Retry-After``. Each token has its own
+  slots, so one trainer's step cannot hold another's requests back. The counts are per
+  gateway process: N processes behind a load balancer allow N times as much.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+import asyncio
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.auth import token_name
-from gateway.errors import error_response
+from gateway.errors import GatewayRequestError, error_response
 
 
 class BodyTooLargeError(Exception):
     """The request body passed the limit while it was being read."""
 
 
-class ConcurrencyLimiter:
-    """Requests in flight per token name, at most ``limit`` each (one event loop)."""
+@dataclass
+class _TokenQueue:
+    """One token's requests: those being scored, those waiting, and what they hold."""
 
-    def __init__(self, limit: int) -> None:
-        if limit < 1:
-            raise ValueError(f"limit must be >= 1, got {limit}")
-        self.limit = limit
-        self._in_flight: Counter[str] = Counter()
+    running: int = 0
+    waiting: deque[asyncio.Future[None]] = field(default_factory=deque)
+    items: int = 0
+    bytes: int = 0
 
-    def try_acquire(self, name: str) -> bool:
-        """Take a slot for ``name``; False when all of its slots are taken."""
-        if self._in_flight[name] >= self.limit:
-            return False
-        self._in_flight[name] += 1
-        return True
 
-    def release(self, name: str) -> None:
-        """Give back a slot taken by :meth:`try_acquire`."""
-        self._in_flight[name] -= 1
-        if self._in_flight[name] <= 0:
-            del self._in_flight[name]
+class TokenQueues:
+    """Per-token admission of scoring requests (one event loop).
+
+    Args:
+        concurrency: requests of one token scored at once; more wait their turn.
+        max_items: items one token may hold (waiting or being scored) before a 429.
+        max_bytes: body bytes one token may hold before a 429.
+        retry_after_s: the ``Retry-After`` of that 429.
+    """
+
+    def __init__(self, concurrency: int, *, max_items: int, max_bytes: int,
+                 retry_after_s: int) -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        self.concurrency = concurrency
+        self.max_items = max_items
+        self.max_bytes = max_bytes
+        self.retry_after_s = retry_after_s
+        self._queues: dict[str, _TokenQueue] = {}
+
+    @asynccontextmanager
+    async def admit(self, name: str, *, items: int, nbytes: int, deadline: float,
+                    on_expired: Callable[[], GatewayRequestError]) -> AsyncIterator[None]:
+        """Hold one of ``name``'s slots while the block runs, waiting for one if needed.
+
+        Args:
+            name: the token's name.
+            items: the request's item count.
+            nbytes: the request's body size.
+            deadline: ``time.monotonic()`` by which the request must be answered; waiting
+                past it raises ``on_expired()``.
+            on_expired: the error of a request whose deadline passed in the queue.
+
+        Raises:
+            GatewayRequestError: 429 when the token's queue would pass its bounds; the
+                ``on_expired()`` error when the deadline passed while waiting.
+        """
+        queue = self._queues.setdefault(name, _TokenQueue())
+        if queue.items + items > self.max_items or queue.bytes + nbytes > self.max_bytes:
+            self._drop_if_idle(name, queue)
+            raise GatewayRequestError(
+                429, "too_many_requests",
+                f"token {name!r} holds {queue.items} items ({queue.bytes} bytes) in this "
+                f"gateway, and this request's {items} ({nbytes} bytes) would pass its bounds "
+                f"(REWARDQ_GATEWAY_TOKEN_QUEUE_ITEMS={self.max_items}, "
+                f"REWARDQ_GATEWAY_TOKEN_QUEUE_BYTES={self.max_bytes}); retry later",
+                headers={"Retry-After": str(self.retry_after_s)})
+        queue.items += items
+        queue.bytes += nbytes
+        try:
+            await self._take_slot(queue, deadline, on_expired)
+            try:
+                yield
+            finally:
+                self._give_slot(queue)
+        finally:
+            queue.items -= items
+            queue.bytes -= nbytes
+            self._drop_if_idle(name, queue)
+
+    async def _take_slot(self, queue: _TokenQueue, deadline: float,
+                         on_expired: Callable[[], GatewayRequestError]) -> None:
+        if queue.running < self.concurrency and not queue.waiting:
+            queue.running += 1
+            return
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        queue.waiting.append(turn)
+        try:
+            await asyncio.wait_for(asyncio.shield(turn), max(0.0, deadline - time.monotonic()))
+        except BaseException as exc:
+            if turn.done() and not turn.cancelled():
+                self._give_slot(queue)  # handed a slot just as it gave up: pass it on
+            else:
+                turn.cancel()
+                queue.waiting.remove(turn)
+            if isinstance(exc, TimeoutError):
+                raise on_expired() from None
+            raise
+
+    def _give_slot(self, queue: _TokenQueue) -> None:
+        """Hand the slot to the next waiting request, or free it."""
+        while queue.waiting:
+            turn = queue.waiting.popleft()
+            if not turn.done():
+                turn.set_result(None)  # the slot passes on: ``running`` is unchanged
+                return
+        queue.running -= 1
+
+    def _drop_if_idle(self, name: str, queue: _TokenQueue) -> None:
+        if not queue.running and not queue.waiting and not queue.items:
+            self._queues.pop(name, None)
 
     def in_flight(self) -> dict[str, int]:
-        """Slots each token name holds now."""
-        return dict(self._in_flight)
+        """Requests each token has in this process, waiting or being scored."""
+        return {name: q.running + len(q.waiting) for name, q in self._queues.items()
+                if q.running or q.waiting}
+
+    def queued(self) -> dict[str, int]:
+        """Requests each token has waiting for a slot."""
+        return {name: len(q.waiting) for name, q in self._queues.items() if q.waiting}
 
 
-def _too_large(limit: int) -> str:
-    return f"the request body is larger than {limit} bytes (REWARDQ_GATEWAY_MAX_BODY_BYTES)"
+def _too_large(limit: int, setting: str) -> str:
+    return f"the request body is larger than {limit} bytes ({setting})"
 
 
 class BodyLimitMiddleware:
-    """ASGI middleware: 413 for a request body over ``max_bytes``."""
+    """ASGI middleware: 413 for a request body over its path's limit.
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    Args:
+        app: the ASGI app it wraps.
+        max_bytes: the limit of any path not in ``per_path``.
+        per_path: path -> (limit, the setting that sets it).
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int,
+                 per_path: dict[str, tuple[int, str]] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.per_path = per_path or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit, setting = self.per_path.get(
+            scope["path"], (self.max_bytes, "REWARDQ_GATEWAY_MAX_BODY_BYTES"))
         declared = Headers(scope=scope).get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await error_response(413, "too_large", _too_large(self.max_bytes))(
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await error_response(413, "too_large", _too_large(limit, setting))(
                 scope, receive, send)
             return
         received = 0
@@ -79,7 +183,7 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
+                if received > limit:
                     raise BodyTooLargeError
             return message
 
@@ -93,41 +197,5 @@ class BodyLimitMiddleware:
         except BodyTooLargeError:
             if started:
                 raise
-            await error_response(413, "too_large", _too_large(self.max_bytes))(
+            await error_response(413, "too_large", _too_large(limit, setting))(
                 scope, receive, send)
-
-
-class TokenConcurrencyMiddleware:
-    """ASGI middleware: 429 with ``Retry-After`` beyond a token's concurrency limit.
-
-    Args:
-        app: the ASGI app it wraps (inside :class:`~gateway.auth.AuthMiddleware`).
-        limiter: the per-token counts.
-        retry_after_s: the ``Retry-After`` of a 429, in whole seconds.
-        exempt: paths that take no slot (health probes, metrics, docs).
-    """
-
-    def __init__(self, app: ASGIApp, limiter: ConcurrencyLimiter, retry_after_s: int,
-                 exempt: frozenset[str]) -> None:
-        self.app = app
-        self.limiter = limiter
-        self.retry_after_s = retry_after_s
-        self.exempt = exempt
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        name = token_name(scope) if scope["type"] == "http" else None
-        if name is None or scope["path"] in self.exempt:
-            await self.app(scope, receive, send)
-            return
-        if not self.limiter.try_acquire(name):
-            response = error_response(
-                429, "too_many_requests",
-                f"token {name!r} has {self.limiter.limit} requests in flight, its limit "
-                f"(REWARDQ_GATEWAY_TOKEN_CONCURRENCY); retry later",
-                headers={"Retry-After": str(self.retry_after_s)})
-            await response(scope, receive, send)
-            return
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.limiter.release(name)

@@ -6,11 +6,18 @@ metric                                                type       labels
 ``rewardq_gateway_requests_total``                    counter    endpoint, token, code
 ``rewardq_gateway_request_seconds``                   histogram  endpoint
 ``rewardq_gateway_requests_in_flight``                gauge      token
+``rewardq_gateway_requests_queued``                   gauge      token
+``rewardq_gateway_items_rescored_total``              counter
 ``rewardq_gateway_items_total``                       counter    token, status, cached
 ``rewardq_gateway_judge_tokens_total``                counter    token, kind
 ``rewardq_gateway_prompt_not_in_query_total``         counter    token
 ``rewardq_gateway_chunks_sent_total``                 counter
 ====================================================  =========  ==========================
+
+``requests_in_flight`` counts a token's scoring requests held by the process, waiting in
+its queue or being scored; ``requests_queued`` those waiting for a slot;
+``items_rescored_total`` items sent to the fleet again after a transient failure (a
+judge outage shows here long before any request fails).
 
 ``token`` is the caller's token *name* (``anonymous`` without auth, ``unauthenticated``
 for a request refused with 401); ``endpoint`` one of the routes (``other`` for any
@@ -66,10 +73,19 @@ class GatewayMetrics:
             "rewardq_gateway_prompt_not_in_query",
             "OpenRLHF queries that did not start with their prompt (judged whole)",
             ["token"], registry=r)
+        self.items_rescored = Counter(
+            "rewardq_gateway_items_rescored",
+            "Items sent to the fleet again after a transient failure", registry=r)
 
-    def watch_in_flight(self, read: Callable[[], Mapping[str, int]]) -> None:
-        """Report ``read()`` (token name -> requests in flight) as a gauge."""
-        self.registry.register(_InFlightCollector(read))
+    def watch_in_flight(self, read: Callable[[], Mapping[str, int]],
+                        queued: Callable[[], Mapping[str, int]]) -> None:
+        """Report ``read()`` (token name -> requests held) and ``queued()`` (token name ->
+        requests waiting for a slot) as gauges."""
+        self.registry.register(_InFlightCollector(read, "rewardq_gateway_requests_in_flight",
+                                                  "Scoring requests held, per token"))
+        self.registry.register(_InFlightCollector(queued, "rewardq_gateway_requests_queued",
+                                                  "Scoring requests waiting for a slot, "
+                                                  "per token"))
 
     def watch_chunks(self, read: Callable[[], int]) -> None:
         """Report ``read()`` (Celery tasks the gateway enqueued) as a counter."""
@@ -137,14 +153,15 @@ class AccountingMiddleware:
 
 
 class _InFlightCollector(Collector):
-    """``rewardq_gateway_requests_in_flight`` read from the limiter at scrape time."""
+    """A per-token gauge read from the token queues at scrape time."""
 
-    def __init__(self, read: Callable[[], Mapping[str, int]]) -> None:
+    def __init__(self, read: Callable[[], Mapping[str, int]], name: str, doc: str) -> None:
         self._read = read
+        self._name = name
+        self._doc = doc
 
     def collect(self) -> Iterator[Metric]:
-        family = GaugeMetricFamily("rewardq_gateway_requests_in_flight",
-                                   "Requests being served, per token", labels=["token"])
+        family = GaugeMetricFamily(self._name, self._doc, labels=["token"])
         for name, count in sorted(self._read().items()):
             family.add_metric([name], count)
         yield family

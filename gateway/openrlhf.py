@@ -21,9 +21,20 @@ ed62d0e20dea08397251eba5e010ee9dabc4d048):
   No headers are sent, so auth rides in the URL (``http://NAME:TOKEN@host/get_reward``,
   which aiohttp sends as basic auth).
 
+What OpenRLHF 0.7.5 - 0.8.x do instead (``openrlhf/utils/remote_rm_utils.py``,
+``request_api_wrapper`` and ``remote_rm_fn_ray``, at tag v0.8.11 = commit
+ac3689ece2666cb524836568b88bfc6016dabc6f): the whole step's rollouts in one ``requests``
+POST per URL of ``--remote_rm_url`` (the batch is split evenly over the URLs), read
+timeout 180 s, 5 tries 1 s apart, then an exception that ends the run. They
+``torch.cat`` every ``extra_logs`` value as if it were a tensor
+(``experience_maker.update_samples_with_rewards``), which fails on the JSON lists of
+any server; 0.9.0 reads them as numbers. So ``extra_logs`` can be left out
+(``?extra_logs=0`` or ``REWARDQ_GATEWAY_OPENRLHF_EXTRA_LOGS=false``).
+
 Here the reply's lists have one entry per query, and ``extra_logs`` carries
-``rewardq_ok`` and ``rewardq_cached`` (1.0/0.0 per query), which OpenRLHF logs
-beside its own metrics.
+``rewardq_ok``, ``rewardq_cached`` and ``rewardq_no_answer`` (1.0/0.0 per query), which
+OpenRLHF logs beside its own metrics. An empty ``query`` list (OpenRLHF's split of a
+one-rollout batch over several URLs sends one) is answered with empty lists.
 """
 
 from __future__ import annotations
@@ -61,7 +72,7 @@ class OpenRLHFReply(BaseModel):
 
     rewards: list[float]
     scores: list[float]
-    extra_logs: dict[str, list[float]]
+    extra_logs: dict[str, list[float]] | None = None
 
 
 def to_items(request: OpenRLHFRequest, mapping: RewardMapping, tag: str
@@ -88,19 +99,24 @@ def to_items(request: OpenRLHFRequest, mapping: RewardMapping, tag: str
                 response = query[len(prompt):]
             else:
                 mismatched += 1
-        items.append(mapping.item(f"{tag}-{n}", prompt or query, response, label))
+        items.append(mapping.item(f"{tag}-{n}", prompt or query, response, label,
+                                  where=f"labels[{n}]"))
     return items, mismatched
 
 
 def to_reply(results: Sequence[ScoreResult], mapping: RewardMapping) -> OpenRLHFReply:
-    """The reply OpenRLHF reads: rewards and scores (the judge's [0, 1] score) per query.
+    """The reply OpenRLHF reads: rewards and scores (the judge's [0, 1] score) per query,
+    and ``extra_logs`` unless the mapping leaves them out.
 
     Raises:
-        GatewayRequestError: 502 when an item was not scored and the mapping has no
+        GatewayRequestError: 502/504 when an item was not scored and the mapping has no
             ``failed_reward``.
     """
     rewards = mapping.rewards(results)
+    if not mapping.extra_logs:
+        return OpenRLHFReply(rewards=rewards, scores=list(rewards))
     return OpenRLHFReply(rewards=rewards, scores=list(rewards), extra_logs={
         "rewardq_ok": [float(r.status == ResultStatus.OK) for r in results],
         "rewardq_cached": [float(r.cached) for r in results],
+        "rewardq_no_answer": [float(r.status == ResultStatus.NO_ANSWER) for r in results],
     })

@@ -8,16 +8,27 @@ deployment (``REWARDQ_GATEWAY_*``) and overridable per endpoint URL with query
 parameters, so one gateway serves a math run and a chat run at once, e.g.
 ``/get_reward?label_as=metadata``.
 
-A result that is not ``ok`` has no score. A remote-RM client needs a number, and both
-clients retry any non-200 reply (OpenRLHF 5 times, 1 s apart; slime 10 times with
-exponential backoff), so by default the request fails with 502 and the client's retry
-finds the verdicts that did succeed in the cache; ``gateway_failed_reward`` gives such
-items a fixed reward instead.
+**Labels** (``label_as=reference``, the default) are read by one rule,
+:func:`reference_of`: a string or a number is the reference answer; a dict's
+``ground_truth``, ``answer``, ``label`` or ``reference`` key (the first present) is read
+by the same rule; so is a list's only element. Anything else (``null``, ``""``, ``true``,
+a dict without those keys, a list of several) refuses the request with 422 naming the
+label: judging without the reference would silently switch to the quality rubric and
+score right and wrong answers alike. A run without references says so with
+``label_as=metadata`` (the label is kept in the item's metadata only).
+
+**Rewards**: an ``ok`` result's score; a rollout with no final answer (``no_answer``)
+gets ``no_answer_reward`` (default 0.0, the judge's lowest score); any other item that
+could not be scored gets ``failed_reward`` when set. Without it the request fails: 502
+``not_scored`` when an item failed for good, 504 ``timeout`` when it was still failing
+transiently at the deadline (a retry finds every verdict that succeeded in the cache);
+the body's ``items`` names each such item, its status and why.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -25,11 +36,54 @@ from typing import Any, Literal
 from broker.schemas import ResultStatus, ScoreResult
 from broker.settings import Settings
 from gateway.errors import GatewayRequestError
+from gateway.scoring import is_transient
 
 LabelAs = Literal["reference", "metadata"]
 ResponseFrom = Literal["strip_prompt", "query"]
 _LABEL_AS: tuple[LabelAs, ...] = ("reference", "metadata")
 _RESPONSE_FROM: tuple[ResponseFrom, ...] = ("strip_prompt", "query")
+#: Keys of a dict label that hold the reference answer, in the order they are looked for.
+REFERENCE_KEYS = ("ground_truth", "answer", "label", "reference")
+#: Items a 502/504 body names one by one (the message counts them all).
+NAMED_ITEMS = 20
+_FALSE = ("0", "false", "no", "off")
+_TRUE = ("1", "true", "yes", "on")
+
+
+class LabelError(ValueError):
+    """A label that holds no reference answer by the rule of :func:`reference_of`."""
+
+
+def reference_of(label: Any) -> str:
+    """The reference answer in a dataset label (see the module docstring for the rule).
+
+    Raises:
+        LabelError: the label holds none; the message says why.
+    """
+    return _reference(label, depth=0)
+
+
+def _reference(label: Any, depth: int) -> str:
+    if isinstance(label, str):
+        if not label.strip():
+            raise LabelError("an empty string is no reference answer")
+        return label
+    if isinstance(label, bool) or label is None:
+        raise LabelError(f"{json.dumps(label)} is no reference answer")
+    if isinstance(label, int | float):
+        if not math.isfinite(label):
+            raise LabelError(f"{label} is no reference answer")
+        return json.dumps(label)
+    if depth < 4 and isinstance(label, dict):
+        for key in REFERENCE_KEYS:
+            if key in label:
+                return _reference(label[key], depth + 1)
+        raise LabelError(f"a dict label needs one of the keys {', '.join(REFERENCE_KEYS)}")
+    if depth < 4 and isinstance(label, list):
+        if len(label) != 1:
+            raise LabelError(f"a list label needs exactly one element, not {len(label)}")
+        return _reference(label[0], depth + 1)
+    raise LabelError(f"a {type(label).__name__} label is no reference answer")
 
 
 @dataclass(frozen=True)
@@ -38,28 +92,39 @@ class RewardMapping:
 
     Attributes:
         label_as: ``reference``: a label becomes the item's reference answer (the judge's
-            correctness rubric); ``metadata``: it is kept in ``metadata["label"]`` only
-            (the quality rubric).
+            correctness rubric) by :func:`reference_of`, and a label without one refuses
+            the request; ``metadata``: it is kept in ``metadata["label"]`` only (the
+            quality rubric).
         response_from: OpenRLHF only: ``strip_prompt`` judges the part of its ``query``
             after the prompt; ``query`` judges the whole decoded sequence.
         failed_reward: the reward of an item that was not scored; ``None``: the request
-            fails with 502.
+            fails (502 or 504).
+        no_answer_reward: the reward of a rollout with no final answer; ``None``: such
+            an item counts as not scored.
+        extra_logs: OpenRLHF only: answer ``extra_logs`` (OpenRLHF 0.8.x cannot read them).
+        timeout_s: the request's deadline in seconds; ``None``: the deployment's.
     """
 
     label_as: LabelAs = "reference"
     response_from: ResponseFrom = "strip_prompt"
     failed_reward: float | None = None
+    no_answer_reward: float | None = 0.0
+    extra_logs: bool = True
+    timeout_s: float | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RewardMapping:
         """The deployment's mapping (``REWARDQ_GATEWAY_LABEL_AS`` and friends)."""
         return cls(label_as=settings.gateway_label_as,
                    response_from=settings.gateway_response_from,
-                   failed_reward=settings.gateway_failed_reward)
+                   failed_reward=settings.gateway_failed_reward,
+                   no_answer_reward=settings.gateway_no_answer_reward,
+                   extra_logs=settings.gateway_openrlhf_extra_logs)
 
-    def with_query(self, params: Mapping[str, str]) -> RewardMapping:
-        """This mapping with ``label_as``, ``response_from`` and ``failed_reward`` from an
-        endpoint URL's query string.
+    def with_query(self, params: Mapping[str, str], *, max_timeout_s: float) -> RewardMapping:
+        """This mapping with ``label_as``, ``response_from``, ``failed_reward``,
+        ``no_answer_reward``, ``extra_logs`` and ``timeout_s`` from an endpoint URL's query
+        string.
 
         Raises:
             GatewayRequestError: 422 for an unknown value.
@@ -77,48 +142,105 @@ class RewardMapping:
             mapping = replace(mapping, response_from=response_from)
         failed = params.get("failed_reward")
         if failed is not None:
-            try:
-                mapping = replace(mapping, failed_reward=float(failed))
-            except ValueError:
-                raise _bad_param("failed_reward", failed, ("a number",)) from None
+            mapping = replace(mapping, failed_reward=_number("failed_reward", failed))
+        no_answer = params.get("no_answer_reward")
+        if no_answer is not None:
+            mapping = replace(mapping, no_answer_reward=_number("no_answer_reward", no_answer))
+        extra_logs = params.get("extra_logs")
+        if extra_logs is not None:
+            if extra_logs.lower() not in _FALSE + _TRUE:
+                raise _bad_param("extra_logs", extra_logs, ("0", "1"))
+            mapping = replace(mapping, extra_logs=extra_logs.lower() in _TRUE)
+        timeout = params.get("timeout_s")
+        if timeout is not None:
+            seconds = _number("timeout_s", timeout)
+            if not 0 < seconds <= max_timeout_s:
+                raise _bad_param("timeout_s", timeout,
+                                 (f"a number of seconds in (0, {max_timeout_s:g}] "
+                                  "(REWARDQ_CHUNK_DEADLINE_S)",))
+            mapping = replace(mapping, timeout_s=seconds)
         return mapping
 
-    def item(self, item_id: str, prompt: str, response: str, label: Any) -> dict[str, Any]:
-        """The item JSON for one sample (validated later, with every other item)."""
+    def item(self, item_id: str, prompt: str, response: str, label: Any, *,
+             where: str) -> dict[str, Any]:
+        """The item JSON for one sample (validated later, item by item).
+
+        Args:
+            where: names the sample in an error (``labels[3]``, ``label``).
+
+        Raises:
+            GatewayRequestError: 422 naming the label, when ``label_as`` is ``reference``
+                and the label holds no reference answer.
+        """
         item: dict[str, Any] = {"id": item_id, "prompt": prompt, "response": response}
-        reference = _as_reference(label)
-        if self.label_as == "reference" and reference is not None:
-            item["reference"] = reference
+        if self.label_as == "reference":
+            try:
+                item["reference"] = reference_of(label)
+            except LabelError as exc:
+                shown = json.dumps(label, default=str)
+                shown = shown if len(shown) <= 200 else shown[:200] + "..."
+                raise GatewayRequestError(
+                    422, "invalid_request",
+                    f"{where} = {shown}: {exc}; a label must hold the reference answer "
+                    f"(a string or number, a dict's {'/'.join(REFERENCE_KEYS)}, or a one-"
+                    f"element list), or use ?label_as=metadata to judge without one",
+                    problems=[{"field": where, "message": str(exc)}]) from None
         elif label is not None:
             item["metadata"] = {"label": label}
         return item
 
     def rewards(self, results: Sequence[ScoreResult]) -> list[float]:
-        """One reward per result: its score, or ``failed_reward`` when not ``ok``.
+        """One reward per result (see the module docstring).
 
         Raises:
-            GatewayRequestError: 502 ``not_scored`` naming the items without a score,
-                when ``failed_reward`` is unset.
+            GatewayRequestError: 502 ``not_scored`` when an item failed for good, else 504
+                ``timeout`` when one was still failing at the deadline; only when
+                ``failed_reward`` is unset. Its ``items`` name them.
         """
-        unscored = [r for r in results if r.status != ResultStatus.OK or r.score is None]
+        rewards: list[float | None] = [self._reward(r) for r in results]
+        unscored = [i for i, reward in enumerate(rewards) if reward is None]
         if unscored and self.failed_reward is None:
-            detail = "; ".join(f"{r.id}: {ResultStatus(r.status).value}: {r.error}"
-                               for r in unscored[:3])
-            raise GatewayRequestError(
-                502, "not_scored",
-                f"{len(unscored)} of {len(results)} item(s) could not be scored ({detail}); "
-                f"retry, or set REWARDQ_GATEWAY_FAILED_REWARD to give them a fixed reward")
-        return [r.score if r.status == ResultStatus.OK and r.score is not None
-                else float(self.failed_reward or 0.0) for r in results]
+            raise _not_scored(results, unscored)
+        return [reward if reward is not None else float(self.failed_reward or 0.0)
+                for reward in rewards]
+
+    def _reward(self, result: ScoreResult) -> float | None:
+        status = ResultStatus(result.status)
+        if status is ResultStatus.OK and result.score is not None:
+            return result.score
+        if status is ResultStatus.NO_ANSWER and self.no_answer_reward is not None:
+            return self.no_answer_reward
+        return None
 
 
-def _as_reference(label: Any) -> str | None:
-    """A label usable as a reference answer: a non-empty string, or a number."""
-    if isinstance(label, str):
-        return label if label.strip() else None
-    if isinstance(label, int | float) and not isinstance(label, bool):
-        return json.dumps(label)
-    return None
+def _not_scored(results: Sequence[ScoreResult], unscored: list[int]) -> GatewayRequestError:
+    permanent = [i for i in unscored if not is_transient(results[i])]
+    named = [{"index": i, "id": results[i].id, "status": ResultStatus(results[i].status).value,
+              "error": results[i].error, "permanent": i in permanent}
+             for i in unscored[:NAMED_ITEMS]]
+    detail = "; ".join(f"[{n['index']}] {n['status']}: {n['error']}" for n in named[:3])
+    if permanent:
+        return GatewayRequestError(
+            502, "not_scored",
+            f"{len(unscored)} of {len(results)} item(s) could not be scored, {len(permanent)} "
+            f"of them for good ({detail}); a retry gets the same answer for those: set "
+            f"REWARDQ_GATEWAY_FAILED_REWARD (or ?failed_reward=) to give them a fixed reward",
+            items=named)
+    return GatewayRequestError(
+        504, "timeout",
+        f"{len(unscored)} of {len(results)} item(s) were still failing transiently at the "
+        f"request's deadline ({detail}); a retry finds the verdicts that succeeded cached",
+        items=named)
+
+
+def _number(name: str, value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise _bad_param(name, value, ("a number",)) from None
+    if not math.isfinite(number):
+        raise _bad_param(name, value, ("a finite number",))
+    return number
 
 
 def _bad_param(name: str, value: str, allowed: Sequence[str]) -> GatewayRequestError:

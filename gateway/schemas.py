@@ -16,7 +16,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from broker.errors import InvalidItemError
-from broker.schemas import ScoreItem, ScoreResult, parse_items
+from broker.schemas import ResultStatus, ScoreItem, ScoreResult, parse_items
 from gateway.auth import TOKEN_NAME_KEY
 from gateway.errors import GatewayRequestError
 
@@ -165,3 +165,20 @@ def _item_problems(index: int, raw: Any, exc: InvalidItemError) -> list[dict[str
                            message=text).model_dump(exclude_none=True))
     return out
 
+
+
+def check_each(raw_items: Sequence[Any], token: str) -> list[ScoreItem | ScoreResult]:
+    """Validate item by item (the remote-RM endpoints): a valid item comes back stamped as
+    by :func:`check_items`, an invalid one as its ``invalid`` result, so that it fails
+    alone instead of refusing its request."""
+    checked: list[ScoreItem | ScoreResult] = []
+    for index, raw in enumerate(raw_items):
+        try:
+            checked.extend(check_items([raw], token))
+        except GatewayRequestError as exc:
+            item_id = raw.get("id") if isinstance(raw, dict) else None
+            checked.append(ScoreResult.failure(
+                item_id if isinstance(item_id, str) else f"item-{index}",
+                ResultStatus.INVALID, "; ".join(
+                    p["message"] for p in exc.extra.get("problems", [])) or exc.message))
+    return checked

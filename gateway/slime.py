@@ -54,14 +54,15 @@ def prompt_text(prompt: str | list[dict[str, Any]]) -> str:
 
 def to_item(request: SlimeRequest, mapping: RewardMapping, item_id: str) -> dict[str, Any]:
     """The item JSON for slime's sample."""
-    return mapping.item(item_id, prompt_text(request.prompt), request.response, request.label)
+    return mapping.item(item_id, prompt_text(request.prompt), request.response, request.label,
+                        where="label")
 
 
 def to_reply(result: ScoreResult, mapping: RewardMapping, *, as_dict: bool) -> Any:
     """The reward slime reads: a bare number, or a dict for ``--reward-key reward``.
 
     Raises:
-        GatewayRequestError: 502 when the item was not scored and the mapping has no
+        GatewayRequestError: 502/504 when the item was not scored and the mapping has no
             ``failed_reward``.
     """
     [reward] = mapping.rewards([result])

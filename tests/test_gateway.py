@@ -150,12 +150,12 @@ def test_refusals_401_413_422_and_nothing_enqueued(
             "items": [{"id": str(i), "prompt": "p", "response": "r"} for i in range(6)]})
         assert too_many.status_code == 413
 
-        invalid = [items[0], {**items[1], "response": ""},
+        invalid = [items[0], {**items[1], "prompt": ""},
                    {"id": 5, "prompt": "p", "response": "r"}]
         refused = client.post("/v1/score", json={"items": invalid}, headers=AUTH_A)
         assert refused.status_code == 422
         problems = refused.json()["problems"]
-        assert {"item": 1, "id": items[1]["id"], "field": "response"} == {
+        assert {"item": 1, "id": items[1]["id"], "field": "prompt"} == {
             k: problems[0][k] for k in ("item", "id", "field")}
         assert (problems[1]["item"], problems[1]["field"]) == (2, "id")
         assert "item 1" in refused.json()["message"]
@@ -177,41 +177,66 @@ def test_without_a_worker_readyz_and_scoring_answer_503_and_readyz_200_with_one(
         assert not_ready.json() | {"message": ""} == {"ready": False, "redis": True,
                                                       "workers": 0, "message": ""}
         assert client.get("/healthz").status_code == 200
-        # Scoring says so too, within seconds, instead of sitting out its timeout.
-        orphan = client.post("/v1/score", json={"items": make_items(2, "orphan")},
-                             headers=AUTH_A)
+        # A request waits for a worker within its deadline, and says why it got none.
+        orphan = client.post("/v1/score", json={"items": make_items(2, "orphan"),
+                                                "timeout_s": 2}, headers=AUTH_A)
         assert orphan.status_code == 503 and orphan.json()["error"] == "no_workers"
+        # One that a worker joins meanwhile is scored.
+        late: dict[str, httpx.Response] = {}
+        waiting = threading.Thread(target=lambda: late.setdefault("reply", client.post(
+            "/get_reward", headers=AUTH_A, json={"query": ["What is 1 + 1? 2"],
+                                                 "prompts": ["What is 1 + 1? "],
+                                                 "labels": ["2"]})))
+        waiting.start()
         workers(1)
+        waiting.join()
+        assert late["reply"].status_code == 200, late["reply"].text
+        assert late["reply"].json()["rewards"] == [expected(
+            {"prompt": "What is 1 + 1? ", "response": "2", "reference": "2"})[0]]
         ready = client.get("/readyz")
         assert ready.status_code == 200, ready.text
         assert ready.json() == {"ready": True, "redis": True, "workers": 1}
 
 
-def test_a_token_beyond_its_concurrency_gets_429_with_retry_after(
+def test_a_token_beyond_its_concurrency_waits_its_turn_and_429_comes_only_past_its_queue_bounds(
         settings: Settings, workers, judge: JudgeProcess) -> None:
     workers(1)
     judge.configure(latency_ms=1500)
     one_each = settings.model_copy(update={"gateway_token_concurrency": 1,
+                                           "gateway_token_queue_items": 5,
                                            "gateway_retry_after_s": 2})
     with running_gateway(one_each, extra_env=TOKENS) as gw, http(gw) as client:
-        slow: dict[str, httpx.Response] = {}
-        first = threading.Thread(target=lambda: slow.setdefault("reply", client.post(
-            "/v1/score", json={"items": make_items(2, "slow")}, headers=AUTH_A)))
-        first.start()
+        replies: dict[str, httpx.Response] = {}
+
+        def post(name: str, n: int) -> threading.Thread:
+            thread = threading.Thread(target=lambda: replies.setdefault(name, client.post(
+                "/v1/score", json={"items": make_items(n, name)}, headers=AUTH_A)))
+            thread.start()
+            return thread
+
+        first = post("slow", 2)
         try:
             _wait_for(lambda: metric(gw, "rewardq_gateway_requests_in_flight",
                                      token="team-a") == 1)
-            busy = client.post("/v1/score", json={"items": make_items(1, "busy")},
+            second = post("queued", 2)  # the token's one slot is taken: it waits
+            _wait_for(lambda: metric(gw, "rewardq_gateway_requests_queued",
+                                     token="team-a") == 1)
+            # 2 + 2 items held; 2 more would pass the bound of 5: refused at once.
+            over = client.post("/v1/score", json={"items": make_items(2, "over")},
                                headers=AUTH_A)
-            assert busy.status_code == 429, busy.text
-            assert busy.headers["retry-after"] == "2"
-            assert busy.json()["error"] == "too_many_requests"
+            assert over.status_code == 429, over.text
+            assert over.headers["retry-after"] == "2"
+            assert over.json()["error"] == "too_many_requests"
+            assert "REWARDQ_GATEWAY_TOKEN_QUEUE_ITEMS" in over.json()["message"]
             other = client.post("/v1/score", json={"items": make_items(1, "other")},
                                 headers={"Authorization": f"Bearer {TEAM_B}"})
-            assert other.status_code == 200  # the limit is per token
+            assert other.status_code == 200  # each token has its own queue
         finally:
             first.join()
-        assert slow["reply"].status_code == 200
+        second.join()
+        assert replies["slow"].status_code == 200
+        assert replies["queued"].status_code == 200
+        assert [r["status"] for r in replies["queued"].json()["results"]] == ["ok", "ok"]
         assert metric(gw, "rewardq_gateway_requests_in_flight", token="team-a") == 0
         # A request's own timeout: 504, or with partial the unfinished items as timeout.
         late = {"items": make_items(2, "late"), "timeout_s": 0.3}
@@ -283,7 +308,7 @@ async def slime_reward(url: str, prompt: Any, response: str, label: Any) -> Any:
 def test_openrlhf_and_slime_remote_rm_clients_work_unchanged(
         settings: Settings, workers, judge: JudgeProcess, gateway: GatewayProcess) -> None:
     workers(1)
-    items = make_items(32, "orlhf")
+    items = [i for i in make_items(48, "orlhf") if "reference" in i][:32]
     # The token rides in the URL, as --reward.remote_url / --rm-url can carry it.
     root = gateway.url.replace("http://", f"http://team-a:{TEAM_A}@")
 
