@@ -125,10 +125,10 @@ def redis_full_error(what: str, cause: BaseException | None = None, *,
         _FULL.last_memory = memory
     used, maxmemory = memory if memory is not None else redis_memory(client)
     return RedisFullError(
-        f"Redis is full ({describe_memory(used, maxmemory)}): {what}. Raise maxmemory or "
-        f"free memory (the verdict cache gives way by itself; queued chunks, results and "
-        f"leases never do: see docs/memory.md); work resumes by itself once memory is "
-        f"free" + (f" [{cause}]" if cause is not None else ""),
+        f"Redis is full ({describe_memory(used, maxmemory)}): raise maxmemory or free "
+        f"memory (the verdict cache gives way by itself; queued chunks, results and "
+        f"leases never do: see docs/memory.md). {what}; work resumes by itself once "
+        f"memory is free" + (f" [{cause}]" if cause is not None else ""),
         used_bytes=used, maxmemory_bytes=maxmemory)
 
 #: Seconds before a connection attempt or a reply counts as lost.

@@ -167,7 +167,7 @@ def _json_text(value: str | None) -> str:
 JOB_DONE_TTL_S = 600
 #: A chunk's result lives this long once a producer has read it (a second read, e.g. a
 #: caller polling twice, still finds it; nobody needs it for the hour Celery keeps it).
-READ_RESULT_TTL_S = 60
+READ_RESULT_TTL_S = 10
 
 
 def job_done_key(job_id: str) -> str:

@@ -1,0 +1,155 @@
+"""Redis memory with real parts: a capped Redis (``noeviction``, as every rewardq Redis
+runs), real gevent workers, the local judge over HTTP.
+
+- Steps whose items add up to several times the cap all succeed: the verdict cache gives
+  way (least recently used first) and nothing else ever does.
+- A Redis whose memory something else took: the producer's error and the workers' logs
+  say "Redis is full", not an outage, and once memory is freed the next step succeeds
+  and the failed one can be replayed, with nothing restarted.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from conftest import worker_logs
+
+from broker.embedded import EmbeddedRedis
+from broker.errors import BrokerUnavailableError, RedisFullError
+from broker.keys import CACHE_EVICTIONS, DEAD_INDEX
+from broker.schemas import ResultStatus
+from broker.settings import Settings
+from producer.client import RewardClient
+from rewardq.stack import JudgeProcess
+
+CAP = 8_000_000
+#: The cache gives way above 60% of the cap: the rest holds a step in flight (its
+#: messages and results) and the clients' buffers.
+RATIO = 0.6
+
+
+@pytest.fixture
+def own_redis() -> Iterator[EmbeddedRedis]:
+    """A Redis of this test's own: its maxmemory is the test's to set."""
+    with EmbeddedRedis() as server:
+        yield server
+
+
+def step_items(step: int, n: int, size: int) -> list[dict[str, str]]:
+    """``n`` new items of a step, responses of about ``size`` characters (rollouts)."""
+    body = "The answer follows from the steps above. " * (size // 42 + 1)
+    return [{"id": f"s{step}-{i}", "prompt": f"Step {step} question {i}: what is {i} + {step}?",
+             "response": f"{i + step} {step}-{i} " + body[:size]} for i in range(n)]
+
+
+class MemoryWatch:
+    """Samples Redis' used memory every few ms on a thread; ``peak`` is the highest."""
+
+    def __init__(self, url: str) -> None:
+        self._client = redis.Redis.from_url(url)
+        self._stop = threading.Event()
+        self.peak = 0
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, int(self._client.info("memory")["used_memory"]))
+            self._stop.wait(0.01)
+
+    def __enter__(self) -> MemoryWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._client.close()
+
+
+@pytest.mark.timeout(300)
+def test_steps_several_times_the_cap_all_succeed_while_the_cache_gives_way(
+        own_redis: EmbeddedRedis, settings: Settings, workers, judge: JudgeProcess,
+        tmp_path: Path) -> None:
+    """Acceptance (issue 21): Redis capped at 8 MB with noeviction and the cache ratio;
+    40 steps of 250 new items of ~2.7 KB (27 MB of rollouts, 3.4x the cap): every item
+    ok, no write refused, memory under the cap, early verdicts evicted and re-judged."""
+    own = settings.model_copy(update={"redis_url": own_redis.url,
+                                      "cache_max_memory_ratio": RATIO})
+    raw = redis.Redis.from_url(own_redis.url)
+    raw.config_set("maxmemory", CAP)
+    assert raw.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
+    workers(1, redis_url=own_redis.url, cache_max_memory_ratio=RATIO)
+    steps, per_step, size = 40, 250, 2700
+
+    with RewardClient(own) as client, MemoryWatch(own_redis.url) as watch:
+        for step in range(steps):
+            pending = client.submit(step_items(step, per_step, size), step=step)
+            results = pending.result(timeout=120)
+            assert [r.status for r in results] == [ResultStatus.OK] * per_step, \
+                (step, {r.error for r in results}, worker_logs(tmp_path))
+            assert not any(r.cached for r in results)  # new items, judged once each
+            assert pending.resent_chunks == 0  # no chunk was ever lost
+        rollouts = steps * per_step * size
+        evicted = int(raw.get(CACHE_EVICTIONS) or 0)
+        cached = sum(1 for _ in raw.scan_iter("rewardq:cache:*", count=1000))
+        # The first step again: its verdicts were the least recently used.
+        again = client.submit(step_items(0, per_step, size), step=steps).result(timeout=120)
+
+    errors = raw.info("errorstats")
+    print(f"\nrollouts {rollouts / 1e6:.1f} MB through a {CAP / 1e6:.0f} MB Redis: peak "
+          f"{watch.peak / 1e6:.2f} MB, {evicted} verdicts evicted, {cached} cached, "
+          f"first step again: {sum(not r.cached for r in again)} re-judged")
+    assert rollouts > 3 * CAP
+    assert watch.peak <= CAP
+    assert "errorstat_OOM" not in errors, errors  # no write was ever refused
+    assert evicted > 0 and cached < steps * per_step
+    assert [r.status for r in again] == [ResultStatus.OK] * per_step
+    assert any(not r.cached for r in again)  # evicted: judged again, not lost
+    assert raw.zcard(DEAD_INDEX) == 0
+    raw.close()
+
+
+@pytest.mark.timeout(240)
+def test_a_redis_full_of_something_else_is_named_and_recovers_without_a_restart(
+        own_redis: EmbeddedRedis, settings: Settings, workers, judge: JudgeProcess,
+        tmp_path: Path) -> None:
+    """Acceptance (issue 21): another tenant's data takes all of Redis' memory: the
+    submit fails with "Redis is full" (RedisFullError, not an outage), the workers log it;
+    once the data is gone the next step succeeds and the failed one is replayed."""
+    own = settings.model_copy(update={"redis_url": own_redis.url})
+    raw = redis.Redis.from_url(own_redis.url)
+    workers(2, redis_url=own_redis.url)
+    with RewardClient(own) as client:
+        assert [r.status for r in client.score(step_items(0, 40, 500), timeout=60)] == \
+            [ResultStatus.OK] * 40
+        before = int(raw.info("memory")["used_memory"])
+        raw.set("someone-else", b"x" * 4_000_000)
+        raw.config_set("maxmemory", before + 2_000_000)  # half of it is over the cap
+        failed = step_items(1, 40, 500)
+
+        with pytest.raises(RedisFullError) as caught:
+            client.submit(failed, step=1)
+        assert isinstance(caught.value, BrokerUnavailableError)  # callers' handling holds
+        message = str(caught.value)
+        assert message.startswith("Redis is full (maxmemory ") and "raise maxmemory" in message
+        assert "cannot enqueue chunk" in message
+        assert caught.value.maxmemory_bytes == int(raw.config_get("maxmemory")["maxmemory"])
+        deadline = time.monotonic() + 30  # the next heartbeat (every 2 s) is refused
+        while "Redis is full" not in worker_logs(tmp_path) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        logs = worker_logs(tmp_path)
+        assert "Redis is full (maxmemory" in logs and "heartbeat" in logs, logs
+
+        raw.delete("someone-else")  # memory freed: nothing restarted
+        after = client.score(step_items(2, 40, 500), step=2, timeout=60)
+        replayed = client.score(failed, step=1, timeout=60)
+
+    assert [r.status for r in after] == [ResultStatus.OK] * 40
+    assert [r.status for r in replayed] == [ResultStatus.OK] * 40
+    assert [r.id for r in replayed] == [i["id"] for i in failed]
+    raw.close()
