@@ -54,7 +54,8 @@ profiles (--profile), each modelled on the provider's own documentation:
                     honoured: one token per 4 characters of generated text, rounded
                     up; a longer reply is cut after 4 x budget characters with
                     finish_reason "length" (a small budget cuts inside the thinking).
-                    chat_template_kwargs {"enable_thinking": false} turns thinking off.
+                    chat_template_kwargs {"enable_thinking": false} turns thinking off;
+                    --think-tag-in-prompt drops the opening "<think>\\n" (R1's template).
   reasoning-field   the same models with a reasoning parser (vLLM "Reasoning
                     Outputs"): the thinking, draft included, goes to
                     message.reasoning_content and message.reasoning; content holds
@@ -134,6 +135,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="think-in-content / reasoning-field: length of the thinking "
                              "before the verdict, in tokens of 4 characters (default "
                              f"{defaults.thinking_tokens})")
+    parser.add_argument("--think-tag-in-prompt", action="store_true",
+                        help="think-in-content / reasoning-field: the reply does not open "
+                             "its thinking with <think> (DeepSeek-R1's chat template ends the "
+                             "prompt with it), it only closes it with </think>")
     efforts = ", ".join(f"{effort}={tokens}" for effort, tokens in sorted(
         defaults.reasoning_tokens, key=lambda pair: REASONING_EFFORTS.index(pair[0])))
     parser.add_argument("--reasoning-tokens", action="append", default=[],
@@ -172,7 +177,7 @@ def config_from_args(args: argparse.Namespace) -> JudgeConfig:
         profile=args.profile,
         model_profiles=tuple(sorted(parse_model_profiles(args.model_profile).items())),
         refuse_response_format=args.refuse_response_format,
-        thinking_tokens=args.thinking_tokens,
+        thinking_tokens=args.thinking_tokens, think_tag_in_prompt=args.think_tag_in_prompt,
         reasoning_tokens=tuple(sorted(
             {**dict(JudgeConfig().reasoning_tokens),
              **parse_reasoning_tokens(args.reasoning_tokens)}.items())),

@@ -37,7 +37,8 @@ DEFAULT_REASONING_TOKENS: tuple[tuple[str, int], ...] = (
 DIGIT_NEIGHBOURS = ("inward", "up", "down")
 #: The knobs that choose and shape a profile, with their defaults (a test resets them).
 PROFILE_FIELDS = ("profile", "model_profiles", "refuse_response_format", "thinking_tokens",
-                  "reasoning_tokens", "digit_confidence", "digit_neighbour")
+                  "think_tag_in_prompt", "reasoning_tokens", "digit_confidence",
+                  "digit_neighbour")
 
 
 class ConfigValueError(ValueError):
@@ -79,6 +80,9 @@ class JudgeConfig:
             ``text`` with the 400 an endpoint without structured outputs sends.
         thinking_tokens: length of the thinking the ``think-in-content`` and
             ``reasoning-field`` profiles write before their verdict (4 characters a token).
+        think_tag_in_prompt: ``think-in-content`` / ``reasoning-field``: the reply does not
+            open its thinking with ``<think>\\n`` (the chat template put it at the end of
+            the prompt, as DeepSeek-R1's does): it only closes it with ``</think>``.
         reasoning_tokens: ``openai-reasoning``: reasoning tokens spent per
             ``reasoning_effort`` (a mapping; effort names missing from it keep
             ``DEFAULT_REASONING_TOKENS``).
@@ -109,6 +113,7 @@ class JudgeConfig:
     model_profiles: tuple[tuple[str, str], ...] = ()
     refuse_response_format: bool = False
     thinking_tokens: int = 256
+    think_tag_in_prompt: bool = False
     reasoning_tokens: tuple[tuple[str, int], ...] = DEFAULT_REASONING_TOKENS
     digit_confidence: float = 0.8
     digit_neighbour: str = "inward"
@@ -155,6 +160,8 @@ class JudgeConfig:
                  "true or false")
         _require(_is_int(self.thinking_tokens) and 1 <= self.thinking_tokens <= 1_000_000,
                  "thinking_tokens", "an integer in [1, 1000000]")
+        _require(isinstance(self.think_tag_in_prompt, bool), "think_tag_in_prompt",
+                 "true or false")
         tokens = self.reasoning_tokens
         if isinstance(tokens, Mapping):
             _require(all(isinstance(effort, str) for effort in tokens), "reasoning_tokens",

@@ -26,7 +26,9 @@ against the real judge:
   appears in the reply.
 * ``think-in-content``: an open reasoning model (DeepSeek-R1 distill, QwQ, Qwen3 in
   thinking mode) on vLLM or SGLang *without* a reasoning parser: ``content`` is
-  ``<think>\\n`` + the thinking + ``\\n</think>\\n\\n`` + the verdict. The thinking
+  ``<think>\\n`` + the thinking + ``\\n</think>\\n\\n`` + the verdict (without the
+  opening ``<think>\\n`` under ``JudgeConfig.think_tag_in_prompt``: DeepSeek-R1's chat
+  template ends the prompt with it, so the model's output only closes the block). The thinking
   opens with a *draft* verdict written as JSON whose score is the opposite end of the
   scale (``11 - score``; a group draft reverses the grades or the winner), then
   retracts it, so a reader that scores the first JSON it finds is caught.
@@ -312,7 +314,9 @@ def _thinking(chat: ChatRequest, grade: Grade | None, verdict: str, config: Judg
     thinking = None
     if grade is not None and thinking_enabled(body):
         thinking = thinking_text(draft_verdict(grade), config.thinking_tokens)
-    prefix = "" if thinking is None else THINK_OPEN + thinking + THINK_CLOSE
+    # An R1-style chat template ends the prompt with "<think>\n": the model never writes it.
+    opener = "" if config.think_tag_in_prompt else THINK_OPEN
+    prefix = "" if thinking is None else opener + thinking + THINK_CLOSE
     generated = prefix + verdict
     budget = budget_of(body)
     finish = "stop"
@@ -324,7 +328,7 @@ def _thinking(chat: ChatRequest, grade: Grade | None, verdict: str, config: Judg
         marks = []
         if grade is not None and grade.reply is None:
             if thinking is not None:
-                draft_at = len(THINK_OPEN) + thinking.find('{"score": ') + len('{"score": ')
+                draft_at = len(opener) + thinking.find('{"score": ') + len('{"score": ')
                 marks.append((draft_at, _reverse(grade.score)))
             verdict_score_at = verdict.find('"score": ')
             if verdict_score_at >= 0:
@@ -332,25 +336,26 @@ def _thinking(chat: ChatRequest, grade: Grade | None, verdict: str, config: Judg
         logprobs = marked_logprobs(generated, marks, spread, chat.top_logprobs)
     if profile == "think-in-content":
         return Reply(generated, completion, finish, logprobs=logprobs)
-    reasoning_text, content = _split_reasoning(generated, thinking is not None)
+    reasoning_text, content = _split_reasoning(generated, thinking is not None, opener)
     reasoning = 0
     if thinking is not None:
-        reasoning = min(completion, generated_tokens(THINK_OPEN + thinking + THINK_CLOSE))
+        reasoning = min(completion, generated_tokens(opener + thinking + THINK_CLOSE))
     return Reply(content, completion, finish, reasoning,
                  message_extra={"reasoning_content": reasoning_text, "reasoning": reasoning_text},
                  usage_extra=_usage_details(reasoning, openai=False), logprobs=logprobs)
 
 
-def _split_reasoning(generated: str, thought: bool) -> tuple[str | None, str | None]:
+def _split_reasoning(generated: str, thought: bool,
+                     opener: str) -> tuple[str | None, str | None]:
     """(reasoning, content) as a reasoning parser splits the generated text: no closing
     tag yet means everything so far is reasoning and there is no content."""
     if not thought:
         return None, generated or None
     end = generated.find("</think>")
     if end < 0:
-        opened = generated[len(THINK_OPEN):] if generated.startswith(THINK_OPEN) else ""
+        opened = generated[len(opener):] if generated.startswith(opener) else ""
         return opened, None
-    reasoning = generated[len(THINK_OPEN):end].removesuffix("\n")
+    reasoning = generated[len(opener):end].removesuffix("\n")
     return reasoning, generated[end + len("</think>"):].lstrip() or None
 
 

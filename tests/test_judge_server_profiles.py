@@ -286,6 +286,21 @@ def test_think_in_content_thinking_length_and_switch(judge_profile: JudgeProfile
     assert json.loads(content)["score"] == CORRECT_SCORE
 
 
+@pytest.mark.parametrize("profile", ["think-in-content", "reasoning-field"])
+def test_think_tag_in_prompt_leaves_only_the_closing_tag(judge_profile: JudgeProfile,
+                                                         profile: str) -> None:
+    judge = judge_profile(profile, thinking_tokens=32, think_tag_in_prompt=True)
+    message = post(judge, messages=messages(*WRONG), max_tokens=4096).json()[
+        "choices"][0]["message"]
+    if profile == "think-in-content":
+        assert message["content"].startswith("Let me grade")
+        assert "<think>" not in message["content"]
+        assert final_json(message["content"])["score"] == INCORRECT_SCORE
+    else:
+        assert message["reasoning_content"].startswith("Let me grade")
+        assert json.loads(message["content"])["score"] == INCORRECT_SCORE
+
+
 def test_think_in_content_group_prompts_draft_the_reverse(judge_profile: JudgeProfile) -> None:
     judge = judge_profile("think-in-content", thinking_tokens=64)
     group = ("rewardq-group v1 listwise\n<<<PROMPT>>>\nWhat is 6 x 7?\n<<<END PROMPT>>>\n"
@@ -560,6 +575,7 @@ def test_help_documents_every_profile_and_option() -> None:
     for word in ("--profile", "plain", "openai-reasoning", "think-in-content",
                  "reasoning-field", "digit-logprobs", "--refuse-response-format",
                  "--thinking-tokens", "--reasoning-tokens", "--digit-confidence",
+                 "--think-tag-in-prompt",
                  "--model-profile",
                  "--digit-neighbour", "max_completion_tokens", "unsupported_parameter",
                  "reasoning_content", "one token per 4 characters"):
