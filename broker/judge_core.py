@@ -161,7 +161,7 @@ def judge_verdict(content: str | None, usage: Usage | None,
     raw = extract_raw_score(content)
     if mode == "parsed":
         return JudgeVerdict(score=normalize(raw, scale), raw_score=raw, usage=usage or Usage())
-    read = logprob_score(tokens, scale) if tokens else None
+    read = logprob_score(tokens, scale, answer=content) if tokens else None
     if read is None:
         return JudgeVerdict(score=normalize(raw, scale), raw_score=raw, usage=usage or Usage(),
                             score_source="parsed_fallback")

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from broker.rubrics import RubricBook
 from broker.schemas import JudgeSpec, ResultStatus, ScoreItem, ScoreResult, View
 
-__all__ = ["CHARS_PER_TOKEN", "END_OF_TURN_TOKENS", "THINKING_TAGS", "NoAnswer", "final_answer",
-           "rollout_view", "view_items"]
+__all__ = ["CHARS_PER_TOKEN", "END_OF_TURN_TOKENS", "GROUP_NO_ANSWER", "THINKING_TAGS",
+           "NoAnswer", "final_answer", "rollout_view", "view_items"]
 
 #: The estimate of text length in tokens used wherever rewardq sizes text before a call.
 CHARS_PER_TOKEN = 4
@@ -126,10 +126,18 @@ def _capped(text: str, max_chars: int) -> str:
     return text[:head] + _MARKER.format(omitted=len(text) - head - tail) + text[-tail:]
 
 
+#: The error of a group member with no answer (group judging answers it on the workers).
+GROUP_NO_ANSWER = "the rollout has no final answer (it is empty, or its thinking was never closed)"
+
+
 def view_items(items: Sequence[ScoreItem], spec: JudgeSpec, rubrics: RubricBook
                ) -> list[ScoreItem | ScoreResult]:
     """Each item as the judge will see it (its response replaced by its view), or its
     ``no_answer`` result when there is nothing to judge.
+
+    With group judging (``spec.group``) a member with nothing to judge still goes to the
+    fleet, with an empty response, so that its group completes; the workers answer it
+    ``no_answer`` and judge the rest of its group without it.
 
     Args:
         items: items whose rubric is assigned (``RubricBook.assign``).
@@ -143,7 +151,8 @@ def view_items(items: Sequence[ScoreItem], spec: JudgeSpec, rubrics: RubricBook
         shown = rollout_view(item.response, view=view, max_tokens=spec.view_max_tokens,
                              prompt=item.prompt)
         if isinstance(shown, NoAnswer):
-            views.append(ScoreResult.failure(item.id, ResultStatus.NO_ANSWER, shown.reason))
+            views.append(ScoreResult.failure(item.id, ResultStatus.NO_ANSWER, shown.reason)
+                         if spec.group is None else item.model_copy(update={"response": ""}))
         elif shown == item.response:
             views.append(item)
         else:

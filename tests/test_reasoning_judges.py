@@ -263,3 +263,23 @@ def test_digit_by_digit_logprobs_give_the_score_the_judge_meant(
         if result.score_source == "logprobs_partial":
             assert "1" in str(neighbour(grade, how)) and grade != 1
     assert {1, 10} <= grades and len(grades) >= 4
+
+
+@pytest.mark.parametrize("mode", ["listwise", "pairwise"])
+def test_a_group_with_members_without_an_answer_is_judged_without_them(
+        settings: Settings, workers, judge: JudgeProcess, tmp_path, mode: str) -> None:
+    """Group members with nothing to judge still complete their group: they come back
+    ``no_answer`` at once and the group is judged on the others (no wait, no timeout)."""
+    group = {"judge_group_mode": mode, "judge_group_size": 4, "chunk_deadline_s": 60}
+    run = settings.model_copy(update=group)
+    workers(1, **group)
+    q = f"[group-no-answer-{mode}] What is 5 + 6?"
+    responses = ["The answer is 11.", "", "<think>still going", "The answer is 12."]
+    items = [{"id": f"m{i}", "prompt": q, "reference": "11", "uid": "g0", "response": r}
+             for i, r in enumerate(responses)]
+    results = _score(run, items, timeout=50)
+    logs = worker_logs(tmp_path)
+    assert [r.status for r in results] == [ResultStatus.OK, ResultStatus.NO_ANSWER,
+                                          ResultStatus.NO_ANSWER, ResultStatus.OK], logs
+    assert results[0].score > results[3].score
+    assert judge.stats()["requests_with_thinking"] == 0

@@ -69,6 +69,7 @@ from broker.group_prompts import (
 )
 from broker.judge_request import reply_budget
 from broker.keys import cache_key, judge_fingerprint, judge_group_key, judge_group_lock_key
+from broker.rollout_view import GROUP_NO_ANSWER
 from broker.schemas import (
     GroupSpec,
     JudgeSpec,
@@ -163,6 +164,11 @@ class GroupCaller(Protocol):
 
 class GroupTimeout(Exception):
     """A member's deadline passed before its group was complete or judged."""
+
+
+class GroupNoAnswer(Exception):
+    """A member whose rollout has no final answer (the producer sends it with an empty
+    response, so that its group still completes): it takes no part in the calls."""
 
 
 class GroupInvalid(Exception):
@@ -311,6 +317,9 @@ class GroupJudging:
         except GroupInvalid as exc:
             return ScoreResult.failure(item.id, ResultStatus.INVALID, str(exc),
                                        latency_ms=ms())
+        except GroupNoAnswer:
+            return ScoreResult.failure(item.id, ResultStatus.NO_ANSWER, GROUP_NO_ANSWER,
+                                       latency_ms=ms())
         except GroupTimeout as exc:
             log.warning("item %r timed out: %s", item.id, exc)
             return ScoreResult.failure(item.id, ResultStatus.TIMEOUT, str(exc),
@@ -372,7 +381,11 @@ class GroupJudging:
                 self._judging[key] = judging
                 judging.add_done_callback(_forget(self._judging, key, judging))
                 verdicts, attempts = await asyncio.shield(judging)
+                if not item.response:
+                    raise GroupNoAnswer
                 return Outcome(verdicts[fingerprint], attempts, cached=False)
+            if not item.response:  # a member, but nothing of it to judge: no wait
+                raise GroupNoAnswer
             local = self._judging.get(key)
             if local is not None:  # this process holds the lease: wait for its calls
                 verdicts, _ = await asyncio.shield(local)
@@ -411,9 +424,15 @@ class GroupJudging:
                 if value is None:
                     raise GroupInvalid(f"group uid={uid!r}: its members' items expired in "
                                        "Redis")
-                items[fp] = ScoreItem.model_validate_json(value)
-            verdicts, attempts = await self._verdicts(spec, group, key, uid, items, sealed,
-                                                      deadline)
+                item = ScoreItem.model_validate_json(value)
+                if item.response:  # members without an answer take no part in the calls
+                    items[fp] = item
+            answered = {fp: n for fp, n in sealed.items() if fp in items}
+            if group.mode == "pairwise" and sum(answered.values()) == 1:
+                raise GroupInvalid(f"group uid={uid!r}: one member has an answer, the others "
+                                   "none: there is nothing to compare it with")
+            verdicts, attempts = await self._verdicts(spec, group, key, uid, items, answered,
+                                                      deadline) if items else ({}, 0)
             fps = list(verdicts)
             await self._store(keys=[lease, *(cache_key(fp) for fp in fps)],
                               args=[token, self._cache_ttl_s,
