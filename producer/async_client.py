@@ -6,7 +6,9 @@ Celery task would make the broker the bottleneck, so concurrent calls are coales
 the way a DataLoader batches loads: items that arrive within ``window_s`` of the first
 (or until ``chunk_size`` of them) go out together as one ``RewardClient.submit``, and
 each await returns as soon as its own chunk is done. Cached pairs come back from that
-submit without being enqueued.
+submit without being enqueued. An item that only the submit can find invalid (metadata
+that is no JSON) fails its own await alone: a coalesced submit refused for it is sent
+again one item at a time, so the items that met it are scored as if it had not been there.
 
 Nothing here blocks the event loop: Redis work (the cache lookup and enqueueing of a
 submit, the one MGET per poll round over every outstanding chunk) runs on one
@@ -29,6 +31,7 @@ from typing import Any, TypeVar
 
 from broker.errors import (
     BrokerUnavailableError,
+    InvalidItemError,
     NoWorkersError,
     RewardqError,
     ScoringTimeoutError,
@@ -121,8 +124,13 @@ class AsyncRewardClient:
             step: the training step recorded with the chunk (the first item's step
                 names a coalesced chunk).
 
+        Returns:
+            Its result; a rollout with no final answer to show the judge (empty, or
+            its thinking never closed) is ``no_answer``, without a judge call.
+
         Raises:
-            InvalidItemError: the item is invalid (nothing is enqueued for it).
+            InvalidItemError: the item is invalid (nothing is enqueued for it; the
+                items coalesced with it are scored all the same).
             NoWorkersError: no live worker consumes the queue.
             BrokerUnavailableError: Redis stayed unreachable.
         """
@@ -259,6 +267,15 @@ class AsyncRewardClient:
         try:
             pending: PendingScores = await self.run_blocking(
                 self.client.submit, batch.items, step=batch.step)
+        except InvalidItemError as exc:
+            if len(batch.items) == 1:
+                _fail(batch.futures, exc)
+                return
+            # One item spoiled the coalesced submit: each alone, so it fails by itself.
+            for item, future in zip(batch.items, batch.futures, strict=True):
+                await self._send(state, _Batch(items=[item], futures=[future],
+                                               step=batch.step))
+            return
         except Exception as exc:  # each caller gets the error of its own submit
             _fail(batch.futures, exc)
             return

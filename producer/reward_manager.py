@@ -19,8 +19,15 @@ One call, in the order that lets the judge overlap the trainer's own work:
    in-process ``SyncJudge`` loop runs here), combine, place at the last token.
 
 A judge failure is never a silent 0: the sample's ``judge_status`` says what happened and
-``on_judge_failure`` says what its reward becomes. ``last_timing`` records the step's
-"GPU wait" (time blocked on judge scores) next to the judge's wall time.
+``on_judge_failure`` says what its reward becomes. A sample that is no valid item (an
+empty prompt, an unknown rubric) or has no final answer to show the judge (an empty
+rollout, thinking cut at the length limit: ``no_answer``) fails alone with its status;
+the step goes on. ``last_timing`` records the step's "GPU wait" (time blocked on judge
+scores) next to the judge's wall time.
+
+Identical samples are judged once on both paths: the fleet dedups by the items'
+fingerprints (``broker.keys``), and the in-process sync judge goes through
+:func:`score_each_once`, which asks it once per distinct fingerprint.
 """
 
 from __future__ import annotations
@@ -35,7 +42,10 @@ import torch
 from pydantic import ValidationError
 from torch import Tensor
 
-from broker.errors import ConfigError
+from broker.errors import ConfigError, InvalidItemError
+from broker.keys import judge_fingerprints
+from broker.rollout_view import view_items
+from broker.rubrics import RubricBook
 from broker.schemas import ResultStatus, ScoreItem, ScoreResult
 from broker.settings import Settings
 from producer.client import PendingScores, RewardClient
@@ -55,6 +65,10 @@ __all__ = [
     "LengthPenaltyRewardManager",
     "combine_rewards",
     "exact_final_answer",
+    "judge_key",
+    "score_each_once",
+    "shared_result",
+    "without_invalid",
 ]
 
 #: ``judge_status`` of a sample the judge was not asked about (rule score <= 0).
@@ -167,6 +181,92 @@ def combine_rewards(rule: Tensor, judge: Sequence[ScoreResult | None], penalty: 
     elif cfg.on_judge_failure == "nan":
         reward = torch.where(failed_t, torch.full_like(reward, math.nan), reward)
     return reward
+
+
+# --------------------------------------------------------------------------- items
+
+
+def without_invalid(rubrics: RubricBook, items: Sequence[ScoreItem],
+                    judged: list[ScoreResult | None]) -> list[ScoreItem]:
+    """``items`` less those the producer would refuse, each of which gets its ``invalid``
+    result in ``judged`` (at the position its id names), so that one bad item fails
+    alone instead of failing the submit of its whole step.
+
+    ``RewardClient.submit`` and ``SyncJudge.score`` check every item's rubric (a name the
+    run does not know, a correctness rubric without a reference) and refuse the whole
+    list for one bad item; this checks the list once and only looks at the items one by
+    one when it holds a bad one.
+    """
+    try:
+        rubrics.assign(items)
+    except InvalidItemError:
+        pass
+    else:
+        return list(items)
+    kept: list[ScoreItem] = []
+    for item in items:
+        try:
+            rubrics.assign([item])
+        except InvalidItemError as exc:
+            judged[int(item.id)] = ScoreResult.failure(item.id, ResultStatus.INVALID,
+                                                       f"not a valid judge item: {exc}")
+        else:
+            kept.append(item)
+    return kept
+
+
+def judge_key(judge: SyncJudge, item: ScoreItem) -> tuple[ScoreItem, str] | ScoreResult:
+    """``item`` with its rubric assigned and what identifies it to the judge: the
+    fingerprint of its view (``broker.rollout_view``), the key the fleet caches and dedups
+    its verdicts under; or, for an item that gets no judge call, its result
+    (``no_answer``: nothing to judge; ``invalid``: its rubric is unknown or needs a
+    reference it lacks)."""
+    try:
+        [assigned] = judge.rubrics.assign([item])
+    except InvalidItemError as exc:
+        return ScoreResult.failure(item.id, ResultStatus.INVALID,
+                                   f"not a valid judge item: {exc}")
+    [viewed] = view_items([assigned], judge.spec, judge.rubrics)
+    if isinstance(viewed, ScoreResult):
+        return viewed
+    return assigned, judge_fingerprints(judge.spec, [viewed])[0]
+
+
+def shared_result(result: ScoreResult, item_id: str) -> ScoreResult:
+    """``result`` as the answer of an identical item judged by another's call: its id,
+    no attempts of its own, and ``cached`` when it carries a verdict (as the fleet marks
+    the items that joined another's call)."""
+    return result.model_copy(update={"id": item_id, "attempts": 0,
+                                     "cached": result.status is ResultStatus.OK})
+
+
+def score_each_once(judge: SyncJudge, items: Sequence[ScoreItem]) -> list[ScoreResult]:
+    """``SyncJudge`` results for ``items``, in order, with one judge call per distinct
+    fingerprint: identical samples (common within a GRPO group) share one call, as the
+    fleet's in-flight dedup makes them. Never raises for an item: a bad one comes back
+    ``invalid``, one without a final answer ``no_answer``.
+    """
+    results: list[ScoreResult | None] = [None] * len(items)
+    owners: dict[str, int] = {}
+    followers: list[tuple[int, int]] = []
+    to_judge: list[tuple[int, ScoreItem]] = []
+    for i, item in enumerate(items):
+        keyed = judge_key(judge, item)
+        if isinstance(keyed, ScoreResult):
+            results[i] = keyed
+            continue
+        assigned, key = keyed
+        owner = owners.setdefault(key, i)
+        if owner == i:
+            to_judge.append((i, assigned))
+        else:
+            followers.append((i, owner))
+    once: dict[int, ScoreResult] = {}
+    for i, assigned in to_judge:
+        results[i] = once[i] = judge.score_one(assigned)
+    for i, owner in followers:
+        results[i] = shared_result(once[owner], items[i].id)
+    return [r for r in results if r is not None]
 
 
 # --------------------------------------------------------------------------- the manager
@@ -293,9 +393,11 @@ class LengthPenaltyRewardManager:
         Returns:
             The float32 reward tensor shaped like ``responses``, or with ``return_dict``
             ``{"reward_tensor": ..., "reward_extra_info": {"rule_score", "judge_score"
-            (NaN when not ok), "judge_status" ("ok", "failed", "timeout", "invalid",
-            "skipped", "disabled"), "length", "group_median", "penalty", "reward":
-            lists in batch order}}``.
+            (NaN when not ok), "judge_status" (a ``ResultStatus`` value: "ok",
+            "failed", "timeout", "invalid", "budget_exceeded", "no_answer"; or
+            "skipped", "disabled"), "length" (the full rollout's tokens), "group_median",
+            "penalty", "reward": lists in batch order}}``. Every status but "ok" gets
+            ``on_judge_failure``.
 
         Raises:
             BrokerUnavailableError: async mode, and Redis could not be reached.
@@ -314,6 +416,8 @@ class LengthPenaltyRewardManager:
         to_judge = self._judge_indices(rule_scores)
         judged: list[ScoreResult | None] = [None] * len(samples.prompts)
         items = self._items(samples, to_judge, judged)
+        if items and cfg.use_async_io:
+            items = without_invalid(self.client.rubrics, items, judged)
         mode: JudgeMode = "off" if not items else ("async" if cfg.use_async_io else "sync")
 
         submit_s = 0.0
@@ -340,7 +444,7 @@ class LengthPenaltyRewardManager:
         if pending is not None:
             results = pending.result(timeout=cfg.score_timeout_s, partial=True)
         elif mode == "sync":
-            results = self.sync_judge.score(items)
+            results = score_each_once(self.sync_judge, items)
         else:
             results = []
         wait_ended = now()
@@ -442,7 +546,9 @@ class LengthPenaltyRewardManager:
     def _items(samples: _Samples, indices: Sequence[int],
                judged: list[ScoreResult | None]) -> list[ScoreItem]:
         """Judge items for ``indices`` (id = batch index); a sample that is no valid item
-        (an empty response, an oversized prompt) gets an ``invalid`` result in ``judged``."""
+        (an empty prompt, a text over ``broker.schemas.MAX_TEXT_CHARS``) gets an
+        ``invalid`` result in ``judged``. Empty and long responses are items: the judge
+        is shown their view, and one with no final answer gets ``no_answer``."""
         items: list[ScoreItem] = []
         for i in indices:
             truth = samples.ground_truths[i]

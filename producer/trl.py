@@ -6,16 +6,21 @@ as a keyword list aligned with them, plus its own extras (``trainer_state``,
 ``completion_ids``, ...). Prompts and completions are strings (standard format) or lists
 of ``{"role", "content"}`` messages (conversational format). The function returns one
 float per completion, in order: the judge's score normalized to [0, 1], or ``None``
-where the judge failed, timed out or the item is invalid (TRL turns ``None`` into NaN,
-"no reward from this function", rather than a silent 0).
+wherever the result is not ``ok`` (the judge failed or timed out, the budget was spent,
+the item is invalid, or the completion has no final answer to judge: empty, or its
+thinking cut at the length limit): TRL turns ``None`` into NaN, "no reward from this
+function", rather than a silent 0. Such a completion fails alone; the call never raises
+for one. Identical completions of a call are judged once (the fleet dedups them by
+fingerprint; the sync variant asks its judge once per distinct fingerprint).
 
 Where TRL passes its ``log_metric(name, value)`` hook (``GRPOTrainer`` and
 ``RLOOTrainer`` do, on every call), each call also reports how many of its items ended
-in each status, as ``rewardq/<function name>/ok``, ``.../failed``, ``.../timeout`` and
-``.../invalid``. TRL averages a metric over the calls of a logging step (and over
-processes), so the logged value is the mean count per reward call; all four are
-reported every call, zeros included, so that mean is not biased. Without the hook (a
-custom loop, another trainer) nothing is reported.
+in each status, as ``rewardq/<function name>/<status>`` for every ``ResultStatus``
+(``ok``, ``failed``, ``timeout``, ``invalid``, ``budget_exceeded``, ``no_answer``). TRL
+averages a metric over the calls of a logging step (and over processes), so the logged
+value is the mean count per reward call; every status is reported every call, zeros
+included, so that mean is not biased. Without the hook (a custom loop, another trainer)
+nothing is reported.
 
 Three variants, one item-building and one result-reading path; each has a default
 ``__name__`` of its own, because TRL names a function's reward column and metrics after
@@ -42,6 +47,7 @@ from pydantic import ValidationError
 from broker.schemas import ResultStatus, ScoreItem, ScoreResult
 from broker.settings import Settings
 from producer.client import RewardClient
+from producer.reward_manager import score_each_once, without_invalid
 from producer.sync_judge import SyncJudge
 
 __all__ = [
@@ -128,7 +134,9 @@ def trl_items(prompts: Sequence[Any], completions: Sequence[Any], columns: Mappi
     Returns:
         ``(items, results)``: the valid items (id = position), and a list as long as
         ``completions`` holding an ``invalid`` result at each position that is no valid
-        item (an empty completion, say) and ``None`` elsewhere.
+        item (an empty prompt, a text over ``broker.schemas.MAX_TEXT_CHARS``) and
+        ``None`` elsewhere. Empty and long completions are items: the judge is shown
+        their view, and one with no final answer gets ``no_answer``.
 
     Raises:
         ValueError: ``prompts`` or the reference column is not as long as ``completions``.
@@ -265,6 +273,7 @@ def make_trl_reward(client_or_settings: RewardClient | Settings, *,
     def reward(prompts: Sequence[Any], completions: Sequence[Any],
                **kwargs: Any) -> list[float | None]:
         items, results = trl_items(prompts, completions, kwargs, reference_key=reference_key)
+        items = without_invalid(client.rubrics, items, results) if items else items
         judged: list[ScoreResult] = []
         if items:
             pending = client.submit(items, step=_step(kwargs))
@@ -291,6 +300,7 @@ def make_async_trl_reward(client_or_settings: RewardClient | Settings, *,
     async def reward(prompts: Sequence[Any], completions: Sequence[Any],
                      **kwargs: Any) -> list[float | None]:
         items, results = trl_items(prompts, completions, kwargs, reference_key=reference_key)
+        items = without_invalid(client.rubrics, items, results) if items else items
         judged: list[ScoreResult] = []
         if items:
             pending = await asyncio.to_thread(client.submit, items, step=_step(kwargs))
@@ -304,7 +314,8 @@ def make_async_trl_reward(client_or_settings: RewardClient | Settings, *,
 def make_sync_trl_reward(judge_or_settings: SyncJudge | Settings, *,
                          reference_key: str | None = "solution",
                          name: str = SYNC_DEFAULT_NAME) -> TrlReward:
-    """A TRL reward function that judges in-process, one completion at a time (no Redis).
+    """A TRL reward function that judges in-process, one call per distinct completion at a
+    time (no Redis).
 
     Args:
         judge_or_settings: a ``SyncJudge``, or ``Settings`` to build one from.
@@ -325,7 +336,7 @@ def make_sync_trl_reward(judge_or_settings: SyncJudge | Settings, *,
     def reward(prompts: Sequence[Any], completions: Sequence[Any],
                **kwargs: Any) -> list[float | None]:
         items, results = trl_items(prompts, completions, kwargs, reference_key=reference_key)
-        return _finish(kwargs, reward.__name__, results, judge.score(items))
+        return _finish(kwargs, reward.__name__, results, score_each_once(judge, items))
 
     reward.__name__ = reward.__qualname__ = name
     return reward

@@ -24,6 +24,18 @@ penalty)::
 Options live under ``reward.reward_kwargs.rewardq`` (not in verl's schema, hence the
 ``+``): every ``LengthPenaltyConfig`` field, ``settings`` (a mapping overriding
 ``REWARDQ_*``), and the group options of :class:`VerlOptions`.
+
+Identical samples (a GRPO group whose rollouts wrote the same text) are judged once.
+With ``use_async_io=true`` the fleet dedups them by fingerprint, across every reward-loop
+process. With ``use_async_io=false`` each process's in-process judge does so itself: the
+samples it scores share one call per fingerprint while it is in flight, and a verdict it
+has made answers the same text again (the latest ``SYNC_RECENT_VERDICTS``); identical
+samples that verl's batch path deals to two processes are judged once in each.
+
+A sample that is no valid judge item, or whose rollout has no final answer to show the
+judge (empty, or its thinking cut at the length limit), fails alone with its status
+(``judge_status``: ``invalid``, ``no_answer``) and gets ``on_judge_failure``, like every
+other status but ``ok``; the length penalty counts the full rollout's tokens.
 """
 
 from __future__ import annotations
@@ -32,19 +44,21 @@ import asyncio
 import inspect
 import logging
 import math
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from broker.errors import InvalidItemError
 from broker.schemas import ResultStatus, ScoreItem, ScoreResult
 from broker.settings import Settings
 from producer.async_client import AsyncRewardClient
 from producer.config import LengthPenaltyConfig
 from producer.groups import GroupMedian, GroupMedians, GroupStatus, member_id
 from producer.penalties import group_median_penalty, length_penalty
-from producer.reward_manager import DISABLED, SKIPPED, combine_rewards
+from producer.reward_manager import DISABLED, SKIPPED, combine_rewards, judge_key, shared_result
 from producer.sync_judge import SyncJudge
 
 try:  # verl is the caller's; rewardq does not depend on it
@@ -61,6 +75,9 @@ EXTRA_KEYS = ("rule_score", "judge_score", "judge_status", "length", "group_medi
               "group_size", "group_status", "penalty", "reward")
 #: ``extra_info["split"]`` values that mark a validation sample (verl's data scripts).
 VALIDATION_SPLITS = frozenset({"test", "val", "valid", "validation"})
+#: Verdicts the in-process judge (``use_async_io=false``) keeps per process, by
+#: fingerprint, for identical samples that come after the first was judged.
+SYNC_RECENT_VERDICTS = 4096
 
 
 class VerlOptions(BaseModel):
@@ -121,6 +138,9 @@ class RewardqRewardManager(RewardManagerBase):  # type: ignore[misc,valid-type]
         self._client: AsyncRewardClient | None = None
         self._groups: GroupMedians | None = None
         self._sync_judge: SyncJudge | None = None
+        #: In-process judging: the call in flight and the latest ok results, by fingerprint.
+        self._sync_calls: dict[str, asyncio.Task[ScoreResult]] = {}
+        self._sync_recent: OrderedDict[str, ScoreResult] = OrderedDict()
 
     # ------------------------------------------------------------------ resources
 
@@ -255,18 +275,54 @@ class RewardqRewardManager(RewardManagerBase):  # type: ignore[misc,valid-type]
             return ScoreResult.failure(uid or "sample", ResultStatus.INVALID,
                                        f"not a valid judge item: {exc.errors()[0]['msg']}")
         if not cfg.use_async_io:
-            if self._sync_judge is None:
-                self._sync_judge = SyncJudge(self.settings, api_key=cfg.api_key,
-                                             timeout_s=cfg.judge_timeout_s)
-            judge = self._sync_judge
-            return await asyncio.get_running_loop().run_in_executor(
-                None, judge.score_one, item)
+            return await self._judge_in_process(item)
         try:
             return await asyncio.wait_for(self.client.score(item),
                                           timeout=cfg.score_timeout_s)
+        except InvalidItemError as exc:  # this sample's alone (an unknown rubric, say)
+            return ScoreResult.failure(item.id, ResultStatus.INVALID,
+                                       f"not a valid judge item: {exc}")
         except TimeoutError:
             return ScoreResult.failure(item.id, ResultStatus.TIMEOUT,
                                        f"no judge result within {cfg.score_timeout_s}s")
+
+    async def _judge_in_process(self, item: ScoreItem) -> ScoreResult:
+        """``use_async_io=false``: the in-process ``SyncJudge``, one call per fingerprint
+        among the samples of this process (in flight, or among its latest verdicts)."""
+        cfg = self.config_lp
+        if self._sync_judge is None:
+            self._sync_judge = SyncJudge(self.settings, api_key=cfg.api_key,
+                                         timeout_s=cfg.judge_timeout_s)
+        judge = self._sync_judge
+        loop = asyncio.get_running_loop()
+        keyed = await loop.run_in_executor(None, judge_key, judge, item)
+        if isinstance(keyed, ScoreResult):  # invalid, or no_answer: no call
+            return keyed
+        assigned, key = keyed
+        recent = self._sync_recent.get(key)
+        if recent is not None:
+            self._sync_recent.move_to_end(key)
+            return shared_result(recent, item.id)
+        call = self._sync_calls.get(key)
+        if call is not None and call.get_loop() is loop:
+            return shared_result(await asyncio.shield(call), item.id)
+        call = loop.create_task(self._call_in_process(judge, key, assigned))
+        self._sync_calls[key] = call
+        return await asyncio.shield(call)
+
+    async def _call_in_process(self, judge: SyncJudge, key: str, item: ScoreItem
+                               ) -> ScoreResult:
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(
+                None, judge.score_one, item)
+        finally:
+            if self._sync_calls.get(key) is asyncio.current_task():
+                del self._sync_calls[key]
+        if result.status is ResultStatus.OK:
+            self._sync_recent[key] = result
+            if len(self._sync_recent) > SYNC_RECENT_VERDICTS:
+                self._sync_recent.popitem(last=False)
+        return result
 
 
 # --------------------------------------------------------------------------- compute_score
@@ -285,8 +341,10 @@ async def compute_score(data_source: Any, solution_str: str, ground_truth: Any,
     environment.
 
     Returns:
-        ``{"score": judge score (0.0 unless ok), "judge_status": "ok" | "failed" |
-        "timeout" | "invalid"}``; the status makes a failure visible in verl's metrics.
+        ``{"score": judge score (0.0 unless ok), "judge_status": a ``ResultStatus``
+        value}``; the status makes a failure visible in verl's metrics. An empty
+        response, or one whose thinking was never closed, is ``no_answer``; a sample
+        that is no valid item (no question, an unknown rubric) is ``invalid``.
     """
     info = extra_info or {}
     question = info.get("prompt") or info.get("question")
@@ -301,7 +359,10 @@ async def compute_score(data_source: Any, solution_str: str, ground_truth: Any,
                          data_source=None if data_source is None else str(data_source))
     except ValidationError:
         return {"score": 0.0, "judge_status": ResultStatus.INVALID.value}
-    result = await client.score(item)
+    try:
+        result = await client.score(item)
+    except InvalidItemError:
+        return {"score": 0.0, "judge_status": ResultStatus.INVALID.value}
     ok = result.status is ResultStatus.OK and result.score is not None
     return {"score": float(result.score) if ok and result.score is not None else 0.0,
             "judge_status": result.status.value}

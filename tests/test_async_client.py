@@ -9,7 +9,7 @@ import pytest
 from scoring_data import expected, make_items
 
 from broker.errors import InvalidItemError, NoWorkersError
-from broker.schemas import ResultStatus
+from broker.schemas import ResultStatus, ScoreItem
 from broker.settings import Settings
 from producer.async_client import AsyncRewardClient
 from producer.client import RewardClient
@@ -54,17 +54,24 @@ def test_cached_pairs_come_back_without_enqueueing(
 
 def test_an_invalid_item_fails_its_own_await_only(
         settings: Settings, workers, judge: JudgeProcess) -> None:
+    """Coalesced with good items: an empty prompt (refused by ``score``), metadata that is
+    no JSON (refused by the submit they share) and an empty response (``no_answer``, no
+    judge call) each answer their own await; the good items are scored."""
     workers(1)
-    good = make_items(3, "mixed")
+    good = make_items(5, "mixed")
+    not_json = ScoreItem.model_validate({**good[2], "metadata": {"x": object()}})
 
     async def run() -> list:
         async with AsyncRewardClient(settings) as client:
-            calls = [client.score(good[0]), client.score({**good[1], "response": ""}),
-                     client.score(good[2])]
+            calls = [client.score(good[0]), client.score({**good[1], "prompt": ""}),
+                     client.score(not_json),
+                     client.score({**good[3], "response": ""}), client.score(good[4])]
             return list(await asyncio.gather(*calls, return_exceptions=True))
 
-    first, bad, last = asyncio.run(run())
-    assert isinstance(bad, InvalidItemError) and "'response'" in str(bad)
+    first, no_prompt, unserializable, empty, last = asyncio.run(run())
+    assert isinstance(no_prompt, InvalidItemError) and "'prompt'" in str(no_prompt)
+    assert isinstance(unserializable, InvalidItemError) and "metadata" in str(unserializable)
+    assert empty.status is ResultStatus.NO_ANSWER and empty.score is None
     assert first.status is ResultStatus.OK and last.status is ResultStatus.OK
     assert judge.stats()["requests_total"] == 2
 

@@ -169,8 +169,8 @@ def expected_rewards(batch: Batch, cfg: LengthPenaltyConfig, *,
     for i, s in enumerate(batch.samples):
         rule = 1.0 if s.correct else 0.0
         asked = cfg.enable_openai_reward and (cfg.judge_when == "always" or rule > 0)
-        invalid = asked and not batch.response_texts[i]
-        failed = asked and (judge_fails or invalid)
+        no_answer = asked and not batch.response_texts[i]
+        failed = asked and (judge_fails or no_answer)
         judge = judge_score(batch, i) if asked and not failed else 0.0
         reward = rule + cfg.reward_coefficient * judge - cfg.penalty_scale * penalties[i]
         if failed and cfg.on_judge_failure == "zero":
@@ -256,15 +256,16 @@ def test_sync_rewards_match_the_formula(tokenizer: PreTrainedTokenizerFast, sync
     before = requests_total(local_judge)
     out = manager(batch, return_dict=True)
     asked = [i for i, s in enumerate(SAMPLES) if judge_when == "always" or s.correct]
-    sent = [i for i in asked if batch.response_texts[i]]  # an empty response is no item
+    # An empty response has no answer to judge: no_answer, without a judge call.
+    sent = [i for i in asked if batch.response_texts[i]]
     assert requests_total(local_judge) - before == len(sent)
     assert_rewards(rewards_at_last_token(batch, out["reward_tensor"]),
                    expected_rewards(batch, manager.config))
     statuses = out["reward_extra_info"]["judge_status"]
-    assert statuses == ["ok" if i in sent else "invalid" if i in asked else "skipped"
+    assert statuses == ["ok" if i in sent else "no_answer" if i in asked else "skipped"
                         for i in range(len(SAMPLES))]
     assert manager.last_timing is not None
-    assert (manager.last_timing.mode, manager.last_timing.judged) == ("sync", len(sent))
+    assert (manager.last_timing.mode, manager.last_timing.judged) == ("sync", len(asked))
 
 
 def test_reward_extra_info_is_in_batch_order(tokenizer: PreTrainedTokenizerFast,
@@ -460,7 +461,7 @@ def test_async_mode_gives_the_sync_rewards(tokenizer: PreTrainedTokenizerFast,
                    expected_rewards(batch, LengthPenaltyConfig.from_mapping(config)))
     assert fleet.last_timing is not None
     assert fleet.last_timing.mode == "async"
-    assert fleet.last_timing.judged == sum(1 for text in batch.response_texts if text)
+    assert fleet.last_timing.judged == len(SAMPLES)  # the empty response too: no_answer
 
 
 def test_async_mode_judge_failure_policy(tokenizer: PreTrainedTokenizerFast, settings: Settings,

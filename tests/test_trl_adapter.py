@@ -37,7 +37,7 @@ QUESTIONS = [("What is 3 plus 4?", "7"), ("What is 12 times 3?", "36")]
 COMPLETIONS = [
     "3 plus 4 is 7. The answer is 7.",
     "The answer is 8.",
-    "",  # an empty completion is no judge item: None
+    "",  # an empty completion has no answer to judge: None (no_answer)
     "12 times 3 = 36, so the answer is \\boxed{36}.",
     "Let me think.\nIt is 35.",
     "36",
@@ -129,11 +129,12 @@ def test_status_counts_go_to_log_metric_once_per_call(
     good(prompts, completions[:2] + [""] * 4, log_metric=log, **kwargs)
     bad(prompts, completions, log_metric=log, **kwargs)
     assert log.counts("rewardq_judge_sync") == {
-        "ok": [5.0, 2.0], "failed": [0.0, 0.0], "timeout": [0.0, 0.0], "invalid": [1.0, 4.0],
-        "budget_exceeded": [0.0, 0.0]}
+        "ok": [5.0, 2.0], "failed": [0.0, 0.0], "timeout": [0.0, 0.0], "invalid": [0.0, 0.0],
+        "budget_exceeded": [0.0, 0.0], "no_answer": [1.0, 4.0]}
     assert log.counts("bad") == {"ok": [0.0], "failed": [5.0], "timeout": [0.0],
-                                 "invalid": [1.0], "budget_exceeded": [0.0]}
-    assert len(log.values) == 10
+                                 "invalid": [0.0], "budget_exceeded": [0.0],
+                                 "no_answer": [1.0]}
+    assert len(log.values) == 12
 
 
 def test_metrics_follow_a_later_rename(local_judge: BackgroundJudgeServer) -> None:
@@ -188,7 +189,7 @@ def test_fleet_rewards_blocking_and_async(settings: Settings, workers: Any) -> N
              for c in completions]  # not in the fleet's cache yet
     assert asyncio.run(async_reward(prompts, fresh, log_metric=log, **kwargs)
                        ) == expected_scores(prompts, fresh, kwargs["solution"])
-    ok_and_one_invalid = {"ok": [5.0], "failed": [0.0], "timeout": [0.0], "invalid": [1.0],
-                          "budget_exceeded": [0.0]}
-    assert log.counts("rewardq_judge") == ok_and_one_invalid
-    assert log.counts("rewardq_judge_async") == ok_and_one_invalid
+    ok_and_one_no_answer = {"ok": [5.0], "failed": [0.0], "timeout": [0.0], "invalid": [0.0],
+                            "budget_exceeded": [0.0], "no_answer": [1.0]}
+    assert log.counts("rewardq_judge") == ok_and_one_no_answer
+    assert log.counts("rewardq_judge_async") == ok_and_one_no_answer

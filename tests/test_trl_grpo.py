@@ -112,7 +112,7 @@ def test_status_counts_reach_the_trainer_logs(
     assert trainer.reward_func_names == ["rewardq_judge", "rewardq_judge_async",
                                          "rewardq_judge_sync", "judge_ok", "length_reward"]
     only_invalid = {"ok": 0.0, "failed": 0.0, "timeout": 0.0, "invalid": float(PER_PROMPT),
-                    "budget_exceeded": 0.0}
+                    "budget_exceeded": 0.0, "no_answer": 0.0}
     assert counts(log, "rewardq_judge") == only_invalid | {"timeout": PER_PROMPT}
     assert counts(log, "rewardq_judge_async") == only_invalid | {"timeout": PER_PROMPT}
     assert counts(log, "rewardq_judge_sync") == only_invalid | {"failed": PER_PROMPT}
