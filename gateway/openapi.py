@@ -45,10 +45,13 @@ def _errors(*codes: int) -> dict[str, Any]:
 
 
 _ERROR_TEXT = {400: "Not JSON", 401: "No valid token", 413: "Body or item count too large",
-               422: "Invalid request or items (each named); nothing enqueued",
-               429: "The token's concurrency is used up; see Retry-After",
-               502: "An item was not scored (remote-RM endpoints)",
-               503: "No live worker, or Redis unreachable", 504: "Timed out"}
+               422: "Invalid request, items (each named; nothing enqueued) or remote-RM label",
+               429: "The token's queue is over its item or byte bounds; see Retry-After "
+                    "(within them requests wait their turn)",
+               502: "An item failed for good (remote-RM endpoints; `items` names it)",
+               503: "No live worker, or Redis unreachable, until the deadline",
+               504: "Not every item final by the deadline (transient failures were retried "
+                    "until then)"}
 _SCORING_ERRORS = (400, 401, 413, 422, 429, 503, 504)
 
 
@@ -87,7 +90,9 @@ def openapi_document() -> dict[str, Any]:
             {"description": "Rewards", "content": _json(_ref(OpenRLHFReply))},
             (*_SCORING_ERRORS, 502),
             "Query parameters label_as=reference|metadata, response_from=strip_prompt|query, "
-            "failed_reward=<number> override the deployment's mapping."),
+            "failed_reward=<number>, no_answer_reward=<number>, extra_logs=0|1 and "
+            "timeout_s=<seconds> override the deployment's mapping and deadline "
+            "(extra_logs=0 for OpenRLHF 0.8.x)."),
         "/slime/reward": _post(
             "slime remote reward model (--rm-type remote_rm --rm-url)", SlimeRequest,
             {"description": "The reward: a bare number (?reply=dict: an object)",
