@@ -31,7 +31,21 @@ metric                                                type       labels
 ``rewardq_fleet_budget_limit_usd``                    gauge      run
 ``rewardq_fleet_budget_step_limit_usd``               gauge      run
 ``rewardq_fleet_budget_refused_total``                counter    run
+``rewardq_fleet_redis_used_memory_bytes``             gauge
+``rewardq_fleet_redis_maxmemory_bytes``               gauge
+``rewardq_fleet_redis_evicted_keys_total``            counter
+``rewardq_fleet_cache_evictions_total``               counter
+``rewardq_redis_full_errors_total``                   counter
 ====================================================  =========  ==========================
+
+Redis memory: ``rewardq_fleet_redis_used_memory_bytes`` and ``..._maxmemory_bytes`` are
+Redis' ``used_memory`` and ``maxmemory`` (0: no cap) at scrape time; their ratio is what
+``RewardqRedisMemoryHigh`` watches. ``rewardq_fleet_cache_evictions_total`` counts the
+verdicts the cache deleted to make room (``workers.cache``), and
+``rewardq_fleet_redis_evicted_keys_total`` the keys Redis itself evicted (0 under the
+``noeviction`` policy rewardq needs; anything else means queued work can be dropped).
+``rewardq_redis_full_errors_total`` (per process) counts the writes Redis refused
+because it was full (``broker.connections.redis_full_errors``; ``RewardqRedisFull``).
 
 The two ``rewardq_fleet_*`` series are read from Redis at scrape time and are the same on
 every worker: take their ``max()``, not their ``sum()``. ``rewardq_fleet_workers_up``
@@ -359,6 +373,9 @@ class _Collector(Collector):
         yield _counter("items", "Items scored, by result status.", ["status"],
                        {(k,): v for k, v in s.items.items()})
         yield from _endpoint_families(self._metrics.endpoint_snapshot())
+        from broker.connections import redis_full_errors
+        yield _counter("redis_full_errors", "Redis writes refused because Redis was full "
+                       "(maxmemory reached).", [], {(): float(redis_full_errors())})
 
 
 def _endpoint_families(e: EndpointSnapshot) -> Iterator[Metric]:
@@ -466,6 +483,33 @@ class FleetCollector(Collector):
                                   "Items producers answered from the cache at submit.",
                                   value=float(hits or 0))
         yield from _budget_families(self._client)
+        yield from _memory_families(self._client)
+
+
+def _memory_families(client: Any) -> Iterator[Metric]:
+    """Redis' memory and evictions, and the verdicts the cache deleted to make room."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    from broker.keys import CACHE_EVICTIONS
+
+    try:
+        memory = client.info("memory")
+        stats = client.info("stats")
+        evictions = client.get(CACHE_EVICTIONS)
+    except Exception as exc:  # Redis away, or INFO refused (a managed Redis): no series
+        log.debug("Redis memory metrics not read: %s", exc)
+        return
+    yield GaugeMetricFamily("rewardq_fleet_redis_used_memory_bytes",
+                            "Redis' used_memory.", value=float(memory.get("used_memory", 0)))
+    yield GaugeMetricFamily("rewardq_fleet_redis_maxmemory_bytes",
+                            "Redis' maxmemory (0: no cap).",
+                            value=float(memory.get("maxmemory", 0)))
+    yield CounterMetricFamily("rewardq_fleet_redis_evicted_keys",
+                              "Keys Redis itself evicted (0 under noeviction).",
+                              value=float(stats.get("evicted_keys", 0)))
+    yield CounterMetricFamily("rewardq_fleet_cache_evictions",
+                              "Verdicts the cache deleted to make room under maxmemory.",
+                              value=float(evictions or 0))
 
 
 _BUDGET_FIELDS = ("spent", "reserved", "limit", "step_limit", "refused")

@@ -44,7 +44,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from broker.app import QUEUE_JUDGE, TASK_SCORE_CHUNK, create_app
 from broker.connections import redis_client
 from broker.fleet import BEAT_INTERVAL_S, live_workers
-from broker.keys import DEAD_INDEX, SUBMIT_CACHE_HITS
+from broker.keys import CACHE_EVICTIONS, DEAD_INDEX, SUBMIT_CACHE_HITS
 from broker.settings import Settings
 from monitoring.metrics import INSPECT_COMMAND
 from rewardq.budget_cli import BudgetState, read_budget
@@ -156,6 +156,12 @@ class StatsSnapshot:
     errors: list[str] = field(default_factory=list)
     submit_cache_hits: int = 0
     budget: BudgetState | None = None
+    #: Redis' used_memory and maxmemory (0: no cap); ``None`` where INFO was refused
+    redis_used_bytes: int | None = None
+    redis_maxmemory_bytes: int | None = None
+    #: verdicts the cache deleted to make room, and keys Redis evicted itself
+    cache_evictions: int = 0
+    redis_evicted_keys: int = 0
 
     @property
     def workers_up(self) -> int:
@@ -198,7 +204,12 @@ def collect(app: Celery, client: redis.Redis, *, timeout_s: float = 1.0,
         pipe.hlen(UNACKED_HASH)
         pipe.zcard(DEAD_INDEX)
         pipe.get(SUBMIT_CACHE_HITS)
-        depth, in_progress, dead, submit_hits = pipe.execute()
+        pipe.get(CACHE_EVICTIONS)
+        depth, in_progress, dead, submit_hits, cache_evictions = pipe.execute()
+    try:
+        memory, redis_stats = client.info("memory"), client.info("stats")
+    except redis.ResponseError:  # a managed Redis that refuses INFO
+        memory, redis_stats = {}, {}
     now = time.time()
     beats = {beat.node: beat for beat in live_workers(client, queue=None)}
     stats = app.control.inspect(timeout=timeout_s).stats() or {}
@@ -230,7 +241,23 @@ def collect(app: Celery, client: redis.Redis, *, timeout_s: float = 1.0,
                          in_progress=int(in_progress), dead_letters=int(dead),
                          workers=rows, metrics=metrics, endpoints_scraped=scraped,
                          errors=errors, submit_cache_hits=int(submit_hits or 0),
-                         budget=budget)
+                         budget=budget, redis_used_bytes=memory.get("used_memory"),
+                         redis_maxmemory_bytes=memory.get("maxmemory"),
+                         cache_evictions=int(cache_evictions or 0),
+                         redis_evicted_keys=int(redis_stats.get("evicted_keys", 0)))
+
+
+def _memory_line(s: StatsSnapshot) -> str:
+    """``redis memory  412.3 MB of 1073.7 MB (38%)   cache evictions 0   redis evicted 0``."""
+    used, cap = s.redis_used_bytes, s.redis_maxmemory_bytes
+    if used is None:
+        head = f"{'unknown':>10}"
+    elif not cap:
+        head = f"{used / 1e6:>7,.1f} MB of no cap (set maxmemory: docs/memory.md)"
+    else:
+        head = f"{used / 1e6:>7,.1f} MB of {cap / 1e6:,.1f} MB ({used / cap:.0%})"
+    return (f"redis memory    {head}   cache evictions {s.cache_evictions:,}"
+            f"   redis evicted {s.redis_evicted_keys:,}")
 
 
 def _scrape(urls: Iterable[str], http: httpx.Client | None,
@@ -281,7 +308,8 @@ def render(current: StatsSnapshot, previous: StatsSnapshot | None = None, *,
                 if current.workers_up < len(current.workers) else "")
              + f"   chunks done {current.chunks_processed:,} ({chunk_rate})",
              f"cache at submit {current.submit_cache_hits:>10,} items answered without a "
-             f"worker"]
+             f"worker",
+             _memory_line(current)]
     if current.budget is not None and current.budget.limited:
         lines.append(_budget_line(current.budget))
     if m is None:
