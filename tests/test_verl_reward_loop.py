@@ -325,3 +325,42 @@ def test_a_streamed_validation_sample_does_not_wait_for_a_training_sized_group(
     assert (info["group_status"], info["group_size"], info["penalty"]) == ("single", 1, 0.0)
     assert info["judge_status"] == "disabled"
     assert out["reward_score"] == rule("arith", sample["response_text"], sample["truth"])
+
+
+# --------------------------------------------------------------------------- identical rollouts
+
+
+@pytest.mark.parametrize("use_async_io", [True, False], ids=["fleet", "in_process"])
+def test_identical_rollouts_are_judged_once_on_the_batch_path(
+        verl_config: Any, workers, judge: JudgeProcess, use_async_io: bool) -> None:
+    """verl's batch path over two reward-loop processes: a 32-sample step holding two
+    pairs of identical (prompt, response, ground truth) samples, inside their groups,
+    makes one judge call per distinct triple, through the fleet and through each
+    process's in-process judge alike."""
+    if use_async_io:
+        workers(2)
+    verl_config.reward.reward_kwargs.rewardq.judge_when = "always"
+    verl_config.reward.reward_kwargs.rewardq.use_async_io = use_async_io
+    tokenizer = build_tokenizer()
+    samples = rollouts(seed=11)
+    for copy, original in ((1, 0), (21, 20)):  # group 0 and group 5, one per process
+        samples[copy] = dict(samples[original])
+    tokenize(tokenizer, samples)
+    distinct = {(s["prompt_text"], s["response_text"], s["truth"]) for s in samples}
+    assert len(distinct) == len(samples) - 2
+    data = padded_batch(samples, tokenizer.pad_token_id)
+
+    chunks = data.chunk(2)  # RewardLoopManager.compute_rm_score with reward.num_workers=2
+    with harness(verl_config, 1) as first, harness(verl_config, 1) as second:
+        futures = [first.submit(verl_harness.compute_score_batch, 0, chunks[0]),
+                   second.submit(verl_harness.compute_score_batch, 0, chunks[1])]
+        outputs = [o for f in futures for o in f.result(timeout=180)]
+
+    stats = judge.stats()
+    assert stats["requests_total"] == len(distinct) == 30, stats
+    assert stats["max_requests_per_prompt"] == 1, stats
+    infos = [o["reward_extra_info"] for o in outputs]
+    assert [info["judge_status"] for info in infos] == ["ok"] * len(samples)
+    for copy, original in ((1, 0), (21, 20)):
+        assert outputs[copy]["reward_score"] == outputs[original]["reward_score"]
+        assert infos[copy]["judge_score"] == infos[original]["judge_score"]
