@@ -364,3 +364,78 @@ def test_identical_rollouts_are_judged_once_on_the_batch_path(
     for copy, original in ((1, 0), (21, 20)):
         assert outputs[copy]["reward_score"] == outputs[original]["reward_score"]
         assert infos[copy]["judge_score"] == infos[original]["judge_score"]
+
+
+# ------------------------------------------------------------- rollouts as policies write them
+
+#: The reasoning markers verl's tokenizer must carry for these rollouts (Qwen3's and R1's
+#: ``<think>``/``</think>`` are added tokens kept by ``skip_special_tokens``; the
+#: end-of-turn token is kept here too, as trainers that decode with it left in send it).
+REASONING_TOKENS = ["<think>", "</think>", "<|im_end|>"]
+
+
+def reasoning_rollouts() -> list[dict[str, Any]]:
+    """One GRPO group of rollouts as policies write them, each with the outcome it must get:
+    a short answer, an empty response (EOS at once), a 110k-character rollout with a long
+    thinking block, one cut inside its thinking, one ending in ``<|im_end|>``, and a
+    200k-character final answer."""
+    thinking = "let me think step by step. first we add. " * 2700
+    cases = [
+        ("the answer is 5.", "ok"),
+        ("", "no_answer"),
+        (f"<think> {thinking}</think> first we add. so the answer is 5.", "ok"),
+        ("<think> " + "hmm wait. so the result is it. " * 300, "no_answer"),
+        ("then we compute the sum. the answer is 5. <|im_end|>", "ok"),
+        ("we compute the sum of 2 and 3. " * 6500 + "so the final answer is 5.", "ok"),
+    ]
+    return [{"prompt": "what is 2 plus 3?", "response": response, "truth": "5",
+             "uid": "uid-reasoning", "outcome": outcome} for response, outcome in cases]
+
+
+@pytest.mark.parametrize("use_async_io", [True, False], ids=["fleet", "in_process"])
+def test_rollouts_as_policies_write_them_complete_the_step(
+        verl_config: Any, workers, judge: JudgeProcess, tmp_path: Path,
+        use_async_io: bool) -> None:
+    """verl's batch path over two reward-loop processes: every sample gets its outcome
+    (``no_answer`` for the empty and the cut rollout, ``ok`` for the rest), the step
+    completes, the judge never sees thinking or end-of-turn tokens, and the length
+    penalty counts each full rollout's tokens."""
+    if use_async_io:
+        workers(2)
+    tokenizer = build_tokenizer()
+    tokenizer.add_tokens(REASONING_TOKENS)
+    tokenizer.save_pretrained(tmp_path / "reasoning-tokenizer")
+    verl_config.actor_rollout_ref.model.path = str(tmp_path / "reasoning-tokenizer")
+    samples = reasoning_rollouts()
+    verl_config.actor_rollout_ref.rollout.n = len(samples)
+    verl_config.reward.reward_kwargs.rewardq.judge_when = "always"
+    verl_config.reward.reward_kwargs.rewardq.use_async_io = use_async_io
+    tokenize(tokenizer, samples)
+    assert len(samples[2]["response_text"]) > 110_000
+    assert len(samples[5]["response_text"]) > 200_000
+    assert samples[4]["response_text"].endswith("<|im_end|>")
+    data = padded_batch(samples, tokenizer.pad_token_id)
+
+    chunks = data.chunk(2)
+    with harness(verl_config, 1) as first, harness(verl_config, 1) as second:
+        futures = [first.submit(verl_harness.compute_score_batch, 0, chunks[0]),
+                   second.submit(verl_harness.compute_score_batch, 0, chunks[1])]
+        outputs = [o for f in futures for o in f.result(timeout=180)]
+
+    infos = [o["reward_extra_info"] for o in outputs]
+    assert [info["judge_status"] for info in infos] == [s["outcome"] for s in samples]
+    for s, out, info in zip(samples, outputs, infos, strict=True):
+        assert info["length"] == len(s["response_ids"])  # the full rollout, thinking too
+        assert math.isfinite(out["reward_score"])  # on_judge_failure=rule_only
+        if s["outcome"] == "ok":
+            assert 0.0 <= info["judge_score"] <= 1.0
+        else:
+            assert math.isnan(info["judge_score"])
+            assert out["reward_score"] == pytest.approx(
+                info["rule_score"] - 0.5 * info["penalty"])
+    assert infos[2]["length"] > 25_000
+    stats = judge.stats()
+    assert stats["requests_total"] == 4, stats  # no call for the two without an answer
+    assert stats["requests_with_thinking"] == 0, stats
+    assert stats["requests_with_end_of_turn"] == 0, stats
+    assert stats["max_response_chars"] < 40_000, stats  # the 200k answer, capped
