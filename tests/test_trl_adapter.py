@@ -32,6 +32,7 @@ from producer.trl import (
     make_trl_reward,
     message_text,
 )
+from rewardq.stack import JudgeProcess
 
 QUESTIONS = [("What is 3 plus 4?", "7"), ("What is 12 times 3?", "36")]
 COMPLETIONS = [
@@ -193,3 +194,61 @@ def test_fleet_rewards_blocking_and_async(settings: Settings, workers: Any) -> N
                             "budget_exceeded": [0.0], "no_answer": [1.0]}
     assert log.counts("rewardq_judge") == ok_and_one_no_answer
     assert log.counts("rewardq_judge_async") == ok_and_one_no_answer
+
+
+def reasoning_completions() -> tuple[list[str], list[str], list[str | None]]:
+    """``(completions, solutions, outcomes)``: rollouts as policies write them (a short
+    answer, an empty one, 110k characters with a long thinking block, one cut inside its
+    thinking, one ending in ``<|im_end|>``, a 200k-character answer) and a copy of the
+    short answer, which must share its judge call."""
+    thinking = "Let me think step by step. First we add the two numbers. " * 1950
+    completions = [
+        "The answer is 5.",
+        "",
+        f"<think>{thinking}</think>Adding them gives 5. The answer is 5.",
+        "<think>Hmm, wait. " + "So the result is it. " * 300,
+        "Then we compute the sum: the answer is 5.<|im_end|>",
+        "We compute the sum of 2 and 3. " * 6500 + "So the final answer is 5.",
+        "The answer is 5.",
+    ]
+    outcomes: list[str | None] = ["ok", "no_answer", "ok", "no_answer", "ok", "ok", "ok"]
+    return completions, ["5"] * len(completions), outcomes
+
+
+@pytest.mark.parametrize("kind", ["fleet", "fleet_async", "sync"])
+def test_rollouts_as_policies_write_them_in_one_call(
+        settings: Settings, workers: Any, judge: JudgeProcess, kind: str) -> None:
+    """TRL's reward-function path with every kind of rollout in one call: it returns
+    a score for each answer and ``None`` for the two without one (``no_answer``), the
+    judge never sees thinking or end-of-turn tokens, and identical completions are
+    judged once."""
+    completions, solutions, outcomes = reasoning_completions()
+    assert len(completions[2]) > 110_000 and len(completions[5]) > 200_000
+    prompts = ["What is 2 plus 3?"] * len(completions)
+    log = MetricLog()
+    kwargs = {"solution": solutions, "trainer_state": SimpleNamespace(global_step=1),
+              "log_metric": log}
+    if kind == "sync":
+        reward = make_sync_trl_reward(settings, name="judge")
+        scores = reward(prompts, completions, **kwargs)
+    else:
+        workers(n=1)
+        if kind == "fleet":
+            reward = make_trl_reward(settings, timeout_s=60, name="judge")
+            scores = reward(prompts, completions, **kwargs)
+        else:
+            async_reward = make_async_trl_reward(settings, timeout_s=60, name="judge")
+            scores = asyncio.run(async_reward(prompts, completions, **kwargs))
+
+    assert [s is not None for s in scores] == [o == "ok" for o in outcomes]
+    assert all(0.0 <= s <= 1.0 for s in scores if s is not None)
+    assert scores[0] == scores[6] == 1.0
+    assert log.counts("judge") == {"ok": [5.0], "failed": [0.0], "timeout": [0.0],
+                                   "invalid": [0.0], "budget_exceeded": [0.0],
+                                   "no_answer": [2.0]}
+    stats = judge.stats()
+    assert stats["requests_total"] == 4, stats  # 5 answers, two of them identical
+    assert stats["max_requests_per_prompt"] == 1, stats
+    assert stats["requests_with_thinking"] == 0, stats
+    assert stats["requests_with_end_of_turn"] == 0, stats
+    assert stats["max_response_chars"] < 40_000, stats  # the 200k answer, capped
