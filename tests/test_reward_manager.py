@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,13 +27,17 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from broker.schemas import ResultStatus
+from broker.schemas import ResultStatus, ScoreResult
 from broker.settings import Settings
 from broker.verdicts import normalize
 from judge_server.grading import expected_raw_score
 from judge_server.server import BackgroundJudgeServer
 from producer.config import LengthPenaltyConfig
-from producer.reward_manager import LengthPenaltyRewardManager, exact_final_answer
+from producer.reward_manager import (
+    LengthPenaltyRewardManager,
+    combine_rewards,
+    exact_final_answer,
+)
 from producer.sync_judge import SyncJudge
 
 try:
@@ -484,3 +489,74 @@ def test_async_mode_judge_failure_policy(tokenizer: PreTrainedTokenizerFast, set
                                     for s in samples]
     assert_rewards(rewards_at_last_token(batch, out["reward_tensor"]),
                    expected_rewards(batch, manager.config, judge_fails=True))
+
+
+# --------------------------------------------------------------------------- items that fail alone
+
+MATH_RUBRIC = '''\
+default = "math"
+
+[rubrics.math]
+data_sources = ["gsm8k"]
+user = """math rubric v1
+Does the RESPONSE reach the REFERENCE answer?
+<<<PROMPT>>>
+{prompt}
+<<<END PROMPT>>>
+<<<REFERENCE>>>
+{reference}
+<<<END REFERENCE>>>
+<<<RESPONSE>>>
+{response}
+<<<END RESPONSE>>>
+Reply with JSON only: {{"score": <integer 1-10>}}"""
+'''
+
+
+@pytest.mark.parametrize("use_async_io", [False, True], ids=["sync", "fleet"])
+def test_a_sample_its_rubric_refuses_fails_alone(
+        tokenizer: PreTrainedTokenizerFast, settings: Settings, workers: Any, judge: Any,
+        tmp_path: Path, use_async_io: bool) -> None:
+    """A rubric that needs a reference, and one sample without one: the producer refuses
+    that item (``RewardClient.submit`` and ``SyncJudge.score`` refuse a whole list for
+    one such item); the manager fails it alone as ``invalid`` and scores the rest, each
+    identical pair with one judge call."""
+    path = tmp_path / "rubrics.toml"
+    path.write_text(MATH_RUBRIC, encoding="utf-8")
+    run = settings.model_copy(update={"rubrics_file": path})
+    if use_async_io:
+        workers(1, rubrics_file=path)
+    samples = [s for s in SAMPLES if s.response and s.ground_truth is not None][:4]
+    samples += [replace(samples[0], uid="u-copy"),  # identical text: one call for both
+                replace(samples[1], ground_truth=None)]  # no reference for the math rubric
+    batch = make_batch(tokenizer, samples)
+    manager = LengthPenaltyRewardManager(
+        tokenizer, 0, settings=run, length_penalty_config={
+            "judge_when": "always", "use_async_io": use_async_io, "score_timeout_s": 60.0,
+            "on_judge_failure": "zero"})
+    try:
+        out = manager(batch, return_dict=True)
+    finally:
+        manager.close()
+    info = out["reward_extra_info"]
+    assert info["judge_status"] == ["ok"] * 5 + ["invalid"]
+    assert info["reward"][5] == 0.0 and math.isnan(info["judge_score"][5])
+    assert info["judge_score"][4] == info["judge_score"][0]
+    assert judge.stats()["requests_total"] == 4
+
+
+def test_every_status_but_ok_gets_on_judge_failure() -> None:
+    """``no_answer`` and ``budget_exceeded`` are failures like ``failed``, ``timeout``
+    and ``invalid``: the judge term is dropped, or the reward is 0 or NaN."""
+    statuses = [s for s in ResultStatus if s is not ResultStatus.OK]
+    judged: list[ScoreResult | None] = [ScoreResult.failure(str(i), s, "why")
+                                        for i, s in enumerate(statuses)]
+    judged += [ScoreResult(id="ok", status=ResultStatus.OK, score=0.5, raw_score=5.0), None]
+    n = len(judged)
+    rule, penalty = torch.ones(n, dtype=torch.float64), torch.full((n,), 0.25)
+    for policy, failed in (("rule_only", 0.75), ("zero", 0.0), ("nan", math.nan)):
+        cfg = LengthPenaltyConfig(on_judge_failure=policy, reward_coefficient=2.0)
+        reward = combine_rewards(rule, judged, penalty, cfg).tolist()
+        assert reward[-2:] == [1.75, 0.75], policy  # ok: 1 + 2 * 0.5 - 0.25; not judged
+        for status, value in zip(statuses, reward, strict=False):
+            assert value == failed or (math.isnan(failed) and math.isnan(value)), status
