@@ -9,7 +9,13 @@ is the console script and the local stack that ``rewardq demo`` and ``bench`` st
 from __future__ import annotations
 
 import importlib
+from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
+
+try:
+    __version__ = version("rewardq")
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0.0.0+unknown"
 
 if TYPE_CHECKING:
     from broker.schemas import ResultStatus, ScoreItem, ScoreResult
@@ -17,7 +23,7 @@ if TYPE_CHECKING:
     from producer.async_client import AsyncRewardClient
     from producer.client import PendingScores, RewardClient
 
-__all__ = ["AsyncRewardClient", "PendingScores", "ResultStatus", "RewardClient", "ScoreItem",
+__all__ = ["__version__", "AsyncRewardClient", "PendingScores", "ResultStatus", "RewardClient", "ScoreItem",
            "ScoreResult", "Settings"]
 
 # Imported on first use (PEP 562), so the console script starts without loading the

@@ -20,6 +20,7 @@ from judge_server.__main__ import DESCRIPTION as JUDGE_DESCRIPTION
 from judge_server.__main__ import add_arguments as add_judge_server_arguments
 from judge_server.__main__ import serve as serve_judge
 from judge_server.config import ConfigValueError
+from rewardq import __version__
 from rewardq.bench import add_bench_parser
 from rewardq.budget_cli import add_budget_parser
 from rewardq.failed_cli import add_failed_parser
@@ -180,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``rewardq`` argument parser."""
     parser = argparse.ArgumentParser(
         prog="rewardq", description="Distributed LLM-judge reward scoring for RL training.")
+    parser.add_argument("--version", action="version", version=f"rewardq {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="run a simulated training loop on the local stack")

@@ -368,3 +368,16 @@ def test_an_invalid_setting_is_named_without_a_traceback_or_its_value() -> None:
     assert done.returncode == 2
     assert "REWARDQ_CHUNK_SIZE" in done.stderr and "Traceback" not in done.stderr
     assert "secret-sauce" not in done.stderr
+
+
+def test_version_is_the_distributions() -> None:
+    from importlib.metadata import version
+
+    import rewardq
+
+    for argv in ([sys.executable, "-m", "rewardq", "--version"],
+                 [str(Path(sys.executable).parent / "rewardq"), "--version"]):
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == f"rewardq {version('rewardq')}"
+    assert rewardq.__version__ == version("rewardq")

@@ -1,0 +1,5 @@
+"""``python -m rewardq``: the console script."""
+
+from rewardq.cli import main
+
+raise SystemExit(main())
