@@ -49,8 +49,11 @@ Bounds. A capped run stops with nothing unspent: a call is refused only once ``s
 reached the limit (or its deadline passed while calls were in flight). ``spent`` can pass
 the limit by the last call's cost beyond what was left, plus whatever the calls in flight
 at the end cost beyond their estimates (an estimate follows the recent peak, so this is
-rare and small). A hard cap that is never passed would have to reserve every call's
-worst case, and would then leave that worst case unspent, times the calls in flight.
+rare and small). A cap that is never passed would have to hold every call in flight at
+its worst case, and a capped run would then end with up to a worst case unspent (several
+real calls; far more for a reasoning judge, whose worst case is its whole reply budget),
+and a replay after raising the limit to exactly what the refused items cost could not
+score the last of them.
 
 A reservation whose call never settles (the worker was killed or lost Redis mid-call, or
 the reply was no chat completion at all) is a *hold* with an expiry (every endpoint's
