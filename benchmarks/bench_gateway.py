@@ -14,25 +14,34 @@ Reports the median wall of each, their ratio (the issue's bar: ≤ 1.10), and th
 gateway process spent per item (from ``/proc``). Pick N, L and W so the fleet, not this
 machine's CPU, is the bottleneck, or both ways measure the same saturated CPU.
 
+``--per-rollout`` sends the gateway's side as OpenRLHF 0.11 does: one ``/get_reward``
+POST per rollout, all N at once (aiohttp), against ``--token-concurrency`` slots of the
+token's queue, and reports besides the walls how many requests were refused (429) and
+the most that waited in the queue at once.
+
 Usage::
 
     .venv/bin/python benchmarks/bench_gateway.py [--items 2048] [--latency-ms 200]
         [--workers 2] [--concurrency 512] [--repeats 5] [--json FILE]
+        [--per-rollout] [--token-concurrency 1024]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
 import statistics
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,6 +77,39 @@ def gateway_step(http: httpx.Client, items: list[dict[str, Any]]) -> float:
     return wall
 
 
+def per_rollout_step(url: str, items: list[dict[str, Any]]) -> tuple[float, int]:
+    """Wall seconds of one step sent as one ``/get_reward`` request per rollout, all at
+    once; and how many were answered 429."""
+    async def send() -> list[tuple[int, Any]]:
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector,
+                                         timeout=aiohttp.ClientTimeout(total=180)) as session:
+            async def one(item: dict[str, Any]) -> tuple[int, Any]:
+                body = {"query": [item["prompt"] + item["response"]],
+                        "prompts": [item["prompt"]], "labels": [item.get("reference")]}
+                async with session.post(f"{url}/get_reward?label_as=metadata",
+                                        json=body) as reply:
+                    return reply.status, await reply.json()
+            return list(await asyncio.gather(*(one(i) for i in items)))
+
+    started = time.perf_counter()
+    replies = asyncio.run(send())
+    wall = time.perf_counter() - started
+    refused = sum(status == 429 for status, _ in replies)
+    if any(status not in (200, 429) for status, _ in replies):
+        raise SystemExit(f"a rollout came back {sorted({s for s, _ in replies})}")
+    return wall, refused
+
+
+def _peak_queued(url: str, stop: threading.Event, peak: list[float]) -> None:
+    with httpx.Client(timeout=10) as http:
+        while not stop.is_set():
+            for line in http.get(f"{url}/metrics").text.splitlines():
+                if line.startswith("rewardq_gateway_requests_queued{"):
+                    peak[0] = max(peak[0], float(line.rsplit(" ", 1)[1]))
+            time.sleep(0.05)
+
+
 def _check(results: list[ScoreResult], items: list[dict[str, Any]]) -> None:
     bad = sum(r.status is not ResultStatus.OK for r in results)
     if bad or [r.id for r in results] != [i["id"] for i in items]:
@@ -79,8 +121,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     base = Settings().model_copy(update={
         "redis_url": None, "judge_base_url": Settings.model_fields["judge_base_url"].default,
         "max_concurrent_requests": max(1, args.concurrency // args.workers)})
+    gateway_settings = {"gateway_token_concurrency": args.token_concurrency,
+                        "gateway_rm_timeout_s": 170.0}
     with LocalStack(base, workers=args.workers, judge_latency_ms=args.latency_ms) as stack, \
-            running_gateway(stack.settings) as gw, \
+            running_gateway(stack.settings.model_copy(update=gateway_settings)) as gw, \
             httpx.Client(base_url=gw.url, timeout=660) as http, \
             RewardClient(stack.settings) as client:
         warm = min(args.items, 256)
@@ -88,6 +132,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         gateway_step(http, make_items(warm, f"wu-g-{uuid.uuid4().hex[:8]}"))
         walls: dict[str, list[float]] = {"in_process": [], "gateway": []}
         gateway_cpu: list[float] = []
+        refused: list[int] = []
+        peak = [0.0]
+        stop = threading.Event()
+        watcher = threading.Thread(target=_peak_queued, args=(gw.url, stop, peak))
+        if args.per_rollout:
+            watcher.start()
         for r in range(args.repeats):
             nonce = uuid.uuid4().hex[:10]
             order = ["in_process", "gateway"] if r % 2 == 0 else ["gateway", "in_process"]
@@ -97,16 +147,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     walls[way].append(in_process_step(client, items))
                 else:
                     cpu = proc_cpu_s(gw.process.pid)
-                    walls[way].append(gateway_step(http, items))
+                    if args.per_rollout:
+                        wall, no = per_rollout_step(gw.url, items)
+                        walls[way].append(wall)
+                        refused.append(no)
+                    else:
+                        walls[way].append(gateway_step(http, items))
                     gateway_cpu.append(proc_cpu_s(gw.process.pid) - cpu)
             print(f"repeat {r + 1}/{args.repeats}: in-process {walls['in_process'][-1]:.3f}s, "
                   f"gateway {walls['gateway'][-1]:.3f}s", file=sys.stderr, flush=True)
+        stop.set()
+        if args.per_rollout:
+            watcher.join()
     med = {k: statistics.median(v) for k, v in walls.items()}
     ratio = med["gateway"] / med["in_process"]
     ratios = [g / i for g, i in zip(walls["gateway"], walls["in_process"], strict=True)]
     return {
         "items": args.items, "latency_ms": args.latency_ms, "workers": args.workers,
         "judge_concurrency": args.concurrency, "repeats": args.repeats,
+        "per_rollout": args.per_rollout, "token_concurrency": args.token_concurrency,
+        "refused_429": sum(refused), "peak_queued_requests": peak[0],
         "host": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "in_process_wall_s": round(med["in_process"], 4),
         "gateway_wall_s": round(med["gateway"], 4),
@@ -127,6 +187,10 @@ def main() -> int:
                         help="judge calls in flight fleet-wide")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", help="also write the report here")
+    parser.add_argument("--per-rollout", action="store_true",
+                        help="the gateway's side as one /get_reward request per rollout")
+    parser.add_argument("--token-concurrency", type=int, default=1024,
+                        help="REWARDQ_GATEWAY_TOKEN_CONCURRENCY of the gateway")
     args = parser.parse_args()
     report = run(args)
     text = json.dumps(report, indent=2)

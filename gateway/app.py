@@ -79,6 +79,8 @@ REMOTE_RM_PATHS = ("/get_reward", "/slime/reward")
 READY_TIMEOUT_S = 3.0
 #: Bodies larger than this are parsed on a thread, so the loop keeps serving meanwhile.
 THREAD_PARSE_BYTES = 1024 * 1024
+#: Remote-RM requests of more items than this are validated on a thread too.
+PER_ITEM_CHECKS_ON_LOOP = 256
 _RESULTS = TypeAdapter(list[ScoreResult])
 _M = TypeVar("_M", bound=BaseModel)
 
@@ -259,7 +261,10 @@ class Gateway:
                           deadline: float) -> list[ScoreResult]:
         """Final results of a remote-RM request's items, each validated alone (an invalid
         one fails alone), within ``deadline``."""
-        checked = check_each(raw_items, caller)
+        if len(raw_items) > PER_ITEM_CHECKS_ON_LOOP:
+            checked = await asyncio.to_thread(check_each, raw_items, caller)
+        else:
+            checked = check_each(raw_items, caller)
         results: list[ScoreResult | None] = [
             c if isinstance(c, ScoreResult) else None for c in checked]
         valid = [(i, c) for i, c in enumerate(checked) if isinstance(c, ScoreItem)]

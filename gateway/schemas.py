@@ -171,6 +171,10 @@ def check_each(raw_items: Sequence[Any], token: str) -> list[ScoreItem | ScoreRe
     """Validate item by item (the remote-RM endpoints): a valid item comes back stamped as
     by :func:`check_items`, an invalid one as its ``invalid`` result, so that it fails
     alone instead of refusing its request."""
+    try:  # all valid, the usual case: one validation pass
+        return list(check_items(raw_items, token))
+    except GatewayRequestError:
+        pass
     checked: list[ScoreItem | ScoreResult] = []
     for index, raw in enumerate(raw_items):
         try:

@@ -268,6 +268,10 @@ def test_a_chat_end_of_turn_token_never_reaches_the_judge(
     assert slime == [expected({"prompt": "[eot-slime] What is 40 + 2?",
                                "response": "The answer is 42.", "reference": "42"})[0]]
     assert not [r for r in judge.requests() if END_OF_TURN in r["user"]]
+    # --reward.remote_url URL,URL splits each one-rollout batch: the second URL gets
+    # empty lists, answered with empty lists; the reward comes from the first.
+    split = run_openrlhf_011([with_token(gateway, "/get_reward")] * 2, items[:2])
+    assert [o["reward"] for o in split] == [[expected(i)[0]] for i in items[:2]]
 
 
 LABELS_OF_144 = [("string", "144"), ("number", 144), ("dict ground_truth", {"ground_truth": "144"}),
