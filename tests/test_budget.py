@@ -257,8 +257,11 @@ def test_waiting_calls_go_in_their_order_as_room_is_freed(redis_url: str) -> Non
             admitted.append(i)
             return hold
 
-        tasks = [asyncio.create_task(waiter(i)) for i in range(5)]
-        await asyncio.sleep(0.1)
+        tasks = []
+        for i in range(5):  # queued one after the other
+            tasks.append(asyncio.create_task(waiter(i)))
+            while budget.waiting < i + 1:
+                await asyncio.sleep(0.005)
         for hold in holds:  # each release frees one worst case: one waiter goes
             await hold.release()
             await asyncio.sleep(0.1)
@@ -272,6 +275,48 @@ def test_waiting_calls_go_in_their_order_as_room_is_freed(redis_url: str) -> Non
 
     assert admitted == [0, 1, 2, 3, 4]
     assert after_each == [1, 2, 3]
+
+
+def test_the_waiting_calls_of_a_process_ask_redis_through_the_first_of_them_only(
+        redis_url: str) -> None:
+    sync = redis.Redis.from_url(redis_url)
+
+    def scripts_run() -> int:
+        stats = sync.info("commandstats")
+        return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0))
+                   for name in ("eval", "evalsha"))
+
+    async def body(_: aioredis.Redis) -> tuple[int, list[int]]:
+        # A bounded pool, as a worker's: 100 callers share 16 connections.
+        client = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
+            redis_url, max_connections=16))
+        budget = FleetBudget(client, "r", PRICES, limits=BudgetLimits(usd=0.00015))
+        stuck = await budget.reserve(MODEL, body_of(93), 0)  # 100,000 in flight
+        admitted: list[int] = []
+
+        async def waiter(i: int) -> BudgetHold:
+            hold = await budget.reserve(MODEL, body_of(93), 0)
+            admitted.append(i)
+            return hold
+
+        tasks = [asyncio.create_task(waiter(i)) for i in range(100)]
+        await asyncio.sleep(0.1)  # each asked once, found no room, and queued
+        assert budget.waiting == 100
+        before = scripts_run()
+        await asyncio.sleep(0.5)  # the first asks again every 20 ms; the 99 behind it, never
+        asked = scripts_run() - before
+        set_limits(sync, "r", usd=1.0)
+        for hold in await asyncio.gather(*tasks):
+            await hold.release()
+        await stuck.release()
+        await client.aclose()
+        return asked, admitted
+
+    asked, admitted = run(redis_url, body)
+    sync.close()
+
+    assert asked <= 0.5 / 0.02 + 2  # one ask per poll, not one per waiting call
+    assert sorted(admitted) == list(range(100))  # every one went once the limit was raised
 
 
 def test_a_call_waits_at_most_until_its_deadline_and_a_raised_limit_lets_waiters_go(
