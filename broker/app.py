@@ -13,6 +13,15 @@ from broker.settings import Settings
 
 TASK_SCORE_CHUNK = "rewardq.score_chunk"
 QUEUE_JUDGE = "rewardq.judge"
+#: The result backend class of every app (``broker.jobs``, named here: that module
+#: imports this one): Celery's Redis backend, retrying through a full Redis too.
+RESULT_BACKEND_CLASS = "broker.jobs:FullAwareRedisBackend"
+
+
+def result_backend_url(backend: str) -> str:
+    """The URL of a result backend setting, without a ``<class>+`` prefix."""
+    head, plus, url = backend.partition("+")
+    return url if plus and "://" not in head else backend
 
 
 def create_app(settings: Settings) -> Celery:
@@ -27,7 +36,11 @@ def create_app(settings: Settings) -> Celery:
     url = settings.broker_url
     # Every greenlet of a gevent worker may hold a connection at once (acks, results).
     max_connections = 2 * settings.worker_concurrency + 32
-    app = Celery("rewardq", broker=settings.celery_broker_url or url, backend=url,
+    # Celery's "<backend class>+<url>" form, for a redis:// or rediss:// URL; any other
+    # is left to Celery's own backend.
+    backend = f"{RESULT_BACKEND_CLASS}+{url}" if url.startswith(("redis://", "rediss://")) \
+        else url
+    app = Celery("rewardq", broker=settings.celery_broker_url or url, backend=backend,
                  set_as_current=False)
     app.conf.update(
         task_serializer="json",

@@ -5,8 +5,9 @@ workers, cache, rate limiter, dead letters, heartbeats, stats, CLI — the same
 timeouts, health checks and connection retries, from ``Settings``. A Redis outage looks
 the same everywhere: redis-py's connection and timeout errors, or our
 ``BrokerUnavailableError`` that wraps them (:data:`OUTAGE_ERRORS`). What to do about one
-is decided once too: :func:`with_outage_retries` runs an operation again with backoff
-until Redis is back or the patience runs out.
+is decided once too: :func:`is_outage` says whether an error is one, and
+:func:`with_outage_retries` runs an operation again with backoff until Redis is back or
+the patience runs out.
 
 A Redis that answers but refuses writes because its memory reached ``maxmemory`` (Redis'
 ``OOM command not allowed``) is its own condition: :func:`is_redis_full` recognizes it
@@ -33,7 +34,7 @@ from redis.retry import Retry
 from broker.errors import BrokerUnavailableError, RedisFullError
 from broker.settings import Settings
 
-__all__ = ["OUTAGE_ERRORS", "async_redis_client", "describe_memory", "is_redis_full",
+__all__ = ["OUTAGE_ERRORS", "async_redis_client", "describe_memory", "is_outage", "is_redis_full",
            "outage_delay", "redis_client", "redis_full_error", "redis_full_errors",
            "redis_memory", "with_outage_retries"]
 
@@ -91,6 +92,14 @@ def is_redis_full(exc: BaseException | None) -> bool:
             return True
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+def is_outage(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is a Redis outage to wait out, the one test every component uses:
+    one of :data:`OUTAGE_ERRORS`, or a full Redis however it arrives (a Lua script's
+    refused write reaches the client as a plain ``ResponseError``, see
+    :func:`is_redis_full`)."""
+    return isinstance(exc, OUTAGE_ERRORS) or is_redis_full(exc)
 
 
 def redis_memory(client: redis.Redis | None) -> tuple[int | None, int | None]:
@@ -204,9 +213,9 @@ def with_outage_retries(operation: Callable[[], T], patience_s: float,
         try:
             return operation()
         except Exception as exc:
-            full = is_redis_full(exc)
-            if not full and not isinstance(exc, OUTAGE_ERRORS):
+            if not is_outage(exc):
                 raise
+            full = is_redis_full(exc)
             if full and not isinstance(exc, RedisFullError):
                 _FULL.add()
             attempt += 1

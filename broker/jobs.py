@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -19,14 +20,15 @@ from celery.backends.redis import RedisBackend
 from kombu.exceptions import BatchPublishError, OperationalError
 from kombu.messaging import Producer
 
-from broker.app import TASK_SCORE_CHUNK
-from broker.connections import is_redis_full, redis_full_error
+from broker.app import TASK_SCORE_CHUNK, result_backend_url
+from broker.connections import is_outage, is_redis_full, redis_full_error
 from broker.errors import BrokerUnavailableError
 from broker.keys import JOB_DONE_TTL_S, READ_RESULT_TTL_S, job_done_key
 
-__all__ = ["ChunkMeta", "PollingRedisBackend", "announce_chunk_done", "chunk_result",
-           "forget_chunks", "item_results", "read_chunks", "read_results_by_polling", "send_chunk",
-           "send_chunks", "visible_chunks", "wait_for_chunk_done"]
+__all__ = ["ChunkMeta", "FullAwareRedisBackend", "PollingRedisBackend", "announce_chunk_done",
+           "chunk_result", "forget_chunks", "item_results", "read_chunks",
+           "read_results_by_polling", "send_chunk", "send_chunks", "visible_chunks",
+           "wait_for_chunk_done"]
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +189,53 @@ def _publish(app: Celery, args: list[Any], task_id: str, producer: Producer | No
                   producer=producer, **options)
 
 
-class PollingRedisBackend(RedisBackend):  # type: ignore[misc]
+class FullAwareRedisBackend(RedisBackend):  # type: ignore[misc]
+    """Celery's Redis result backend, for which a full Redis is an outage to wait out.
+
+    Celery retries storing a result (``result_backend_always_retry``) only through
+    connection errors. A Redis at ``maxmemory`` answers the store with ``OOM command not
+    allowed``, which Celery would give up on at once: the chunk would be acked without a
+    result, and its producer would send it again seconds later, judged twice over. Here
+    a full Redis (:func:`~broker.connections.is_redis_full`) is retried the same way, with
+    Celery's backoff, up to ``result_backend_max_retries`` (about
+    ``Settings.redis_retry_s`` in all): the result lands as soon as memory is freed. Each
+    refusal is counted (``redis_full_errors``) and named in the log ("Redis is full"),
+    at most once per ``_FULL_LOG_EVERY_S``.
+    """
+
+    _FULL_LOG_EVERY_S = 10.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._full_logged_at = 0.0
+
+    def exception_safe_to_retry(self, exc: BaseException) -> bool:
+        """Celery's connection errors, and whatever the outage policy waits out
+        (:func:`~broker.connections.is_outage`: a full Redis included)."""
+        return bool(super().exception_safe_to_retry(exc)) or is_outage(exc)
+
+    def on_backend_retryable_error(self, exc: BaseException) -> None:
+        """Count and name a full Redis before Celery's backoff (an outage is Celery's to
+        log)."""
+        if not is_redis_full(exc):
+            return
+        # Not ``from exc``: Redis' answer quotes the whole result being stored.
+        error = redis_full_error("cannot store a chunk's state or results (retrying)",
+                                 client=self._memory_client())
+        now = time.monotonic()
+        if now - self._full_logged_at >= self._FULL_LOG_EVERY_S:
+            self._full_logged_at = now
+            log.warning("%s", error)
+
+    def _memory_client(self) -> redis.Redis | None:
+        try:
+            client: redis.Redis = self.client
+        except Exception:  # the figures are a courtesy; the retry is what matters
+            return None
+        return client
+
+
+class PollingRedisBackend(FullAwareRedisBackend):
     """Celery's Redis result backend for a client that reads results by polling them
     (:func:`read_chunks`, one MGET over the chunks' result keys), as the producer does.
 
@@ -205,7 +253,7 @@ class PollingRedisBackend(RedisBackend):  # type: ignore[misc]
 def read_results_by_polling(app: Celery) -> Celery:
     """Give ``app`` a :class:`PollingRedisBackend` on its Redis result backend URL (left
     as it is for any other backend); call before its first use. Returns ``app``."""
-    url = str(app.conf.result_backend or "")
+    url = result_backend_url(str(app.conf.result_backend or ""))
     if url.startswith(("redis://", "rediss://")):
         # Celery's "<backend class>+<url>" form: the class, on the same URL and options.
         app.conf.result_backend = f"{__name__}:{PollingRedisBackend.__name__}+{url}"

@@ -29,7 +29,7 @@ from kombu.utils.url import maybe_sanitize_url
 from pydantic_core import PydanticSerializationError
 
 from broker.app import QUEUE_JUDGE, create_app
-from broker.connections import redis_client
+from broker.connections import is_redis_full, redis_client, redis_full_error
 from broker.errors import (
     BrokerUnavailableError,
     ChunksLostError,
@@ -40,6 +40,7 @@ from broker.errors import (
 from broker.fleet import BEAT_INTERVAL_S, chunk_size_for, fleet_counts, live_workers
 from broker.jobs import (
     ChunkMeta,
+    forget_chunks,
     item_results,
     read_chunks,
     read_results_by_polling,
@@ -119,6 +120,8 @@ class RewardClient:
         Raises:
             InvalidItemError: some item is invalid; the message names each item and
                 field, and nothing was enqueued.
+            RedisFullError: Redis refused a write for memory (a ``BrokerUnavailableError``
+                saying "Redis is full"); it names the first chunk not enqueued.
             BrokerUnavailableError: Redis could not be reached.
         """
         parsed = self.rubrics.assign(parse_items(items))
@@ -155,6 +158,9 @@ class RewardClient:
             try:
                 self.redis.incrby(SUBMIT_CACHE_HITS, len(hits))
             except redis.RedisError as exc:
+                if is_redis_full(exc):
+                    raise redis_full_error("cannot count cache hits (nothing enqueued)",
+                                           exc, client=self.redis) from exc
                 raise BrokerUnavailableError(f"cannot count cache hits: {exc}") from exc
         job_id = uuid.uuid4().hex
         deadline = time.time() + (deadline_s or self.settings.chunk_deadline_s)
@@ -314,16 +320,24 @@ class PendingScores:
         return not self._pending
 
     def absorb(self, finished: dict[str, ChunkMeta]) -> None:
-        """Take in the finished chunks among ``finished`` (others' task ids are ignored)."""
+        """Take in the finished chunks among ``finished`` (others' task ids are ignored).
+
+        The results taken in are deleted from Redis at once (``broker.jobs.forget_chunks``,
+        one UNLINK, best effort): nobody reads them again, and their memory is what a
+        step leaves behind until they would expire.
+        """
+        taken = []
         for task_id, meta in finished.items():
             positions = self._pending.pop(task_id, None)
             if positions is None:
                 continue
+            taken.append(task_id)
             self._collect(positions, meta)
             self._fresh.extend(positions)
             self._no_workers_since = None  # progress: somebody is working
             if meta.get("date_done"):
                 self._done_at.append(datetime.fromisoformat(meta["date_done"]).timestamp())
+        forget_chunks(self._client.app, self._client.redis, taken)
 
     def take_fresh(self) -> list[tuple[int, ScoreResult]]:
         """The ``(position, result)`` pairs that arrived since the last call."""

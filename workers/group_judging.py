@@ -55,7 +55,7 @@ from typing import Any, Protocol, TypeVar
 
 import redis.asyncio as aioredis
 
-from broker.connections import OUTAGE_ERRORS
+from broker.connections import is_outage
 from broker.errors import JudgeError, JudgeErrorKind, UnparseableReplyError
 from broker.group_prompts import (
     Winner,
@@ -273,8 +273,9 @@ class GroupJudging:
         """One result per item of ``chunk`` (whose ``spec.group`` is set), in order.
 
         Raises:
-            broker.connections.OUTAGE_ERRORS: Redis went away (the task scores the chunk
-                again once it is back; members already judged come from the cache).
+            broker.connections.OUTAGE_ERRORS: Redis went away or was full (any error
+                ``broker.connections.is_outage`` names; the task scores the chunk again
+                once it is back; members already judged come from the cache).
         """
         group = chunk.spec.group
         if group is None:
@@ -336,9 +337,10 @@ class GroupJudging:
             return ScoreResult.failure(item.id, ResultStatus.TIMEOUT,
                                        "deadline passed before the item's group was judged",
                                        latency_ms=ms())
-        except OUTAGE_ERRORS:
-            raise
-        except Exception as exc:  # a bug must cost one item, not its chunk
+        except Exception as exc:
+            if is_outage(exc):  # Redis away or full: the task scores the chunk again
+                raise
+            # A bug must cost one item, not its chunk.
             log.exception("group judging of item %r failed", item.id)
             return ScoreResult.failure(item.id, ResultStatus.FAILED,
                                        f"internal error: {type(exc).__name__}: {exc}",

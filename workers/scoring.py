@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Protocol
 
-from broker.connections import OUTAGE_ERRORS
+from broker.connections import is_outage
 from broker.errors import JudgeError, JudgeErrorKind
 from broker.keys import judge_fingerprints
 from broker.rubrics import RubricBook, builtin_rubrics
@@ -122,9 +122,10 @@ class ChunkScorer:
         become ``timeout`` results.
 
         Raises:
-            broker.connections.OUTAGE_ERRORS: Redis went away while an item was resolved
-                (raised as soon as one is seen: the task scores the chunk again, joining
-                the tasks still running).
+            broker.connections.OUTAGE_ERRORS: Redis went away (or was full: any error
+                ``broker.connections.is_outage`` names) while an item was resolved (raised
+                as soon as one is seen: the task scores the chunk again, joining the
+                tasks still running).
         """
         loop = asyncio.get_running_loop()
         fingerprints = [fp + suffix for fp in judge_fingerprints(spec, items)]
@@ -271,19 +272,21 @@ class ChunkScorer:
 
 
 def _raise_outage(tasks: Sequence[asyncio.Task[Outcome]]) -> None:
-    """Raise the first Redis outage (``OUTAGE_ERRORS``) among the finished ``tasks``: Redis
-    is away (the rate limiter's included), so the task scores the chunk again."""
+    """Raise the first Redis outage (``broker.connections.is_outage``) among the finished
+    ``tasks``: Redis is away or full (the rate limiter's and the budget's scripts
+    included), so the task scores the chunk again."""
     for task in tasks:
         if task.done() and not task.cancelled():
             exc = task.exception()
-            if isinstance(exc, OUTAGE_ERRORS):
+            if exc is not None and is_outage(exc):
                 raise exc
 
 
 async def _wait_until(tasks: Sequence[asyncio.Task[Outcome]], deadline: float
                       ) -> dict[asyncio.Task[Outcome], float]:
     """Wait until every task of ``tasks`` is done, one of them failed with a Redis outage
-    (``OUTAGE_ERRORS``: nothing more can be stored), or ``deadline`` (loop time) passed.
+    (``broker.connections.is_outage``: nothing more can be stored), or ``deadline`` (loop
+    time) passed.
 
     One future, one timer and one callback per task, for the whole chunk; no task is
     cancelled. Returns when each finished task did (loop time; the call's start for those
@@ -306,8 +309,7 @@ async def _wait_until(tasks: Sequence[asyncio.Task[Outcome]], deadline: float
         nonlocal left
         finished_at[task] = loop.time()
         left -= 1
-        if left == 0 or (not task.cancelled()
-                         and isinstance(task.exception(), OUTAGE_ERRORS)):
+        if left == 0 or (not task.cancelled() and is_outage(task.exception())):
             wake()
 
     for task in running:
