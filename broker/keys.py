@@ -55,15 +55,23 @@ key                                    type    meaning, TTL
 ``rewardq:budget:run:<run>``           HASH    the judge budget of one run, in integer
                                                nano-USD (``BUDGET_UNITS_PER_USD``):
                                                ``limit``, ``step_limit`` (absent or ``none``
-                                               = unlimited), ``spent``, ``reserved`` (worst
-                                               cases in flight), ``calls``, ``refused``, and
+                                               = unlimited), ``spent``, ``reserved`` (the
+                                               estimates of the calls in flight), ``calls``,
+                                               ``refused``, and
                                                ``s:<step>:spent|reserved|refused`` per step
                                                (``workers.budget``); TTL 30 days, renewed by
                                                every reserve and settle
-``rewardq:budget:holds:<run>``         ZSET    reservations in flight, ``<id>|<nano-USD>|
-                                               <step>`` -> expiry (ms, Redis time); expired
-                                               ones are charged in full by the next
-                                               reserve; TTL as the hash
+``rewardq:budget:holds:<run>``         ZSET    reservations in flight, ``<id>|<estimate>|
+                                               <step>|<worst case>`` (nano-USD) -> expiry
+                                               (ms, Redis time); expired ones are charged
+                                               their worst case by the next reserve; TTL as
+                                               the hash
+``rewardq:budget:usage:<run>``         HASH    what the run's replies cost per model, the
+                                               estimates' source: ``<model>|prompt_ppm``
+                                               (prompt tokens billed per million worst-case
+                                               prompt tokens), ``<model>|reply_milli``
+                                               (completion tokens per reply, in thousandths);
+                                               TTL as the hash
 ``rewardq:budget:runs``                SET     runs that have a budget hash (index of the
                                                above); readers remove runs whose hash
                                                expired; no TTL
@@ -229,6 +237,11 @@ def judge_group_lock_key(group_key: str) -> str:
 def budget_key(run: str) -> str:
     """Key of the hash holding run ``run``'s judge budget: limits, spend, reservations."""
     return f"{PREFIX}:budget:run:{run}"
+
+
+def budget_usage_key(run: str) -> str:
+    """Key of the hash of what run ``run``'s replies cost per model (the estimates' source)."""
+    return f"{PREFIX}:budget:usage:{run}"
 
 
 def budget_holds_key(run: str) -> str:

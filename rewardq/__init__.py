@@ -23,8 +23,8 @@ if TYPE_CHECKING:
     from producer.async_client import AsyncRewardClient
     from producer.client import PendingScores, RewardClient
 
-__all__ = ["__version__", "AsyncRewardClient", "PendingScores", "ResultStatus", "RewardClient", "ScoreItem",
-           "ScoreResult", "Settings"]
+__all__ = ["AsyncRewardClient", "PendingScores", "ResultStatus", "RewardClient", "ScoreItem",
+           "ScoreResult", "Settings", "__version__"]
 
 # Imported on first use (PEP 562), so the console script starts without loading the
 # client stack: ``rewardq --help`` and ``rewardq stats`` need none of it.

@@ -68,7 +68,7 @@ class BudgetState:
         limit_usd: the run's limit (``None``: unlimited).
         step_limit_usd: every step's limit (``None``: unlimited).
         spent_usd: settled spend of the run.
-        reserved_usd: worst cases of the calls in flight.
+        reserved_usd: the estimates of the calls in flight.
         calls: judge calls settled.
         refused: judge calls refused for the budget.
         steps: step -> its spend (only when read with ``steps=True``).

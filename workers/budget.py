@@ -36,7 +36,7 @@ The estimate. A call's *worst case* is the most its request can be billed: the p
 UTF-8 bytes (a token is at least one byte for the byte-level BPE tokenizers providers
 bill by) plus the chat format's tokens (:func:`worst_case_tokens`), and its whole reply
 budget (``max_tokens``; for a reasoning judge thousands of tokens its thinking rarely
-uses). Per run and model, Redis keeps two learned figures (:func:`budget_usage_key`):
+uses). Per run and model, Redis keeps two learned figures (``broker.keys.budget_usage_key``):
 prompt tokens billed per worst-case prompt token, and completion tokens per reply. Each
 follows the peaks of what replies report: a reply above it raises it at once, one below
 lowers it by 1/:data:`LEARN_DECAY` of the difference, so it sits near the top of recent
@@ -105,9 +105,9 @@ from broker.keys import (
     BUDGET_RUNS,
     BUDGET_TTL_S,
     BUDGET_UNITS_PER_USD,
-    PREFIX,
     budget_holds_key,
     budget_key,
+    budget_usage_key,
 )
 from broker.schemas import Usage
 from broker.settings import Settings
@@ -135,13 +135,6 @@ CURRENT_STEP: contextvars.ContextVar[int | None] = contextvars.ContextVar(
 #: waits for the calls in flight to settle (the chunk's deadline).
 CURRENT_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "rewardq_budget_deadline", default=None)
-
-
-def budget_usage_key(run: str) -> str:
-    """Key of the hash of what run ``run``'s replies cost per model, the estimates' source:
-    ``<model>|prompt_ppm`` (prompt tokens billed per million worst-case prompt tokens) and
-    ``<model>|reply_milli`` (completion tokens per reply, in thousandths)."""
-    return f"{PREFIX}:budget:usage:{run}"
 
 
 RESERVE_LUA = """

@@ -56,7 +56,8 @@ class WorkerRuntime:
         """
         scorer = self._scorer or self.bridge.run(self._build(), timeout=30)
         # The step is the chunk's, for the judge budget of each call it makes.
-        return self.bridge.run(in_step(chunk.step, scorer.score(chunk)), timeout=timeout_s)
+        return self.bridge.run(in_step(chunk.step, scorer.score(chunk), chunk.deadline),
+                               timeout=timeout_s)
 
     async def _build(self) -> ChunkScorer:
         # Runs on the loop thread, so the clients bind to the loop that will use them.
