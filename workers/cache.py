@@ -23,7 +23,9 @@ Redis' own LRU eviction does), two per entry it writes and more the further memo
 over (``rewardq:stats:cache_evictions`` counts them). Because the deletes come first, a
 store still lands when Redis is full of verdicts (a script that has written may go on
 writing). Verdicts are stored without their default fields (a score, a raw score and
-the tokens): about 60 bytes of JSON each.
+the tokens): about 60 bytes of JSON each. Group judging (``workers.group_judging``)
+makes room the same way before it writes a group's state or its members' verdicts
+(:data:`MAKE_ROOM`, :func:`run_making_room`).
 """
 
 from __future__ import annotations
@@ -32,17 +34,18 @@ import asyncio
 import contextlib
 import enum
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
 
 from broker.connections import is_redis_full, redis_full_error
-from broker.errors import RedisFullError
 from broker.keys import CACHE_EVICTIONS, cache_key, inflight_key
 from broker.schemas import JudgeVerdict
+from broker.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +54,21 @@ log = logging.getLogger(__name__)
 EVICT_MAX_PER_CALL = 512
 #: Cache entries sampled per deletion; the least recently used of them goes.
 EVICT_SAMPLES = 5
+#: ``Settings.cache_max_memory_ratio``'s default, for components built without settings.
+DEFAULT_MAX_MEMORY_RATIO: float = Settings.model_fields["cache_max_memory_ratio"].default
 #: What one entry takes in Redis, roughly (key, value, expiry): how many to delete for
 #: the bytes over the line.
 ENTRY_BYTES = 200
 
-# Prologue of the claim and store scripts: make room by deleting cache entries.
+# Prologue of every script that writes cache entries or what a chunk needs next to them
+# (the claim and store scripts here, group judging's join and store): make room by
+# deleting cache entries. Run such a script with :func:`run_making_room`.
 # make_room(ratio, writes, counter): while used_memory > ratio * maxmemory (a maxmemory
 # of 0 = no cap: nothing to do), delete the least recently used (OBJECT IDLETIME) of
 # EVICT_SAMPLES cache keys drawn by RANDOMKEY, 2 per entry about to be written plus one
 # per ENTRY_BYTES over the line, at most EVICT_MAX_PER_CALL; INCRBY counter by the number
 # deleted. Deleting first also lets the writes after it run while Redis is full.
-_MAKE_ROOM = f"""
+MAKE_ROOM = f"""
 local function make_room(ratio, writes, counter)
   local info = redis.call('INFO', 'memory')
   local used = tonumber(string.match(info, 'used_memory:(%d+)'))
@@ -99,7 +106,7 @@ end
 # ARGV[1] = owner token, ARGV[2] = lock TTL in ms, ARGV[3] = cache_max_memory_ratio.
 # Returns, per pair, the cached verdict JSON, or 1 (now ours), or 0 (another owner), then
 # the number of cache entries deleted to make room.
-_CLAIM = _MAKE_ROOM + """
+_CLAIM = MAKE_ROOM + """
 local n = (#KEYS - 1) / 2
 local evicted = make_room(tonumber(ARGV[3]), n, KEYS[#KEYS])
 local out = {}
@@ -124,7 +131,7 @@ return out
 # verdict JSON and owner token of pair i. A lock is deleted only while it still holds the
 # token (a lapsed lock re-taken by another owner is left alone). Returns the number of
 # cache entries deleted to make room.
-_STORE_MANY = _MAKE_ROOM + """
+_STORE_MANY = MAKE_ROOM + """
 local evicted = make_room(tonumber(ARGV[2]), (#KEYS - 1) / 2, KEYS[#KEYS])
 for i = 1, #KEYS - 1, 2 do
   redis.call('SET', KEYS[i], ARGV[i + 2], 'EX', ARGV[1])
@@ -172,6 +179,34 @@ def _resolve(entries: Iterable[tuple[Any, ...]], result: Any,
             future.set_exception(error)
 
 
+async def run_making_room(script: AsyncScript, client: aioredis.Redis, keys: list[str],
+                          args: Sequence[str | int | float], what: str) -> Any:
+    """Run ``script``, a script that starts with :data:`MAKE_ROOM`, on ``keys`` and
+    ``args``: the cache evictions counter (``rewardq:stats:cache_evictions``) goes last in
+    its KEYS, appended here. Returns what the script returns.
+
+    Raises:
+        RedisFullError: Redis refused the script's writes for memory (``what`` it was
+            doing; nothing more could be made room for: the rest is not cache), logged
+            with Redis' memory figures. An outage, for ``broker.connections.is_outage``.
+        redis.RedisError: any other Redis error, as it came.
+    """
+    try:
+        return await script(keys=[*keys, CACHE_EVICTIONS], args=list(args))
+    except redis.ResponseError as exc:
+        if not is_redis_full(exc):
+            raise
+        memory: tuple[int | None, int | None] | None = None
+        try:
+            info = await client.info("memory")
+            memory = (int(info["used_memory"]), int(info.get("maxmemory", 0)))
+        except Exception:  # the figures are a courtesy; the error is what matters
+            log.debug("could not read Redis' memory figures", exc_info=True)
+        error = redis_full_error(what, exc, memory=memory)
+        log.warning("%s", error)
+        raise error from exc
+
+
 class ClaimState(enum.Enum):
     """What a claim found for one fingerprint."""
 
@@ -202,7 +237,8 @@ class JudgeCache:
     """
 
     def __init__(self, redis: aioredis.Redis, ttl_s: int, lock_ttl_ms: int,
-                 poll_s: float = 0.02, max_memory_ratio: float = 0.7) -> None:
+                 poll_s: float = 0.02,
+                 max_memory_ratio: float = DEFAULT_MAX_MEMORY_RATIO) -> None:
         self._redis = redis
         self._ttl_s = ttl_s
         self._ratio = max_memory_ratio
@@ -243,14 +279,9 @@ class JudgeCache:
             return []
         self._start_renewer()
         keys = [k for fp in fingerprints for k in (cache_key(fp), inflight_key(fp))]
-        try:
-            raw = await self._claim(keys=[*keys, CACHE_EVICTIONS],
-                                    args=[token, self._lock_ttl_ms, self._ratio])
-        except redis.ResponseError as exc:
-            if not is_redis_full(exc):
-                raise
-            raise await self._full(exc, f"cannot claim {len(fingerprints)} verdict(s)") \
-                from exc
+        raw = await run_making_room(self._claim, self._redis, keys,
+                                    [token, self._lock_ttl_ms, self._ratio],
+                                    f"cannot claim {len(fingerprints)} verdict(s)")
         self.evicted += int(raw.pop())
         claims = [Claim(ClaimState.CACHED, JudgeVerdict.model_validate_json(v))
                   if isinstance(v, bytes | str)
@@ -298,14 +329,8 @@ class JudgeCache:
                 self.store_calls += 1
                 self.stored_verdicts += len(batch)
                 try:
-                    try:
-                        evicted = await self._store_many(keys=[*keys, CACHE_EVICTIONS],
-                                                         args=args)
-                    except redis.ResponseError as exc:
-                        if not is_redis_full(exc):
-                            raise
-                        raise await self._full(exc, f"cannot cache {len(batch)} "
-                                                    f"verdict(s)") from exc
+                    evicted = await run_making_room(self._store_many, self._redis, keys, args,
+                                                    f"cannot cache {len(batch)} verdict(s)")
                     self.evicted += int(evicted)
                 except Exception as exc:  # each waiter gets the error its own call would
                     _resolve(batch, None, exc)
@@ -318,19 +343,6 @@ class JudgeCache:
             raise
         finally:
             self._storer = None
-
-    async def _full(self, exc: redis.ResponseError, what: str) -> RedisFullError:
-        """The :class:`RedisFullError` of Redis refusing ``what`` for memory (``exc``),
-        with its memory figures; logged."""
-        memory: tuple[int | None, int | None] | None = None
-        try:
-            info = await self._redis.info("memory")
-            memory = (int(info["used_memory"]), int(info.get("maxmemory", 0)))
-        except Exception:  # the figures are a courtesy; the error is what matters
-            log.debug("could not read Redis' memory figures", exc_info=True)
-        error = redis_full_error(what, exc, memory=memory)
-        log.warning("%s", error)
-        return error
 
     async def release_lock(self, fingerprint: str, token: str) -> None:
         """Release our lock without a verdict; a lock re-taken by another is left alone."""

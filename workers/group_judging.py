@@ -82,6 +82,7 @@ from broker.schemas import (
 )
 from broker.verdicts import normalize
 from monitoring.metrics import WorkerMetrics, call_status
+from workers.cache import DEFAULT_MAX_MEMORY_RATIO, MAKE_ROOM, run_making_room
 from workers.judge_client import TimedReply
 from workers.retry import RetryPolicy, decide
 from workers.scoring import JudgeFailed, Outcome
@@ -98,14 +99,17 @@ T = TypeVar("T")
 _RESULT_GRACE_S = 1.0
 
 # Join (or poll) a group for one member; the one place a group is completed and taken.
+# Makes room first, as the verdict cache's claim does (workers.cache.MAKE_ROOM).
 # KEYS[1] group hash, KEYS[2] group lease (STRING token, PX), KEYS[3] the member's
-# cache key. ARGV: item id, member fingerprint, item JSON, group size, hash TTL s,
-# token, lease ms, joining process.
+# cache key, KEYS[4] the cache evictions counter. ARGV: item id, member fingerprint,
+# item JSON, group size, hash TTL s, token, lease ms, joining process,
+# cache_max_memory_ratio.
 # Hash fields: i:<id> -> fingerprint, m:<fp> -> item JSON, w:<id> -> process,
 # n -> distinct ids, sealed -> JSON {fingerprint: ids} (written once, when complete).
 # Returns {state, payload}: cached (verdict JSON), waiting (ids so far), late (seal),
 # owner (seal: the lease is now ours), busy (seal: another holds the lease).
-_JOIN = """
+_JOIN = MAKE_ROOM + """
+make_room(tonumber(ARGV[9]), 1, KEYS[4])
 local v = redis.call('GET', KEYS[3])
 if v then return {'cached', v} end
 local h, id, fp = KEYS[1], ARGV[1], ARGV[2]
@@ -133,12 +137,15 @@ if not cjson.decode(sealed)[fp] then return {'late', sealed} end
 if redis.call('SET', KEYS[2], ARGV[6], 'NX', 'PX', ARGV[7]) then return {'owner', sealed} end
 return {'busy', sealed}
 """
-# Store the members' verdicts and release our lease. KEYS[1] lease, KEYS[2..] the
-# members' cache keys; ARGV[1] token, ARGV[2] cache TTL s, ARGV[3..] verdict JSONs.
-_STORE = """
-for i = 2, #KEYS do redis.call('SET', KEYS[i], ARGV[i + 1], 'EX', ARGV[2]) end
+# Store the members' verdicts and release our lease, making room first as the verdict
+# cache's store does. KEYS[1] lease, KEYS[2..n-1] the members' cache keys, KEYS[n] the
+# cache evictions counter; ARGV[1] token, ARGV[2] cache TTL s, ARGV[3]
+# cache_max_memory_ratio, ARGV[4..] verdict JSONs. Returns the entries deleted for room.
+_STORE = MAKE_ROOM + """
+local evicted = make_room(tonumber(ARGV[3]), #KEYS - 2, KEYS[#KEYS])
+for i = 2, #KEYS - 1 do redis.call('SET', KEYS[i], ARGV[i + 2], 'EX', ARGV[2]) end
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
-return 1
+return evicted
 """
 # KEYS[1] lease; ARGV[1] token, ARGV[2] lease ms: extend it if it is still ours.
 _RENEW = """
@@ -246,13 +253,18 @@ class GroupJudging:
         poll_s: first interval between a waiting member's polls (it grows to
             ``max_poll_s``).
         max_poll_s: longest interval between polls.
+        max_memory_ratio: the share of Redis' maxmemory above which joining a group and
+            storing its verdicts first delete cache entries, as the verdict cache does
+            (``Settings.cache_max_memory_ratio``).
     """
 
     def __init__(self, client: GroupCaller, redis: aioredis.Redis, policy: RetryPolicy,
                  metrics: WorkerMetrics | None = None, *, cache_ttl_s: int, lease_ms: int,
-                 poll_s: float = 0.02, max_poll_s: float = 0.25) -> None:
+                 poll_s: float = 0.02, max_poll_s: float = 0.25,
+                 max_memory_ratio: float = DEFAULT_MAX_MEMORY_RATIO) -> None:
         self._client = client
         self._redis = redis
+        self._ratio = max_memory_ratio
         self._policy = policy
         self._metrics = metrics or WorkerMetrics()
         self._cache_ttl_s = cache_ttl_s
@@ -401,10 +413,10 @@ class GroupJudging:
 
     async def _join_group(self, key: str, item: ScoreItem, fingerprint: str, item_json: str,
                           size: int, ttl_s: int, token: str) -> _Joined:
-        state, payload = await self._join(
-            keys=[key, judge_group_lock_key(key), cache_key(fingerprint)],
-            args=[item.id, fingerprint, item_json, size, ttl_s, token, self._lease_ms,
-                  self._node])
+        state, payload = await run_making_room(
+            self._join, self._redis, [key, judge_group_lock_key(key), cache_key(fingerprint)],
+            [item.id, fingerprint, item_json, size, ttl_s, token, self._lease_ms, self._node,
+             self._ratio], f"cannot join group {key}")
         state, text = _text(state), _text(payload)
         if state == "cached":
             return _Joined(state, verdict=JudgeVerdict.model_validate_json(text))
@@ -436,9 +448,12 @@ class GroupJudging:
             verdicts, attempts = await self._verdicts(spec, group, key, uid, items, answered,
                                                       deadline) if items else ({}, 0)
             fps = list(verdicts)
-            await self._store(keys=[lease, *(cache_key(fp) for fp in fps)],
-                              args=[token, self._cache_ttl_s,
-                                    *(verdicts[fp].model_dump_json() for fp in fps)])
+            # Without the fields at their defaults, as the verdict cache stores them.
+            await run_making_room(
+                self._store, self._redis, [lease, *(cache_key(fp) for fp in fps)],
+                [token, self._cache_ttl_s, self._ratio,
+                 *(verdicts[fp].model_dump_json(exclude_defaults=True) for fp in fps)],
+                f"cannot cache the {len(fps)} verdict(s) of group uid={uid!r}")
             stored = True
             return verdicts, attempts
         except JudgeFailed as exc:

@@ -11,8 +11,9 @@ A beat that cannot be written (Redis away, or full) is logged once per outage an
 stops the worker: the beat comes back with Redis. A full Redis is named as such ("Redis
 is full (maxmemory N, used M)"), not as an outage.
 
-Before that, from the moment the worker module is loaded (before Celery connects, starts
-its pool and its consumer), :class:`StartingBeat` announces the process as ``starting``
+Before that, from the moment the worker module starts loading (``workers.main`` calls
+:func:`announce_starting` before its heavy imports, and before Celery connects, starts its
+pool and its consumer), :class:`StartingBeat` announces the process as ``starting``
 (``broker.fleet``), so a producer that finds no live worker yet waits for this one
 instead of failing. The first real beat replaces it under the same key.
 """
@@ -271,9 +272,38 @@ class StartingBeat:
             log.debug("starting beat of %s not deleted", self.node, exc_info=True)
 
 
+#: The starting beat :func:`announce_starting` wrote, until a ``HeartbeatHook`` takes it.
+_announced: StartingBeat | None = None
+
+
+def announce_starting(settings: Settings, argv: Sequence[str] | None = None
+                      ) -> StartingBeat | None:
+    """Announce this process as a starting worker now, if its command line (``argv``,
+    default ``sys.argv``) runs a Celery worker: the first thing the worker module does,
+    before its heavy imports and Celery's boot, so that producers wait for it from the
+    moment it exists. The :class:`HeartbeatHook` built later takes the beat over (and
+    its real beat replaces it). Once per process; returns the beat, ``None`` when
+    ``argv`` starts no worker."""
+    global _announced
+    if _announced is None:
+        worker = worker_argv_node(sys.argv if argv is None else argv)
+        if worker is not None:
+            node, queues = worker
+            _announced = StartingBeat(redis_client(settings, socket_timeout=5), node, queues,
+                                      judge_calls=settings.max_concurrent_requests).start()
+    return _announced
+
+
+def _take_announced() -> StartingBeat | None:
+    global _announced
+    beat, _announced = _announced, None
+    return beat
+
+
 class HeartbeatHook(WorkerHook):
-    """Announces the worker as starting at once, beats while it is ready, deletes the beat
-    when it stops.
+    """Announces the worker as starting (or takes over the starting beat
+    :func:`announce_starting` wrote), beats while it is ready, deletes the beat when it
+    stops.
 
     Args:
         settings: the Redis the beats go to.
@@ -285,9 +315,9 @@ class HeartbeatHook(WorkerHook):
     def __init__(self, settings: Settings, argv: Sequence[str] | None = None) -> None:
         self._settings = settings
         self.heartbeat: WorkerHeartbeat | None = None
-        self.starting: StartingBeat | None = None
+        self.starting: StartingBeat | None = _take_announced()
         worker = worker_argv_node(sys.argv if argv is None else argv)
-        if worker is not None:
+        if self.starting is None and worker is not None:
             node, queues = worker
             self.starting = StartingBeat(redis_client(settings, socket_timeout=5), node,
                                          queues, judge_calls=settings.max_concurrent_requests)
