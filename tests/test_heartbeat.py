@@ -1,9 +1,12 @@
 """Worker heartbeats with real parts: gevent worker processes beat into a real Redis, and
-``live_workers`` tells who is alive and what each consumes (issue 9: no silent waiting)."""
+``live_workers`` tells who is alive and what each consumes (issue 9: no silent waiting).
+A worker process announces itself as starting before its heavy imports and Celery's boot,
+and a producer waits for it; with no worker at all, it still fails fast."""
 
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -15,15 +18,19 @@ from pathlib import Path
 import gevent
 import pytest
 import redis
-from conftest import worker_logs
+from conftest import ROOT, worker_logs
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from scoring_data import make_items
 
 from broker.app import QUEUE_JUDGE, create_app
-from broker.fleet import BEAT_TTL_S, WorkerBeat, live_workers
+from broker.errors import NoWorkersError, ScoringTimeoutError
+from broker.fleet import BEAT_TTL_S, WorkerBeat, fleet_counts, live_workers
 from broker.keys import WORKER_INDEX, worker_key
+from broker.schemas import ResultStatus
 from broker.settings import Settings
-from rewardq.stack import settings_env, stop_process, wait_for_workers
+from producer.client import NO_WORKER_GRACE_S, RewardClient
+from rewardq.stack import JudgeProcess, settings_env, stop_process, wait_for_workers
 from workers.heartbeat import WorkerHeartbeat
 
 OTHER_QUEUE = "rewardq.other"
@@ -228,3 +235,86 @@ def test_an_unreachable_redis_is_logged_once_and_never_ends_the_beat(
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "w@h" in warnings[0].getMessage()
     heartbeat.stop(timeout_s=2)  # cannot delete: logged, not raised
+
+
+#: A worker module whose scoring stack takes as long to import as the test wants (a
+#: loaded host): ``workers.main`` as Celery loads it, the import of ``workers.tasks``
+#: held back by a finder in front of the real ones until the file ``go`` exists.
+SLOW_BOOT = """
+import importlib.abc
+import os
+import sys
+import time
+
+
+class SlowImport(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "workers.tasks":
+            sys.meta_path.remove(self)
+            give_up = time.monotonic() + 300
+            while not os.path.exists({go!r}) and time.monotonic() < give_up:
+                time.sleep(0.1)  # gevent's, under -P gevent: the starting beat renews
+        return None
+
+
+sys.meta_path.insert(0, SlowImport())
+from workers.main import app  # noqa: E402
+"""
+
+
+def test_a_worker_slow_to_boot_is_starting_and_a_submit_sent_meanwhile_waits_for_it(
+        settings: Settings, judge: JudgeProcess, client: redis.Redis, tmp_path: Path) -> None:
+    """The starting beat is written before the worker's heavy imports: while they are
+    held back the worker is seen as starting, and a submit sent then waits for it past
+    the producer's grace (its wait runs out as a timeout, not NoWorkersError) and is
+    scored once the worker is up."""
+    go = tmp_path / "go"
+    (tmp_path / "slow_boot.py").write_text(SLOW_BOOT.format(go=str(go)))
+    env = settings_env(settings, {"PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])})
+    log = open(tmp_path / "w-slow.log", "ab")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "slow_boot", "worker", "-P", "gevent", "-c",
+         "8", "-Q", QUEUE_JUDGE, "-n", "slow@%h", "--loglevel", "WARNING",
+         "--without-mingle"], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while fleet_counts(client) == (0, 0) and time.monotonic() < deadline \
+                and proc.poll() is None:
+            time.sleep(0.1)
+        counts = fleet_counts(client)
+        (node,) = client.smembers(WORKER_INDEX) or {b"-"}
+        raw = client.get(worker_key(node.decode()))
+        assert counts == (0, 1) and raw is not None, worker_logs(tmp_path)
+        beat = WorkerBeat.model_validate_json(raw)
+        assert beat.starting and beat.pid == proc.pid and beat.queues == (QUEUE_JUDGE,)
+        assert live_workers(client) == []  # it consumes nothing yet
+
+        items = make_items(20, "slow-boot")
+        with RewardClient(settings) as producer:
+            pending = producer.submit(items)
+            with pytest.raises(ScoringTimeoutError):  # waited for the starting worker
+                pending.result(timeout=NO_WORKER_GRACE_S + 3)
+            assert fleet_counts(client) == (0, 1)  # still held back all along
+            go.touch()
+            results = pending.result(timeout=120)
+
+        assert [r.status for r in results] == [ResultStatus.OK] * len(items), \
+            worker_logs(tmp_path)
+        (live,) = live_workers(client)  # its real beat replaced the starting one
+        assert live.pid == proc.pid and not live.starting
+    finally:
+        go.touch()
+        stop_process(proc, grace_s=15)
+        log.close()
+
+
+def test_with_no_worker_at_all_a_submit_still_fails_fast(
+        settings: Settings, client: redis.Redis) -> None:
+    """Nothing starting, nothing live: NoWorkersError within the producer's grace, well
+    before the 10 s the wait was given (a ScoringTimeoutError there would mean it sat the
+    timeout out)."""
+    assert fleet_counts(client) == (0, 0)
+    with RewardClient(settings) as producer:
+        pending = producer.submit(make_items(5, "nobody"))
+        with pytest.raises(NoWorkersError, match="no rewardq worker is consuming queue"):
+            pending.result(timeout=10)
