@@ -6,6 +6,9 @@ runs), real gevent workers, the local judge over HTTP.
 - A Redis whose memory something else took: the producer's error and the workers' logs
   say "Redis is full", not an outage, and once memory is freed the next step succeeds
   and the failed one can be replayed, with nothing restarted.
+- A chunk whose result Redis refuses for memory keeps it and stores it once memory is
+  freed: nothing re-sent, nothing judged twice; the producer deletes results it has read.
+- Group judging makes room in the cache as the verdict cache does.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from conftest import worker_logs
 
 from broker.embedded import EmbeddedRedis
 from broker.errors import BrokerUnavailableError, RedisFullError
-from broker.keys import CACHE_EVICTIONS, DEAD_INDEX
+from broker.keys import CACHE_EVICTIONS, DEAD_INDEX, cache_key
 from broker.schemas import ResultStatus
 from broker.settings import Settings
 from producer.client import RewardClient
@@ -139,6 +142,8 @@ def test_a_redis_full_of_something_else_is_named_and_recovers_without_a_restart(
         assert message.startswith("Redis is full (maxmemory ") and "raise maxmemory" in message
         assert "cannot enqueue chunk" in message
         assert caught.value.maxmemory_bytes == int(raw.config_get("maxmemory")["maxmemory"])
+        with pytest.raises(RedisFullError, match="cannot count cache hits"):
+            client.submit(step_items(0, 40, 500), step=1)  # every item cached: no chunk
         deadline = time.monotonic() + 30  # the next heartbeat (every 2 s) is refused
         while "Redis is full" not in worker_logs(tmp_path) and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -152,4 +157,86 @@ def test_a_redis_full_of_something_else_is_named_and_recovers_without_a_restart(
     assert [r.status for r in after] == [ResultStatus.OK] * 40
     assert [r.status for r in replayed] == [ResultStatus.OK] * 40
     assert [r.id for r in replayed] == [i["id"] for i in failed]
+    raw.close()
+
+
+def fill_cache(client: redis.Redis, n: int) -> None:
+    """``n`` small cache entries (another run's verdicts) the cache can give way with."""
+    with client.pipeline(transaction=False) as pipe:
+        for i in range(n):
+            pipe.set(cache_key(f"filler-{i}"), b'{"score":0.5,"raw_score":5}', ex=3600)
+        pipe.execute()
+
+
+@pytest.mark.timeout(300)
+def test_a_result_refused_for_memory_is_stored_once_memory_is_freed(
+        own_redis: EmbeddedRedis, settings: Settings, workers, judge: JudgeProcess,
+        tmp_path: Path) -> None:
+    """Redis fills up (another tenant's data) while a chunk is judged: its verdicts still
+    land (the cache gives way), its result is refused for memory, retried like an outage
+    ("Redis is full" in the worker's log) and stored once memory is freed. The producer
+    gets every item from that one run: nothing re-sent, nothing judged twice; and it
+    deletes the results it has read."""
+    own = settings.model_copy(update={"redis_url": own_redis.url})
+    raw = redis.Redis.from_url(own_redis.url)
+    fill_cache(raw, 5000)
+    workers(1, redis_url=own_redis.url)
+    judge.configure(latency_ms=3000)
+    items = step_items(1, 20, 300)
+    with RewardClient(own) as client:
+        pending = client.submit(items, step=1)
+        deadline = time.monotonic() + 60
+        while judge.stats()["in_flight"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert judge.stats()["in_flight"] > 0, worker_logs(tmp_path)
+        used = int(raw.info("memory")["used_memory"])
+        raw.set("someone-else", b"x" * 4_000_000)
+        raw.config_set("maxmemory", used + 2_000_000)  # 2 MB over the cap
+        deadline = time.monotonic() + 60
+        while "cannot store a chunk's state or results" not in worker_logs(tmp_path) \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+        logs = worker_logs(tmp_path)
+        raw.delete("someone-else")  # memory freed: nothing restarted
+        results = pending.result(timeout=120)
+        left = sorted(raw.scan_iter("celery-task-meta-*"))
+
+    assert "Redis is full (maxmemory" in logs and \
+        "cannot store a chunk's state or results (retrying)" in logs, logs
+    assert [r.status for r in results] == [ResultStatus.OK] * len(items)
+    assert [r.id for r in results] == [i["id"] for i in items]
+    assert pending.resent_chunks == 0  # the result was kept, not lost and re-sent
+    assert judge.stats()["requests_total"] == len(items)  # each item judged once
+    assert left == []  # read results are deleted at once
+    raw.close()
+
+
+@pytest.mark.timeout(240)
+def test_group_judging_makes_room_in_the_cache_like_the_verdict_cache(
+        own_redis: EmbeddedRedis, settings: Settings, workers, judge: JudgeProcess,
+        tmp_path: Path) -> None:
+    """Redis above the cache's share of maxmemory: joining GRPO groups and storing their
+    verdicts delete cache entries first (least recently used), as the verdict cache's
+    claim and store do; every member is judged and its verdict cached."""
+    group = {"judge_group_mode": "listwise", "judge_group_size": 4}
+    own = settings.model_copy(update={"redis_url": own_redis.url, "chunk_size": 3, **group})
+    raw = redis.Redis.from_url(own_redis.url)
+    fill_cache(raw, 20_000)
+    raw.config_set("maxmemory", int(int(raw.info("memory")["used_memory"]) / 0.8))
+    workers(1, redis_url=own_redis.url, **group)
+    items = [{"id": f"g{g}-{k}", "uid": f"g{g}", "prompt": f"Explain why the sky is blue ({g}).",
+              "response": f"Sunlight is scattered by air molecules{'.' * k} Take {g}-{k}."}
+             for g in range(4) for k in range(4)]
+    with RewardClient(own) as client:
+        results = client.score(items, timeout=120)
+
+    assert [r.status for r in results] == [ResultStatus.OK] * len(items), \
+        worker_logs(tmp_path)
+    evicted = int(raw.get(CACHE_EVICTIONS) or 0)
+    fillers = sum(1 for _ in raw.scan_iter(cache_key("filler-*"), count=1000))
+    verdicts = sum(1 for key in raw.scan_iter(cache_key("*"), count=1000)
+                   if not key.startswith(cache_key("filler-").encode()))
+    assert evicted > 0 and fillers == 20_000 - evicted  # only cache entries gave way
+    assert verdicts == len(items)
+    assert "errorstat_OOM" not in raw.info("errorstats")
     raw.close()
