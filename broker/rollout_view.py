@@ -119,10 +119,13 @@ def _ends_inside_thinking(prompt: str) -> bool:
 
 
 def _capped(text: str, max_chars: int) -> str:
+    """``text`` in at most ``max_chars`` characters, marker included (so a view of a view
+    is the same view)."""
     if len(text) <= max_chars:
         return text
-    head = max_chars // 3  # the conclusion, which the judge grades, comes last
-    tail = max_chars - head
+    kept = max_chars - len(_MARKER.format(omitted=len(text)))
+    head = kept // 3  # the conclusion, which the judge grades, comes last
+    tail = kept - head
     return text[:head] + _MARKER.format(omitted=len(text) - head - tail) + text[-tail:]
 
 

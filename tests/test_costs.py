@@ -9,7 +9,8 @@ from scoring_data import make_items
 
 from broker.app import TASK_SCORE_CHUNK
 from broker.errors import ConfigError
-from broker.schemas import ResultStatus, ScoreChunk, ScoreResult, Usage, parse_items
+from broker.rollout_view import view_items
+from broker.schemas import ResultStatus, ScoreChunk, ScoreItem, ScoreResult, Usage, parse_items
 from broker.settings import Settings
 from monitoring.costs import CostLedger, Price, PriceTable, totals_of
 from producer.client import RewardClient
@@ -67,10 +68,14 @@ def test_run_costs_equal_the_judges_billed_usage_times_the_prices_despite_retrie
         again = [dict(item, id=f"{item['id']}-again") for item in items[:10]]
         second = ledger.record(client.score(items[60:] + again, step=2, timeout=120), step=2)
 
-        # A chunk delivered again after it was scored (a redelivery) is all cache hits.
+        # A chunk delivered again after it was scored (a redelivery: the message the
+        # producer built, its items as the judge sees them) is all cache hits.
         stats_before = judge.stats()
+        viewed = view_items(client.rubrics.assign(parse_items(items[60:76])), client.spec,
+                            client.rubrics)
         chunk = ScoreChunk(job_id="redelivered", chunk_index=0, step=2, spec=client.spec,
-                           items=parse_items(items[60:76]), deadline=time.time() + 60)
+                           items=[v for v in viewed if isinstance(v, ScoreItem)],
+                           deadline=time.time() + 60)
         raw = client.app.send_task(TASK_SCORE_CHUNK, args=[chunk.model_dump(mode="json")],
                                    task_id="redelivered-0").get(timeout=60)
         redelivered = ledger.record([ScoreResult.model_validate(r) for r in raw["results"]],
