@@ -9,6 +9,8 @@ runs), real gevent workers, the local judge over HTTP.
 - A chunk whose result Redis refuses for memory keeps it and stores it once memory is
   freed: nothing re-sent, nothing judged twice; the producer deletes results it has read.
 - Group judging makes room in the cache as the verdict cache does.
+- A full Redis met inside the rate limiter's script is waited out like an outage: the
+  chunk is scored again once memory is freed, no item fails for it.
 """
 
 from __future__ import annotations
@@ -239,4 +241,41 @@ def test_group_judging_makes_room_in_the_cache_like_the_verdict_cache(
     assert evicted > 0 and fillers == 20_000 - evicted  # only cache entries gave way
     assert verdicts == len(items)
     assert "errorstat_OOM" not in raw.info("errorstats")
+    raw.close()
+
+
+@pytest.mark.timeout(300)
+def test_a_full_redis_inside_the_rate_limiter_is_waited_out_not_an_item_failure(
+        own_redis: EmbeddedRedis, settings: Settings, workers, judge: JudgeProcess,
+        tmp_path: Path) -> None:
+    """One judge call at a time, each booked with the fleet's rate limiter (a Lua script)
+    first: Redis fills up while the first call is out, so the next booking is refused
+    for memory. The worker waits it out like an outage ("retrying") and, once memory is
+    freed, scores the chunk again: every item ok, none failed for it."""
+    limits = {"judge_rpm": 6000, "max_concurrent_requests": 1}
+    own = settings.model_copy(update={"redis_url": own_redis.url, **limits})
+    raw = redis.Redis.from_url(own_redis.url)
+    fill_cache(raw, 5000)  # the first verdict's store still lands: the cache gives way
+    workers(1, redis_url=own_redis.url, **limits)
+    judge.configure(latency_ms=1500)
+    items = step_items(3, 6, 300)
+    with RewardClient(own) as client:
+        pending = client.submit(items, step=3)
+        deadline = time.monotonic() + 60
+        while judge.stats()["in_flight"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        used = int(raw.info("memory")["used_memory"])
+        raw.set("someone-else", b"x" * 4_000_000)
+        raw.config_set("maxmemory", used + 2_000_000)
+        deadline = time.monotonic() + 60
+        while not any(s in worker_logs(tmp_path) for s in ("retrying for up to", "failed")) \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+        logs = worker_logs(tmp_path)
+        raw.delete("someone-else")
+        results = pending.result(timeout=120)
+
+    assert "Redis is full (maxmemory" in logs and "retrying for up to" in logs, logs
+    assert [r.status for r in results] == [ResultStatus.OK] * len(items), \
+        [r.error for r in results]
     raw.close()
