@@ -195,7 +195,7 @@ class FullAwareRedisBackend(RedisBackend):  # type: ignore[misc]
     Celery retries storing a result (``result_backend_always_retry``) only through
     connection errors. A Redis at ``maxmemory`` answers the store with ``OOM command not
     allowed``, which Celery would give up on at once: the chunk would be acked without a
-    result, and its producer would send it again seconds later, judged twice over. Here
+    result, and its producer would find it lost and send it again seconds later. Here
     a full Redis (:func:`~broker.connections.is_redis_full`) is retried the same way, with
     Celery's backoff, up to ``result_backend_max_retries`` (about
     ``Settings.redis_retry_s`` in all): the result lands as soon as memory is freed. Each
@@ -211,14 +211,14 @@ class FullAwareRedisBackend(RedisBackend):  # type: ignore[misc]
 
     def exception_safe_to_retry(self, exc: BaseException) -> bool:
         """Celery's connection errors, and whatever the outage policy waits out
-        (:func:`~broker.connections.is_outage`: a full Redis included)."""
+        (:func:`~broker.connections.is_outage`: a full Redis included, counted and named
+        here, where every Celery version asks before its backoff)."""
+        if is_redis_full(exc):
+            self._note_full()
+            return True
         return bool(super().exception_safe_to_retry(exc)) or is_outage(exc)
 
-    def on_backend_retryable_error(self, exc: BaseException) -> None:
-        """Count and name a full Redis before Celery's backoff (an outage is Celery's to
-        log)."""
-        if not is_redis_full(exc):
-            return
+    def _note_full(self) -> None:
         # Not ``from exc``: Redis' answer quotes the whole result being stored.
         error = redis_full_error("cannot store a chunk's state or results (retrying)",
                                  client=self._memory_client())
