@@ -72,6 +72,7 @@ from dataclasses import dataclass
 import redis
 import redis.asyncio
 
+from broker.connections import is_outage, is_redis_full, redis_full_error
 from broker.errors import BrokerUnavailableError, ConfigError
 from broker.keys import rate_limit_key
 from broker.settings import Settings
@@ -416,6 +417,8 @@ class RedisRateLimiter:
         self._clock = RedisClock()
 
     def _outage(self, exc: Exception) -> BrokerUnavailableError:
+        if is_redis_full(exc):
+            return redis_full_error(f"rate limiter for {self.model!r}", exc)
         return BrokerUnavailableError(f"rate limiter for {self.model!r}: {exc}")
 
     async def reserve(self, tokens: int, max_wait_s: float | None = None) -> Reservation:
@@ -440,7 +443,9 @@ class RedisRateLimiter:
         try:
             booked, wait_us, now_us, request_tat, token_tat = await self._reserve(
                 keys=self._keys, args=self.limit.reserve_args(tokens, max_wait_s))
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except redis.RedisError as exc:
+            if not is_outage(exc):
+                raise
             raise self._outage(exc) from exc
         return Reservation(booked=bool(booked), wait_s=int(wait_us) / 1_000_000,
                            now_us=int(now_us), tokens=tokens,
@@ -577,7 +582,9 @@ class RedisRateLimiter:
         args = [_ms_per_unit(self.limit.tpm), actual_tokens - estimated_tokens]
         try:
             await self._reconcile(keys=self._keys[1:], args=args)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except redis.RedisError as exc:
+            if not is_outage(exc):
+                raise
             raise self._outage(exc) from exc
 
 

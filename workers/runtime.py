@@ -76,7 +76,8 @@ class WorkerRuntime:
             policy = RetryPolicy(max_attempts=s.judge_max_attempts)
             groups = GroupJudging(self._judge, self._redis, policy, self.metrics,
                                   cache_ttl_s=s.cache_ttl_s,
-                                  lease_ms=int(s.inflight_lock_ttl_s * 1000))
+                                  lease_ms=int(s.inflight_lock_ttl_s * 1000),
+                                  max_memory_ratio=s.cache_max_memory_ratio)
             self._scorer = ChunkScorer(self._judge, self._cache, policy, self.metrics,
                                        rubrics=self.rubrics, groups=groups)
         return self._scorer
