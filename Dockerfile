@@ -13,10 +13,11 @@ WORKDIR /app
 # Dependencies before the code, so a code change does not reinstall them; exact versions
 # from constraints.txt, the set the tests ran with.
 COPY pyproject.toml README.md constraints.txt ./
+# The component folders install as rewardq.<component> through links in rewardq/.
 RUN mkdir -p broker workers producer gateway monitoring judge_server rewardq \
-    && touch broker/__init__.py workers/__init__.py producer/__init__.py \
-             gateway/__init__.py monitoring/__init__.py judge_server/__init__.py \
-             rewardq/__init__.py \
+    && for c in broker workers producer gateway monitoring judge_server; do \
+           touch "$c/__init__.py" && ln -s "../$c" "rewardq/$c"; done \
+    && touch rewardq/__init__.py \
     && pip install -c constraints.txt ".[worker]" \
     && pip uninstall -y rewardq \
     && rm -rf broker workers producer gateway monitoring judge_server rewardq build

@@ -30,7 +30,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check broker workers producer gateway monitoring judge_server rewardq tests benchmarks
-	$(BIN)/mypy broker producer workers gateway
+	$(BIN)/mypy -p rewardq.broker -p rewardq.producer -p rewardq.workers -p rewardq.gateway
 	$(BIN)/hadolint Dockerfile
 
 bench: $(STAMP)

@@ -51,19 +51,19 @@ sys.path.insert(0, str(ROOT))
 
 import redis  # noqa: E402  (needs ROOT on the path)
 
-from broker.dead_letters import DeadLetters  # noqa: E402
-from broker.keys import BUDGET_UNITS_PER_USD  # noqa: E402
-from broker.schemas import ResultStatus, Usage  # noqa: E402
-from broker.settings import Settings  # noqa: E402
-from judge_server.config import JudgeConfig  # noqa: E402
-from judge_server.server import BackgroundJudgeServer  # noqa: E402
-from monitoring.costs import PriceTable  # noqa: E402
-from producer.client import RewardClient  # noqa: E402
-from producer.sync_judge import SyncJudge  # noqa: E402
 from rewardq.bench import make_items  # noqa: E402
+from rewardq.broker.dead_letters import DeadLetters  # noqa: E402
+from rewardq.broker.keys import BUDGET_UNITS_PER_USD  # noqa: E402
+from rewardq.broker.schemas import ResultStatus, Usage  # noqa: E402
+from rewardq.broker.settings import Settings  # noqa: E402
 from rewardq.budget_cli import read_budget, set_limits  # noqa: E402
+from rewardq.judge_server.config import JudgeConfig  # noqa: E402
+from rewardq.judge_server.server import BackgroundJudgeServer  # noqa: E402
+from rewardq.monitoring.costs import PriceTable  # noqa: E402
+from rewardq.producer.client import RewardClient  # noqa: E402
+from rewardq.producer.sync_judge import SyncJudge  # noqa: E402
 from rewardq.stack import LocalStack  # noqa: E402
-from workers.budget import cost_units, units_to_usd  # noqa: E402
+from rewardq.workers.budget import cost_units, units_to_usd  # noqa: E402
 
 
 @dataclass

@@ -50,10 +50,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from gateway_harness import running_gateway  # noqa: E402  (needs ROOT/tests on the path)
 
-from broker.schemas import ResultStatus, ScoreResult  # noqa: E402
-from broker.settings import Settings  # noqa: E402
-from producer.client import RewardClient  # noqa: E402
 from rewardq.bench import make_items, proc_cpu_s  # noqa: E402
+from rewardq.broker.schemas import ResultStatus, ScoreResult  # noqa: E402
+from rewardq.broker.settings import Settings  # noqa: E402
+from rewardq.producer.client import RewardClient  # noqa: E402
 from rewardq.stack import LocalStack  # noqa: E402
 
 

@@ -25,7 +25,7 @@ The implementations, called in turn (each round in another of their orders),
   fell back to the loop for any other layout (kept below, verbatim in behaviour);
 - ``base`` (with ``--baseline REV``): ``group_ids`` as ``producer/penalties.py`` is at
   git revision ``REV``, for a before -> after in one run;
-- ``now``: :func:`producer.penalties.group_ids`.
+- ``now``: :func:`rewardq.producer.penalties.group_ids`.
 
 All are checked to give the same ids before timing. Each call follows calls of the
 others, so it does not find its data left warm in the caches by itself, as in a trainer
@@ -61,7 +61,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from producer.penalties import group_ids  # noqa: E402
+from rewardq.producer.penalties import group_ids  # noqa: E402
 
 TARGET_MS = 2.0  # issue 14: 131,072 uids -> group ids
 

@@ -7,7 +7,7 @@ reasoning rollout of ``--chars`` characters (a ``<think>`` block, then the same 
 answer). Each step's content is new (a cold cache). Reported per kind: the median wall
 time of ``submit`` alone and of ``submit`` + ``result``, the bytes the step's chunks put
 on the queue, and the long/short ratio of each. The producer takes the rollout view before
-anything is enqueued (``broker.rollout_view``), so a long step should cost about what a
+anything is enqueued (``rewardq.broker.rollout_view``), so a long step should cost about what a
 short one does.
 
 Usage::
@@ -29,10 +29,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from broker.schemas import ResultStatus  # noqa: E402
-from broker.settings import Settings  # noqa: E402
-from producer.client import RewardClient  # noqa: E402
 from rewardq.bench import make_items  # noqa: E402
+from rewardq.broker.schemas import ResultStatus  # noqa: E402
+from rewardq.broker.settings import Settings  # noqa: E402
+from rewardq.producer.client import RewardClient  # noqa: E402
 from rewardq.stack import LocalStack  # noqa: E402
 
 

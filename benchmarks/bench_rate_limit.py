@@ -42,9 +42,9 @@ also reports utilization of min(limit, C/L), over the wall and steady, and judge
 utilization goal on it.
 
 The producer makes chunks of ``--chunk-size`` items, or fewer where that would be more
-than 8 rounds of a worker's calls (``broker.fleet.chunk_size_for``: 8 items at 1 call per
+than 8 rounds of a worker's calls (``rewardq.broker.fleet.chunk_size_for``: 8 items at 1 call per
 process). Each worker takes chunks only while it holds fewer than two rounds of its calls
-(``workers.intake``), and at most ``--worker-concurrency`` at once,
+(``rewardq.workers.intake``), and at most ``--worker-concurrency`` at once,
 so the step's chunks are dealt out as it runs; before that gate, each worker took what
 its pool could hold at the step's start, and with few calls per process the ones that got
 more items ran on alone, at their own C/L, in the tail.
@@ -78,10 +78,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from broker.settings import Settings  # noqa: E402  (needs ROOT on the path)
 from rewardq.bench import Bench, Run, make_items  # noqa: E402
+from rewardq.broker.settings import Settings  # noqa: E402  (needs ROOT on the path)
 from rewardq.stack import JudgeProcess, LocalStack  # noqa: E402
-from workers.rate_limit import RateLimit  # noqa: E402
+from rewardq.workers.rate_limit import RateLimit  # noqa: E402
 
 _UNLIMITED_FACTOR = 1.5
 _SAMPLE_S = 0.05

@@ -32,7 +32,7 @@ Designs (``--designs``):
 - ``before``: the booking limiter as it was before its lateness allowance became part
   of the judge's margin: 50 ms of burst, a caller 250 ms late books again, lateness
   counted from the booking's reply;
-- ``book``: ``workers.rate_limit.RedisRateLimiter`` as configured by default;
+- ``book``: ``rewardq.workers.rate_limit.RedisRateLimiter`` as configured by default;
 - ``book:horizon_s=X,max_late_s=Y`` (or ``before:...``): with other ``RateLimit``
   settings.
 
@@ -65,8 +65,8 @@ sys.path.insert(0, str(ROOT))
 
 import redis.asyncio  # noqa: E402
 
-from broker.embedded import EmbeddedRedis  # noqa: E402  (needs ROOT on the path)
-from workers.rate_limit import (  # noqa: E402
+from rewardq.broker.embedded import EmbeddedRedis  # noqa: E402  (needs ROOT on the path)
+from rewardq.workers.rate_limit import (  # noqa: E402
     Admission,
     RateLimit,
     RedisRateLimiter,

@@ -31,8 +31,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from broker.settings import Settings  # noqa: E402  (needs ROOT on the path)
 from rewardq.bench import Bench, Run, make_items  # noqa: E402
+from rewardq.broker.settings import Settings  # noqa: E402  (needs ROOT on the path)
 from rewardq.stack import LocalStack  # noqa: E402
 
 

@@ -27,11 +27,11 @@ sys.path.insert(0, str(ROOT))
 
 import redis  # noqa: E402
 
-from broker.embedded import EmbeddedRedis  # noqa: E402
-from broker.errors import RewardqError  # noqa: E402
-from broker.keys import CACHE_EVICTIONS  # noqa: E402
-from broker.settings import Settings  # noqa: E402
-from producer.client import RewardClient  # noqa: E402
+from rewardq.broker.embedded import EmbeddedRedis  # noqa: E402
+from rewardq.broker.errors import RewardqError  # noqa: E402
+from rewardq.broker.keys import CACHE_EVICTIONS  # noqa: E402
+from rewardq.broker.settings import Settings  # noqa: E402
+from rewardq.producer.client import RewardClient  # noqa: E402
 from rewardq.stack import LocalStack  # noqa: E402
 
 

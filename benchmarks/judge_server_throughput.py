@@ -1,6 +1,6 @@
 """Throughput of the local judge server, so a benchmark of rewardq never measures it instead.
 
-Starts ``python -m judge_server --port 0`` in a subprocess, then drives it from separate
+Starts ``python -m rewardq.judge_server --port 0`` in a subprocess, then drives it from separate
 load-generator processes (aiohttp client on uvloop when installed, pre-encoded rewardq
 judge prompts, one distinct prompt per request) and reports, per scenario: requests/s,
 the server process's CPU seconds per request (from its ``/stats``; its inverse is what
@@ -34,9 +34,9 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from broker.rubrics import builtin_rubrics  # noqa: E402
-from broker.schemas import ScoreItem  # noqa: E402  (needs ROOT on the path)
-from judge_server.server import loop_factory  # noqa: E402
+from rewardq.broker.rubrics import builtin_rubrics  # noqa: E402
+from rewardq.broker.schemas import ScoreItem  # noqa: E402  (needs ROOT on the path)
+from rewardq.judge_server.server import loop_factory  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -177,7 +177,8 @@ def run_scenario(base: str, scenario: Scenario, client_procs: int) -> Outcome:
 
 
 def start_server(loop: str) -> tuple[subprocess.Popen[str], str]:
-    """``python -m judge_server --port 0``; returns the process and its base URL (no /v1)."""
+    """``python -m rewardq.judge_server --port 0``; returns the process and its base URL
+    (no /v1)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "judge_server", "--port", "0", "--loop", loop],
         cwd=ROOT,

@@ -6,7 +6,7 @@ random length, and uuid-string uids shared by groups of ``--group`` samples.
 
 Both paths compute lengths, group medians and the group-median trapezoid penalty:
 
-- torch: :func:`producer.penalties.response_lengths`, :func:`group_ids` and
+- torch: :func:`rewardq.producer.penalties.response_lengths`, :func:`group_ids` and
   :func:`length_penalty` (CPU, and CUDA when available with the mask already there);
 - loop: the per-row ``mask[i, prompt_len:].sum()`` that verl's reward managers do, then the
   plain-Python reference of ``tests/penalty_reference.py``.
@@ -39,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import penalty_reference as ref  # noqa: E402
 
-from producer.config import LengthPenaltyConfig  # noqa: E402
-from producer.penalties import group_ids, length_penalty, response_lengths  # noqa: E402
+from rewardq.producer.config import LengthPenaltyConfig  # noqa: E402
+from rewardq.producer.penalties import group_ids, length_penalty, response_lengths  # noqa: E402
 
 
 def make_batch(

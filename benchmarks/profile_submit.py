@@ -27,12 +27,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from broker.embedded import EmbeddedRedis  # noqa: E402
-from broker.keys import cache_key, judge_fingerprints  # noqa: E402
-from broker.schemas import JudgeVerdict, Usage, parse_items  # noqa: E402
-from broker.settings import Settings  # noqa: E402
-from producer.client import RewardClient  # noqa: E402
 from rewardq.bench import make_items  # noqa: E402
+from rewardq.broker.embedded import EmbeddedRedis  # noqa: E402
+from rewardq.broker.keys import cache_key, judge_fingerprints  # noqa: E402
+from rewardq.broker.schemas import JudgeVerdict, Usage, parse_items  # noqa: E402
+from rewardq.broker.settings import Settings  # noqa: E402
+from rewardq.producer.client import RewardClient  # noqa: E402
 
 # Call counts worth reading: (label, substring of pstats' "file:line(function)").
 COUNTED = [

@@ -48,8 +48,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from broker.settings import Settings  # noqa: E402
 from rewardq.bench import Bench, BenchOptions, Run, bench_settings, make_items  # noqa: E402
+from rewardq.broker.settings import Settings  # noqa: E402
 from rewardq.stack import LocalStack  # noqa: E402
 
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 from celery import Celery
 from kombu.entity import Queue
 
-from broker.settings import Settings
+from rewardq.broker.settings import Settings
 
 TASK_SCORE_CHUNK = "rewardq.score_chunk"
 QUEUE_JUDGE = "rewardq.judge"
-#: The result backend class of every app (``broker.jobs``, named here: that module
+#: The result backend class of every app (``rewardq.broker.jobs``, named here: that module
 #: imports this one): Celery's Redis backend, retrying through a full Redis too.
-RESULT_BACKEND_CLASS = "broker.jobs:FullAwareRedisBackend"
+RESULT_BACKEND_CLASS = "rewardq.broker.jobs:FullAwareRedisBackend"
 
 
 def result_backend_url(backend: str) -> str:
@@ -29,7 +29,7 @@ def create_app(settings: Settings) -> Celery:
 
     Late acks with reject-on-worker-lost mean a chunk whose worker dies is redelivered
     instead of lost. Chunks are leased: the visibility timeout is ``chunk_lease_s``, and
-    a live worker renews the lease of every chunk it holds (``workers.leases.ChunkLeases``),
+    a live worker renews the lease of every chunk it holds (``rewardq.workers.leases.ChunkLeases``),
     so a slow but live chunk is never handed out twice while a dead worker's chunks go
     to another worker within about one lease.
     """

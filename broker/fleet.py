@@ -1,7 +1,7 @@
 """Which workers are alive, and which queues they consume: the read side of heartbeats.
 
 Every worker process writes a ``WorkerBeat`` to ``rewardq:worker:<node>`` each
-``BEAT_INTERVAL_S`` with a TTL of ``BEAT_TTL_S`` (``workers.heartbeat``), and adds its node
+``BEAT_INTERVAL_S`` with a TTL of ``BEAT_TTL_S`` (``rewardq.workers.heartbeat``), and adds its node
 name to the ``rewardq:workers`` index. A worker that stops cleanly deletes its beat; one
 that is killed stops renewing it, so it disappears within ``BEAT_TTL_S``. Redis's own TTL
 decides liveness, so clocks of different hosts never have to agree.
@@ -26,8 +26,8 @@ from collections.abc import Sequence
 import redis
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from broker.app import QUEUE_JUDGE
-from broker.keys import WORKER_INDEX, worker_key
+from rewardq.broker.app import QUEUE_JUDGE
+from rewardq.broker.keys import WORKER_INDEX, worker_key
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def chunk_size_for(configured: int, beats: Sequence[WorkerBeat]) -> int:
     """Items per chunk for a fleet: ``configured``, or fewer where a worker makes so few
     judge calls at once that a chunk would last more than ``CHUNK_ROUNDS`` rounds of them.
 
-    A worker holds a chunk until its last item is judged (``workers.intake``), so the
+    A worker holds a chunk until its last item is judged (``rewardq.workers.intake``), so the
     chunks still running when a step's queue empties decide its tail: at 1 call per
     process a chunk of 64 is 64 judge latencies, which the other workers, out of work,
     spend idle (measured: a 3,000 RPM limit used at 0.96 of what 4 such workers could

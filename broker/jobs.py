@@ -20,10 +20,10 @@ from celery.backends.redis import RedisBackend
 from kombu.exceptions import BatchPublishError, OperationalError
 from kombu.messaging import Producer
 
-from broker.app import TASK_SCORE_CHUNK, result_backend_url
-from broker.connections import is_outage, is_redis_full, redis_full_error
-from broker.errors import BrokerUnavailableError
-from broker.keys import JOB_DONE_TTL_S, READ_RESULT_TTL_S, job_done_key
+from rewardq.broker.app import TASK_SCORE_CHUNK, result_backend_url
+from rewardq.broker.connections import is_outage, is_redis_full, redis_full_error
+from rewardq.broker.errors import BrokerUnavailableError
+from rewardq.broker.keys import JOB_DONE_TTL_S, READ_RESULT_TTL_S, job_done_key
 
 __all__ = ["ChunkMeta", "FullAwareRedisBackend", "PollingRedisBackend", "announce_chunk_done",
            "chunk_result", "forget_chunks", "item_results", "read_chunks",
@@ -102,7 +102,7 @@ def send_chunk(app: Celery, args: list[Any], task_id: str) -> None:
     """Enqueue one chunk task as ``task_id``.
 
     Args:
-        app: the fleet's Celery app (``broker.app.create_app``).
+        app: the fleet's Celery app (``rewardq.broker.app.create_app``).
         args: the task's positional arguments: ``[ScoreChunk.model_dump(mode="json")]``,
             or a dead letter's original arguments when it is replayed as it came.
         task_id: ``<job id>-<chunk index>``.
@@ -196,7 +196,7 @@ class FullAwareRedisBackend(RedisBackend):  # type: ignore[misc]
     connection errors. A Redis at ``maxmemory`` answers the store with ``OOM command not
     allowed``, which Celery would give up on at once: the chunk would be acked without a
     result, and its producer would find it lost and send it again seconds later. Here
-    a full Redis (:func:`~broker.connections.is_redis_full`) is retried the same way, with
+    a full Redis (:func:`~rewardq.broker.connections.is_redis_full`) is retried the same way, with
     Celery's backoff, up to ``result_backend_max_retries`` (about
     ``Settings.redis_retry_s`` in all): the result lands as soon as memory is freed. Each
     refusal is counted (``redis_full_errors``) and named in the log ("Redis is full"),
@@ -211,7 +211,7 @@ class FullAwareRedisBackend(RedisBackend):  # type: ignore[misc]
 
     def exception_safe_to_retry(self, exc: BaseException) -> bool:
         """Celery's connection errors, and whatever the outage policy waits out
-        (:func:`~broker.connections.is_outage`: a full Redis included, counted and named
+        (:func:`~rewardq.broker.connections.is_outage`: a full Redis included, counted and named
         here, where every Celery version asks before its backoff)."""
         if is_redis_full(exc):
             self._note_full()

@@ -16,7 +16,7 @@ family                        thinks       reply budget sent as   temperature  l
 A family that thinks gets a reply budget that fits its thinking
 (:data:`REASONING_MAX_TOKENS`) unless one is set; the others :data:`DEFAULT_MAX_TOKENS`.
 Whatever the table misses, an endpoint says itself: the workers learn a parameter it
-refuses (``workers.judge_client.LearnedRequests``), once per endpoint and model.
+refuses (``rewardq.workers.judge_client.LearnedRequests``), once per endpoint and model.
 
 Per-judge options (``JudgeSpec.judge_options``, keyed by model) override the fleet-wide
 ones (the spec's own fields) for that judge of an ensemble; ``extra_body`` fields are
@@ -31,8 +31,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from broker.errors import JudgeError, PermanentJudgeError, RefusedParameterError
-from broker.schemas import JudgeOptions, JudgeSpec
+from rewardq.broker.errors import JudgeError, PermanentJudgeError, RefusedParameterError
+from rewardq.broker.schemas import JudgeOptions, JudgeSpec
 
 log = logging.getLogger(__name__)
 

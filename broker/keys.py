@@ -9,7 +9,7 @@ key                                    type    meaning, TTL
                                                deleted to make room (least recently used
                                                first) while Redis' memory is above
                                                ``Settings.cache_max_memory_ratio`` of its
-                                               maxmemory (``workers.cache``)
+                                               maxmemory (``rewardq.workers.cache``)
 ``rewardq:inflight:<sha256>``          STRING  owner token of the one judge call in flight
                                                for that cache key; TTL
                                                ``Settings.inflight_lock_ttl_s``, renewed by
@@ -20,22 +20,22 @@ key                                    type    meaning, TTL
                                                ``Settings.dead_letter_ttl_s``
 ``rewardq:rl:<model>:rpm``             STRING  GCRA theoretical arrival time (requests)
 ``rewardq:rl:<model>:tpm``             STRING  GCRA theoretical arrival time (tokens)
-``rewardq:worker:<node>``              STRING  JSON ``broker.fleet.WorkerBeat`` of one live
+``rewardq:worker:<node>``              STRING  JSON ``rewardq.broker.fleet.WorkerBeat`` of one live
                                                worker process (Celery node name); rewritten
-                                               every ``broker.fleet.BEAT_INTERVAL_S`` (2 s),
+                                               every ``rewardq.broker.fleet.BEAT_INTERVAL_S`` (2 s),
                                                TTL ``BEAT_TTL_S`` (6 s); deleted on a clean
                                                shutdown
 ``rewardq:workers``                    SET     node names that have beaten (index of the
                                                above); readers remove members whose beat
                                                expired; no TTL
 ``rewardq:group:<uid>``                HASH    one GRPO group scored sample by sample
-                                               (``producer.groups``): ``m:<member>`` ->
+                                               (``rewardq.producer.groups``): ``m:<member>`` ->
                                                length, ``c:<member>`` -> arrivals,
                                                ``sealed`` -> JSON median/size/status; TTL
                                                max(1 h, 2 x the group wait), renewed per
                                                arrival
 ``rewardq:judgegroup:<sha256>``        HASH    one GRPO group judged together (group
-                                               judging, ``workers.group_judging``), keyed
+                                               judging, ``rewardq.workers.group_judging``), keyed
                                                by spec and uid: ``i:<item id>`` -> member
                                                fingerprint, ``m:<fingerprint>`` -> item
                                                JSON, ``w:<item id>`` -> the process that
@@ -59,7 +59,7 @@ key                                    type    meaning, TTL
                                                estimates of the calls in flight), ``calls``,
                                                ``refused``, and
                                                ``s:<step>:spent|reserved|refused`` per step
-                                               (``workers.budget``); TTL 30 days, renewed by
+                                               (``rewardq.workers.budget``); TTL 30 days, renewed by
                                                every reserve and settle
 ``rewardq:budget:holds:<run>``         ZSET    reservations in flight, ``<id>|<estimate>|
                                                <step>|<worst case>`` (nano-USD) -> expiry
@@ -79,7 +79,7 @@ key                                    type    meaning, TTL
 ``unacked_index``                      ZSET    kombu's unacked delivery tag -> delivery time;
                                                workers bump their own tags every
                                                ``Settings.chunk_lease_s`` / 3 (chunk leases,
-                                               ``workers.leases.ChunkLeases``); no TTL
+                                               ``rewardq.workers.leases.ChunkLeases``); no TTL
 ``unacked`` / ``unacked_mutex``        HASH /  kombu's unacked messages by tag, and the lock
                                        STRING  of its restore sweep (``chunk_lease_s``)
 ``rewardq:done:<job id>``              LIST    a chunk's index, pushed by the worker once
@@ -89,7 +89,7 @@ key                                    type    meaning, TTL
 ``celery-task-meta-<task id>``         STRING  Celery result of one chunk; TTL
                                                ``Settings.result_expires_s``, cut to
                                                ``READ_RESULT_TTL_S`` once a producer has
-                                               read it (``broker.jobs.read_chunks``)
+                                               read it (``rewardq.broker.jobs.read_chunks``)
 =====================================  ======  ============================================
 """
 
@@ -101,14 +101,14 @@ from collections.abc import Iterable, Mapping
 from json.encoder import encode_basestring as _json_str
 from typing import Any
 
-from broker.schemas import JudgeSpec, ScoreItem
+from rewardq.broker.schemas import JudgeSpec, ScoreItem
 
 PREFIX = "rewardq"
 DEAD_INDEX = f"{PREFIX}:dead:index"
 WORKER_INDEX = f"{PREFIX}:workers"
 #: Counter of items answered from the cache at submit (they never reach a worker).
 SUBMIT_CACHE_HITS = f"{PREFIX}:stats:submit_cache_hits"
-#: Counter of cache entries deleted to make room (``workers.cache``).
+#: Counter of cache entries deleted to make room (``rewardq.workers.cache``).
 CACHE_EVICTIONS = f"{PREFIX}:stats:cache_evictions"
 #: Index of the runs whose judge budget is kept (``budget_key``).
 BUDGET_RUNS = f"{PREFIX}:budget:runs"

@@ -49,10 +49,17 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from broker.errors import ConfigError, InvalidItemError, RubricMismatchError
-from broker.prompts import CORRECTNESS_V1, QUALITY_V1, SCALE_MAX, SCALE_MIN, SYSTEM_V1, VERSIONS
-from broker.schemas import MAX_ID_CHARS, JudgeSpec, ScoreItem, ScoreMode, View
-from broker.settings import Settings
+from rewardq.broker.errors import ConfigError, InvalidItemError, RubricMismatchError
+from rewardq.broker.prompts import (
+    CORRECTNESS_V1,
+    QUALITY_V1,
+    SCALE_MAX,
+    SCALE_MIN,
+    SYSTEM_V1,
+    VERSIONS,
+)
+from rewardq.broker.schemas import MAX_ID_CHARS, JudgeSpec, ScoreItem, ScoreMode, View
+from rewardq.broker.settings import Settings
 
 __all__ = ["FIELDS", "Rubric", "RubricBook", "builtin_rubrics", "load_rubrics", "rubric_book"]
 
@@ -169,7 +176,7 @@ class RubricBook:
         items = list(items)
         if self.builtin and all(item.rubric is None for item in items):
             # The built-in choice needs no check and no copy: every side (and the cache
-            # key, ``broker.keys``) derives it from the reference alone.
+            # key, ``rewardq.broker.keys``) derives it from the reference alone.
             return items
         out: list[ScoreItem] = []
         problems: list[str] = []

@@ -14,8 +14,8 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from broker.errors import ConfigError
-from broker.schemas import JudgeOptions, ReasoningEffort, View
+from rewardq.broker.errors import ConfigError
+from rewardq.broker.schemas import JudgeOptions, ReasoningEffort, View
 
 EMBEDDED_REDIS_PORT = 6389
 LOCAL_JUDGE_PORT = 8008

@@ -20,7 +20,7 @@ import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from broker.errors import (
+from rewardq.broker.errors import (
     JudgeError,
     JudgeErrorKind,
     PermanentJudgeError,
@@ -28,7 +28,7 @@ from broker.errors import (
     TransientJudgeError,
     UnparseableReplyError,
 )
-from broker.prompts import SCALE_MAX, SCALE_MIN
+from rewardq.broker.prompts import SCALE_MAX, SCALE_MIN
 
 if TYPE_CHECKING:
     import openai

@@ -1,17 +1,17 @@
 """The gateway's Starlette app: HTTP in, the worker fleet behind, results out.
 
-One :class:`~producer.async_client.AsyncRewardClient` per process, created in the
+One :class:`~rewardq.producer.async_client.AsyncRewardClient` per process, created in the
 app's lifespan on the serving event loop, does every submit: a request of many items is
 one batch submit (its chunks go out at once), while one-sample requests (the remote-RM
 clients send one per rollout) await per-item scores that the client coalesces across
 concurrent requests into chunks. Every scoring request answers only once each item is
 scored or has failed for good, or at its deadline: transient judge failures are sent to
-the fleet again meanwhile (:mod:`gateway.scoring`), and a request waits for a live
+the fleet again meanwhile (:mod:`rewardq.gateway.scoring`), and a request waits for a live
 worker. The process keeps no state of its own beyond counters and its queues: any number
 of gateways can serve behind a load balancer.
 
 Middleware, outermost first: accounting (metrics) → body limit (413) → auth (401) →
-routes. A scoring route then takes a slot of its token's queue (:mod:`gateway.limits`):
+routes. A scoring route then takes a slot of its token's queue (:mod:`rewardq.gateway.limits`):
 it waits its turn there, and only a queue over its abuse-sized bounds answers 429.
 Endpoints:
 
@@ -19,11 +19,11 @@ Endpoints:
 ``/v1/score``         POST  ``{"items", "step", "timeout_s", "partial"}`` →
                             ``{"results": [...]}`` in input order
 ``/v1/score/stream``  POST  the same, each result an NDJSON line when it is known
-``/get_reward``       POST  OpenRLHF's remote RM (:mod:`gateway.openrlhf`)
-``/slime/reward``     POST  slime's remote RM (:mod:`gateway.slime`)
+``/get_reward``       POST  OpenRLHF's remote RM (:mod:`rewardq.gateway.openrlhf`)
+``/slime/reward``     POST  slime's remote RM (:mod:`rewardq.gateway.slime`)
 ``/healthz``          GET   the process is up
 ``/readyz``           GET   Redis reachable and ≥ 1 live worker, else 503
-``/metrics``          GET   Prometheus (:mod:`gateway.metrics`)
+``/metrics``          GET   Prometheus (:mod:`rewardq.gateway.metrics`)
 ``/openapi.json``     GET   the OpenAPI document; ``/docs`` renders it
 ====================  ====  =========================================================
 """
@@ -46,20 +46,20 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from broker.app import QUEUE_JUDGE
-from broker.connections import redis_client
-from broker.errors import RewardqError
-from broker.fleet import live_workers
-from broker.schemas import ScoreItem, ScoreResult
-from broker.settings import Settings
-from gateway import openrlhf, slime
-from gateway.auth import ANONYMOUS, AuthMiddleware, TokenTable, token_name
-from gateway.errors import GatewayRequestError, fleet_error
-from gateway.limits import BodyLimitMiddleware, TokenQueues
-from gateway.metrics import AccountingMiddleware, GatewayMetrics
-from gateway.openapi import DOCS_HTML, openapi_document
-from gateway.remote_rm import RewardMapping
-from gateway.schemas import (
+from rewardq.broker.app import QUEUE_JUDGE
+from rewardq.broker.connections import redis_client
+from rewardq.broker.errors import RewardqError
+from rewardq.broker.fleet import live_workers
+from rewardq.broker.schemas import ScoreItem, ScoreResult
+from rewardq.broker.settings import Settings
+from rewardq.gateway import openrlhf, slime
+from rewardq.gateway.auth import ANONYMOUS, AuthMiddleware, TokenTable, token_name
+from rewardq.gateway.errors import GatewayRequestError, fleet_error
+from rewardq.gateway.limits import BodyLimitMiddleware, TokenQueues
+from rewardq.gateway.metrics import AccountingMiddleware, GatewayMetrics
+from rewardq.gateway.openapi import DOCS_HTML, openapi_document
+from rewardq.gateway.remote_rm import RewardMapping
+from rewardq.gateway.schemas import (
     EndLine,
     ResultLine,
     ScoreRequest,
@@ -67,8 +67,8 @@ from gateway.schemas import (
     check_items,
     parse_request,
 )
-from gateway.scoring import FleetScorer, Progress
-from producer.async_client import DEFAULT_WINDOW_S, AsyncRewardClient
+from rewardq.gateway.scoring import FleetScorer, Progress
+from rewardq.producer.async_client import DEFAULT_WINDOW_S, AsyncRewardClient
 
 #: Paths any caller may read: probes, docs, and Prometheus' scrape (like the workers' and
 #: Flower's /metrics: counts labelled by token *names*, never a token).

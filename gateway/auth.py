@@ -29,7 +29,7 @@ from pydantic import SecretStr
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.errors import error_response
+from rewardq.gateway.errors import error_response
 
 #: The item metadata key that carries the caller's token name to the workers and into
 #: dead letters (metadata is not part of the judge cache key).

@@ -31,7 +31,7 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
-from broker.errors import (
+from rewardq.broker.errors import (
     BrokerUnavailableError,
     ChunksLostError,
     NoWorkersError,

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.errors import GatewayRequestError, error_response
+from rewardq.gateway.errors import GatewayRequestError, error_response
 
 
 class BodyTooLargeError(Exception):

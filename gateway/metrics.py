@@ -26,7 +26,7 @@ and completion tokens of the items a caller had judged (cache hits cost nothing)
 ``rewardq_judge_cost_usd_total`` of the workers it tells who spent what.
 
 The gateway is one asyncio thread, so ``prometheus_client``'s own metric classes serve
-(the workers need a native lock of their own, see ``monitoring.metrics``).
+(the workers need a native lock of their own, see ``rewardq.monitoring.metrics``).
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from broker.schemas import ResultStatus, ScoreResult
-from gateway.auth import token_name
+from rewardq.broker.schemas import ResultStatus, ScoreResult
+from rewardq.gateway.auth import token_name
 
 #: A request refused for want of a valid token.
 UNAUTHENTICATED = "unauthenticated"

@@ -11,10 +11,10 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from broker.schemas import ScoreItem, ScoreResult
-from gateway.openrlhf import OpenRLHFReply, OpenRLHFRequest
-from gateway.schemas import EndLine, ErrorBody, ResultLine, ScoreRequest, ScoreResponse
-from gateway.slime import SlimeRequest
+from rewardq.broker.schemas import ScoreItem, ScoreResult
+from rewardq.gateway.openrlhf import OpenRLHFReply, OpenRLHFRequest
+from rewardq.gateway.schemas import EndLine, ErrorBody, ResultLine, ScoreRequest, ScoreResponse
+from rewardq.gateway.slime import SlimeRequest
 
 _MODELS: tuple[type[BaseModel], ...] = (
     ScoreItem, ScoreResult, ScoreRequest, ScoreResponse, ResultLine, EndLine, ErrorBody,

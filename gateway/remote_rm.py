@@ -1,7 +1,7 @@
 """What the remote-reward-model protocols share: how a sample becomes an item, and how a
 result becomes a reward.
 
-OpenRLHF (:mod:`gateway.openrlhf`) and slime (:mod:`gateway.slime`) send a prompt, a
+OpenRLHF (:mod:`rewardq.gateway.openrlhf`) and slime (:mod:`rewardq.gateway.slime`) send a prompt, a
 response (or the whole decoded sequence) and a dataset ``label``, and read back a
 number. What rewardq makes of the label is a choice (:class:`RewardMapping`), set per
 deployment (``REWARDQ_GATEWAY_*``) and overridable per endpoint URL with query
@@ -33,10 +33,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from broker.schemas import ResultStatus, ScoreResult
-from broker.settings import Settings
-from gateway.errors import GatewayRequestError
-from gateway.scoring import is_transient
+from rewardq.broker.schemas import ResultStatus, ScoreResult
+from rewardq.broker.settings import Settings
+from rewardq.gateway.errors import GatewayRequestError
+from rewardq.gateway.scoring import is_transient
 
 LabelAs = Literal["reference", "metadata"]
 ResponseFrom = Literal["strip_prompt", "query"]

@@ -15,10 +15,10 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from broker.errors import InvalidItemError
-from broker.schemas import ResultStatus, ScoreItem, ScoreResult, parse_items
-from gateway.auth import TOKEN_NAME_KEY
-from gateway.errors import GatewayRequestError
+from rewardq.broker.errors import InvalidItemError
+from rewardq.broker.schemas import ResultStatus, ScoreItem, ScoreResult, parse_items
+from rewardq.gateway.auth import TOKEN_NAME_KEY
+from rewardq.gateway.errors import GatewayRequestError
 
 _FIELD_IN_MESSAGE = re.compile(r"field '([^']*)'")
 _M = TypeVar("_M", bound=BaseModel)
@@ -115,7 +115,7 @@ def check_items(raw_items: Sequence[Any], token: str) -> list[ScoreItem]:
     Args:
         raw_items: the request's item JSON objects.
         token: the caller's token name, put into each item's metadata
-            (:data:`~gateway.auth.TOKEN_NAME_KEY`, replacing any value the caller sent).
+            (:data:`~rewardq.gateway.auth.TOKEN_NAME_KEY`, replacing any value the caller sent).
 
     Raises:
         GatewayRequestError: 422 ``invalid_items`` listing every bad field of every item;

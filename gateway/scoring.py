@@ -33,16 +33,16 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
-from broker.errors import (
+from rewardq.broker.errors import (
     BrokerUnavailableError,
     ChunksLostError,
     InvalidItemError,
     NoWorkersError,
     RewardqError,
 )
-from broker.schemas import ResultStatus, ScoreItem, ScoreResult
-from producer.async_client import AsyncRewardClient
-from producer.client import PendingScores
+from rewardq.broker.schemas import ResultStatus, ScoreItem, ScoreResult
+from rewardq.producer.async_client import AsyncRewardClient
+from rewardq.producer.client import PendingScores
 
 #: Pause before the second round of an item; it doubles each round up to MAX_PAUSE_S.
 FIRST_PAUSE_S = 1.0
@@ -53,7 +53,7 @@ PER_ITEM_MAX = 8
 #: How often a round that found no live worker looks for one.
 WORKER_POLL_S = 1.0
 
-#: Failures of a judge call worth another round: the error texts ``broker.verdicts`` and
+#: Failures of a judge call worth another round: the error texts ``rewardq.broker.verdicts`` and
 #: the workers' endpoint pool write for them.
 _TRANSIENT_ERROR = re.compile(
     r"(?:^|: )(?:judge answered HTTP (?:408|409|429|5\d\d)\b|judge timed out|"

@@ -13,9 +13,9 @@ import ipaddress
 
 import uvicorn
 
-from broker.errors import ConfigError
-from broker.settings import Settings
-from gateway.app import create_app
+from rewardq.broker.errors import ConfigError
+from rewardq.broker.settings import Settings
+from rewardq.gateway.app import create_app
 
 #: The default port of ``rewardq serve``.
 GATEWAY_PORT = 8800

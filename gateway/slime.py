@@ -23,8 +23,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from broker.schemas import ResultStatus, ScoreResult
-from gateway.remote_rm import RewardMapping
+from rewardq.broker.schemas import ResultStatus, ScoreResult
+from rewardq.gateway.remote_rm import RewardMapping
 
 
 class SlimeRequest(BaseModel):

@@ -1,4 +1,4 @@
-"""``python -m judge_server``: the local judge in the foreground.
+"""``python -m rewardq.judge_server``: the local judge in the foreground.
 
 Prints ``judge server listening on http://HOST:PORT/v1`` once it accepts connections
 (with the real port when ``--port 0``) and exits 0 on SIGINT or SIGTERM. ``rewardq
@@ -12,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from judge_server.config import (
+from rewardq.judge_server.config import (
     DEFAULT_MODEL,
     DEFAULT_PORT,
     DEFAULT_REASONING_EFFORT,
@@ -24,13 +24,13 @@ from judge_server.config import (
     JudgeConfig,
     parse_error_kinds,
 )
-from judge_server.server import LOOPS, run
+from rewardq.judge_server.server import LOOPS, run
 
 DESCRIPTION = ("Local OpenAI-compatible LLM judge: deterministic grading, "
                "injectable latency, faults and rate limits, and profiles that answer "
                "the way today's reasoning judges do.")
 
-#: What ``--help`` says about the profiles (``judge_server.profiles`` has the details).
+#: What ``--help`` says about the profiles (``rewardq.judge_server.profiles`` has the details).
 PROFILES_EPILOG = """\
 profiles (--profile), each modelled on the provider's own documentation:
   plain             a non-reasoning judge (GPT-4.1/4o class): every common
@@ -74,7 +74,7 @@ object ({"score": 7}; after the thinking where there is one), unless
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line of ``python -m judge_server``."""
+    """The command line of ``python -m rewardq.judge_server``."""
     parser = argparse.ArgumentParser(prog="judge_server", description=DESCRIPTION)
     add_arguments(parser)
     return parser
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the judge server's options (every knob of ``JudgeConfig``) to ``parser``.
 
-    ``python -m judge_server`` and ``rewardq judge-server`` both call this, so the two
+    ``python -m rewardq.judge_server`` and ``rewardq judge-server`` both call this, so the two
     command lines are one definition; :func:`serve` runs what they parse.
     """
     defaults = JudgeConfig()
@@ -260,7 +260,7 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m judge_server``; returns the exit status.
+    """Entry point of ``python -m rewardq.judge_server``; returns the exit status.
 
     Args:
         argv: the arguments (without the program name); ``None`` reads ``sys.argv``.

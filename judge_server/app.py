@@ -1,12 +1,12 @@
 """The local judge's HTTP application: chat completions, models, stats and admin routes.
 
-- ``POST /v1/chat/completions``: grade the request (``judge_server.grading``) and answer
-  a ``chat.completion`` shaped by the configured profile (``judge_server.profiles``)
+- ``POST /v1/chat/completions``: grade the request (``rewardq.judge_server.grading``) and answer
+  a ``chat.completion`` shaped by the configured profile (``rewardq.judge_server.profiles``)
   after the configured latency, unless the profile refuses the request (its 400), a
   fault is injected or ``rpm_limit`` refuses it;
 - ``GET /v1/models``: the configured model;
-- ``GET /stats``: the counters (``judge_server.stats``); ``POST /stats/reset`` zeroes them;
-- ``GET /admin/config``: the knobs (``judge_server.config``); ``POST`` changes any subset;
+- ``GET /stats``: the counters (``rewardq.judge_server.stats``); ``POST /stats/reset`` zeroes them;
+- ``GET /admin/config``: the knobs (``rewardq.judge_server.config``); ``POST`` changes any subset;
 - ``GET /health``: ``{"status": "ok"}``.
 
 The completion path is the hot one (thousands of requests per second on one core): no
@@ -26,17 +26,12 @@ from typing import Any
 
 from aiohttp import web
 
-from judge_server.config import ConfigValueError, JudgeConfig
-from judge_server.faults import IMMEDIATE_FAULTS, FaultInjector
-from judge_server.grading import (
-    CORRECT_SCORE,
-    INCORRECT_SCORE,
-    grade_request,
-    shown_responses,
-    user_text,
-)
-from judge_server.profiles import Refusal, Reply, answer, check_request
-from judge_server.protocol import (
+from rewardq.judge_server.config import ConfigValueError, JudgeConfig
+from rewardq.judge_server.dispatch import grade_request, shown_responses
+from rewardq.judge_server.faults import IMMEDIATE_FAULTS, FaultInjector
+from rewardq.judge_server.grading import CORRECT_SCORE, INCORRECT_SCORE, user_text
+from rewardq.judge_server.profiles import Refusal, Reply, answer, check_request
+from rewardq.judge_server.protocol import (
     ERRORS,
     BadRequest,
     ErrorShape,
@@ -48,8 +43,8 @@ from judge_server.protocol import (
     retry_after_headers,
     score_spread,
 )
-from judge_server.rate_limit import SlidingWindowLimiter
-from judge_server.stats import JudgeStats, PromptTally
+from rewardq.judge_server.rate_limit import SlidingWindowLimiter
+from rewardq.judge_server.stats import JudgeStats, PromptTally
 
 #: Request bodies above this are refused (413): room for an item prompt whose response is
 #: at rewardq's per-response limit (600k characters), prompt and reference besides.

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-#: The port rewardq's settings point at by default (``broker.settings.LOCAL_JUDGE_PORT``).
+#: The port rewardq's settings point at by default (``rewardq.broker.settings.LOCAL_JUDGE_PORT``).
 #: Repeated, not imported: the judge stands in for a third-party API and shares no code
 #: with its clients.
 DEFAULT_PORT = 8008
@@ -23,7 +23,7 @@ DEFAULT_MODEL = "rewardq-local-judge"
 #: Fault kinds ``error_kinds`` may name: HTTP statuses, plus a hang and a scoreless reply.
 FAULT_KINDS = ("429", "500", "503", "400", "401", "timeout", "malformed")
 
-#: Which kind of judge the server plays (``judge_server.profiles`` says how each answers).
+#: Which kind of judge the server plays (``rewardq.judge_server.profiles`` says how each answers).
 PROFILES = ("plain", "openai-reasoning", "think-in-content", "reasoning-field",
             "digit-logprobs")
 #: ``reasoning_effort`` values an OpenAI reasoning model takes on chat completions.
@@ -62,7 +62,7 @@ class JudgeConfig:
         logprobs: answer ``logprobs: true`` requests with per-token logprobs; ``False``
             acts like an endpoint without logprobs support (the fields are ignored and
             ``choices[0].logprobs`` is ``null``).
-        position_bias: pairwise group prompts (``judge_server.group_grading``): how often
+        position_bias: pairwise group prompts (``rewardq.judge_server.group_grading``): how often
             (0..1) a close pair goes to the response shown first, by a draw fixed by the
             seed and the pair (so the same pair is biased in both orders); 0 = unbiased.
         position_bias_margin: grades this close or closer count as a close pair (0: only
@@ -70,7 +70,7 @@ class JudgeConfig:
         model_offsets: per requested model name, a number added to every score it gives
             (clamped to 1-10), so one server plays several judges that disagree, e.g.
             ``{"judge-lenient": 2, "judge-harsh": -3}`` (ensembles).
-        profile: the kind of judge played, one of ``PROFILES`` (``judge_server.profiles``):
+        profile: the kind of judge played, one of ``PROFILES`` (``rewardq.judge_server.profiles``):
             ``plain`` (the default), ``openai-reasoning``, ``think-in-content``,
             ``reasoning-field`` or ``digit-logprobs``.
         model_profiles: per requested model name, a profile that replaces ``profile`` for

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import random
 
-from judge_server.config import JudgeConfig
+from rewardq.judge_server.config import JudgeConfig
 
 #: Faults a gateway answers before the model runs: no latency.
 IMMEDIATE_FAULTS = frozenset({"429", "400", "401"})

@@ -5,7 +5,7 @@ and the tests of the whole system call :func:`expected_raw_score` to check every
 the workers hand back: whatever the server answers is exactly what these functions say.
 
 Two rubrics, chosen by the first line of the user message that
-``broker.prompts`` builds (``rewardq-judge v1 correctness`` / ``... quality``):
+``rewardq.broker.prompts`` builds (``rewardq-judge v1 correctness`` / ``... quality``):
 
 * **correctness** (a reference answer is given): 10 if the response's
   :func:`final_answer` equals the reference's answer, else 1.
@@ -21,8 +21,6 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
-
-from judge_server.config import JudgeConfig
 
 CORRECT_SCORE = 10
 INCORRECT_SCORE = 1
@@ -47,7 +45,7 @@ class Grade:
     score: int
     reason: str
     #: The whole reply to send instead of ``{"score": ..., "reason": ...}`` (group
-    #: prompts answer with their own JSON, see ``judge_server.group_grading``).
+    #: prompts answer with their own JSON, see ``rewardq.judge_server.group_grading``).
     reply: str | None = None
 
 
@@ -203,51 +201,6 @@ def parse_judge_prompt(user_message: str) -> JudgeRequest:
         return foreign
     response = user_message[start + len("<<<RESPONSE>>>\n"):end]
     return JudgeRequest(rubric, prompt, response, reference)
-
-
-def grade_request(messages: Any, config: JudgeConfig | None = None) -> Grade:
-    """Grade a chat-completions ``messages`` list; never raises on odd input.
-
-    The last ``user`` message is graded (see :func:`parse_judge_prompt`); without one,
-    the text of all messages is graded with the quality heuristic. A group prompt
-    (listwise or pairwise) is answered by ``judge_server.group_grading``, with
-    ``config``'s position bias.
-    """
-    from judge_server import group_grading  # it grades each response with grade_item
-
-    text = user_text(messages)
-    if group_grading.is_group_prompt(text):
-        config = config or JudgeConfig()
-        grade = group_grading.grade_group(text, position_bias=config.position_bias,
-                                          margin=config.position_bias_margin,
-                                          seed=config.seed)
-        if grade is not None:
-            return grade
-    request = parse_judge_prompt(text)
-    if request.rubric is None:
-        score = quality_score("", request.response)
-        return Grade(score, f"unrecognised prompt; quality heuristic gives {score}")
-    return grade_item(request.prompt, request.response, request.reference)
-
-
-def shown_responses(user_message: str) -> list[str]:
-    """The RESPONSE section(s) of a rewardq judge prompt: one for an item prompt, one per
-    response for a group prompt, none for a foreign prompt (what ``GET /stats`` inspects
-    for thinking and end-of-turn tokens)."""
-    from judge_server import group_grading
-
-    if not user_message.startswith("rewardq-"):  # neither header: a foreign prompt
-        return []
-    if user_message.startswith("rewardq-group"):
-        group = group_grading.parse_group_prompt(user_message)
-        return [] if group is None else [text for _, text in group.responses]
-    request = parse_judge_prompt(user_message)
-    return [] if request.rubric is None else [request.response]
-
-
-def grade_messages(messages: Any) -> int:
-    """The score (1..10) the local judge gives a chat-completions ``messages`` list."""
-    return grade_request(messages).score
 
 
 def user_text(messages: Any) -> str:

@@ -1,9 +1,9 @@
 """The local judge's group verdicts (listwise and pairwise prompts); pure, no I/O.
 
 A group prompt's first line is ``rewardq-group v1 listwise`` or ``... pairwise`` (the
-format ``broker.group_prompts`` writes; repeated here, not imported: the judge stands in
+format ``rewardq.broker.group_prompts`` writes; repeated here, not imported: the judge stands in
 for a third-party API). Each response is graded with the per-item rule
-(:func:`judge_server.grading.grade_item`: correctness against the REFERENCE when there is
+(:func:`rewardq.judge_server.grading.grade_item`: correctness against the REFERENCE when there is
 one, else the quality heuristic), so a test can predict every answer:
 
 * **listwise**: ``{"scores": {"A": <grade of A>, "B": ...}}``;
@@ -23,7 +23,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from judge_server.grading import Grade, first_line_of, grade_item, section
+from rewardq.judge_server.grading import Grade, first_line_of, grade_item, section
 
 _HEADER = re.compile(r"rewardq-group v\d+ (listwise|pairwise)")
 
@@ -138,7 +138,7 @@ def bias_draw(seed: int, first: str, second: str) -> float:
 
 
 def _label(k: int) -> str:
-    """The ``k``-th label (1-based): A .. Z, then AA, AB ... (``broker.group_prompts``)."""
+    """The ``k``-th label (1-based): A .. Z, then AA, AB ... (``rewardq.broker.group_prompts``)."""
     label = ""
     while k:
         k, rest = divmod(k - 1, 26)

@@ -40,7 +40,7 @@ against the real judge:
   ``usage.completion_tokens_details.reasoning_tokens`` counts the thinking.
 * ``digit-logprobs``: a model whose tokenizer writes numbers digit by digit (Qwen,
   Mistral): answers like ``plain``, but its logprobs spread the judge's intended
-  distribution over the score's digits (``judge_server.digit_logprobs``).
+  distribution over the score's digits (``rewardq.judge_server.digit_logprobs``).
 
 For ``think-in-content`` and ``reasoning-field`` a token is 4 characters of generated
 text, rounded up, and the budget is ``max_completion_tokens`` or else ``max_tokens``
@@ -68,10 +68,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from judge_server.config import DEFAULT_REASONING_EFFORT, REASONING_EFFORTS, JudgeConfig
-from judge_server.digit_logprobs import digit_logprobs_content, intended_distribution
-from judge_server.grading import Grade
-from judge_server.protocol import (
+from rewardq.judge_server.config import DEFAULT_REASONING_EFFORT, REASONING_EFFORTS, JudgeConfig
+from rewardq.judge_server.digit_logprobs import digit_logprobs_content, intended_distribution
+from rewardq.judge_server.grading import Grade
+from rewardq.judge_server.protocol import (
     MALFORMED_REPLY,
     ChatRequest,
     count_tokens,
@@ -363,7 +363,7 @@ def marked_logprobs(content: str, marks: list[tuple[int, int]], spread: float,
                     top_logprobs: int) -> list[dict[str, Any]]:
     """``choices[0].logprobs.content`` over ``content``: certain tokens, except the score
     token starting at each ``(offset, score)`` mark, whose alternatives are
-    :func:`judge_server.protocol.score_logprobs` peaked at that score."""
+    :func:`rewardq.judge_server.protocol.score_logprobs` peaked at that score."""
     at = dict(marks)
     entries = []
     offset = 0

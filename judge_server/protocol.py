@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from judge_server.grading import Grade, content_text
+from rewardq.judge_server.grading import Grade, content_text
 
 MALFORMED_REPLY = "I cannot grade this response."
 #: The most ``top_logprobs`` the chat-completions API accepts.

@@ -1,6 +1,6 @@
 """Running the local judge: in the foreground until a signal, or in a background thread.
 
-``run`` is what ``python -m judge_server`` and ``rewardq judge-server`` call; ``serve`` is
+``run`` is what ``python -m rewardq.judge_server`` and ``rewardq judge-server`` call; ``serve`` is
 the coroutine underneath, for callers that own an event loop; ``BackgroundJudgeServer``
 starts one inside the current process (on its own loop in a native thread), for tests
 that want a judge without a subprocess. Port 0 binds a free port; every entry point
@@ -20,8 +20,8 @@ from types import TracebackType
 
 from aiohttp import web
 
-from judge_server.app import SERVICE_KEY, JudgeService, build_app
-from judge_server.config import DEFAULT_PORT, JudgeConfig
+from rewardq.judge_server.app import SERVICE_KEY, JudgeService, build_app
+from rewardq.judge_server.config import DEFAULT_PORT, JudgeConfig
 
 #: Listen backlog: benchmarks open a thousand connections at once.
 BACKLOG = 4096
@@ -138,7 +138,7 @@ def run(host: str = "127.0.0.1", port: int = DEFAULT_PORT, config: JudgeConfig |
 class BackgroundJudgeServer:
     """A judge serving from a daemon thread of this process; a context manager.
 
-    Not for gevent-patched processes (start ``python -m judge_server`` there instead).
+    Not for gevent-patched processes (start ``python -m rewardq.judge_server`` there instead).
 
     Args:
         config: the knobs to start with.

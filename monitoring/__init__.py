@@ -1,7 +1,7 @@
 """Instrumentation the fleet carries: worker metrics and cost accounting.
 
-- ``monitoring.metrics``: Prometheus metrics of a worker process and their endpoint;
-- ``monitoring.costs``: the judge price table and per-step / cumulative costs;
+- ``rewardq.monitoring.metrics``: Prometheus metrics of a worker process and their endpoint;
+- ``rewardq.monitoring.costs``: the judge price table and per-step / cumulative costs;
 - ``grafana/``, ``prometheus.yml``, ``alerts.yml``: dashboards, scraping and alerts
   for ``docker-compose.yml``.
 

@@ -24,8 +24,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker.errors import ConfigError
-from broker.schemas import ResultStatus, ScoreResult
+from rewardq.broker.errors import ConfigError
+from rewardq.broker.schemas import ResultStatus, ScoreResult
 
 TOKENS_PER_PRICE_UNIT = 1_000_000
 ANY_MODEL = "*"

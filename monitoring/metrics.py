@@ -41,11 +41,11 @@ metric                                                type       labels
 Redis memory: ``rewardq_fleet_redis_used_memory_bytes`` and ``..._maxmemory_bytes`` are
 Redis' ``used_memory`` and ``maxmemory`` (0: no cap) at scrape time; their ratio is what
 ``RewardqRedisMemoryHigh`` watches. ``rewardq_fleet_cache_evictions_total`` counts the
-verdicts the cache deleted to make room (``workers.cache``), and
+verdicts the cache deleted to make room (``rewardq.workers.cache``), and
 ``rewardq_fleet_redis_evicted_keys_total`` the keys Redis itself evicted (0 under the
 ``noeviction`` policy rewardq needs; anything else means queued work can be dropped).
 ``rewardq_redis_full_errors_total`` (per process) counts the writes Redis refused
-because it was full (``broker.connections.redis_full_errors``; ``RewardqRedisFull``).
+because it was full (``rewardq.broker.connections.redis_full_errors``; ``RewardqRedisFull``).
 
 The two ``rewardq_fleet_*`` series are read from Redis at scrape time and are the same on
 every worker: take their ``max()``, not their ``sum()``. ``rewardq_fleet_workers_up``
@@ -56,13 +56,13 @@ counts the items producers answered from the cache at submit, which never reach 
 the cache hit rate needs them.
 
 The ``rewardq_fleet_budget_*`` series are fleet-wide too (take their ``max()``), one per
-run with a judge budget in Redis (``workers.budget``): what the run spent and what the
+run with a judge budget in Redis (``rewardq.workers.budget``): what the run spent and what the
 calls in flight reserved (their worst cases), its limit and each step's limit (absent
 while unlimited), and the calls refused; spent is a gauge because ``rewardq budget
 reset`` zeroes it. Spend against budget: ``spent_usd / limit_usd``.
 
 The ``rewardq_judge_endpoint_*`` series exist when the judge has several base URLs
-(``REWARDQ_JUDGE_BASE_URLS``, see ``workers.endpoints``): ``endpoint`` is a base URL
+(``REWARDQ_JUDGE_BASE_URLS``, see ``rewardq.workers.endpoints``): ``endpoint`` is a base URL
 without credentials; ``requests_total`` counts each HTTP call by the endpoint's answer
 (``ok`` for a 200, else as :func:`call_status`; ``cancelled`` for a call cancelled
 mid-flight); ``breaker_state`` is 0 closed, 1 open, 2 half-open; ``failovers_total``
@@ -74,7 +74,7 @@ score), the HTTP status of an error answer (``429``, ``500``...), ``timeout`` or
 item id, so the series stay few.
 
 Why not ``prometheus_client.Counter``: a worker updates its metrics from two threads
-(the gevent hub thread and the asyncio loop thread of ``workers.bridge``), and under
+(the gevent hub thread and the asyncio loop thread of ``rewardq.workers.bridge``), and under
 ``gevent.monkey.patch_all`` the client's ``threading.Lock`` is a gevent lock, which a
 native thread must not block on. :class:`WorkerMetrics` keeps plain numbers behind one
 *native* lock whose critical sections never yield, and a collector turns them into
@@ -108,7 +108,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from broker.errors import JudgeError
+from rewardq.broker.errors import JudgeError
 
 log = logging.getLogger(__name__)
 
@@ -373,7 +373,7 @@ class _Collector(Collector):
         yield _counter("items", "Items scored, by result status.", ["status"],
                        {(k,): v for k, v in s.items.items()})
         yield from _endpoint_families(self._metrics.endpoint_snapshot())
-        from broker.connections import redis_full_errors
+        from rewardq.broker.connections import redis_full_errors
         yield _counter("redis_full_errors", "Redis writes refused because Redis was full "
                        "(maxmemory reached).", [], {(): float(redis_full_errors())})
 
@@ -465,8 +465,8 @@ class FleetCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         from prometheus_client.core import GaugeMetricFamily
 
-        from broker.fleet import BEAT_INTERVAL_S, live_workers
-        from broker.keys import SUBMIT_CACHE_HITS
+        from rewardq.broker.fleet import BEAT_INTERVAL_S, live_workers
+        from rewardq.broker.keys import SUBMIT_CACHE_HITS
 
         try:
             now = time.time()
@@ -490,7 +490,7 @@ def _memory_families(client: Any) -> Iterator[Metric]:
     """Redis' memory and evictions, and the verdicts the cache deleted to make room."""
     from prometheus_client.core import GaugeMetricFamily
 
-    from broker.keys import CACHE_EVICTIONS
+    from rewardq.broker.keys import CACHE_EVICTIONS
 
     try:
         memory = client.info("memory")
@@ -519,7 +519,7 @@ def _budget_families(client: Any) -> Iterator[Metric]:
     """The ``rewardq_fleet_budget_*`` series of every run in ``rewardq:budget:runs``."""
     from prometheus_client.core import GaugeMetricFamily
 
-    from broker.keys import BUDGET_RUNS, BUDGET_UNITS_PER_USD, budget_key
+    from rewardq.broker.keys import BUDGET_RUNS, BUDGET_UNITS_PER_USD, budget_key
 
     try:
         runs = sorted(r.decode() if isinstance(r, bytes) else str(r)
@@ -622,7 +622,7 @@ def discover_endpoints(app: Any, timeout_s: float = 1.0) -> dict[str, MetricsEnd
     """Ask every worker for its endpoint (the ``rewardq_metrics`` inspect command).
 
     Args:
-        app: a Celery app on the fleet's broker (``broker.app.create_app``).
+        app: a Celery app on the fleet's broker (``rewardq.broker.app.create_app``).
         timeout_s: how long to collect replies.
 
     Returns:

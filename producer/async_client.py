@@ -29,16 +29,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from broker.errors import (
+from rewardq.broker.errors import (
     BrokerUnavailableError,
     InvalidItemError,
     NoWorkersError,
     RewardqError,
     ScoringTimeoutError,
 )
-from broker.schemas import ScoreItem, ScoreResult, parse_items
-from broker.settings import Settings
-from producer.client import PendingScores, RewardClient
+from rewardq.broker.schemas import ScoreItem, ScoreResult, parse_items
+from rewardq.broker.settings import Settings
+from rewardq.producer.client import PendingScores, RewardClient
 
 __all__ = ["DEFAULT_WINDOW_S", "AsyncRewardClient"]
 
@@ -81,7 +81,7 @@ class AsyncRewardClient:
     """Per-item and batch scoring through the worker fleet, for asyncio code.
 
     Args:
-        settings: as for :class:`~producer.client.RewardClient`; ``chunk_size`` is also
+        settings: as for :class:`~rewardq.producer.client.RewardClient`; ``chunk_size`` is also
             the coalescing batch size.
         window_s: how long the first item of a batch waits for more before the batch
             is sent (a few ms: long enough for a burst of concurrent calls to meet,

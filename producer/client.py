@@ -8,8 +8,8 @@ splits the rest into chunks (one Celery task per chunk, never per item) and retu
 
 Results are read in one place, :meth:`RewardClient.read_chunks` (one MGET over the
 chunks' result keys), which the blocking waits here and the asyncio client
-(:mod:`producer.async_client`) both use. A wait that finds no live worker consuming the
-queue says so (:class:`~broker.errors.NoWorkersError`) within seconds instead of
+(:mod:`rewardq.producer.async_client`) both use. A wait that finds no live worker consuming the
+queue says so (:class:`~rewardq.broker.errors.NoWorkersError`) within seconds instead of
 sitting out its timeout.
 """
 
@@ -28,17 +28,17 @@ from celery import Celery, states
 from kombu.utils.url import maybe_sanitize_url
 from pydantic_core import PydanticSerializationError
 
-from broker.app import QUEUE_JUDGE, create_app
-from broker.connections import is_redis_full, redis_client, redis_full_error
-from broker.errors import (
+from rewardq.broker.app import QUEUE_JUDGE, create_app
+from rewardq.broker.connections import is_redis_full, redis_client, redis_full_error
+from rewardq.broker.errors import (
     BrokerUnavailableError,
     ChunksLostError,
     InvalidItemError,
     NoWorkersError,
     ScoringTimeoutError,
 )
-from broker.fleet import BEAT_INTERVAL_S, chunk_size_for, fleet_counts, live_workers
-from broker.jobs import (
+from rewardq.broker.fleet import BEAT_INTERVAL_S, chunk_size_for, fleet_counts, live_workers
+from rewardq.broker.jobs import (
     ChunkMeta,
     forget_chunks,
     item_results,
@@ -48,11 +48,11 @@ from broker.jobs import (
     visible_chunks,
     wait_for_chunk_done,
 )
-from broker.judge_core import judge_spec
-from broker.keys import SUBMIT_CACHE_HITS, cache_key, judge_fingerprints
-from broker.rollout_view import view_items
-from broker.rubrics import rubric_book
-from broker.schemas import (
+from rewardq.broker.judge_core import judge_spec
+from rewardq.broker.keys import SUBMIT_CACHE_HITS, cache_key, judge_fingerprints
+from rewardq.broker.rollout_view import view_items
+from rewardq.broker.rubrics import rubric_book
+from rewardq.broker.schemas import (
     SCORE_RESULTS,
     ResultStatus,
     ScoreChunk,
@@ -60,7 +60,7 @@ from broker.schemas import (
     ScoreResult,
     parse_items,
 )
-from broker.settings import Settings
+from rewardq.broker.settings import Settings
 
 _FIRST_POLL_S = 0.002
 _MAX_POLL_S = 0.025
@@ -202,7 +202,7 @@ class RewardClient:
 
     def wait_for_chunks(self, job_ids: Sequence[str], timeout_s: float) -> bool:
         """Sleep up to ``timeout_s``, waking as soon as a worker announces a stored chunk
-        of one of ``job_ids`` (``broker.jobs.wait_for_chunk_done``); whether one did.
+        of one of ``job_ids`` (``rewardq.broker.jobs.wait_for_chunk_done``); whether one did.
         With Redis away this is a plain sleep: the next poll reports the outage."""
         try:
             return wait_for_chunk_done(self.redis, job_ids, timeout_s)
@@ -217,7 +217,7 @@ class RewardClient:
 
     def chunk_size(self) -> int:
         """Items per chunk for the live fleet: ``settings.chunk_size``, or fewer where a
-        worker makes only a few judge calls at once (``broker.fleet.chunk_size_for``).
+        worker makes only a few judge calls at once (``rewardq.broker.fleet.chunk_size_for``).
         Heartbeats are read at most once per beat interval; with Redis away, the
         configured size (publishing the chunks then decides the submit's fate).
         """
@@ -242,7 +242,7 @@ class RewardClient:
             raise BrokerUnavailableError(f"cannot read worker heartbeats: {exc}") from exc
 
     def fleet_counts(self) -> tuple[int, int]:
-        """``(live, starting)`` workers of this client's queue (``broker.fleet``).
+        """``(live, starting)`` workers of this client's queue (``rewardq.broker.fleet``).
 
         Raises:
             BrokerUnavailableError: Redis could not be reached.
@@ -322,7 +322,7 @@ class PendingScores:
     def absorb(self, finished: dict[str, ChunkMeta]) -> None:
         """Take in the finished chunks among ``finished`` (others' task ids are ignored).
 
-        The results taken in are deleted from Redis at once (``broker.jobs.forget_chunks``,
+        The results taken in are deleted from Redis at once (``rewardq.broker.jobs.forget_chunks``,
         one UNLINK, best effort): nobody reads them again, and their memory is what a
         step leaves behind until they would expire.
         """

@@ -23,7 +23,7 @@ class LengthPenaltyConfig(BaseModel):
 
     The reward of a sample is ``rule_score + reward_coefficient * judge_score -
     penalty_scale * penalty``, where ``penalty`` is the non-negative value returned by
-    :func:`producer.penalties.length_penalty`.
+    :func:`rewardq.producer.penalties.length_penalty`.
 
     Raises:
         pydantic.ValidationError: (a ``ValueError``) on an unknown key, a value out of

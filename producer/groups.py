@@ -20,7 +20,7 @@ without blocking its event loop, until the group is complete:
   members seen, with status ``incomplete``. Never a hang, never a silent wrong median:
   the status says which.
 
-Key: ``rewardq:group:<uid>`` (HASH; see :mod:`broker.keys`), TTL ``ttl_s``.
+Key: ``rewardq:group:<uid>`` (HASH; see :mod:`rewardq.broker.keys`), TTL ``ttl_s``.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ from typing import Any
 
 import redis
 
-from broker.errors import BrokerUnavailableError
-from broker.keys import group_key
+from rewardq.broker.errors import BrokerUnavailableError
+from rewardq.broker.keys import group_key
 
 __all__ = ["GroupMedian", "GroupMedians", "GroupStatus", "member_id"]
 

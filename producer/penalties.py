@@ -31,7 +31,7 @@ import numpy.typing as npt
 import torch
 from torch import Tensor
 
-from producer.config import LengthPenaltyConfig
+from rewardq.producer.config import LengthPenaltyConfig
 
 __all__ = [
     "group_ids",

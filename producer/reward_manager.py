@@ -26,7 +26,7 @@ the step goes on. ``last_timing`` records the step's "GPU wait" (time blocked on
 scores) next to the judge's wall time.
 
 Identical samples are judged once on both paths: the fleet dedups by the items'
-fingerprints (``broker.keys``), and the in-process sync judge goes through
+fingerprints (``rewardq.broker.keys``), and the in-process sync judge goes through
 :func:`score_each_once`, which asks it once per distinct fingerprint.
 """
 
@@ -42,23 +42,23 @@ import torch
 from pydantic import ValidationError
 from torch import Tensor
 
-from broker.errors import ConfigError, InvalidItemError
-from broker.keys import judge_fingerprints
-from broker.rollout_view import view_items
-from broker.rubrics import RubricBook
-from broker.schemas import ResultStatus, ScoreItem, ScoreResult
-from broker.settings import Settings
-from producer.client import PendingScores, RewardClient
-from producer.config import LengthPenaltyConfig
-from producer.penalties import (
+from rewardq.broker.errors import ConfigError, InvalidItemError
+from rewardq.broker.keys import judge_fingerprints
+from rewardq.broker.rollout_view import view_items
+from rewardq.broker.rubrics import RubricBook
+from rewardq.broker.schemas import ResultStatus, ScoreItem, ScoreResult
+from rewardq.broker.settings import Settings
+from rewardq.producer.client import PendingScores, RewardClient
+from rewardq.producer.config import LengthPenaltyConfig
+from rewardq.producer.penalties import (
     group_ids,
     group_medians,
     length_penalty,
     place_at_last_token,
     response_lengths,
 )
-from producer.step_timing import JudgeMode, StepTiming, now, synchronize
-from producer.sync_judge import SyncJudge
+from rewardq.producer.step_timing import JudgeMode, StepTiming, now, synchronize
+from rewardq.producer.sync_judge import SyncJudge
 
 __all__ = [
     "DataProtoLike",
@@ -217,7 +217,7 @@ def without_invalid(rubrics: RubricBook, items: Sequence[ScoreItem],
 
 def judge_key(judge: SyncJudge, item: ScoreItem) -> tuple[ScoreItem, str] | ScoreResult:
     """``item`` with its rubric assigned and what identifies it to the judge: the
-    fingerprint of its view (``broker.rollout_view``), the key the fleet caches and dedups
+    fingerprint of its view (``rewardq.broker.rollout_view``), the key the fleet caches and dedups
     its verdicts under; or, for an item that gets no judge call, its result
     (``no_answer``: nothing to judge; ``invalid``: its rubric is unknown or needs a
     reference it lacks)."""
@@ -296,7 +296,7 @@ class LengthPenaltyRewardManager:
         reward_fn_key: the ``non_tensor_batch`` key that holds the data source.
         length_penalty_config: a ``LengthPenaltyConfig``, a dict or an OmegaConf
             mapping (``LengthPenaltyConfig.from_mapping``); ``None`` = the defaults.
-        **kwargs: ``settings`` (``broker.settings.Settings``; default ``Settings()``
+        **kwargs: ``settings`` (``rewardq.broker.settings.Settings``; default ``Settings()``
             from ``REWARDQ_*`` on first use, since verl makes this class the entry point),
             ``client`` (a ``RewardClient`` for the async mode; default one built on first
             use from the settings), ``sync_judge`` (a ``SyncJudge`` for the sync mode).
@@ -546,7 +546,7 @@ class LengthPenaltyRewardManager:
     def _items(samples: _Samples, indices: Sequence[int],
                judged: list[ScoreResult | None]) -> list[ScoreItem]:
         """Judge items for ``indices`` (id = batch index); a sample that is no valid item
-        (an empty prompt, a text over ``broker.schemas.MAX_TEXT_CHARS``) gets an
+        (an empty prompt, a text over ``rewardq.broker.schemas.MAX_TEXT_CHARS``) gets an
         ``invalid`` result in ``judged``. Empty and long responses are items: the judge
         is shown their view, and one with no final answer gets ``no_answer``."""
         items: list[ScoreItem] = []

@@ -44,11 +44,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from broker.schemas import ResultStatus, ScoreItem, ScoreResult
-from broker.settings import Settings
-from producer.client import RewardClient
-from producer.reward_manager import score_each_once, without_invalid
-from producer.sync_judge import SyncJudge
+from rewardq.broker.schemas import ResultStatus, ScoreItem, ScoreResult
+from rewardq.broker.settings import Settings
+from rewardq.producer.client import RewardClient
+from rewardq.producer.reward_manager import score_each_once, without_invalid
+from rewardq.producer.sync_judge import SyncJudge
 
 __all__ = [
     "ASYNC_DEFAULT_NAME",
@@ -134,7 +134,7 @@ def trl_items(prompts: Sequence[Any], completions: Sequence[Any], columns: Mappi
     Returns:
         ``(items, results)``: the valid items (id = position), and a list as long as
         ``completions`` holding an ``invalid`` result at each position that is no valid
-        item (an empty prompt, a text over ``broker.schemas.MAX_TEXT_CHARS``) and
+        item (an empty prompt, a text over ``rewardq.broker.schemas.MAX_TEXT_CHARS``) and
         ``None`` elsewhere. Empty and long completions are items: the judge is shown
         their view, and one with no final answer gets ``no_answer``.
 

@@ -18,20 +18,21 @@ except PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
 if TYPE_CHECKING:
-    from broker.schemas import ResultStatus, ScoreItem, ScoreResult
-    from broker.settings import Settings
-    from producer.async_client import AsyncRewardClient
-    from producer.client import PendingScores, RewardClient
+    from rewardq.broker.schemas import ResultStatus, ScoreItem, ScoreResult
+    from rewardq.broker.settings import Settings
+    from rewardq.producer.async_client import AsyncRewardClient
+    from rewardq.producer.client import PendingScores, RewardClient
 
 __all__ = ["AsyncRewardClient", "PendingScores", "ResultStatus", "RewardClient", "ScoreItem",
            "ScoreResult", "Settings", "__version__"]
 
 # Imported on first use (PEP 562), so the console script starts without loading the
 # client stack: ``rewardq --help`` and ``rewardq stats`` need none of it.
-_HOMES = {"AsyncRewardClient": "producer.async_client", "PendingScores": "producer.client",
-          "RewardClient": "producer.client", "ResultStatus": "broker.schemas",
-          "ScoreItem": "broker.schemas", "ScoreResult": "broker.schemas",
-          "Settings": "broker.settings"}
+_HOMES = {"AsyncRewardClient": "rewardq.producer.async_client",
+          "PendingScores": "rewardq.producer.client",
+          "RewardClient": "rewardq.producer.client", "ResultStatus": "rewardq.broker.schemas",
+          "ScoreItem": "rewardq.broker.schemas", "ScoreResult": "rewardq.broker.schemas",
+          "Settings": "rewardq.broker.settings"}
 
 
 def __getattr__(name: str) -> Any:

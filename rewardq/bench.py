@@ -24,7 +24,7 @@ beside it, with Redis commands per item, the result delivery lag (last chunk
 stored → ``result()`` returned) and the step overhead (wall minus the longest time a
 worker spent scoring one of the step's items: what the pipeline adds to the judge, for a
 step whose chunks the workers take at once; a larger step's chunks also wait in the
-queue for judge calls to free, ``workers.intake``).
+queue for judge calls to free, ``rewardq.workers.intake``).
 Together they give the host's CPU bound, cores / CPU per item: on a small machine that,
 not ``ideal``, is the floor the fleet meets.
 Timed phases are interleaved per repeat (so load from other users of the machine hits
@@ -57,9 +57,9 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from broker.errors import RewardqError
-from broker.schemas import ResultStatus, ScoreResult
-from broker.settings import Settings
+from rewardq.broker.errors import RewardqError
+from rewardq.broker.schemas import ResultStatus, ScoreResult
+from rewardq.broker.settings import Settings
 from rewardq.stack import settings_env, stop_process
 
 if TYPE_CHECKING:  # imported where used: `rewardq --help` must not load the client stack
@@ -235,8 +235,8 @@ def asyncio_child_main() -> None:
     import httpx2
     import openai
 
-    from broker.errors import JudgeError
-    from broker.judge_core import (
+    from rewardq.broker.errors import JudgeError
+    from rewardq.broker.judge_core import (
         COMPLETIONS_PATH,
         answer_text,
         judge_request,
@@ -244,8 +244,8 @@ def asyncio_child_main() -> None:
         judge_verdict,
         read_reply,
     )
-    from broker.rubrics import builtin_rubrics
-    from broker.schemas import ScoreItem
+    from rewardq.broker.rubrics import builtin_rubrics
+    from rewardq.broker.schemas import ScoreItem
 
     settings = Settings()
     rubrics = builtin_rubrics()
@@ -294,8 +294,8 @@ class Bench:
     """
 
     def __init__(self, stack: LocalStack) -> None:
-        from producer.async_client import AsyncRewardClient
-        from producer.client import RewardClient
+        from rewardq.producer.async_client import AsyncRewardClient
+        from rewardq.producer.client import RewardClient
 
         self.stack = stack
         assert stack.judge is not None
@@ -397,7 +397,7 @@ class Bench:
 
     def sync_step(self, items: list[dict[str, Any]]) -> Run:
         """The sequential loop over ``items``."""
-        from producer.sync_judge import SyncJudge
+        from rewardq.producer.sync_judge import SyncJudge
 
         with SyncJudge(self.stack.settings) as judge:
             judge.score(items[:1])  # connect outside the clock, as a long-lived loop would

@@ -1,8 +1,8 @@
 """``rewardq budget show | set | reset``: the fleet's judge budget by hand.
 
 The budget of a run (``REWARDQ_BUDGET_RUN``, or ``--run``) lives in one Redis hash
-(``broker.keys.budget_key``; the workers' side is ``workers.budget``): its limits, what
-was spent and what is reserved by the calls in flight, in integer nano-dollars. ``set``
+(``rewardq.broker.keys.budget_key``; the workers' side is ``rewardq.workers.budget``): its
+limits, what was spent and what is reserved by the calls in flight, in integer nano-dollars. ``set``
 changes a limit for the whole fleet at once, no restart: the next call of every worker
 reads it, so after raising it ``rewardq failed replay --all`` scores the items that came
 back ``budget_exceeded``. ``reset`` zeroes the spend of a run (its limits and the
@@ -21,10 +21,10 @@ from dataclasses import asdict, dataclass, field
 
 import redis
 
-from broker.connections import redis_client
-from broker.errors import BrokerUnavailableError
-from broker.keys import BUDGET_RUNS, BUDGET_TTL_S, BUDGET_UNITS_PER_USD, budget_key
-from broker.settings import Settings
+from rewardq.broker.connections import redis_client
+from rewardq.broker.errors import BrokerUnavailableError
+from rewardq.broker.keys import BUDGET_RUNS, BUDGET_TTL_S, BUDGET_UNITS_PER_USD, budget_key
+from rewardq.broker.settings import Settings
 
 #: Steps ``show`` lists (the latest ones); ``--json`` has them all.
 SHOWN_STEPS = 10

@@ -13,22 +13,22 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from broker.app import QUEUE_JUDGE
-from broker.errors import InvalidItemError, RewardqError
-from broker.settings import EMBEDDED_REDIS_PORT, Settings
-from judge_server.__main__ import DESCRIPTION as JUDGE_DESCRIPTION
-from judge_server.__main__ import add_arguments as add_judge_server_arguments
-from judge_server.__main__ import serve as serve_judge
-from judge_server.config import ConfigValueError
 from rewardq import __version__
 from rewardq.bench import add_bench_parser
+from rewardq.broker.app import QUEUE_JUDGE
+from rewardq.broker.errors import InvalidItemError, RewardqError
+from rewardq.broker.settings import EMBEDDED_REDIS_PORT, Settings
 from rewardq.budget_cli import add_budget_parser
 from rewardq.failed_cli import add_failed_parser
+from rewardq.judge_server.__main__ import DESCRIPTION as JUDGE_DESCRIPTION
+from rewardq.judge_server.__main__ import add_arguments as add_judge_server_arguments
+from rewardq.judge_server.__main__ import serve as serve_judge
+from rewardq.judge_server.config import ConfigValueError
 from rewardq.ops_cli import add_ops_parsers
 
 if TYPE_CHECKING:
-    from broker.schemas import ScoreResult
-    from producer.client import PendingScores
+    from rewardq.broker.schemas import ScoreResult
+    from rewardq.producer.client import PendingScores
 
 
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
@@ -42,7 +42,7 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _redis(args: argparse.Namespace, settings: Settings) -> int:
-    from broker.embedded import EmbeddedRedis
+    from rewardq.broker.embedded import EmbeddedRedis
 
     data_dir = Path(args.dir) if args.dir else None
     with EmbeddedRedis(port=args.port, data_dir=data_dir, persist=data_dir is not None) as r:
@@ -64,8 +64,8 @@ def _judge_server(args: argparse.Namespace, _settings: Settings) -> int:
 
 
 def _rubrics_check(args: argparse.Namespace, _settings: Settings) -> int:
-    from broker.errors import ConfigError
-    from broker.rubrics import load_rubrics
+    from rewardq.broker.errors import ConfigError
+    from rewardq.broker.rubrics import load_rubrics
 
     try:
         book = load_rubrics(args.file)
@@ -84,11 +84,11 @@ def _rubrics_check(args: argparse.Namespace, _settings: Settings) -> int:
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
-    from broker.rubrics import rubric_book
+    from rewardq.broker.rubrics import rubric_book
 
     rubric_book(settings)  # a bad rubrics file stops here with its file:line, not in Celery
     # Celery's own command line patches gevent in before anything else is imported.
-    cmd = [sys.executable, "-m", "celery", "-A", "workers.main", "worker", "-P", "gevent",
+    cmd = [sys.executable, "-m", "celery", "-A", "rewardq.workers.main", "worker", "-P", "gevent",
            "-c", str(args.concurrency or settings.worker_concurrency),
            "-Q", args.queues, "--loglevel", args.loglevel]
     if args.name:
@@ -99,8 +99,8 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _submit(args: argparse.Namespace, settings: Settings) -> int:
-    from producer.client import RewardClient
     from rewardq.jsonl import read_items, write_results
+    from rewardq.producer.client import RewardClient
 
     # Everything is read and checked before anything is sent: a bad file enqueues nothing.
     try:
@@ -166,8 +166,8 @@ _PROGRESS_EVERY_S = 5.0
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
-    from broker.errors import ConfigError
-    from gateway.serve import serve
+    from rewardq.broker.errors import ConfigError
+    from rewardq.gateway.serve import serve
 
     try:
         return serve(settings, args.host, args.port, log_level=args.log_level,

@@ -33,14 +33,14 @@ from typing import Any
 
 import torch
 
-from broker.errors import ConfigError
-from broker.schemas import ResultStatus, ScoreResult, parse_items
-from broker.settings import Settings
-from producer.async_client import AsyncRewardClient
-from producer.client import RewardClient
-from producer.config import LengthPenaltyConfig
-from producer.penalties import length_penalty
-from producer.sync_judge import SyncJudge
+from rewardq.broker.errors import ConfigError
+from rewardq.broker.schemas import ResultStatus, ScoreResult, parse_items
+from rewardq.broker.settings import Settings
+from rewardq.producer.async_client import AsyncRewardClient
+from rewardq.producer.client import RewardClient
+from rewardq.producer.config import LengthPenaltyConfig
+from rewardq.producer.penalties import length_penalty
+from rewardq.producer.sync_judge import SyncJudge
 from rewardq.stack import LocalStack
 
 _FILLER = [

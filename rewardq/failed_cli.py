@@ -1,6 +1,6 @@
 """``rewardq failed list | show ID | replay (--all | ID...) | purge``: dead letters by hand.
 
-A few lines on top of ``broker.dead_letters.DeadLetters``; every error the library
+A few lines on top of ``rewardq.broker.dead_letters.DeadLetters``; every error the library
 raises on purpose (``DeadLetterNotFound``, ``BrokerUnavailableError``) becomes one line on
 stderr and exit status 1, never a traceback.
 """
@@ -13,9 +13,9 @@ import json
 import sys
 from collections.abc import Callable
 
-from broker.dead_letters import DeadLetter, DeadLetters
-from broker.errors import BrokerUnavailableError, DeadLetterNotFound
-from broker.settings import Settings
+from rewardq.broker.dead_letters import DeadLetter, DeadLetters
+from rewardq.broker.errors import BrokerUnavailableError, DeadLetterNotFound
+from rewardq.broker.settings import Settings
 
 
 def add_failed_parser(

@@ -7,7 +7,7 @@ which runs the same command as a child process and waits until it answers.
 Rules:
 
 - Without a user and password Flower may only listen on a loopback address; asking for
-  another address without them raises :class:`~broker.errors.ConfigError` before
+  another address without them raises :class:`~rewardq.broker.errors.ConfigError` before
   anything starts.
 - Credentials reach Flower through its environment (``FLOWER_BASIC_AUTH``), never its
   command line, where ``ps`` would show them. The judge API key is removed from
@@ -36,8 +36,8 @@ from typing import Any, NoReturn
 import httpx
 from pydantic import SecretStr
 
-from broker.errors import ConfigError, RewardqError
-from broker.settings import Settings
+from rewardq.broker.errors import ConfigError, RewardqError
+from rewardq.broker.settings import Settings
 
 DEFAULT_PORT = 5555
 DEFAULT_ADDRESS = "127.0.0.1"
@@ -248,7 +248,7 @@ def __getattr__(name: str) -> Any:
     # ``celery -A rewardq.flower:app`` in the Flower process: build the app there, from
     # the environment flower_command() passed, and only when Celery asks for it.
     if name == "app":
-        from broker.app import create_app
+        from rewardq.broker.app import create_app
 
         app = create_app(Settings())
         globals()["app"] = app

@@ -11,8 +11,8 @@ from typing import Any
 
 from pydantic_core import PydanticSerializationError
 
-from broker.errors import InvalidItemError
-from broker.schemas import ScoreItem, ScoreResult, parse_items
+from rewardq.broker.errors import InvalidItemError
+from rewardq.broker.schemas import ScoreItem, ScoreResult, parse_items
 
 
 def read_items(path: Path) -> list[ScoreItem]:

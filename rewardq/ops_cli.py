@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from broker.settings import Settings
+from rewardq.broker.settings import Settings
 from rewardq.flower import DEFAULT_ADDRESS, DEFAULT_DB, DEFAULT_PORT
 
 

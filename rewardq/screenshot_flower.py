@@ -24,11 +24,11 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from broker.embedded import free_port
-from broker.errors import RewardqError
-from broker.settings import Settings
-from producer.client import RewardClient
+from rewardq.broker.embedded import free_port
+from rewardq.broker.errors import RewardqError
+from rewardq.broker.settings import Settings
 from rewardq.flower import FlowerOptions, FlowerProcess, start_flower
+from rewardq.producer.client import RewardClient
 from rewardq.stack import LocalStack
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")

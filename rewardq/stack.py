@@ -23,10 +23,10 @@ import httpx
 from celery.utils.nodenames import default_nodename
 from pydantic import SecretStr
 
-from broker.app import QUEUE_JUDGE, create_app
-from broker.embedded import EmbeddedRedis
-from broker.errors import RewardqError
-from broker.settings import Settings
+from rewardq.broker.app import QUEUE_JUDGE, create_app
+from rewardq.broker.embedded import EmbeddedRedis
+from rewardq.broker.errors import RewardqError
+from rewardq.broker.settings import Settings
 
 _LISTENING = re.compile(r"listening on (http://\S+)")
 
@@ -104,7 +104,7 @@ class JudgeProcess:
 def start_judge(port: int = 0, *, latency_ms: float = 0, jitter_ms: float = 0,
                 error_rate: float = 0, rpm_limit: int = 0, seed: int = 0,
                 timeout_s: float = 20) -> JudgeProcess:
-    """Start ``python -m judge_server`` and wait until it listens.
+    """Start ``python -m rewardq.judge_server`` and wait until it listens.
 
     Raises:
         RewardqError: the server exited or did not report its address in time.
@@ -130,7 +130,7 @@ def start_worker(settings: Settings, *, name: str, concurrency: int | None = Non
                  log_file: Path | None = None, loglevel: str = "WARNING",
                  extra_env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
     """Start one gevent-pooled Celery worker process for ``settings``."""
-    cmd = [sys.executable, "-m", "celery", "-A", "workers.main", "worker", "-P", "gevent",
+    cmd = [sys.executable, "-m", "celery", "-A", "rewardq.workers.main", "worker", "-P", "gevent",
            "-c", str(concurrency or settings.worker_concurrency), "-Q", QUEUE_JUDGE,
            "-n", f"{name}@%h", "--loglevel", loglevel, "--without-mingle"]
     out = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115

@@ -6,12 +6,12 @@ pipeline and one HTTP scrape per worker):
 - queue depth: ``LLEN rewardq.judge`` (chunks waiting; kombu's base priority list);
   in progress: ``HLEN unacked`` (chunks delivered to a worker and not yet acked);
 - dead letters: ``ZCARD rewardq:dead:index``;
-- workers: their heartbeats in Redis (``broker.fleet``: pid, queues, age of the last
+- workers: their heartbeats in Redis (``rewardq.broker.fleet``: pid, queues, age of the last
   beat; a worker whose last beat is older than two beat periods is shown ``down``, and
   one whose beat expired is gone), with Celery ``inspect stats`` (pool size, chunks
   processed) and ``inspect active`` (chunks running now) for those that answer;
 - judge requests and failures, cache hit rate, items by status, retries, tokens and
-  cost: the sum of every worker's Prometheus endpoint (``monitoring.metrics``), found
+  cost: the sum of every worker's Prometheus endpoint (``rewardq.monitoring.metrics``), found
   with the ``rewardq_metrics`` inspect command. Workers run without an endpoint when
   ``REWARDQ_METRICS_PORT`` is unset; these rows then read ``-``. Cache hits answered
   by the producer before enqueueing never reach a worker: producers count them in
@@ -41,13 +41,13 @@ import redis
 from celery import Celery
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker.app import QUEUE_JUDGE, TASK_SCORE_CHUNK, create_app
-from broker.connections import redis_client
-from broker.fleet import BEAT_INTERVAL_S, live_workers
-from broker.keys import CACHE_EVICTIONS, DEAD_INDEX, SUBMIT_CACHE_HITS
-from broker.settings import Settings
-from monitoring.metrics import INSPECT_COMMAND
+from rewardq.broker.app import QUEUE_JUDGE, TASK_SCORE_CHUNK, create_app
+from rewardq.broker.connections import redis_client
+from rewardq.broker.fleet import BEAT_INTERVAL_S, live_workers
+from rewardq.broker.keys import CACHE_EVICTIONS, DEAD_INDEX, SUBMIT_CACHE_HITS
+from rewardq.broker.settings import Settings
 from rewardq.budget_cli import BudgetState, read_budget
+from rewardq.monitoring.metrics import INSPECT_COMMAND
 
 UNACKED_HASH = "unacked"
 """kombu's Redis transport keeps delivered, unacknowledged messages in this hash."""

@@ -5,7 +5,7 @@ verl >= 0.7 scores every sample alone: ``RewardLoopWorker`` processes call
 (``RewardLoopManager.compute_rm_score``: the padded batch split over the workers, then
 ``assemble_rm_scores``) and, by default, streamed from the agent loop as each rollout
 finishes. Two entry points (verl 0.7-0.9; verl <= 0.6 uses
-``producer.reward_manager.LengthPenaltyRewardManager``):
+``rewardq.producer.reward_manager.LengthPenaltyRewardManager``):
 
 ``RewardqRewardManager`` (reward = rule + reward_coefficient * judge - penalty_scale *
 penalty)::
@@ -51,15 +51,21 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from broker.errors import InvalidItemError
-from broker.schemas import ResultStatus, ScoreItem, ScoreResult
-from broker.settings import Settings
-from producer.async_client import AsyncRewardClient
-from producer.config import LengthPenaltyConfig
-from producer.groups import GroupMedian, GroupMedians, GroupStatus, member_id
-from producer.penalties import group_median_penalty, length_penalty
-from producer.reward_manager import DISABLED, SKIPPED, combine_rewards, judge_key, shared_result
-from producer.sync_judge import SyncJudge
+from rewardq.broker.errors import InvalidItemError
+from rewardq.broker.schemas import ResultStatus, ScoreItem, ScoreResult
+from rewardq.broker.settings import Settings
+from rewardq.producer.async_client import AsyncRewardClient
+from rewardq.producer.config import LengthPenaltyConfig
+from rewardq.producer.groups import GroupMedian, GroupMedians, GroupStatus, member_id
+from rewardq.producer.penalties import group_median_penalty, length_penalty
+from rewardq.producer.reward_manager import (
+    DISABLED,
+    SKIPPED,
+    combine_rewards,
+    judge_key,
+    shared_result,
+)
+from rewardq.producer.sync_judge import SyncJudge
 
 try:  # verl is the caller's; rewardq does not depend on it
     from verl.experimental.reward_loop.reward_manager.base import RewardManagerBase

@@ -21,10 +21,10 @@ import redis
 from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
 
-from broker.embedded import EmbeddedRedis
-from broker.settings import Settings
-from judge_server.config import JudgeConfig, profile_defaults
-from judge_server.server import BackgroundJudgeServer
+from rewardq.broker.embedded import EmbeddedRedis
+from rewardq.broker.settings import Settings
+from rewardq.judge_server.config import JudgeConfig, profile_defaults
+from rewardq.judge_server.server import BackgroundJudgeServer
 from rewardq.stack import JudgeProcess, start_judge, start_worker, stop_process, wait_for_workers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,7 +100,7 @@ JudgeProfile = Callable[..., JudgeProcess]
 def judge_profile(judge: JudgeProcess) -> JudgeProfile:
     """``judge_profile(name, **knobs)``: the shared judge playing profile ``name``
     (``plain``, ``openai-reasoning``, ``think-in-content``, ``reasoning-field``,
-    ``digit-logprobs``; see ``judge_server.profiles``) with any other ``JudgeConfig``
+    ``digit-logprobs``; see ``rewardq.judge_server.profiles``) with any other ``JudgeConfig``
     knobs, e.g. ``refuse_response_format=True``, ``thinking_tokens=2048``,
     ``reasoning_tokens={"medium": 512}``, ``digit_confidence=0.7``. Returns the judge;
     the next test's ``judge`` fixture puts it back to ``plain``."""

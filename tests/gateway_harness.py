@@ -10,8 +10,8 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from broker.errors import RewardqError
-from broker.settings import Settings
+from rewardq.broker.errors import RewardqError
+from rewardq.broker.settings import Settings
 from rewardq.stack import settings_env, stop_process
 
 _LISTENING = re.compile(r"listening on (http://\S+)")

@@ -1,9 +1,9 @@
 """Plain-Python reference of the length penalties, one sample at a time.
 
 Written from DESIGN.md's formulas as literally as possible and independently of
-``producer.penalties`` (no torch, no numpy), so the tests compare two implementations
+``rewardq.producer.penalties`` (no torch, no numpy), so the tests compare two implementations
 rather than one implementation with itself. The benchmark times it as the per-sample loop.
-The sign convention is ``producer.penalties``': a *penalty* is non-negative and
+The sign convention is ``rewardq.producer.penalties``': a *penalty* is non-negative and
 subtracted; DAPO's overlong term is non-positive and added.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Sequence
 
-from producer.config import LengthPenaltyConfig
+from rewardq.producer.config import LengthPenaltyConfig
 
 
 def response_length(mask_row: Sequence[int], prompt_len: int) -> int:

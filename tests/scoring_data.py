@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from broker.verdicts import normalize
-from judge_server.grading import expected_raw_score
+from rewardq.broker.verdicts import normalize
+from rewardq.judge_server.grading import expected_raw_score
 
 
 def make_items(n: int, tag: str) -> list[dict[str, Any]]:

@@ -5,18 +5,23 @@ Every ``.py`` file of the packages pyproject.toml ships is parsed with ``ast``; 
 blocks (a lazy import is still a dependency). Importing ``a.b.c`` also runs ``a/__init__`` and
 ``a/b/__init__``, so those count for the transitive rules.
 
-The layers, top to bottom:
+One import namespace: the component folders at the top of the repository (``broker/``,
+``workers/``, ...) are linked into ``rewardq/`` and import only as ``rewardq.broker``,
+``rewardq.workers``, ...; a bare ``import broker`` would load a second copy of the module
+(and, installed, fail). The layers, top to bottom:
 
-    rewardq         the console script and local stack; may import anything
-    producer, workers, monitoring, judge_server (and any other shipped package)
+    rewardq         the console script and local stack (``rewardq.*`` outside the
+                    components); may import anything
+    producer, workers, monitoring, gateway, judge_server
     broker          the contract: imports nothing of ours
 
 - ``producer`` and ``workers`` never import each other, directly or through another
   module (a trainer never loads the worker code, a worker never loads torch-side code);
 - ``judge_server`` imports nothing of ours: it stands in for a third-party API and
   shares no code with its clients (``judge_server/config.py``);
-- the CLI and ``monitoring`` never import ``workers`` (issue 10, item 4);
-- the packages form no import cycle; nothing but ``rewardq`` imports ``rewardq``;
+- the CLI and ``monitoring`` never import ``workers``;
+- the components form no import cycle, and no two modules import each other at run time
+  (``if TYPE_CHECKING:`` imports aside); nothing but the top layer imports it;
 - only entry points read the environment (``os.environ``, ``os.getenv``, or building
   ``Settings(...)``, which pydantic-settings fills from ``REWARDQ_*``).
 """
@@ -35,6 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = tuple(tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
                  ["tool"]["setuptools"]["packages"])
 TOP = "rewardq"
+#: The components: ``rewardq.<component>``, each a folder at the top of the repository.
+COMPONENTS = tuple(p.split(".", 1)[1] for p in PACKAGES if p != TOP)
 
 #: Imports that break a rule today, as (importing file, imported module). Each must be
 #: removed from here when it is fixed (a stale entry fails the test), and nothing may be
@@ -57,19 +64,29 @@ class Import:
 
 def _module_name(path: Path) -> str:
     parts = path.relative_to(ROOT).with_suffix("").parts
+    if parts[0] != TOP:  # a component folder: rewardq.<component>
+        parts = (TOP, *parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _folder(package: str) -> Path:
+    return ROOT / (package.split(".", 1)[1] if package != TOP else TOP)
 
 
 def _files() -> dict[str, Path]:
     return {_module_name(path): path
-            for package in PACKAGES for path in sorted((ROOT / package).rglob("*.py"))}
+            for package in PACKAGES for path in sorted(_folder(package).rglob("*.py"))
+            if not any(p.is_symlink() for p in path.relative_to(ROOT).parents
+                       if p != Path("."))  # rewardq/<component> links: scanned as folders
+            and not (ROOT / path.relative_to(ROOT).parts[0]).is_symlink()}
 
 
 MODULES = _files()
 
 
 def _ours(name: str) -> bool:
-    return name.split(".")[0] in PACKAGES
+    """Ours: ``rewardq...``, or a bare component name (which the bare-import rule refuses)."""
+    return name.split(".")[0] in (TOP, *COMPONENTS)
 
 
 def _targets(node: ast.Import | ast.ImportFrom, module: str, is_package: bool) -> list[str]:
@@ -102,8 +119,30 @@ def _scan() -> list[Import]:
 IMPORTS = _scan()
 
 
+def _runtime_imports(path: Path, module: str) -> set[str]:
+    """The modules of ours that ``module`` imports when it runs (at import time or in a
+    function), without those under ``if TYPE_CHECKING:``."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    checking: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            checking.update(id(n) for child in node.body for n in ast.walk(child))
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import | ast.ImportFrom) and id(node) not in checking:
+            for target in _targets(node, module, path.name == "__init__.py"):
+                if target in MODULES:
+                    found.add(target)
+    return found
+
+
 def _package(module: str) -> str:
-    return module.split(".")[0]
+    """The component of ``module`` (``rewardq.broker.keys`` -> ``broker``), or ``rewardq``
+    for the top layer."""
+    parts = module.split(".")
+    if parts[0] == TOP and len(parts) > 1 and parts[1] in COMPONENTS:
+        return parts[1]
+    return parts[0]
 
 
 def _loaded(target: str) -> list[str]:
@@ -116,7 +155,12 @@ def _loaded(target: str) -> list[str]:
 def _graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {module: set() for module in MODULES}
     for imp in IMPORTS:
-        graph[imp.importer].update(_loaded(imp.target))
+        if imp.importer != TOP:  # the front door: below, what it loads when it runs
+            graph[imp.importer].update(_loaded(imp.target))
+    # Every module runs the front door (``rewardq/__init__``) first: what it loads when it
+    # runs counts, not the names it exports lazily (PEP 562) or only for type checkers.
+    graph[TOP] = {name for target in _runtime_imports(MODULES[TOP], TOP)
+                  for name in _loaded(target)}
     # A module's own parent packages run before it.
     for module in MODULES:
         graph[module].update(name for name in _loaded(module) if name != module)
@@ -155,15 +199,16 @@ def _direct(importer_package: str, allowed: set[str]) -> list[str]:
 
 def test_the_scan_sees_the_imports_it_checks() -> None:
     """The rules below would pass vacuously on an empty or half-resolved graph."""
-    assert {"broker", "producer", "workers", "monitoring", "judge_server", TOP} <= set(PACKAGES)
+    assert {"broker", "producer", "workers", "monitoring", "judge_server"} <= set(COMPONENTS)
     assert set(PACKAGES) <= set(MODULES)
     assert len(MODULES) > 40
     targets = {(imp.importer, imp.target) for imp in IMPORTS}
-    assert ("producer.client", "broker.settings") in targets
-    assert ("workers.main", "broker.settings") in targets
+    assert ("rewardq.producer.client", "rewardq.broker.settings") in targets
+    assert ("rewardq.workers.main", "rewardq.broker.settings") in targets
     # a function-level import
-    assert ("rewardq.cli", "producer.client") in targets
-    assert "broker.settings" in GRAPH["rewardq"]
+    assert ("rewardq.cli", "rewardq.producer.client") in targets
+    assert "rewardq.broker.settings" in GRAPH["rewardq.cli"]
+    assert "rewardq.producer.client" not in GRAPH[TOP]  # the front door loads it lazily
 
 
 def test_producer_and_workers_never_import_each_other() -> None:
@@ -223,8 +268,36 @@ def _package_cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     return cycles
 
 
+def test_nothing_imports_a_component_by_its_bare_name() -> None:
+    """``rewardq.broker``, never ``broker``: the package, the tests and the benchmarks."""
+    bare = []
+    files = [*MODULES.values(), *sorted((ROOT / "tests").glob("*.py")),
+             *sorted((ROOT / "benchmarks").glob("*.py"))]
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level \
+                else []
+            bare += [f"{path.relative_to(ROOT)}:{node.lineno}: import {name}"
+                     for name in names if name.split(".")[0] in COMPONENTS]
+    assert not bare, "\n".join(bare)
+
+
+def test_no_two_modules_import_each_other_at_run_time() -> None:
+    edges = {module: _runtime_imports(path, module) - {module}
+             for module, path in MODULES.items()}
+    cycles = [cycle for cycle in _package_cycles(edges)
+              if not all(_is_parent(a, b) or _is_parent(b, a)
+                         for a, b in zip(cycle, cycle[1:], strict=False))]
+    assert not cycles, "\n".join(" -> ".join(cycle) for cycle in cycles)
+
+
+def _is_parent(package: str, module: str) -> bool:
+    return module.startswith(package + ".")
+
+
 def test_the_packages_form_no_import_cycle() -> None:
-    edges: dict[str, set[str]] = {package: set() for package in PACKAGES}
+    edges: dict[str, set[str]] = {package: set() for package in (TOP, *COMPONENTS)}
     for imp in IMPORTS:
         if (imp.path, _target_module(imp)) in KNOWN_VIOLATIONS:
             continue
@@ -246,12 +319,12 @@ ENVIRONMENT_READERS = {
     "rewardq.bench": "python -m rewardq.bench, and the asyncio baseline's child process",
     "rewardq.verl": "verl builds RewardqRewardManager / calls compute_score by name",
     "rewardq.stack": "hands this process's environment on to the children it starts",
-    "workers.main": "the worker process: celery -A workers.main",
+    "rewardq.workers.main": "the worker process: celery -A rewardq.workers.main",
     "rewardq.flower": "the Flower process's app module: celery -A rewardq.flower:app",
     "rewardq.screenshot_flower": "a script run by hand",
     # Library code below: reported in issue 10 (settings should be passed in).
-    "producer.client": "RewardClient.from_env()",
-    "producer.reward_manager": "Settings() when verl <= 0.6 constructs it without settings",
+    "rewardq.producer.client": "RewardClient.from_env()",
+    "rewardq.producer.reward_manager": "Settings() when verl <= 0.6 constructs it without settings",
 }
 
 
@@ -276,7 +349,7 @@ def _environment_reads(module: str, path: Path) -> list[str]:
 
 def test_only_entry_points_read_the_environment() -> None:
     reads = {module: _environment_reads(module, path) for module, path in MODULES.items()}
-    assert reads["workers.main"], "the scan finds the worker's Settings()"
+    assert reads["rewardq.workers.main"], "the scan finds the worker's Settings()"
     unexpected = [read for module, found in sorted(reads.items())
                   if module not in ENVIRONMENT_READERS for read in found]
     assert not unexpected, "\n".join(unexpected)

@@ -8,11 +8,11 @@ import math
 import pytest
 from scoring_data import expected, make_items
 
-from broker.errors import InvalidItemError, NoWorkersError
-from broker.schemas import ResultStatus, ScoreItem
-from broker.settings import Settings
-from producer.async_client import AsyncRewardClient
-from producer.client import RewardClient
+from rewardq.broker.errors import InvalidItemError, NoWorkersError
+from rewardq.broker.schemas import ResultStatus, ScoreItem
+from rewardq.broker.settings import Settings
+from rewardq.producer.async_client import AsyncRewardClient
+from rewardq.producer.client import RewardClient
 from rewardq.stack import JudgeProcess
 
 
@@ -147,7 +147,7 @@ def test_stopping_the_poller_does_not_swallow_the_callers_cancellation() -> None
     """Ctrl-C cancels ``asyncio.run``'s main task; if that lands while the client waits
     for its poller to stop, the cancellation must go on (or the interrupt is lost and
     the program carries on: seen once in ``rewardq demo`` on a loaded machine)."""
-    from producer.async_client import _stopped
+    from rewardq.producer.async_client import _stopped
 
     async def slow_to_stop() -> None:
         try:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from broker.settings import Settings
 from rewardq.bench import add_bench_parser, make_items, run
+from rewardq.broker.settings import Settings
 
 _RATIOS = ("rewardq_over_asyncio", "rewardq_over_ideal", "sync_over_rewardq", "warm_ms",
            "per_item_over_batch")

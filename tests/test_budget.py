@@ -1,6 +1,6 @@
 """The fleet-wide judge budget: real Redis, real Lua, real workers.
 
-- the reserve/settle accounting of ``workers.budget`` on a real Redis: estimates learned
+- the reserve/settle accounting of ``rewardq.workers.budget`` on a real Redis: estimates learned
   from replies (the worst case before the first, peaks followed, capped by the call),
   reasoning tokens priced once, a call that does not fit waiting for the calls in flight
   (in order, until its deadline, or until the limit is raised) and refused only once the
@@ -39,22 +39,22 @@ from hypothesis import given
 from hypothesis import strategies as st
 from scoring_data import expected, make_items
 
-from broker.connections import OUTAGE_ERRORS
-from broker.dead_letters import DeadLetters
-from broker.embedded import free_port
-from broker.errors import BrokerUnavailableError, BudgetExceededError
-from broker.keys import BUDGET_UNITS_PER_USD, budget_holds_key, budget_key
-from broker.schemas import ResultStatus, Usage
-from broker.settings import Settings
-from judge_server.protocol import prompt_tokens
-from monitoring.costs import Price, PriceTable
-from monitoring.metrics import FleetCollector
-from producer.client import RewardClient
-from producer.sync_judge import SyncJudge
+from rewardq.broker.connections import OUTAGE_ERRORS
+from rewardq.broker.dead_letters import DeadLetters
+from rewardq.broker.embedded import free_port
+from rewardq.broker.errors import BrokerUnavailableError, BudgetExceededError
+from rewardq.broker.keys import BUDGET_UNITS_PER_USD, budget_holds_key, budget_key
+from rewardq.broker.schemas import ResultStatus, Usage
+from rewardq.broker.settings import Settings
 from rewardq.budget_cli import read_budget, set_limits
+from rewardq.judge_server.protocol import prompt_tokens
+from rewardq.monitoring.costs import Price, PriceTable
+from rewardq.monitoring.metrics import FleetCollector
+from rewardq.producer.client import RewardClient
+from rewardq.producer.sync_judge import SyncJudge
 from rewardq.stack import JudgeProcess, settings_env
 from rewardq.stats_view import run_stats
-from workers.budget import (
+from rewardq.workers.budget import (
     BudgetHold,
     BudgetLimits,
     FleetBudget,
@@ -473,7 +473,7 @@ def test_the_settings_seed_a_limit_only_where_redis_has_none(
         budget = FleetBudget(aclient, "fresh", PRICES, limits=BudgetLimits(usd=0.5))
         await budget.reserve(MODEL, body_of(93), 0)
 
-    with caplog.at_level(logging.WARNING, logger="workers.budget"):
+    with caplog.at_level(logging.WARNING, logger="rewardq.workers.budget"):
         run(redis_url, body)
 
     assert read_budget(client, "cli-set").limit_usd == 2.0  # the CLI's word stands

@@ -30,8 +30,8 @@ import httpx
 import pytest
 import redis
 
-from broker.app import QUEUE_JUDGE
-from broker.embedded import free_port
+from rewardq.broker.app import QUEUE_JUDGE
+from rewardq.broker.embedded import free_port
 from rewardq.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -19,9 +19,9 @@ import yaml
 from gateway_harness import running_gateway
 from pydantic import SecretStr
 
-from broker.embedded import free_port
-from broker.fleet import BEAT_TTL_S
-from broker.settings import Settings
+from rewardq.broker.embedded import free_port
+from rewardq.broker.fleet import BEAT_TTL_S
+from rewardq.broker.settings import Settings
 from rewardq.flower import FlowerOptions, start_flower
 from rewardq.stack import JudgeProcess, settings_env
 

@@ -7,13 +7,20 @@ import time
 import pytest
 from scoring_data import make_items
 
-from broker.app import TASK_SCORE_CHUNK
-from broker.errors import ConfigError
-from broker.rollout_view import view_items
-from broker.schemas import ResultStatus, ScoreChunk, ScoreItem, ScoreResult, Usage, parse_items
-from broker.settings import Settings
-from monitoring.costs import CostLedger, Price, PriceTable, totals_of
-from producer.client import RewardClient
+from rewardq.broker.app import TASK_SCORE_CHUNK
+from rewardq.broker.errors import ConfigError
+from rewardq.broker.rollout_view import view_items
+from rewardq.broker.schemas import (
+    ResultStatus,
+    ScoreChunk,
+    ScoreItem,
+    ScoreResult,
+    Usage,
+    parse_items,
+)
+from rewardq.broker.settings import Settings
+from rewardq.monitoring.costs import CostLedger, Price, PriceTable, totals_of
+from rewardq.producer.client import RewardClient
 from rewardq.stack import JudgeProcess
 
 MODEL = "rewardq-local-judge"

@@ -18,11 +18,11 @@ import pytest
 from conftest import worker_logs
 from scoring_data import expected, make_items
 
-from broker.embedded import EmbeddedRedis, free_port
-from broker.errors import ChunksLostError
-from broker.schemas import ResultStatus
-from broker.settings import Settings
-from producer.client import RewardClient
+from rewardq.broker.embedded import EmbeddedRedis, free_port
+from rewardq.broker.errors import ChunksLostError
+from rewardq.broker.schemas import ResultStatus
+from rewardq.broker.settings import Settings
+from rewardq.producer.client import RewardClient
 from rewardq.stack import JudgeProcess
 
 
@@ -52,7 +52,7 @@ def test_chunks_lost_with_redis_data_are_sent_again_and_result_returns(
         own = settings.model_copy(update={"redis_url": server.url})
         items = make_items(512, "lost")  # 8 chunks; 4 run at once, 4 wait in the queue
         with RewardClient(own) as client, ThreadPoolExecutor(1) as waiter, \
-                caplog.at_level(logging.WARNING, logger="producer.client"):
+                caplog.at_level(logging.WARNING, logger="rewardq.producer.client"):
             pending = client.submit(items)
             wait_for_calls(judge, 40)
             server = restart_empty(server, port)

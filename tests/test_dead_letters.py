@@ -16,14 +16,14 @@ import pytest
 import redis
 from scoring_data import expected, make_items
 
-from broker.app import QUEUE_JUDGE, TASK_SCORE_CHUNK, create_app
-from broker.dead_letters import DeadLetter, DeadLetters, LetterKind
-from broker.embedded import free_port
-from broker.errors import BrokerUnavailableError, DeadLetterNotFound
-from broker.keys import DEAD_INDEX, dead_letter_key
-from broker.schemas import JudgeSpec, ResultStatus
-from broker.settings import Settings
-from producer.client import RewardClient
+from rewardq.broker.app import QUEUE_JUDGE, TASK_SCORE_CHUNK, create_app
+from rewardq.broker.dead_letters import DeadLetter, DeadLetters, LetterKind
+from rewardq.broker.embedded import free_port
+from rewardq.broker.errors import BrokerUnavailableError, DeadLetterNotFound
+from rewardq.broker.keys import DEAD_INDEX, dead_letter_key
+from rewardq.broker.schemas import JudgeSpec, ResultStatus
+from rewardq.broker.settings import Settings
+from rewardq.producer.client import RewardClient
 from rewardq.stack import JudgeProcess, settings_env
 
 SPEC = JudgeSpec(model="rewardq-local-judge", prompt_version="v1").model_dump(mode="json")

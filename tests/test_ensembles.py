@@ -9,16 +9,16 @@ from collections import Counter
 import pytest
 from scoring_data import make_items
 
-from broker.errors import ConfigError
-from broker.judge_core import judge_spec
-from broker.schemas import JudgeSpec, JudgeVerdict, ResultStatus, ScoreResult, Usage
-from broker.settings import Settings
-from broker.verdicts import normalize
-from judge_server.grading import expected_raw_score
-from producer.client import RewardClient
-from producer.sync_judge import SyncJudge
+from rewardq.broker.errors import ConfigError
+from rewardq.broker.judge_core import judge_spec
+from rewardq.broker.schemas import JudgeSpec, JudgeVerdict, ResultStatus, ScoreResult, Usage
+from rewardq.broker.settings import Settings
+from rewardq.broker.verdicts import normalize
+from rewardq.judge_server.grading import expected_raw_score
+from rewardq.producer.client import RewardClient
+from rewardq.producer.sync_judge import SyncJudge
 from rewardq.stack import JudgeProcess
-from workers.ensembles import aggregate, ensemble_members
+from rewardq.workers.ensembles import aggregate, ensemble_members
 
 OFFSETS = {"judge-lenient": 2, "judge-harsh": -3}
 JUDGES = ["rewardq-local-judge", "judge-lenient", "judge-harsh"]

@@ -12,10 +12,10 @@ from conftest import SYSTEM_RABBITMQ, SYSTEM_SERVICES
 from kombu import Connection
 from scoring_data import expected, make_items
 
-from broker.app import QUEUE_JUDGE, create_app
-from broker.schemas import ResultStatus
-from broker.settings import Settings
-from producer.client import RewardClient
+from rewardq.broker.app import QUEUE_JUDGE, create_app
+from rewardq.broker.schemas import ResultStatus
+from rewardq.broker.settings import Settings
+from rewardq.producer.client import RewardClient
 from rewardq.stack import JudgeProcess, settings_env
 
 

@@ -12,13 +12,13 @@ import pytest
 from pydantic import SecretStr
 from scoring_data import make_items
 
-from broker.embedded import free_port
-from broker.errors import ConfigError
-from broker.schemas import ResultStatus
-from broker.settings import Settings
-from producer.client import RewardClient
+from rewardq.broker.embedded import free_port
+from rewardq.broker.errors import ConfigError
+from rewardq.broker.schemas import ResultStatus
+from rewardq.broker.settings import Settings
 from rewardq.flower import FlowerOptions, flower_command, is_loopback, run_flower, start_flower
 from rewardq.ops_cli import add_ops_parsers
+from rewardq.producer.client import RewardClient
 from rewardq.stack import JudgeProcess
 
 T = TypeVar("T")

@@ -27,10 +27,10 @@ import torch
 from gateway_harness import GatewayProcess, running_gateway
 from scoring_data import expected, make_items
 
-from broker.app import QUEUE_JUDGE
-from broker.dead_letters import DeadLetters
-from broker.settings import Settings
-from gateway.auth import TOKEN_NAME_KEY
+from rewardq.broker.app import QUEUE_JUDGE
+from rewardq.broker.dead_letters import DeadLetters
+from rewardq.broker.settings import Settings
+from rewardq.gateway.auth import TOKEN_NAME_KEY
 from rewardq.stack import JudgeProcess, settings_env
 
 TEAM_A = "tok-a-" + "A" * 26

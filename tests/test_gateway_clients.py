@@ -31,7 +31,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 from vendor import openrlhf_agent, openrlhf_remote_rm_v08, slime_rm_hub
 
-from broker.settings import Settings
+from rewardq.broker.settings import Settings
 from rewardq.stack import JudgeProcess
 
 TEAM_A = "tok-a-" + "A" * 26

@@ -8,9 +8,9 @@ import socket
 import httpx
 import pytest
 
-from broker.app import create_app
-from broker.settings import Settings
-from monitoring.metrics import discover_endpoints
+from rewardq.broker.app import create_app
+from rewardq.broker.settings import Settings
+from rewardq.monitoring.metrics import discover_endpoints
 
 #: Another loopback address: a socket bound to 127.0.0.1 alone does not answer on it,
 #: one bound to every interface does (Linux routes all of 127/8 to the loopback device).

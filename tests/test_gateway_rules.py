@@ -9,13 +9,13 @@ from typing import Any
 
 import pytest
 
-from broker.schemas import ResultStatus, ScoreResult
-from broker.verdicts import http_error, network_error, status_detail, timeout_error
-from gateway.errors import GatewayRequestError
-from gateway.limits import TokenQueues
-from gateway.remote_rm import LabelError, RewardMapping, reference_of
-from gateway.scoring import is_transient
-from workers.endpoints import EndpointPool
+from rewardq.broker.schemas import ResultStatus, ScoreResult
+from rewardq.broker.verdicts import http_error, network_error, status_detail, timeout_error
+from rewardq.gateway.errors import GatewayRequestError
+from rewardq.gateway.limits import TokenQueues
+from rewardq.gateway.remote_rm import LabelError, RewardMapping, reference_of
+from rewardq.gateway.scoring import is_transient
+from rewardq.workers.endpoints import EndpointPool
 
 
 def failed(error: str, status: ResultStatus = ResultStatus.FAILED) -> ScoreResult:

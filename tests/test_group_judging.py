@@ -4,7 +4,7 @@ The fleet tests run two real ``celery -P gevent`` workers, a real Redis and the 
 judge over HTTP. Each group's four items are shuffled into chunks of three, so a group's
 members reach the fleet in different chunks and, as the group hashes in Redis show, on
 different processes. The local judge grades every response by the per-item rule
-(``judge_server.grading``), so every score the fleet hands back is predicted here; its
+(``rewardq.judge_server.grading``), so every score the fleet hands back is predicted here; its
 configurable position bias (the response shown first wins a close pair) shows up when
 each pair is asked in one order only, and is gone from the scores when both are asked.
 """
@@ -27,8 +27,8 @@ import redis
 from hypothesis import given
 from hypothesis import strategies as st
 
-from broker.errors import UnparseableReplyError
-from broker.group_prompts import (
+from rewardq.broker.errors import UnparseableReplyError
+from rewardq.broker.group_prompts import (
     labels,
     listwise_messages,
     pairwise_messages,
@@ -37,18 +37,19 @@ from broker.group_prompts import (
     parse_pairwise,
     presentation_order,
 )
-from broker.judge_core import judge_spec
-from broker.keys import judge_fingerprint, judge_group_key, judge_group_lock_key
-from broker.schemas import GroupSpec, JudgeSpec, ResultStatus, ScoreItem
-from broker.settings import Settings
-from broker.verdicts import normalize
-from judge_server.__main__ import add_arguments, config_from_args
-from judge_server.config import ConfigValueError, JudgeConfig
-from judge_server.grading import expected_raw_score, grade_request
-from judge_server.group_grading import bias_draw, pairwise_winner, parse_group_prompt
-from producer.client import RewardClient
+from rewardq.broker.judge_core import judge_spec
+from rewardq.broker.keys import judge_fingerprint, judge_group_key, judge_group_lock_key
+from rewardq.broker.schemas import GroupSpec, JudgeSpec, ResultStatus, ScoreItem
+from rewardq.broker.settings import Settings
+from rewardq.broker.verdicts import normalize
+from rewardq.judge_server.__main__ import add_arguments, config_from_args
+from rewardq.judge_server.config import ConfigValueError, JudgeConfig
+from rewardq.judge_server.dispatch import grade_request
+from rewardq.judge_server.grading import expected_raw_score
+from rewardq.judge_server.group_grading import bias_draw, pairwise_winner, parse_group_prompt
+from rewardq.producer.client import RewardClient
 from rewardq.stack import JudgeProcess
-from workers.group_judging import pairwise_scores
+from rewardq.workers.group_judging import pairwise_scores
 
 GROUPS = 8
 SIZE = 4

@@ -8,7 +8,7 @@ from typing import Any
 
 import redis
 
-from producer.groups import GroupMedians, GroupStatus, member_id
+from rewardq.producer.groups import GroupMedians, GroupStatus, member_id
 
 
 async def _blocking(call: Callable[[], Any]) -> Any:

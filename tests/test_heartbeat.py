@@ -23,15 +23,15 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from scoring_data import make_items
 
-from broker.app import QUEUE_JUDGE, create_app
-from broker.errors import NoWorkersError, ScoringTimeoutError
-from broker.fleet import BEAT_TTL_S, WorkerBeat, fleet_counts, live_workers
-from broker.keys import WORKER_INDEX, worker_key
-from broker.schemas import ResultStatus
-from broker.settings import Settings
-from producer.client import NO_WORKER_GRACE_S, RewardClient
+from rewardq.broker.app import QUEUE_JUDGE, create_app
+from rewardq.broker.errors import NoWorkersError, ScoringTimeoutError
+from rewardq.broker.fleet import BEAT_TTL_S, WorkerBeat, fleet_counts, live_workers
+from rewardq.broker.keys import WORKER_INDEX, worker_key
+from rewardq.broker.schemas import ResultStatus
+from rewardq.broker.settings import Settings
+from rewardq.producer.client import NO_WORKER_GRACE_S, RewardClient
 from rewardq.stack import JudgeProcess, settings_env, stop_process, wait_for_workers
-from workers.heartbeat import WorkerHeartbeat
+from rewardq.workers.heartbeat import WorkerHeartbeat
 
 OTHER_QUEUE = "rewardq.other"
 
@@ -225,7 +225,7 @@ def test_an_unreachable_redis_is_logged_once_and_never_ends_the_beat(
         return [QUEUE_JUDGE]
 
     heartbeat = WorkerHeartbeat(dead, "w@h", queues, interval_s=0.01)
-    caplog.set_level(logging.DEBUG, logger="workers.heartbeat")
+    caplog.set_level(logging.DEBUG, logger="rewardq.workers.heartbeat")
     heartbeat.start()
     gevent.sleep(0.5)
     still_beating = attempts
@@ -238,8 +238,9 @@ def test_an_unreachable_redis_is_logged_once_and_never_ends_the_beat(
 
 
 #: A worker module whose scoring stack takes as long to import as the test wants (a
-#: loaded host): ``workers.main`` as Celery loads it, the import of ``workers.tasks``
-#: held back by a finder in front of the real ones until the file ``go`` exists.
+#: loaded host): ``rewardq.workers.main`` as Celery loads it, the import of
+#: ``rewardq.workers.tasks`` held back by a finder in front of the real ones until the file
+#: ``go`` exists.
 SLOW_BOOT = """
 import importlib.abc
 import os
@@ -249,7 +250,7 @@ import time
 
 class SlowImport(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name == "workers.tasks":
+        if name == "rewardq.workers.tasks":
             sys.meta_path.remove(self)
             give_up = time.monotonic() + 300
             while not os.path.exists({go!r}) and time.monotonic() < give_up:
@@ -258,7 +259,7 @@ class SlowImport(importlib.abc.MetaPathFinder):
 
 
 sys.meta_path.insert(0, SlowImport())
-from workers.main import app  # noqa: E402
+from rewardq.workers.main import app  # noqa: E402
 """
 
 

@@ -1,11 +1,11 @@
 """How a step's chunks fall to workers.
 
-A worker takes chunks only as its judge slots allow (``workers.intake``): the gate weighs
+A worker takes chunks only as its judge slots allow (``rewardq.workers.intake``): the gate weighs
 the chunks it holds by their items against two waves of its judge slots, so the rest of
 a step stays queued for whichever worker frees slots first, and the consumer loop waits
 on the gate itself rather than in kombu's one-second poll. The producer makes chunks no
 longer than a few rounds of the fewest calls a live worker makes
-(``broker.fleet.chunk_size_for``), so that the chunks still running at a step's end are
+(``rewardq.broker.fleet.chunk_size_for``), so that the chunks still running at a step's end are
 short.
 """
 
@@ -18,12 +18,12 @@ import redis
 from celery.worker import state as worker_state
 from scoring_data import make_items
 
-from broker.app import QUEUE_JUDGE, create_app
-from broker.fleet import CHUNK_ROUNDS, WorkerBeat, chunk_size_for
-from broker.keys import WORKER_INDEX, worker_key
-from broker.settings import Settings
-from producer.client import RewardClient
-from workers.intake import HELD_WAVES, ChunkIntake, items_held
+from rewardq.broker.app import QUEUE_JUDGE, create_app
+from rewardq.broker.fleet import CHUNK_ROUNDS, WorkerBeat, chunk_size_for
+from rewardq.broker.keys import WORKER_INDEX, worker_key
+from rewardq.broker.settings import Settings
+from rewardq.producer.client import RewardClient
+from rewardq.workers.intake import HELD_WAVES, ChunkIntake, items_held
 
 
 class _Request:

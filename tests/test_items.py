@@ -11,10 +11,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from broker.errors import InvalidItemError
-from broker.schemas import MAX_TEXT_CHARS, ScoreItem, parse_items
-from broker.settings import Settings
-from producer.client import RewardClient
+from rewardq.broker.errors import InvalidItemError
+from rewardq.broker.schemas import MAX_TEXT_CHARS, ScoreItem, parse_items
+from rewardq.broker.settings import Settings
+from rewardq.producer.client import RewardClient
 
 GOOD = {"id": "a", "prompt": "What is 2+2?", "response": "4", "reference": "4"}
 

@@ -1,6 +1,6 @@
 """The local judge server: pure grading, then the real server over HTTP.
 
-The server runs as ``python -m judge_server --port 0`` in a subprocess (one per module,
+The server runs as ``python -m rewardq.judge_server --port 0`` in a subprocess (one per module,
 reconfigured and reset before each test through its admin routes) and is called with
 the real ``openai`` SDK and httpx; no mocks.
 """
@@ -26,26 +26,26 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.rubrics import builtin_rubrics
-from broker.schemas import ScoreItem
-from judge_server.__main__ import add_arguments, config_from_args
-from judge_server.config import ConfigValueError, JudgeConfig
-from judge_server.faults import FaultInjector
-from judge_server.grading import (
+from rewardq.broker.rubrics import builtin_rubrics
+from rewardq.broker.schemas import ScoreItem
+from rewardq.judge_server.__main__ import add_arguments, config_from_args
+from rewardq.judge_server.config import ConfigValueError, JudgeConfig
+from rewardq.judge_server.dispatch import grade_messages
+from rewardq.judge_server.faults import FaultInjector
+from rewardq.judge_server.grading import (
     CORRECT_SCORE,
     INCORRECT_SCORE,
     QUALITY_MAX,
     QUALITY_MIN,
     expected_raw_score,
     final_answer,
-    grade_messages,
     normalize_answer,
     parse_judge_prompt,
 )
-from judge_server.protocol import count_tokens
-from judge_server.rate_limit import SlidingWindowLimiter
-from judge_server.server import BackgroundJudgeServer
-from judge_server.stats import JudgeStats
+from rewardq.judge_server.protocol import count_tokens
+from rewardq.judge_server.rate_limit import SlidingWindowLimiter
+from rewardq.judge_server.server import BackgroundJudgeServer
+from rewardq.judge_server.stats import JudgeStats
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "rewardq-local-judge"
@@ -222,7 +222,7 @@ class RunningJudge:
 
 
 def start_judge(*flags: str) -> RunningJudge:
-    """``python -m judge_server --port 0 FLAGS``, once it says where it listens."""
+    """``python -m rewardq.judge_server --port 0 FLAGS``, once it says where it listens."""
     process = subprocess.Popen([sys.executable, "-m", "judge_server", "--port", "0", *flags],
                                cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert process.stdout is not None

@@ -3,7 +3,7 @@
 Each profile is driven through the shared judge process (``judge_profile`` fixture) with
 the real ``openai`` SDK, and with raw httpx where the SDK would hide the body: status
 codes, error bodies, ``finish_reason``, usage and logprob shapes are what the providers
-document (``judge_server.profiles`` cites them).
+document (``rewardq.judge_server.profiles`` cites them).
 """
 
 from __future__ import annotations
@@ -20,17 +20,17 @@ import httpx
 import openai
 import pytest
 
-from judge_server.__main__ import add_arguments, config_from_args
-from judge_server.config import DEFAULT_REASONING_TOKENS, ConfigValueError, JudgeConfig
-from judge_server.digit_logprobs import (
+from rewardq.judge_server.__main__ import add_arguments, config_from_args
+from rewardq.judge_server.config import DEFAULT_REASONING_TOKENS, ConfigValueError, JudgeConfig
+from rewardq.judge_server.digit_logprobs import (
     digit_tokens,
     intended_distribution,
     intended_expectation,
     neighbour,
 )
-from judge_server.grading import CORRECT_SCORE, INCORRECT_SCORE, expected_raw_score
-from judge_server.protocol import count_tokens
-from judge_server.server import BackgroundJudgeServer
+from rewardq.judge_server.grading import CORRECT_SCORE, INCORRECT_SCORE, expected_raw_score
+from rewardq.judge_server.protocol import count_tokens
+from rewardq.judge_server.server import BackgroundJudgeServer
 from rewardq.stack import JudgeProcess
 
 MODEL = "rewardq-local-judge"

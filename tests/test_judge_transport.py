@@ -23,21 +23,21 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from scoring_data import expected, make_items
 
-from broker.embedded import free_port
-from broker.errors import (
+from rewardq.broker.embedded import free_port
+from rewardq.broker.errors import (
     JudgeError,
     JudgeErrorKind,
     PermanentJudgeError,
     TransientJudgeError,
 )
-from broker.judge_core import judge_spec
-from broker.rubrics import builtin_rubrics
-from broker.schemas import JudgeVerdict, ScoreItem
-from broker.settings import Settings
-from judge_server.config import JudgeConfig
-from judge_server.server import BackgroundJudgeServer
-from monitoring.metrics import WorkerMetrics
-from workers.judge_client import DirectTransport, JudgeClient, SdkTransport, TimedReply
+from rewardq.broker.judge_core import judge_spec
+from rewardq.broker.rubrics import builtin_rubrics
+from rewardq.broker.schemas import JudgeVerdict, ScoreItem
+from rewardq.broker.settings import Settings
+from rewardq.judge_server.config import JudgeConfig
+from rewardq.judge_server.server import BackgroundJudgeServer
+from rewardq.monitoring.metrics import WorkerMetrics
+from rewardq.workers.judge_client import DirectTransport, JudgeClient, SdkTransport, TimedReply
 
 TRANSPORTS = ["direct", "aiohttp", "httpx"]
 KEY = "sk-transport-test-0123456789abcdef"

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from scoring_data import expected, make_items
 
-from broker.settings import Settings
+from rewardq.broker.settings import Settings
 from rewardq.stack import JudgeProcess, settings_env, stop_process, wait_for_workers
 
 ROOT = Path(__file__).resolve().parent.parent

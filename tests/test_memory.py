@@ -24,12 +24,12 @@ import pytest
 import redis
 from conftest import worker_logs
 
-from broker.embedded import EmbeddedRedis
-from broker.errors import BrokerUnavailableError, RedisFullError
-from broker.keys import CACHE_EVICTIONS, DEAD_INDEX, cache_key
-from broker.schemas import ResultStatus
-from broker.settings import Settings
-from producer.client import RewardClient
+from rewardq.broker.embedded import EmbeddedRedis
+from rewardq.broker.errors import BrokerUnavailableError, RedisFullError
+from rewardq.broker.keys import CACHE_EVICTIONS, DEAD_INDEX, cache_key
+from rewardq.broker.schemas import ResultStatus
+from rewardq.broker.settings import Settings
+from rewardq.producer.client import RewardClient
 from rewardq.stack import JudgeProcess
 
 CAP = 8_000_000

@@ -22,25 +22,25 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 from scoring_data import make_items
 
-from broker.app import create_app
-from broker.errors import (
+from rewardq.broker.app import create_app
+from rewardq.broker.errors import (
     JudgeError,
     PermanentJudgeError,
     TransientJudgeError,
     UnparseableReplyError,
 )
-from broker.schemas import ResultStatus
-from broker.settings import Settings
-from broker.verdicts import classify
-from monitoring.metrics import (
+from rewardq.broker.schemas import ResultStatus
+from rewardq.broker.settings import Settings
+from rewardq.broker.verdicts import classify
+from rewardq.monitoring.metrics import (
     METRICS_PORT_SPAN,
     WorkerMetrics,
     call_status,
     discover_endpoints,
     start_metrics_server,
 )
-from producer.client import RewardClient
 from rewardq.ops_cli import add_ops_parsers
+from rewardq.producer.client import RewardClient
 from rewardq.stack import JudgeProcess
 from rewardq.stats_view import FleetMetrics, StatsSnapshot, WorkerRow, render, run_stats
 
@@ -294,7 +294,7 @@ COMPOSE_ENV = {"REDIS_PASSWORD": "compose-test-redis", "FLOWER_PASSWORD": "compo
 def _exposed_names(redis_url: str) -> set[str]:
     """Every sample name a worker exposes once each family has a value (the fleet-wide
     series read from a real Redis)."""
-    from monitoring.metrics import FleetCollector
+    from rewardq.monitoring.metrics import FleetCollector
 
     m = WorkerMetrics()
     m.registry.register(FleetCollector(redis.Redis.from_url(redis_url)))

@@ -26,12 +26,12 @@ from conftest import worker_logs
 from kombu.exceptions import OperationalError
 from scoring_data import expected, make_items
 
-from broker.app import create_app
-from broker.connections import async_redis_client
-from broker.dead_letters import DeadLetters
-from broker.embedded import EmbeddedRedis, free_port
-from broker.errors import BrokerUnavailableError
-from broker.schemas import (
+from rewardq.broker.app import create_app
+from rewardq.broker.connections import async_redis_client
+from rewardq.broker.dead_letters import DeadLetters
+from rewardq.broker.embedded import EmbeddedRedis, free_port
+from rewardq.broker.errors import BrokerUnavailableError
+from rewardq.broker.schemas import (
     JudgeSpec,
     JudgeVerdict,
     ResultStatus,
@@ -39,13 +39,13 @@ from broker.schemas import (
     ScoreItem,
     ScoreResult,
 )
-from broker.settings import Settings
-from monitoring.metrics import WorkerMetrics
-from producer.client import RewardClient
+from rewardq.broker.settings import Settings
+from rewardq.monitoring.metrics import WorkerMetrics
+from rewardq.producer.client import RewardClient
 from rewardq.stack import JudgeProcess, start_worker, stop_process, wait_for_workers
-from workers.cache import JudgeCache
-from workers.retry import RetryPolicy
-from workers.scoring import ChunkScorer
+from rewardq.workers.cache import JudgeCache
+from rewardq.workers.retry import RetryPolicy
+from rewardq.workers.scoring import ChunkScorer
 
 SOAK_RUNS = int(os.environ.get("REWARDQ_TEST_SOAK_RUNS", "1"))
 #: Fleet-wide limits the runs stay under: 100 requests/s, and tokens for about as many.
@@ -120,7 +120,7 @@ def answering(settings: Settings, names: set[str], timeout_s: float = 20.0) -> s
 
 
 class LimiterLosesRedisOnce:
-    """A judge (``workers.scoring.Judge``) whose rate limiter loses Redis on its first call,
+    """A judge (``rewardq.workers.scoring.Judge``) whose rate limiter loses Redis on its first call,
     as ``JudgeClient`` raises it when the limiter's connection is closed mid-acquire."""
 
     def __init__(self) -> None:

@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr, ValidationError
 
-from producer.config import LengthPenaltyConfig
-from producer.penalties import (
+from rewardq.producer.config import LengthPenaltyConfig
+from rewardq.producer.penalties import (
     _TABLE_SPAN,
     _address_order,
     _dense_integer_ids,

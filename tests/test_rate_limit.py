@@ -20,12 +20,12 @@ import pytest
 import redis
 import redis.asyncio
 
-from broker.connections import OUTAGE_ERRORS
-from broker.embedded import EmbeddedRedis, free_port
-from broker.errors import BrokerUnavailableError, ConfigError
-from broker.keys import rate_limit_key
-from broker.settings import Settings
-from workers.rate_limit import (
+from rewardq.broker.connections import OUTAGE_ERRORS
+from rewardq.broker.embedded import EmbeddedRedis, free_port
+from rewardq.broker.errors import BrokerUnavailableError, ConfigError
+from rewardq.broker.keys import rate_limit_key
+from rewardq.broker.settings import Settings
+from rewardq.workers.rate_limit import (
     DEFAULT_BURST_S,
     RESERVE_LUA,
     Admission,

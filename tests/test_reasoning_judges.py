@@ -1,6 +1,6 @@
 """Today's judges and today's rollouts through real worker processes: the local judge plays
 OpenAI's reasoning models, open reasoning models with and without a reasoning parser, and
-endpoints without structured outputs (``judge_server.profiles``); rollouts carry thinking,
+endpoints without structured outputs (``rewardq.judge_server.profiles``); rollouts carry thinking,
 end-of-turn tokens, nothing at all, or are cut.
 
 Every check of what the judge was sent or shown is made at the judge (``GET /stats``).
@@ -15,16 +15,16 @@ import pytest
 from conftest import worker_logs
 from scoring_data import expected, make_items
 
-from broker.judge_core import judge_spec
-from broker.rubrics import builtin_rubrics
-from broker.schemas import JudgeOptions, ResultStatus, ScoreItem
-from broker.settings import Settings
-from judge_server.digit_logprobs import intended_expectation, neighbour
-from monitoring.costs import PriceTable
-from monitoring.metrics import WorkerMetrics
-from producer.client import RewardClient
+from rewardq.broker.judge_core import judge_spec
+from rewardq.broker.rubrics import builtin_rubrics
+from rewardq.broker.schemas import JudgeOptions, ResultStatus, ScoreItem
+from rewardq.broker.settings import Settings
+from rewardq.judge_server.digit_logprobs import intended_expectation, neighbour
+from rewardq.monitoring.costs import PriceTable
+from rewardq.monitoring.metrics import WorkerMetrics
+from rewardq.producer.client import RewardClient
 from rewardq.stack import JudgeProcess
-from workers.judge_client import JudgeClient
+from rewardq.workers.judge_client import JudgeClient
 
 REFUSED = ("max_tokens", "temperature", "logprobs", "top_logprobs")
 

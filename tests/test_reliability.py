@@ -20,14 +20,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from scoring_data import expected, make_items
 
-from broker.app import create_app
-from broker.embedded import EmbeddedRedis, free_port
-from broker.errors import BrokerUnavailableError, InvalidItemError, ScoringTimeoutError
-from broker.schemas import JudgeSpec, ResultStatus, ScoreItem, parse_items
-from broker.settings import Settings
-from producer.client import RewardClient
+from rewardq.broker.app import create_app
+from rewardq.broker.embedded import EmbeddedRedis, free_port
+from rewardq.broker.errors import BrokerUnavailableError, InvalidItemError, ScoringTimeoutError
+from rewardq.broker.schemas import JudgeSpec, ResultStatus, ScoreItem, parse_items
+from rewardq.broker.settings import Settings
+from rewardq.producer.client import RewardClient
 from rewardq.stack import JudgeProcess
-from workers.tasks import MalformedChunkError, parse_chunk_message
+from rewardq.workers.tasks import MalformedChunkError, parse_chunk_message
 
 
 def wait_for_calls(judge: JudgeProcess, at_least: int, timeout: float = 120.0) -> None:

@@ -1,7 +1,7 @@
 """A worker announces each chunk once its result is stored; waiters wake on it.
 
 The producer polls the chunks' results (one MGET per round) and, between rounds, blocks
-on its job's "done" list (``broker.jobs.wait_for_chunk_done``) instead of sleeping; a
+on its job's "done" list (``rewardq.broker.jobs.wait_for_chunk_done``) instead of sleeping; a
 worker pushes the chunk's index there from Celery's ``after_return``, which runs after
 the result is stored. So a result is read as soon as it lands. These tests check the
 contract on a real Redis and real gevent workers: every chunk is announced exactly
@@ -13,10 +13,10 @@ from __future__ import annotations
 import redis
 from scoring_data import make_items
 
-from broker.jobs import announce_chunk_done, wait_for_chunk_done
-from broker.keys import job_done_key
-from broker.settings import Settings
-from producer.client import RewardClient
+from rewardq.broker.jobs import announce_chunk_done, wait_for_chunk_done
+from rewardq.broker.keys import job_done_key
+from rewardq.broker.settings import Settings
+from rewardq.producer.client import RewardClient
 
 
 def test_an_announcement_wakes_a_waiter_and_is_consumed(settings: Settings) -> None:

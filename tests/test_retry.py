@@ -1,4 +1,4 @@
-"""The retry decision (``workers.retry``) and the judge-error classification it relies on.
+"""The retry decision (``rewardq.workers.retry``) and the judge-error classification it relies on.
 
 Both are pure: no I/O, no clock. ``decide`` gets a seeded or fixed random source, so the
 backoff sequence is checked exactly.
@@ -14,15 +14,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from broker.connections import outage_delay
-from broker.errors import (
+from rewardq.broker.connections import outage_delay
+from rewardq.broker.errors import (
     JudgeError,
     PermanentJudgeError,
     TransientJudgeError,
     UnparseableReplyError,
 )
-from broker.verdicts import classify
-from workers.retry import RetryDecision, RetryPolicy, decide
+from rewardq.broker.verdicts import classify
+from rewardq.workers.retry import RetryDecision, RetryPolicy, decide
 
 POLICY = RetryPolicy(max_attempts=5, base_delay_s=0.1, max_delay_s=1.0)
 _REQUEST = httpx.Request("POST", "http://judge.test/v1/chat/completions")

@@ -5,7 +5,7 @@ groups (shared ``uid``), prompts left-padded, responses right-padded with an EOS
 tokenized by a real ``transformers`` fast tokenizer built offline. The judge is the real
 local judge over HTTP; every expected reward is computed independently of the manager:
 the rule score from the sample's label, the judge score from
-``judge_server.grading.expected_raw_score`` on the decoded text, the penalty from the
+``rewardq.judge_server.grading.expected_raw_score`` on the decoded text, the penalty from the
 plain-Python reference (``tests/penalty_reference.py``).
 
 The sync mode runs against a judge in a thread of this process. The async mode needs the
@@ -27,18 +27,18 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from broker.schemas import ResultStatus, ScoreResult
-from broker.settings import Settings
-from broker.verdicts import normalize
-from judge_server.grading import expected_raw_score
-from judge_server.server import BackgroundJudgeServer
-from producer.config import LengthPenaltyConfig
-from producer.reward_manager import (
+from rewardq.broker.schemas import ResultStatus, ScoreResult
+from rewardq.broker.settings import Settings
+from rewardq.broker.verdicts import normalize
+from rewardq.judge_server.grading import expected_raw_score
+from rewardq.judge_server.server import BackgroundJudgeServer
+from rewardq.producer.config import LengthPenaltyConfig
+from rewardq.producer.reward_manager import (
     LengthPenaltyRewardManager,
     combine_rewards,
     exact_final_answer,
 )
-from producer.sync_judge import SyncJudge
+from rewardq.producer.sync_judge import SyncJudge
 
 try:
     from tests import penalty_reference as ref
@@ -321,7 +321,7 @@ def test_judge_failure_is_never_a_silent_zero(tokenizer: PreTrainedTokenizerFast
 
 def test_unreachable_judge_fails_items_not_the_call(tokenizer: PreTrainedTokenizerFast
                                                     ) -> None:
-    from broker.embedded import free_port
+    from rewardq.broker.embedded import free_port
 
     settings = Settings(judge_base_url=f"http://127.0.0.1:{free_port()}/v1")
     samples = [s for s in SAMPLES if s.uid == "u-add"]

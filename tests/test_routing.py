@@ -3,7 +3,7 @@
 The state machine and the choice are pure (a clock of the test's own, no sleeps);
 the judge client is driven in-process against real local judges over HTTP, one of them
 a port nobody listens on; the acceptance test runs real worker processes against three
-``python -m judge_server`` processes and SIGKILLs one mid-run.
+``python -m rewardq.judge_server`` processes and SIGKILLs one mid-run.
 """
 
 from __future__ import annotations
@@ -23,17 +23,17 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from scoring_data import expected, make_items
 
-from broker.app import create_app
-from broker.embedded import free_port
-from broker.errors import JudgeErrorKind, PermanentJudgeError, TransientJudgeError
-from broker.schemas import ResultStatus
-from broker.settings import Settings
-from judge_server.config import JudgeConfig
-from judge_server.server import BackgroundJudgeServer
-from monitoring.metrics import WorkerMetrics, discover_endpoints
-from producer.client import RewardClient
+from rewardq.broker.app import create_app
+from rewardq.broker.embedded import free_port
+from rewardq.broker.errors import JudgeErrorKind, PermanentJudgeError, TransientJudgeError
+from rewardq.broker.schemas import ResultStatus
+from rewardq.broker.settings import Settings
+from rewardq.judge_server.config import JudgeConfig
+from rewardq.judge_server.server import BackgroundJudgeServer
+from rewardq.monitoring.metrics import WorkerMetrics, discover_endpoints
+from rewardq.producer.client import RewardClient
 from rewardq.stack import JudgeProcess, start_judge
-from workers.endpoints import (
+from rewardq.workers.endpoints import (
     BreakerState,
     CircuitBreaker,
     EndpointPool,
@@ -41,8 +41,8 @@ from workers.endpoints import (
     endpoint_label,
     is_endpoint_failure,
 )
-from workers.judge_client import JudgeClient
-from workers.retry import RetryPolicy, decide
+from rewardq.workers.judge_client import JudgeClient
+from rewardq.workers.retry import RetryPolicy, decide
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -209,7 +209,7 @@ def test_a_half_open_endpoint_gets_one_probe_and_its_success_closes_it(
     metrics = WorkerMetrics()
     pool = EndpointPool(URLS[:2], failures=2, cooldown_s=0.5, clock=clock, metrics=metrics)
     a, b = pool.endpoints
-    caplog.set_level("INFO", logger="workers.endpoints")
+    caplog.set_level("INFO", logger="rewardq.workers.endpoints")
     for _ in range(2):
         assert pool.acquire(exclude=[a]) is b
         pool.release(b, "network", failure=True)
@@ -374,7 +374,7 @@ def test_one_endpoint_takes_the_direct_path_without_per_endpoint_series(
 
 @pytest.fixture
 def judge_processes() -> Iterator[list[JudgeProcess]]:
-    """Three ``python -m judge_server`` processes, 30 ms per answer."""
+    """Three ``python -m rewardq.judge_server`` processes, 30 ms per answer."""
     started: list[JudgeProcess] = []
     try:
         for _ in range(3):

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from broker.errors import ConfigError, InvalidItemError
-from broker.judge_core import judge_spec
-from broker.keys import judge_fingerprint
-from broker.rubrics import RubricBook, builtin_rubrics, load_rubrics
-from broker.schemas import ResultStatus, ScoreItem
-from broker.settings import Settings
-from broker.verdicts import normalize
-from judge_server.grading import grade_messages
-from producer.client import RewardClient
+from rewardq.broker.errors import ConfigError, InvalidItemError
+from rewardq.broker.judge_core import judge_spec
+from rewardq.broker.keys import judge_fingerprint
+from rewardq.broker.rubrics import RubricBook, builtin_rubrics, load_rubrics
+from rewardq.broker.schemas import ResultStatus, ScoreItem
+from rewardq.broker.settings import Settings
+from rewardq.broker.verdicts import normalize
+from rewardq.judge_server.dispatch import grade_messages
+from rewardq.producer.client import RewardClient
 from rewardq.stack import JudgeProcess
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,7 +1,7 @@
 """The lean per-item paths of issue 14, against a real Redis: verdicts stored in batches
 (one Lua call for many, each caller back only once its own verdict is in Redis) and a
 chunk that waits for all its items at once (timeouts, one-item failures, outages, dedup
-and ensembles as before). The judge is a fake of our own ``workers.scoring.Judge``
+and ensembles as before). The judge is a fake of our own ``rewardq.workers.scoring.Judge``
 interface, so each test decides what every call does."""
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import redis.asyncio as aioredis
 from hypothesis import given
 from hypothesis import strategies as st
 
-from broker.connections import OUTAGE_ERRORS, async_redis_client
-from broker.embedded import EmbeddedRedis, free_port
-from broker.errors import BrokerUnavailableError
-from broker.keys import cache_key, inflight_key, judge_fingerprint, judge_fingerprints
-from broker.rubrics import builtin_rubrics
-from broker.schemas import (
+from rewardq.broker.connections import OUTAGE_ERRORS, async_redis_client
+from rewardq.broker.embedded import EmbeddedRedis, free_port
+from rewardq.broker.errors import BrokerUnavailableError
+from rewardq.broker.keys import cache_key, inflight_key, judge_fingerprint, judge_fingerprints
+from rewardq.broker.rubrics import builtin_rubrics
+from rewardq.broker.schemas import (
     GroupSpec,
     JudgeSpec,
     JudgeVerdict,
@@ -34,12 +34,12 @@ from broker.schemas import (
     Usage,
     parse_items,
 )
-from broker.settings import Settings
-from monitoring.metrics import WorkerMetrics
-from producer.client import RewardClient
-from workers.cache import ClaimState, JudgeCache
-from workers.retry import RetryPolicy
-from workers.scoring import ChunkScorer
+from rewardq.broker.settings import Settings
+from rewardq.monitoring.metrics import WorkerMetrics
+from rewardq.producer.client import RewardClient
+from rewardq.workers.cache import ClaimState, JudgeCache
+from rewardq.workers.retry import RetryPolicy
+from rewardq.workers.scoring import ChunkScorer
 
 T = TypeVar("T")
 SPEC = JudgeSpec(model="m", prompt_version="v1")

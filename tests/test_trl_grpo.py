@@ -25,10 +25,10 @@ from tokenizer_factory import SPECIAL_TOKENS, build_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
-from broker.schemas import MAX_TEXT_CHARS, ResultStatus
-from broker.settings import Settings
-from judge_server.server import BackgroundJudgeServer
-from producer.trl import (
+from rewardq.broker.schemas import MAX_TEXT_CHARS, ResultStatus
+from rewardq.broker.settings import Settings
+from rewardq.judge_server.server import BackgroundJudgeServer
+from rewardq.producer.trl import (
     make_async_trl_reward,
     make_sync_trl_reward,
     make_trl_reward,

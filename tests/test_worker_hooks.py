@@ -1,4 +1,4 @@
-"""Worker hooks (``workers.hooks``): how they are called, and the shutdown watchdog in a
+"""Worker hooks (``rewardq.workers.hooks``): how they are called, and the shutdown watchdog in a
 real worker that Celery stops after an unrecoverable error.
 
 The hooks under test here are fakes of our own ``WorkerHook`` interface; the watchdog
@@ -18,12 +18,12 @@ import pytest
 import redis
 from conftest import ROOT
 
-from broker.embedded import EmbeddedRedis
-from broker.errors import BrokerUnavailableError
-from broker.schemas import ResultStatus, ScoreResult
-from broker.settings import Settings
+from rewardq.broker.embedded import EmbeddedRedis
+from rewardq.broker.errors import BrokerUnavailableError
+from rewardq.broker.schemas import ResultStatus, ScoreResult
+from rewardq.broker.settings import Settings
 from rewardq.stack import settings_env, stop_process, wait_for_workers
-from workers.hooks import ChunkRun, DroppedMessage, WorkerHook, WorkerHooks
+from rewardq.workers.hooks import ChunkRun, DroppedMessage, WorkerHook, WorkerHooks
 
 RUN = ChunkRun("job-0", "w0@host", [{"items": [{"id": "a"}]}], received_at=0.0)
 RESULTS = [ScoreResult.failure("a", ResultStatus.FAILED, "judge said 400")]

@@ -9,9 +9,9 @@ import pytest
 from conftest import worker_logs
 from scoring_data import make_items
 
-from broker.schemas import ResultStatus
-from broker.settings import Settings
-from producer.client import RewardClient
+from rewardq.broker.schemas import ResultStatus
+from rewardq.broker.settings import Settings
+from rewardq.producer.client import RewardClient
 from rewardq.stack import JudgeProcess
 
 

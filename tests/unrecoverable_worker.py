@@ -17,8 +17,8 @@ from typing import Any
 import gevent
 from celery import bootsteps
 
-from broker.settings import Settings
-from workers.tasks import create_worker_app
+from rewardq.broker.settings import Settings
+from rewardq.workers.tasks import create_worker_app
 
 app = create_worker_app(Settings())
 

@@ -1,6 +1,6 @@
 """The fleet-wide judge budget: US dollars per run and per training step, held in Redis.
 
-Every judge call that has a price (``monitoring.costs.PriceTable``) is gated here, in
+Every judge call that has a price (``rewardq.monitoring.costs.PriceTable``) is gated here, in
 ``JudgeClient.complete``, after the rate limiter admitted it:
 
 1. **reserve** an *estimate* of the call's cost before it is made, learned from what the
@@ -10,7 +10,7 @@ Every judge call that has a price (``monitoring.costs.PriceTable``) is gated her
    - the estimate fits beside the spend and the calls in flight
      (``spent + reserved + estimate <= limit``): the call goes, its estimate reserved;
    - nothing is left (``spent >= limit``): the call is refused at once with
-     :class:`~broker.errors.BudgetExceededError` (the item comes back ``budget_exceeded``
+     :class:`~rewardq.broker.errors.BudgetExceededError` (the item comes back ``budget_exceeded``
      and is dead-lettered for a replay);
    - it does not fit but calls are in flight (``reserved > 0``): the call **waits** for
      them to settle and asks again, for as long as its deadline allows (the chunk's, from
@@ -33,17 +33,17 @@ Every judge call that has a price (``monitoring.costs.PriceTable``) is gated her
    its reservation.
 
 The estimate. A call's *worst case* is the most its request can be billed: the prompt's
-UTF-8 bytes (a token is at least one byte for the byte-level BPE tokenizers providers
-bill by) plus the chat format's tokens (:func:`worst_case_tokens`), and its whole reply
-budget (``max_tokens``; for a reasoning judge thousands of tokens its thinking rarely
-uses). Per run and model, Redis keeps two learned figures (``broker.keys.budget_usage_key``):
+UTF-8 bytes (a token is at least one byte for the byte-level BPE tokenizers providers bill
+by) plus the chat format's tokens (:func:`worst_case_tokens`), and its whole reply budget
+(``max_tokens``; for a reasoning judge thousands of tokens its thinking rarely uses). Per
+run and model, Redis keeps two learned figures (``rewardq.broker.keys.budget_usage_key``):
 prompt tokens billed per worst-case prompt token, and completion tokens per reply. Each
 follows the peaks of what replies report: a reply above it raises it at once, one below
 lowers it by 1/:data:`LEARN_DECAY` of the difference, so it sits near the top of recent
-replies rather than at their mean. The estimate is those figures applied to the call's
-own worst-case prompt and capped by its reply budget, priced for its model, and never
-more than the worst case. Before the model's first reply the estimate is the worst case:
-a fresh run starts conservative and learns from its first settlement on.
+replies rather than at their mean. The estimate is those figures applied to the call's own
+worst-case prompt and capped by its reply budget, priced for its model, and never more
+than the worst case. Before the model's first reply the estimate is the worst case: a
+fresh run starts conservative and learns from its first settlement on.
 
 Bounds. A capped run stops with nothing unspent: a call is refused only once ``spent``
 reached the limit (or its deadline passed while calls were in flight). ``spent`` can pass
@@ -62,7 +62,7 @@ timeout plus a minute); the next reserve anywhere in the fleet charges its *wors
 forever, and spend is never under-counted. A settle that comes after that corrects
 ``spent`` to the real cost.
 
-The limits live in Redis (``broker.keys.budget_key``), so ``rewardq budget set`` changes
+The limits live in Redis (``rewardq.broker.keys.budget_key``), so ``rewardq budget set`` changes
 them for the whole fleet at once, without a restart: raising one lets the waiting calls
 go at their next ask, and ``rewardq failed replay --all`` scores the refused items. Every
 reserve writes the worker's settings' limits (``REWARDQ_BUDGET_USD``,
@@ -72,9 +72,9 @@ with other settings logs once that the fleet's limit differs instead of overridi
 and a Redis that lost its data gets the limits back at the next call (not the spend:
 that is lost with it).
 
-Money is counted in integer nano-dollars (``broker.keys.BUDGET_UNITS_PER_USD``), so
+Money is counted in integer nano-dollars (``rewardq.broker.keys.BUDGET_UNITS_PER_USD``), so
 thousands of small charges add up exactly. A Redis error while reserving is an outage
-(:class:`~broker.errors.BrokerUnavailableError`: the chunk is scored again once Redis is
+(:class:`~rewardq.broker.errors.BrokerUnavailableError`: the chunk is scored again once Redis is
 back), never ``budget_exceeded``; after the call, a settle that cannot reach Redis is
 logged and its hold is charged its worst case on expiry.
 
@@ -100,8 +100,8 @@ from typing import Any, TypeVar
 import redis
 import redis.asyncio as aioredis
 
-from broker.errors import BrokerUnavailableError, BudgetExceededError
-from broker.keys import (
+from rewardq.broker.errors import BrokerUnavailableError, BudgetExceededError
+from rewardq.broker.keys import (
     BUDGET_RUNS,
     BUDGET_TTL_S,
     BUDGET_UNITS_PER_USD,
@@ -109,9 +109,9 @@ from broker.keys import (
     budget_key,
     budget_usage_key,
 )
-from broker.schemas import Usage
-from broker.settings import Settings
-from monitoring.costs import Price, PriceTable
+from rewardq.broker.schemas import Usage
+from rewardq.broker.settings import Settings
+from rewardq.monitoring.costs import Price, PriceTable
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The judge cache and the in-flight locks, in Redis (keys in ``broker.keys``).
+"""The judge cache and the in-flight locks, in Redis (keys in ``rewardq.broker.keys``).
 
 A verdict is cached under the fingerprint of everything that changes the judge's
 answer. While one worker judges a fingerprint it holds ``rewardq:inflight:<fp>``; any
@@ -23,7 +23,7 @@ Redis' own LRU eviction does), two per entry it writes and more the further memo
 over (``rewardq:stats:cache_evictions`` counts them). Because the deletes come first, a
 store still lands when Redis is full of verdicts (a script that has written may go on
 writing). Verdicts are stored without their default fields (a score, a raw score and
-the tokens): about 60 bytes of JSON each. Group judging (``workers.group_judging``)
+the tokens): about 60 bytes of JSON each. Group judging (``rewardq.workers.group_judging``)
 makes room the same way before it writes a group's state or its members' verdicts
 (:data:`MAKE_ROOM`, :func:`run_making_room`).
 """
@@ -42,10 +42,10 @@ import redis
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
-from broker.connections import is_redis_full, redis_full_error
-from broker.keys import CACHE_EVICTIONS, cache_key, inflight_key
-from broker.schemas import JudgeVerdict
-from broker.settings import Settings
+from rewardq.broker.connections import is_redis_full, redis_full_error
+from rewardq.broker.keys import CACHE_EVICTIONS, cache_key, inflight_key
+from rewardq.broker.schemas import JudgeVerdict
+from rewardq.broker.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ async def run_making_room(script: AsyncScript, client: aioredis.Redis, keys: lis
     Raises:
         RedisFullError: Redis refused the script's writes for memory (``what`` it was
             doing; nothing more could be made room for: the rest is not cache), logged
-            with Redis' memory figures. An outage, for ``broker.connections.is_outage``.
+            with Redis' memory figures. An outage, for ``rewardq.broker.connections.is_outage``.
         redis.RedisError: any other Redis error, as it came.
     """
     try:
@@ -299,7 +299,7 @@ class JudgeCache:
         those that arrive while a batch is on its way go in the next one.
 
         Raises:
-            broker.connections.OUTAGE_ERRORS: Redis could not store the batch (the lock
+            rewardq.broker.connections.OUTAGE_ERRORS: Redis could not store the batch (the lock
                 stays ours, and renewed, until ``release_lock``).
         """
         loop = asyncio.get_running_loop()
@@ -412,7 +412,7 @@ class JudgeCache:
             failed or died) or ``deadline`` (loop time) passed: the caller decides then.
 
         Raises:
-            broker.connections.OUTAGE_ERRORS: Redis could not be asked.
+            rewardq.broker.connections.OUTAGE_ERRORS: Redis could not be asked.
         """
         loop = asyncio.get_running_loop()
         if loop.time() >= deadline:

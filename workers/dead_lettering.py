@@ -2,14 +2,14 @@
 
 - Items that end ``failed``, ``invalid`` or ``budget_exceeded`` become item letters, one
   MULTI pipeline per chunk, before the chunk's results are stored (a Redis outage holds
-  the chunk: the hooks retry it, ``workers.hooks``). A ``budget_exceeded`` item was never
+  the chunk: the hooks retry it, ``rewardq.workers.hooks``). A ``budget_exceeded`` item was never
   judged: ``rewardq failed replay`` scores it once the budget is raised.
 - A chunk that fails as a whole (a malformed message, or Redis gone for good) becomes a
   chunk letter holding the task's arguments.
 - A message no task can take (unknown task name, not a task message) becomes a chunk
   letter too; recording it is best effort, so a bad message never takes the consumer down.
 
-The registry and its schema live in ``broker.dead_letters``; this module only decides
+The registry and its schema live in ``rewardq.broker.dead_letters``; this module only decides
 what becomes a letter. Every letter recorded is counted in the worker's metrics.
 """
 
@@ -19,11 +19,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from broker.dead_letters import DeadLetter, DeadLetters, LetterKind
-from broker.schemas import ResultStatus, ScoreChunk, ScoreResult
-from broker.settings import Settings
-from monitoring.metrics import WorkerMetrics
-from workers.hooks import ChunkRun, DroppedMessage, WorkerHook
+from rewardq.broker.dead_letters import DeadLetter, DeadLetters, LetterKind
+from rewardq.broker.schemas import ResultStatus, ScoreChunk, ScoreResult
+from rewardq.broker.settings import Settings
+from rewardq.monitoring.metrics import WorkerMetrics
+from rewardq.workers.hooks import ChunkRun, DroppedMessage, WorkerHook
 
 #: Item statuses that become dead letters.
 LETTERED = frozenset({ResultStatus.FAILED, ResultStatus.INVALID,

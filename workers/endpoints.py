@@ -1,7 +1,7 @@
 """Several base URLs for one judge: least-outstanding routing and a circuit breaker each.
 
 Pure logic apart from the clock (injectable): :class:`EndpointPool` picks the endpoint
-of a judge call and learns from how the call went; ``workers.judge_client`` does the
+of a judge call and learns from how the call went; ``rewardq.workers.judge_client`` does the
 HTTP and fails a call over to another endpoint. One pool per worker process, used
 from its asyncio loop only (no locks: nothing here awaits).
 
@@ -31,8 +31,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
-from broker.errors import JudgeError, JudgeErrorKind, TransientJudgeError
-from monitoring.metrics import WorkerMetrics
+from rewardq.broker.errors import JudgeError, JudgeErrorKind, TransientJudgeError
+from rewardq.monitoring.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 

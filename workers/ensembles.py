@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-from broker.schemas import (
+from rewardq.broker.schemas import (
     Aggregate,
     JudgeScore,
     JudgeSpec,

@@ -1,19 +1,19 @@
 """Group judging: a GRPO group's members judged together, wherever they arrive.
 
 With ``JudgeSpec.group`` set, the items sharing a ``uid`` are judged relative to each
-other (``broker.group_prompts``): ``listwise``, one call scores the whole group;
+other (``rewardq.broker.group_prompts``): ``listwise``, one call scores the whole group;
 ``pairwise``, every pair of members is judged in both orders (position swap), a member's
 score is its share of wins (ties half) and its ``agreement`` the share of its pairs whose
 two orders named the same winner.
 
 The members of a group reach the fleet in different chunks, on different worker
-processes. Each one registers in the group's Redis hash (``broker.keys``:
+processes. Each one registers in the group's Redis hash (``rewardq.broker.keys``:
 ``rewardq:judgegroup:<sha256>``) under its item id; the arrival that completes the group
 (``JudgeSpec.group.size`` distinct item ids) seals the member list and takes the group's
 lease, both atomically in one Lua call. That process makes the group's calls through
-``JudgeClient.complete`` (slots, rate limiter, usage), retried by ``workers.retry``, and
+``JudgeClient.complete`` (slots, rate limiter, usage), retried by ``rewardq.workers.retry``, and
 stores every member's verdict in the verdict cache under its fingerprint
-(``broker.keys.judge_fingerprint``, which carries the group mode, size and uid), all in
+(``rewardq.broker.keys.judge_fingerprint``, which carries the group mode, size and uid), all in
 one Lua call. The other members, in this process or another, poll until their verdict
 is cached or their chunk's deadline passes (then ``timeout``, with how many members had
 arrived; never a hang).
@@ -23,7 +23,7 @@ An owner that dies stops renewing: once the lease lapses, the next waiting membe
 takes the group over (the items are in the hash) and judges it. An owner whose calls
 fail for good releases the lease and its process's members come back ``failed`` (or
 ``budget_exceeded``); a member waiting elsewhere then takes over and tries once more,
-like a single item's waiter (``workers.scoring``).
+like a single item's waiter (``rewardq.workers.scoring``).
 
 Members and identical resubmissions: a member is an item id; the same id arriving again
 (a redelivered chunk, a replay) counts once, and two ids with the same text (two
@@ -55,9 +55,9 @@ from typing import Any, Protocol, TypeVar
 
 import redis.asyncio as aioredis
 
-from broker.connections import is_outage
-from broker.errors import JudgeError, JudgeErrorKind, UnparseableReplyError
-from broker.group_prompts import (
+from rewardq.broker.connections import is_outage
+from rewardq.broker.errors import JudgeError, JudgeErrorKind, UnparseableReplyError
+from rewardq.broker.group_prompts import (
     Winner,
     labels,
     listwise_max_tokens,
@@ -67,10 +67,10 @@ from broker.group_prompts import (
     parse_pairwise,
     presentation_order,
 )
-from broker.judge_request import reply_budget
-from broker.keys import cache_key, judge_fingerprint, judge_group_key, judge_group_lock_key
-from broker.rollout_view import GROUP_NO_ANSWER
-from broker.schemas import (
+from rewardq.broker.judge_request import reply_budget
+from rewardq.broker.keys import cache_key, judge_fingerprint, judge_group_key, judge_group_lock_key
+from rewardq.broker.rollout_view import GROUP_NO_ANSWER
+from rewardq.broker.schemas import (
     GroupSpec,
     JudgeSpec,
     JudgeVerdict,
@@ -80,12 +80,12 @@ from broker.schemas import (
     ScoreResult,
     Usage,
 )
-from broker.verdicts import normalize
-from monitoring.metrics import WorkerMetrics, call_status
-from workers.cache import DEFAULT_MAX_MEMORY_RATIO, MAKE_ROOM, run_making_room
-from workers.judge_client import TimedReply
-from workers.retry import RetryPolicy, decide
-from workers.scoring import JudgeFailed, Outcome
+from rewardq.broker.verdicts import normalize
+from rewardq.monitoring.metrics import WorkerMetrics, call_status
+from rewardq.workers.cache import DEFAULT_MAX_MEMORY_RATIO, MAKE_ROOM, run_making_room
+from rewardq.workers.judge_client import TimedReply
+from rewardq.workers.retry import RetryPolicy, decide
+from rewardq.workers.scoring import JudgeFailed, Outcome
 
 __all__ = ["GroupCaller", "GroupInvalid", "GroupJudging", "GroupTimeout", "PairScore",
            "pairwise_scores"]
@@ -99,7 +99,7 @@ T = TypeVar("T")
 _RESULT_GRACE_S = 1.0
 
 # Join (or poll) a group for one member; the one place a group is completed and taken.
-# Makes room first, as the verdict cache's claim does (workers.cache.MAKE_ROOM).
+# Makes room first, as the verdict cache's claim does (rewardq.workers.cache.MAKE_ROOM).
 # KEYS[1] group hash, KEYS[2] group lease (STRING token, PX), KEYS[3] the member's
 # cache key, KEYS[4] the cache evictions counter. ARGV: item id, member fingerprint,
 # item JSON, group size, hash TTL s, token, lease ms, joining process,
@@ -163,7 +163,7 @@ return 0
 
 class GroupCaller(Protocol):
     """What group judging needs of a judge client: one chat-completions call, no retries
-    (``workers.judge_client.JudgeClient.complete``)."""
+    (``rewardq.workers.judge_client.JudgeClient.complete``)."""
 
     async def complete(self, model: str, body: dict[str, Any],
                        max_tokens: int) -> TimedReply: ...
@@ -285,8 +285,8 @@ class GroupJudging:
         """One result per item of ``chunk`` (whose ``spec.group`` is set), in order.
 
         Raises:
-            broker.connections.OUTAGE_ERRORS: Redis went away or was full (any error
-                ``broker.connections.is_outage`` names; the task scores the chunk again
+            rewardq.broker.connections.OUTAGE_ERRORS: Redis went away or was full (any error
+                ``rewardq.broker.connections.is_outage`` names; the task scores the chunk again
                 once it is back; members already judged come from the cache).
         """
         group = chunk.spec.group

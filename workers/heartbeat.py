@@ -3,7 +3,7 @@
 Once a worker is ready, a greenlet writes its ``WorkerBeat`` (node, pid, queues, times) to
 ``rewardq:worker:<node>`` every ``BEAT_INTERVAL_S`` with a TTL of ``BEAT_TTL_S`` and
 deletes it on a clean shutdown; a killed worker's beat simply expires. Producers and the
-CLI read the beats with ``broker.fleet.live_workers`` to tell "no worker is consuming this
+CLI read the beats with ``rewardq.broker.fleet.live_workers`` to tell "no worker is consuming this
 queue" apart from "the workers are slow". Flower cannot: it reports a SIGKILLed worker as
 online for minutes.
 
@@ -11,10 +11,10 @@ A beat that cannot be written (Redis away, or full) is logged once per outage an
 stops the worker: the beat comes back with Redis. A full Redis is named as such ("Redis
 is full (maxmemory N, used M)"), not as an outage.
 
-Before that, from the moment the worker module starts loading (``workers.main`` calls
+Before that, from the moment the worker module starts loading (``rewardq.workers.main`` calls
 :func:`announce_starting` before its heavy imports, and before Celery connects, starts its
 pool and its consumer), :class:`StartingBeat` announces the process as ``starting``
-(``broker.fleet``), so a producer that finds no live worker yet waits for this one
+(``rewardq.broker.fleet``), so a producer that finds no live worker yet waits for this one
 instead of failing. The first real beat replaces it under the same key.
 """
 
@@ -32,18 +32,18 @@ import redis
 from celery.utils.nodenames import default_nodename, host_format
 from gevent.event import Event
 
-from broker.app import QUEUE_JUDGE
-from broker.connections import describe_memory, is_redis_full, redis_client, redis_memory
-from broker.fleet import (
+from rewardq.broker.app import QUEUE_JUDGE
+from rewardq.broker.connections import describe_memory, is_redis_full, redis_client, redis_memory
+from rewardq.broker.fleet import (
     BEAT_INTERVAL_S,
     BEAT_TTL_S,
     STARTING_MAX_S,
     STARTING_TTL_S,
     WorkerBeat,
 )
-from broker.keys import WORKER_INDEX, worker_key
-from broker.settings import Settings
-from workers.hooks import WorkerHook
+from rewardq.broker.keys import WORKER_INDEX, worker_key
+from rewardq.broker.settings import Settings
+from rewardq.workers.hooks import WorkerHook
 
 log = logging.getLogger(__name__)
 

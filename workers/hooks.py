@@ -43,9 +43,9 @@ from celery.signals import (
     worker_shutting_down,
 )
 
-from broker.connections import with_outage_retries
-from broker.schemas import ScoreChunk, ScoreResult
-from monitoring.metrics import WorkerMetrics, serve_worker_metrics
+from rewardq.broker.connections import with_outage_retries
+from rewardq.broker.schemas import ScoreChunk, ScoreResult
+from rewardq.monitoring.metrics import WorkerMetrics, serve_worker_metrics
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class WorkerHook:
         """``run`` was scored to ``results`` (one per item, in order), not yet stored.
 
         Raises:
-            broker.connections.OUTAGE_ERRORS: Redis is away; the moment is run again.
+            rewardq.broker.connections.OUTAGE_ERRORS: Redis is away; the moment is run again.
         """
 
     def chunk_failed(self, run: ChunkRun, reason: str, error: BaseException) -> None:
@@ -141,7 +141,7 @@ class WorkerHooks:
         """Every hook's ``chunk_done``, each retried on its own through Redis outages.
 
         Raises:
-            broker.connections.OUTAGE_ERRORS: Redis stayed away longer than the patience.
+            rewardq.broker.connections.OUTAGE_ERRORS: Redis stayed away longer than the patience.
         """
         for hook in self.hooks:
             with_outage_retries(partial(hook.chunk_done, run, results), self._patience_s,

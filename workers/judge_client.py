@@ -1,35 +1,36 @@
-"""The async judge client: a thin I/O shell around the one judge core (``broker.judge_core``).
+"""The async judge client: a thin I/O shell around the one judge core
+(``rewardq.broker.judge_core``).
 
 One ``JudgeClient`` per worker process, living on the process's asyncio loop, holding
 one HTTP transport per judge endpoint (and so one connection pool each) reused across
 tasks. Before each call the fleet-wide rate limiter (when ``REWARDQ_JUDGE_RPM``/``TPM``
 are set) admits it, and after it the reply's token usage is reconciled with the
-estimate that was debited. Nothing below retries: ``workers.retry`` is the one layer
+estimate that was debited. Nothing below retries: ``rewardq.workers.retry`` is the one layer
 that does.
 
 Transports (``Settings.judge_transport``), each POSTing the same chat-completions body
 to ``<base_url>/chat/completions`` and returning the reply's bytes for
-``broker.judge_core.read_reply``:
+``rewardq.broker.judge_core.read_reply``:
 
 - ``direct`` (the default): one long-lived ``aiohttp.ClientSession`` per endpoint,
   opened on the loop at the first call (``TCPConnector(limit=max_concurrent_requests)``,
   keep-alive), fixed headers (``Authorization: Bearer <key>``, JSON content type), the
   SDK's per-phase timeout of ``judge_timeout_s``. Its errors are built by
-  ``broker.verdicts.http_error``/``timeout_error``/``network_error``, the functions
+  ``rewardq.broker.verdicts.http_error``/``timeout_error``/``network_error``, the functions
   ``classify`` uses for the SDK's, so retries, breakers and dead letters see the same
   errors. The workers are the "async OpenAI client" of the design without the ``openai``
   SDK on the hot path: the SDK's request building and httpx2 layers cost ~0.7 ms of
   client CPU per call over a plain aiohttp POST (``benchmarks/PROFILE.md``).
 - ``aiohttp`` / ``httpx``: ``openai.AsyncOpenAI`` (``max_retries=0``) on the SDK's
-  aiohttp or default httpx transport, errors mapped by ``broker.verdicts.classify``.
+  aiohttp or default httpx transport, errors mapped by ``rewardq.broker.verdicts.classify``.
 
-The SDK stays the client of the in-process sync judge (``producer.sync_judge``) and of
+The SDK stays the client of the in-process sync judge (``rewardq.producer.sync_judge``) and of
 ``rewardq bench``'s one-process asyncio baseline.
 
-With several base URLs (``Settings.judge_endpoints``) ``workers.endpoints.EndpointPool``
+With several base URLs (``Settings.judge_endpoints``) ``rewardq.workers.endpoints.EndpointPool``
 routes each call (fewest in flight, a circuit breaker per endpoint); a call that finds
 its endpoint down fails over at once to another inside the same call, before
-``workers.retry`` sees an error, on every transport alike. With one base URL the call
+``rewardq.workers.retry`` sees an error, on every transport alike. With one base URL the call
 goes straight to its transport.
 """
 
@@ -47,14 +48,14 @@ import httpx2
 import openai
 import redis.asyncio as aioredis
 
-from broker.errors import (
+from rewardq.broker.errors import (
     BrokerUnavailableError,
     CutReplyError,
     JudgeError,
     PermanentJudgeError,
     UnparseableReplyError,
 )
-from broker.judge_core import (
+from rewardq.broker.judge_core import (
     COMPLETIONS_PATH,
     TokenLogprob,
     answer_text,
@@ -62,11 +63,11 @@ from broker.judge_core import (
     judge_verdict,
     read_reply,
 )
-from broker.judge_request import LearnedRequests, reply_budget
-from broker.rubrics import RubricBook, builtin_rubrics
-from broker.schemas import JudgeSpec, JudgeVerdict, ScoreItem, Usage
-from broker.settings import Settings
-from broker.verdicts import (
+from rewardq.broker.judge_request import LearnedRequests, reply_budget
+from rewardq.broker.rubrics import RubricBook, builtin_rubrics
+from rewardq.broker.schemas import JudgeSpec, JudgeVerdict, ScoreItem, Usage
+from rewardq.broker.settings import Settings
+from rewardq.broker.verdicts import (
     classify,
     http_error,
     network_error,
@@ -74,11 +75,11 @@ from broker.verdicts import (
     status_detail,
     timeout_error,
 )
-from monitoring.costs import PriceTable
-from monitoring.metrics import WorkerMetrics, call_status
-from workers.budget import FleetBudget, Unbudgeted
-from workers.endpoints import Endpoint, EndpointPool, NoEndpointError, is_endpoint_failure
-from workers.rate_limit import RateLimit, RedisRateLimiter, estimate_tokens
+from rewardq.monitoring.costs import PriceTable
+from rewardq.monitoring.metrics import WorkerMetrics, call_status
+from rewardq.workers.budget import FleetBudget, Unbudgeted
+from rewardq.workers.endpoints import Endpoint, EndpointPool, NoEndpointError, is_endpoint_failure
+from rewardq.workers.rate_limit import RateLimit, RedisRateLimiter, estimate_tokens
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ class DirectTransport:
     between reads. HTTPS uses the SDK's SSL context (certifi, ``SSL_CERT_FILE``).
 
     The session is opened at the first call, on the loop that makes it (an aiohttp
-    session belongs to one loop: the worker's, see ``workers.bridge``).
+    session belongs to one loop: the worker's, see ``rewardq.workers.bridge``).
 
     Args:
         settings: key, timeout, ``max_concurrent_requests`` (the connection limit).
@@ -205,7 +206,7 @@ class DirectTransport:
 
 class LearningTransport:
     """A transport that learns which parameters its endpoint refuses, per model
-    (``broker.judge_request.LearnedRequests``): the refused call is made again at once
+    (``rewardq.broker.judge_request.LearnedRequests``): the refused call is made again at once
     without them, and every later call leaves them out. One WARNING per lesson.
 
     Args:
@@ -244,8 +245,8 @@ def judge_transport(settings: Settings, base_url: str) -> JudgeTransport:
 
 
 class TimedReply(NamedTuple):
-    """A chat completion's reply (``broker.judge_core.ChatReply``) and how long it took;
-    ``content`` is the judge's final answer (``broker.judge_core.answer_text``)."""
+    """A chat completion's reply (``rewardq.broker.judge_core.ChatReply``) and how long it took;
+    ``content`` is the judge's final answer (``rewardq.broker.judge_core.answer_text``)."""
 
     content: str | None
     usage: Usage
@@ -261,7 +262,7 @@ class JudgeClient:
         redis: the worker's asyncio Redis client (holds the fleet-wide rate-limit state).
         metrics: where calls, tokens, cost and rate-limit waits are counted.
         prices: the price table for cost accounting.
-        rubrics: the run's rubrics (``broker.rubrics.rubric_book``); built-in by default.
+        rubrics: the run's rubrics (``rewardq.broker.rubrics.rubric_book``); built-in by default.
         budget: the fleet-wide judge budget every call reserves from (none: unlimited).
     """
 
@@ -324,7 +325,7 @@ class JudgeClient:
 
         Raises:
             TransientJudgeError, PermanentJudgeError: as :meth:`judge`.
-            BudgetExceededError: the fleet-wide judge budget (``workers.budget``) cannot
+            BudgetExceededError: the fleet-wide judge budget (``rewardq.workers.budget``) cannot
                 cover the call's worst case; it was not made.
             BrokerUnavailableError: the rate limiter or the budget could not reach Redis
                 before the call. After the call, a failed token reconcile or budget
@@ -384,7 +385,7 @@ class JudgeClient:
     async def _routed_post(self, pool: EndpointPool, model: str,
                            body: dict[str, Any]) -> bytes:
         """The POST on the endpoint with the fewest calls in flight; a call that finds
-        its endpoint down (:func:`~workers.endpoints.is_endpoint_failure`) goes on at once
+        its endpoint down (:func:`~rewardq.workers.endpoints.is_endpoint_failure`) goes on at once
         to another live one, each endpoint tried at most once.
 
         Raises:

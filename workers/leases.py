@@ -1,8 +1,8 @@
 """Chunk leases: a live worker keeps its chunks, a dead worker's go back to the queue.
 
 The Redis transport hands an unacked message out again once its delivery time in
-``unacked_index`` (``broker.keys``) is older than the visibility timeout, which
-``broker.app`` sets to ``Settings.chunk_lease_s``. Every third of a lease,
+``unacked_index`` (``rewardq.broker.keys``) is older than the visibility timeout, which
+``rewardq.broker.app`` sets to ``Settings.chunk_lease_s``. Every third of a lease,
 :class:`ChunkLeases`
 
 - bumps that time for every message this worker has reserved or is running
@@ -25,10 +25,10 @@ import gevent
 from celery import Celery
 from celery.worker import state as worker_state
 
-from broker.connections import redis_client
-from broker.keys import chunk_lease_key
-from broker.settings import Settings
-from workers.hooks import WorkerHook
+from rewardq.broker.connections import redis_client
+from rewardq.broker.keys import chunk_lease_key
+from rewardq.broker.settings import Settings
+from rewardq.workers.hooks import WorkerHook
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from typing import Any
 #: Loggers that write a line per HTTP request at INFO.
 CHATTY_LOGGERS = ("httpx", "httpx2", "httpcore", "httpcore2", "openai", "aiohttp.access")
 
-log = logging.getLogger("workers.scoring")
+log = logging.getLogger("rewardq.workers.scoring")
 
 
 def quiet_http_clients() -> None:

@@ -72,10 +72,10 @@ from dataclasses import dataclass
 import redis
 import redis.asyncio
 
-from broker.connections import is_outage, is_redis_full, redis_full_error
-from broker.errors import BrokerUnavailableError, ConfigError
-from broker.keys import rate_limit_key
-from broker.settings import Settings
+from rewardq.broker.connections import is_outage, is_redis_full, redis_full_error
+from rewardq.broker.errors import BrokerUnavailableError, ConfigError
+from rewardq.broker.keys import rate_limit_key
+from rewardq.broker.settings import Settings
 
 log = logging.getLogger(__name__)
 

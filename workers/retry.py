@@ -6,7 +6,7 @@ honouring the server's ``Retry-After`` when it gives one; permanent errors fail 
 once, except an unparseable reply, which is retried while attempts remain (a model
 sampling at temperature > 0, or a glitching proxy, may well answer properly next time).
 
-Redis outages are not decided here: ``broker.connections`` holds the one outage policy
+Redis outages are not decided here: ``rewardq.broker.connections`` holds the one outage policy
 (``OUTAGE_ERRORS``, ``with_outage_retries``) that the task, the producer and the dead
 letters share.
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from broker.errors import JudgeError, TransientJudgeError, UnparseableReplyError
+from rewardq.broker.errors import JudgeError, TransientJudgeError, UnparseableReplyError
 
 
 @dataclass(frozen=True)

@@ -13,19 +13,19 @@ import contextlib
 
 import redis.asyncio as aioredis
 
-from broker.connections import async_redis_client
-from broker.rubrics import rubric_book
-from broker.schemas import ScoreChunk, ScoreResult
-from broker.settings import Settings
-from monitoring.costs import PriceTable
-from monitoring.metrics import WorkerMetrics
-from workers.bridge import AsyncioBridge
-from workers.budget import FleetBudget, in_step
-from workers.cache import JudgeCache
-from workers.group_judging import GroupJudging
-from workers.judge_client import JudgeClient
-from workers.retry import RetryPolicy
-from workers.scoring import ChunkScorer
+from rewardq.broker.connections import async_redis_client
+from rewardq.broker.rubrics import rubric_book
+from rewardq.broker.schemas import ScoreChunk, ScoreResult
+from rewardq.broker.settings import Settings
+from rewardq.monitoring.costs import PriceTable
+from rewardq.monitoring.metrics import WorkerMetrics
+from rewardq.workers.bridge import AsyncioBridge
+from rewardq.workers.budget import FleetBudget, in_step
+from rewardq.workers.cache import JudgeCache
+from rewardq.workers.group_judging import GroupJudging
+from rewardq.workers.judge_client import JudgeClient
+from rewardq.workers.retry import RetryPolicy
+from rewardq.workers.scoring import ChunkScorer
 
 
 class WorkerRuntime:
@@ -51,7 +51,7 @@ class WorkerRuntime:
 
         Raises:
             TimeoutError: the chunk took longer than ``timeout_s``.
-            broker.connections.OUTAGE_ERRORS: Redis went away mid-chunk (the task
+            rewardq.broker.connections.OUTAGE_ERRORS: Redis went away mid-chunk (the task
                 scores the chunk again once it is back).
         """
         scorer = self._scorer or self.bridge.run(self._build(), timeout=30)

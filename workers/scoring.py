@@ -1,6 +1,6 @@
 """Scoring one chunk: cache, in-flight dedup, judge calls with retries; all async.
 
-Runs on the worker process's asyncio loop (see ``workers.bridge``). A chunk's
+Runs on the worker process's asyncio loop (see ``rewardq.workers.bridge``). A chunk's
 fingerprints are claimed in one Redis call: cached ones answer at once, owned ones are
 judged here, busy ones (another process is judging them) wait for that verdict. Within
 the process, every fingerprint has at most one ``asyncio.Task`` resolving it, which
@@ -19,19 +19,26 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Protocol
 
-from broker.connections import is_outage
-from broker.errors import JudgeError, JudgeErrorKind
-from broker.keys import judge_fingerprints
-from broker.rubrics import RubricBook, builtin_rubrics
-from broker.schemas import JudgeSpec, JudgeVerdict, ResultStatus, ScoreChunk, ScoreItem, ScoreResult
-from monitoring.metrics import WorkerMetrics, call_status
-from workers.cache import Claim, ClaimState, JudgeCache
-from workers.ensembles import aggregate, ensemble_members
-from workers.logs import RetryStormLog
-from workers.retry import RetryPolicy, decide
+from rewardq.broker.connections import is_outage
+from rewardq.broker.errors import JudgeError, JudgeErrorKind
+from rewardq.broker.keys import judge_fingerprints
+from rewardq.broker.rubrics import RubricBook, builtin_rubrics
+from rewardq.broker.schemas import (
+    JudgeSpec,
+    JudgeVerdict,
+    ResultStatus,
+    ScoreChunk,
+    ScoreItem,
+    ScoreResult,
+)
+from rewardq.monitoring.metrics import WorkerMetrics, call_status
+from rewardq.workers.cache import Claim, ClaimState, JudgeCache
+from rewardq.workers.ensembles import aggregate, ensemble_members
+from rewardq.workers.logs import RetryStormLog
+from rewardq.workers.retry import RetryPolicy, decide
 
 if TYPE_CHECKING:
-    from workers.group_judging import GroupJudging
+    from rewardq.workers.group_judging import GroupJudging
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +78,7 @@ class ChunkScorer:
         rubrics: the run's rubrics: items that name none get theirs before fingerprinting,
             as the producer does.
         groups: judges the chunks whose spec has a ``group`` (GRPO groups judged
-            together, ``workers.group_judging``).
+            together, ``rewardq.workers.group_judging``).
     """
 
     def __init__(self, judge: Judge, cache: JudgeCache, policy: RetryPolicy,
@@ -122,8 +129,8 @@ class ChunkScorer:
         become ``timeout`` results.
 
         Raises:
-            broker.connections.OUTAGE_ERRORS: Redis went away (or was full: any error
-                ``broker.connections.is_outage`` names) while an item was resolved (raised
+            rewardq.broker.connections.OUTAGE_ERRORS: Redis went away (or was full: any error
+                ``rewardq.broker.connections.is_outage`` names) while an item was resolved (raised
                 as soon as one is seen: the task scores the chunk again, joining the
                 tasks still running).
         """
@@ -272,7 +279,7 @@ class ChunkScorer:
 
 
 def _raise_outage(tasks: Sequence[asyncio.Task[Outcome]]) -> None:
-    """Raise the first Redis outage (``broker.connections.is_outage``) among the finished
+    """Raise the first Redis outage (``rewardq.broker.connections.is_outage``) among the finished
     ``tasks``: Redis is away or full (the rate limiter's and the budget's scripts
     included), so the task scores the chunk again."""
     for task in tasks:
@@ -285,7 +292,7 @@ def _raise_outage(tasks: Sequence[asyncio.Task[Outcome]]) -> None:
 async def _wait_until(tasks: Sequence[asyncio.Task[Outcome]], deadline: float
                       ) -> dict[asyncio.Task[Outcome], float]:
     """Wait until every task of ``tasks`` is done, one of them failed with a Redis outage
-    (``broker.connections.is_outage``: nothing more can be stored), or ``deadline`` (loop
+    (``rewardq.broker.connections.is_outage``: nothing more can be stored), or ``deadline`` (loop
     time) passed.
 
     One future, one timer and one callback per task, for the whole chunk; no task is

@@ -1,4 +1,4 @@
-"""The Celery task that scores a chunk, registered on the app ``broker.app`` builds.
+"""The Celery task that scores a chunk, registered on the app ``rewardq.broker.app`` builds.
 
 What the task guarantees, whatever arrives on the queue:
 
@@ -11,13 +11,13 @@ What the task guarantees, whatever arrives on the queue:
 - A Redis outage inside a chunk does not fail its items, wherever it hits (cache,
   in-flight locks, rate limiter, dead letters): the chunk is scored again in place after
   a backoff (finished items come from the cache) until ``Settings.redis_retry_s`` or the
-  chunk's deadline runs out (``broker.connections.with_outage_retries``). In place, not
+  chunk's deadline runs out (``rewardq.broker.connections.with_outage_retries``). In place, not
   with ``Task.retry``: re-publishing needs the very broker that is away.
 - A worker that dies mid-chunk loses nothing: the message stays unacked (late acks) and
   the Redis transport hands it to another worker once its lease lapses
-  (``workers.leases``).
+  (``rewardq.workers.leases``).
 
-Everything else a worker does around its tasks is a hook (``workers.hooks``): dead
+Everything else a worker does around its tasks is a hook (``rewardq.workers.hooks``): dead
 letters, metrics, chunk leases, heartbeat, the shutdown watchdog.
 """
 
@@ -32,20 +32,20 @@ from celery import Celery, Task
 from celery.signals import after_setup_logger
 from pydantic import ValidationError
 
-from broker.app import TASK_SCORE_CHUNK, create_app
-from broker.connections import redis_client, with_outage_retries
-from broker.errors import InvalidItemError
-from broker.jobs import announce_chunk_done, chunk_result
-from broker.schemas import ResultStatus, ScoreChunk, ScoreItem, ScoreResult, parse_items
-from broker.settings import Settings
-from workers.dead_lettering import DeadLetterHook
-from workers.heartbeat import HeartbeatHook
-from workers.hooks import ChunkRun, MetricsHook, WorkerHooks
-from workers.intake import ChunkIntake
-from workers.leases import ChunkLeases
-from workers.logs import quiet_http_clients, use_json_format
-from workers.runtime import WorkerRuntime
-from workers.watchdog import ShutdownWatchdog
+from rewardq.broker.app import TASK_SCORE_CHUNK, create_app
+from rewardq.broker.connections import redis_client, with_outage_retries
+from rewardq.broker.errors import InvalidItemError
+from rewardq.broker.jobs import announce_chunk_done, chunk_result
+from rewardq.broker.schemas import ResultStatus, ScoreChunk, ScoreItem, ScoreResult, parse_items
+from rewardq.broker.settings import Settings
+from rewardq.workers.dead_lettering import DeadLetterHook
+from rewardq.workers.heartbeat import HeartbeatHook
+from rewardq.workers.hooks import ChunkRun, MetricsHook, WorkerHooks
+from rewardq.workers.intake import ChunkIntake
+from rewardq.workers.leases import ChunkLeases
+from rewardq.workers.logs import quiet_http_clients, use_json_format
+from rewardq.workers.runtime import WorkerRuntime
+from rewardq.workers.watchdog import ShutdownWatchdog
 
 _PLACEHOLDER_ITEM = {"id": "-", "prompt": "-", "response": "-"}
 
@@ -85,7 +85,7 @@ def create_worker_app(settings: Settings) -> Celery:
     @app.task(name=TASK_SCORE_CHUNK, bind=True,  # type: ignore[untyped-decorator]
               throws=(MalformedChunkError,), after_return=after_return)
     def score_chunk(self: Task[Any, Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """Score one chunk; returns ``broker.jobs.chunk_result``: the items per status and
+        """Score one chunk; returns ``rewardq.broker.jobs.chunk_result``: the items per status and
         one result JSON per item, in order."""
         run = ChunkRun(self.request.id, self.request.hostname, list(args), time.time())
         results = score_message(runtime, hooks, run, kwargs, settings.redis_retry_s)
@@ -105,7 +105,7 @@ def score_message(runtime: WorkerRuntime, hooks: WorkerHooks, run: ChunkRun,
 
     Raises:
         MalformedChunkError: the message is not a chunk (dead-lettered as such).
-        broker.connections.OUTAGE_ERRORS: Redis stayed away longer than ``patience_s``.
+        rewardq.broker.connections.OUTAGE_ERRORS: Redis stayed away longer than ``patience_s``.
         TimeoutError: the chunk outlived its deadline.
     """
     try:

@@ -33,7 +33,7 @@ from typing import Any
 from celery.worker import state as worker_state
 from gevent import monkey
 
-from workers.hooks import WorkerHook
+from rewardq.workers.hooks import WorkerHook
 
 log = logging.getLogger(__name__)
 
