@@ -14,14 +14,15 @@ WORKDIR /app
 # from constraints.txt, the set the tests ran with.
 COPY pyproject.toml README.md constraints.txt ./
 # The component folders install as rewardq.<component> through links in rewardq/.
-RUN mkdir -p broker workers producer gateway monitoring judge_server rewardq \
-    && for c in broker workers producer gateway monitoring judge_server; do \
+RUN mkdir -p broker judge workers producer gateway monitoring judge_server rewardq \
+    && for c in broker judge workers producer gateway monitoring judge_server; do \
            touch "$c/__init__.py" && ln -s "../$c" "rewardq/$c"; done \
     && touch rewardq/__init__.py \
     && pip install -c constraints.txt ".[worker]" \
     && pip uninstall -y rewardq \
-    && rm -rf broker workers producer gateway monitoring judge_server rewardq build
+    && rm -rf broker judge workers producer gateway monitoring judge_server rewardq build
 COPY broker ./broker
+COPY judge ./judge
 COPY workers ./workers
 COPY producer ./producer
 COPY gateway ./gateway

@@ -29,8 +29,10 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check broker workers producer gateway monitoring judge_server rewardq tests benchmarks
-	$(BIN)/mypy -p rewardq.broker -p rewardq.producer -p rewardq.workers -p rewardq.gateway
+	$(BIN)/ruff check broker judge workers producer gateway monitoring judge_server rewardq tests \
+		benchmarks
+	$(BIN)/mypy -p rewardq.broker -p rewardq.judge -p rewardq.producer -p rewardq.workers \
+		-p rewardq.gateway
 	$(BIN)/hadolint Dockerfile
 
 bench: $(STAMP)

@@ -7,7 +7,7 @@ reasoning rollout of ``--chars`` characters (a ``<think>`` block, then the same 
 answer). Each step's content is new (a cold cache). Reported per kind: the median wall
 time of ``submit`` alone and of ``submit`` + ``result``, the bytes the step's chunks put
 on the queue, and the long/short ratio of each. The producer takes the rollout view before
-anything is enqueued (``rewardq.broker.rollout_view``), so a long step should cost about what a
+anything is enqueued (``rewardq.judge.rollout_view``), so a long step should cost about what a
 short one does.
 
 Usage::

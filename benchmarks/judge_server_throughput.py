@@ -34,8 +34,8 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from rewardq.broker.rubrics import builtin_rubrics  # noqa: E402
 from rewardq.broker.schemas import ScoreItem  # noqa: E402  (needs ROOT on the path)
+from rewardq.judge.rubrics import builtin_rubrics  # noqa: E402
 from rewardq.judge_server.server import loop_factory  # noqa: E402
 
 

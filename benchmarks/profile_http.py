@@ -47,10 +47,10 @@ import aiohttp  # noqa: E402
 import httpx2  # noqa: E402
 import openai  # noqa: E402
 
-from rewardq.broker.judge_core import COMPLETIONS_PATH, judge_request, judge_spec, read_reply  # noqa: E402
-from rewardq.broker.rubrics import builtin_rubrics  # noqa: E402
 from rewardq.broker.schemas import ScoreItem  # noqa: E402
 from rewardq.broker.settings import Settings  # noqa: E402
+from rewardq.judge.judge_core import COMPLETIONS_PATH, judge_request, judge_spec, read_reply  # noqa: E402
+from rewardq.judge.rubrics import builtin_rubrics  # noqa: E402
 from rewardq.stack import start_judge  # noqa: E402
 
 Post = Callable[[dict[str, Any]], Awaitable[bytes]]

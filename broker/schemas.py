@@ -33,7 +33,7 @@ class ScoreItem(_Wire):
     """One (prompt, response) pair to score; ``reference`` selects the correctness rubric.
 
     ``response`` is the rollout as the policy wrote it, thinking included, and may be
-    empty: the producer shows the judge only its view of it (``rewardq.broker.rollout_view``),
+    empty: the producer shows the judge only its view of it (``rewardq.judge.rollout_view``),
     and a rollout with no final answer gets ``no_answer`` without a judge call.
     """
 
@@ -44,7 +44,7 @@ class ScoreItem(_Wire):
     data_source: str | None = Field(default=None, max_length=MAX_ID_CHARS)
     uid: str | None = Field(default=None, max_length=MAX_ID_CHARS)
     #: The rubric to judge with, by name; unset = chosen by ``data_source`` (see
-    #: ``rewardq.broker.rubrics.RubricBook.select``). The producer fills it in before sending.
+    #: ``rewardq.judge.rubrics.RubricBook.select``). The producer fills it in before sending.
     rubric: str | None = Field(default=None, max_length=MAX_ID_CHARS)
     metadata: dict[str, Any] = Field(default_factory=dict)
 
@@ -57,7 +57,7 @@ ScoreMode = Literal["parsed", "logprobs"]
 ScoreSource = Literal["parsed", "logprobs", "logprobs_partial", "parsed_fallback"]
 #: ``logprobs_partial``: part of the probability mass could not be attributed to one score
 #: (a "1" that may begin a "10" on a digit-by-digit tokenizer); the expectation is over
-#: the part that could (``rewardq.broker.logprob_scores``).
+#: the part that could (``rewardq.judge.logprob_scores``).
 
 
 Aggregate = Literal["mean", "majority"]
@@ -76,7 +76,7 @@ class GroupSpec(_Wire):
 
 
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
-#: What the judge is shown of a rollout (``rewardq.broker.rollout_view``).
+#: What the judge is shown of a rollout (``rewardq.judge.rollout_view``).
 View = Literal["final_answer", "full"]
 
 
@@ -96,7 +96,7 @@ class JudgeSpec(_Wire):
 
     model: str = Field(min_length=1)
     prompt_version: str = Field(min_length=1)
-    #: ``None``: sent as the family takes it (``rewardq.broker.judge_request``).
+    #: ``None``: sent as the family takes it (``rewardq.judge.judge_request``).
     temperature: float | None = 0.0
     #: The reply budget; ``None``: the model family's (larger for judges that think).
     max_tokens: int | None = Field(default=None, ge=1)
@@ -112,7 +112,7 @@ class JudgeSpec(_Wire):
     #: ``parsed``: the integer the judge wrote; ``logprobs``: the expectation over the
     #: scale tokens' probabilities where it wrote it (G-Eval).
     score_mode: ScoreMode = "parsed"
-    #: Digest of each rubric the chunk's items name (``rewardq.broker.rubrics``): a worker whose
+    #: Digest of each rubric the chunk's items name (``rewardq.judge.rubrics``): a worker whose
     #: rubric differs refuses those items instead of judging with the wrong one.
     rubrics: dict[str, str] = Field(default_factory=dict)
     #: An ensemble: the judge models asked about every item (empty: ``model`` alone),

@@ -53,7 +53,7 @@ PER_ITEM_MAX = 8
 #: How often a round that found no live worker looks for one.
 WORKER_POLL_S = 1.0
 
-#: Failures of a judge call worth another round: the error texts ``rewardq.broker.verdicts`` and
+#: Failures of a judge call worth another round: the error texts ``rewardq.judge.verdicts`` and
 #: the workers' endpoint pool write for them.
 _TRANSIENT_ERROR = re.compile(
     r"(?:^|: )(?:judge answered HTTP (?:408|409|429|5\d\d)\b|judge timed out|"

@@ -2,7 +2,7 @@
 
 No machine here reaches a real LLM API, so the demo, the tests and the benchmarks judge
 against this server. It is a real HTTP server (aiohttp) that the ``openai`` SDK talks
-to unchanged; it grades the prompts ``rewardq.broker.prompts`` builds deterministically,
+to unchanged; it grades the prompts ``rewardq.judge.prompts`` builds deterministically,
 so a test can predict every score, and it injects the trouble a hosted API causes
 (latency, 429s with ``Retry-After``, 5xx, hangs, scoreless replies, a per-minute quota)
 while counting what it saw, so a test can prove what the workers did.

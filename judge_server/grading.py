@@ -5,7 +5,7 @@ and the tests of the whole system call :func:`expected_raw_score` to check every
 the workers hand back: whatever the server answers is exactly what these functions say.
 
 Two rubrics, chosen by the first line of the user message that
-``rewardq.broker.prompts`` builds (``rewardq-judge v1 correctness`` / ``... quality``):
+``rewardq.judge.prompts`` builds (``rewardq-judge v1 correctness`` / ``... quality``):
 
 * **correctness** (a reference answer is given): 10 if the response's
   :func:`final_answer` equals the reference's answer, else 1.

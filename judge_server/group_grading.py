@@ -1,7 +1,7 @@
 """The local judge's group verdicts (listwise and pairwise prompts); pure, no I/O.
 
 A group prompt's first line is ``rewardq-group v1 listwise`` or ``... pairwise`` (the
-format ``rewardq.broker.group_prompts`` writes; repeated here, not imported: the judge stands in
+format ``rewardq.judge.group_prompts`` writes; repeated here, not imported: the judge stands in
 for a third-party API). Each response is graded with the per-item rule
 (:func:`rewardq.judge_server.grading.grade_item`: correctness against the REFERENCE when there is
 one, else the quality heuristic), so a test can predict every answer:
@@ -138,7 +138,7 @@ def bias_draw(seed: int, first: str, second: str) -> float:
 
 
 def _label(k: int) -> str:
-    """The ``k``-th label (1-based): A .. Z, then AA, AB ... (``rewardq.broker.group_prompts``)."""
+    """The ``k``-th label (1-based): A .. Z, then AA, AB ... (``rewardq.judge.group_prompts``)."""
     label = ""
     while k:
         k, rest = divmod(k - 1, 26)

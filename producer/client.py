@@ -48,10 +48,7 @@ from rewardq.broker.jobs import (
     visible_chunks,
     wait_for_chunk_done,
 )
-from rewardq.broker.judge_core import judge_spec
 from rewardq.broker.keys import SUBMIT_CACHE_HITS, cache_key, judge_fingerprints
-from rewardq.broker.rollout_view import view_items
-from rewardq.broker.rubrics import rubric_book
 from rewardq.broker.schemas import (
     SCORE_RESULTS,
     ResultStatus,
@@ -61,6 +58,9 @@ from rewardq.broker.schemas import (
     parse_items,
 )
 from rewardq.broker.settings import Settings
+from rewardq.judge.judge_core import judge_spec
+from rewardq.judge.rollout_view import view_items
+from rewardq.judge.rubrics import rubric_book
 
 _FIRST_POLL_S = 0.002
 _MAX_POLL_S = 0.025

@@ -44,10 +44,10 @@ from torch import Tensor
 
 from rewardq.broker.errors import ConfigError, InvalidItemError
 from rewardq.broker.keys import judge_fingerprints
-from rewardq.broker.rollout_view import view_items
-from rewardq.broker.rubrics import RubricBook
 from rewardq.broker.schemas import ResultStatus, ScoreItem, ScoreResult
 from rewardq.broker.settings import Settings
+from rewardq.judge.rollout_view import view_items
+from rewardq.judge.rubrics import RubricBook
 from rewardq.producer.client import PendingScores, RewardClient
 from rewardq.producer.config import LengthPenaltyConfig
 from rewardq.producer.penalties import (
@@ -217,7 +217,7 @@ def without_invalid(rubrics: RubricBook, items: Sequence[ScoreItem],
 
 def judge_key(judge: SyncJudge, item: ScoreItem) -> tuple[ScoreItem, str] | ScoreResult:
     """``item`` with its rubric assigned and what identifies it to the judge: the
-    fingerprint of its view (``rewardq.broker.rollout_view``), the key the fleet caches and dedups
+    fingerprint of its view (``rewardq.judge.rollout_view``), the key the fleet caches and dedups
     its verdicts under; or, for an item that gets no judge call, its result
     (``no_answer``: nothing to judge; ``invalid``: its rubric is unknown or needs a
     reference it lacks)."""

@@ -2,14 +2,14 @@
 
 No Redis, no workers: one plain ``openai.OpenAI`` client and a loop over the items, one
 call at a time. Simplicity is the point of this mode; throughput is the fleet's job.
-It is a thin shell around the one judge core (``rewardq.broker.judge_core``): the same request
+It is a thin shell around the one judge core (``rewardq.judge.judge_core``): the same request
 body from the same ``JudgeSpec`` and the same reply reading as the workers, so for the
 same judge answers both modes give the same scores.
 
 Retries are left to the SDK (``max_retries``, honouring ``Retry-After``); a result's
 ``attempts`` is 1 for every item that reached the judge, however many HTTP retries the
 SDK made underneath. One item's failure never raises: it becomes a ``failed`` result.
-The judge is shown the items' views (``rewardq.broker.rollout_view``), as the fleet's producer
+The judge is shown the items' views (``rewardq.judge.rollout_view``), as the fleet's producer
 shows them, and a parameter the endpoint refuses is learned once, as the workers do.
 """
 
@@ -25,7 +25,9 @@ import openai
 from pydantic import SecretStr
 
 from rewardq.broker.errors import ConfigError, RewardqError
-from rewardq.broker.judge_core import (
+from rewardq.broker.schemas import JudgeVerdict, ResultStatus, ScoreItem, ScoreResult, parse_items
+from rewardq.broker.settings import Settings
+from rewardq.judge.judge_core import (
     COMPLETIONS_PATH,
     answer_text,
     judge_request,
@@ -33,12 +35,10 @@ from rewardq.broker.judge_core import (
     judge_verdict,
     read_reply,
 )
-from rewardq.broker.judge_request import LearnedRequests, reply_budget
-from rewardq.broker.rollout_view import view_items
-from rewardq.broker.rubrics import rubric_book
-from rewardq.broker.schemas import JudgeVerdict, ResultStatus, ScoreItem, ScoreResult, parse_items
-from rewardq.broker.settings import Settings
-from rewardq.broker.verdicts import classify
+from rewardq.judge.judge_request import LearnedRequests, reply_budget
+from rewardq.judge.rollout_view import view_items
+from rewardq.judge.rubrics import rubric_book
+from rewardq.judge.verdicts import classify
 
 __all__ = ["SyncJudge"]
 

@@ -236,7 +236,8 @@ def asyncio_child_main() -> None:
     import openai
 
     from rewardq.broker.errors import JudgeError
-    from rewardq.broker.judge_core import (
+    from rewardq.broker.schemas import ScoreItem
+    from rewardq.judge.judge_core import (
         COMPLETIONS_PATH,
         answer_text,
         judge_request,
@@ -244,8 +245,7 @@ def asyncio_child_main() -> None:
         judge_verdict,
         read_reply,
     )
-    from rewardq.broker.rubrics import builtin_rubrics
-    from rewardq.broker.schemas import ScoreItem
+    from rewardq.judge.rubrics import builtin_rubrics
 
     settings = Settings()
     rubrics = builtin_rubrics()

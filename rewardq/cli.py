@@ -65,7 +65,7 @@ def _judge_server(args: argparse.Namespace, _settings: Settings) -> int:
 
 def _rubrics_check(args: argparse.Namespace, _settings: Settings) -> int:
     from rewardq.broker.errors import ConfigError
-    from rewardq.broker.rubrics import load_rubrics
+    from rewardq.judge.rubrics import load_rubrics
 
     try:
         book = load_rubrics(args.file)
@@ -84,7 +84,7 @@ def _rubrics_check(args: argparse.Namespace, _settings: Settings) -> int:
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
-    from rewardq.broker.rubrics import rubric_book
+    from rewardq.judge.rubrics import rubric_book
 
     rubric_book(settings)  # a bad rubrics file stops here with its file:line, not in Celery
     # Celery's own command line patches gevent in before anything else is imported.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rewardq.broker.verdicts import normalize
+from rewardq.judge.verdicts import normalize
 from rewardq.judge_server.grading import expected_raw_score
 
 

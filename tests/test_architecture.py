@@ -13,6 +13,7 @@ One import namespace: the component folders at the top of the repository (``brok
     rewardq         the console script and local stack (``rewardq.*`` outside the
                     components); may import anything
     producer, workers, monitoring, gateway, judge_server
+    judge           the judge domain, pure: imports only the contract
     broker          the contract: imports nothing of ours
 
 - ``producer`` and ``workers`` never import each other, directly or through another
@@ -226,6 +227,11 @@ def test_broker_imports_nothing_of_ours_outside_broker() -> None:
     assert not violations, "\n".join(violations)
 
 
+def test_the_judge_domain_imports_only_the_contract() -> None:
+    violations = _direct("judge", {"judge", "broker"})
+    assert not violations, "\n".join(violations)
+
+
 def test_judge_server_imports_nothing_of_ours() -> None:
     violations = _direct("judge_server", {"judge_server"})
     assert not violations, "\n".join(violations)
@@ -266,6 +272,13 @@ def _package_cycles(edges: dict[str, set[str]]) -> list[list[str]]:
                 elif nxt not in path and nxt > start:  # each cycle once, from its least node
                     stack.append((nxt, [*path, nxt]))
     return cycles
+
+
+def test_every_import_of_ours_names_a_module_we_ship() -> None:
+    """A module moved or renamed leaves no import behind (lazy ones included)."""
+    missing = [str(imp) for imp in IMPORTS
+               if imp.target.split(".")[0] == TOP and imp.target not in MODULES]
+    assert not missing, "\n".join(missing)
 
 
 def test_nothing_imports_a_component_by_its_bare_name() -> None:

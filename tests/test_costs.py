@@ -9,7 +9,6 @@ from scoring_data import make_items
 
 from rewardq.broker.app import TASK_SCORE_CHUNK
 from rewardq.broker.errors import ConfigError
-from rewardq.broker.rollout_view import view_items
 from rewardq.broker.schemas import (
     ResultStatus,
     ScoreChunk,
@@ -19,6 +18,7 @@ from rewardq.broker.schemas import (
     parse_items,
 )
 from rewardq.broker.settings import Settings
+from rewardq.judge.rollout_view import view_items
 from rewardq.monitoring.costs import CostLedger, Price, PriceTable, totals_of
 from rewardq.producer.client import RewardClient
 from rewardq.stack import JudgeProcess

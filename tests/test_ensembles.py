@@ -10,10 +10,10 @@ import pytest
 from scoring_data import make_items
 
 from rewardq.broker.errors import ConfigError
-from rewardq.broker.judge_core import judge_spec
 from rewardq.broker.schemas import JudgeSpec, JudgeVerdict, ResultStatus, ScoreResult, Usage
 from rewardq.broker.settings import Settings
-from rewardq.broker.verdicts import normalize
+from rewardq.judge.judge_core import judge_spec
+from rewardq.judge.verdicts import normalize
 from rewardq.judge_server.grading import expected_raw_score
 from rewardq.producer.client import RewardClient
 from rewardq.producer.sync_judge import SyncJudge

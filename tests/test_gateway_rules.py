@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 
 from rewardq.broker.schemas import ResultStatus, ScoreResult
-from rewardq.broker.verdicts import http_error, network_error, status_detail, timeout_error
 from rewardq.gateway.errors import GatewayRequestError
 from rewardq.gateway.limits import TokenQueues
 from rewardq.gateway.remote_rm import LabelError, RewardMapping, reference_of
 from rewardq.gateway.scoring import is_transient
+from rewardq.judge.verdicts import http_error, network_error, status_detail, timeout_error
 from rewardq.workers.endpoints import EndpointPool
 
 

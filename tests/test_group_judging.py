@@ -28,7 +28,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from rewardq.broker.errors import UnparseableReplyError
-from rewardq.broker.group_prompts import (
+from rewardq.broker.keys import judge_fingerprint, judge_group_key, judge_group_lock_key
+from rewardq.broker.schemas import GroupSpec, JudgeSpec, ResultStatus, ScoreItem
+from rewardq.broker.settings import Settings
+from rewardq.judge.group_prompts import (
     labels,
     listwise_messages,
     pairwise_messages,
@@ -37,11 +40,8 @@ from rewardq.broker.group_prompts import (
     parse_pairwise,
     presentation_order,
 )
-from rewardq.broker.judge_core import judge_spec
-from rewardq.broker.keys import judge_fingerprint, judge_group_key, judge_group_lock_key
-from rewardq.broker.schemas import GroupSpec, JudgeSpec, ResultStatus, ScoreItem
-from rewardq.broker.settings import Settings
-from rewardq.broker.verdicts import normalize
+from rewardq.judge.judge_core import judge_spec
+from rewardq.judge.verdicts import normalize
 from rewardq.judge_server.__main__ import add_arguments, config_from_args
 from rewardq.judge_server.config import ConfigValueError, JudgeConfig
 from rewardq.judge_server.dispatch import grade_request

@@ -26,8 +26,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rewardq.broker.rubrics import builtin_rubrics
 from rewardq.broker.schemas import ScoreItem
+from rewardq.judge.rubrics import builtin_rubrics
 from rewardq.judge_server.__main__ import add_arguments, config_from_args
 from rewardq.judge_server.config import ConfigValueError, JudgeConfig
 from rewardq.judge_server.dispatch import grade_messages

@@ -30,10 +30,10 @@ from rewardq.broker.errors import (
     PermanentJudgeError,
     TransientJudgeError,
 )
-from rewardq.broker.judge_core import judge_spec
-from rewardq.broker.rubrics import builtin_rubrics
 from rewardq.broker.schemas import JudgeVerdict, ScoreItem
 from rewardq.broker.settings import Settings
+from rewardq.judge.judge_core import judge_spec
+from rewardq.judge.rubrics import builtin_rubrics
 from rewardq.judge_server.config import JudgeConfig
 from rewardq.judge_server.server import BackgroundJudgeServer
 from rewardq.monitoring.metrics import WorkerMetrics

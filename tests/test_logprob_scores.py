@@ -4,7 +4,7 @@ Against the real local judge over HTTP: the expectation each test computes itsel
 the logprobs the judge returns is what the sync judge and the worker fleet report; an
 endpoint without logprobs gives the written integer, flagged ``parsed_fallback``.
 
-The reader (``rewardq.broker.logprob_scores``), against token streams built from a known score
+The reader (``rewardq.judge.logprob_scores``), against token streams built from a known score
 distribution the way each kind of tokenizer writes numbers (whole numbers, digit by digit,
 chunks of three digits, a leading space): the score is the distribution's expectation
 wherever the stream proves it, and flagged ``logprobs_partial`` (or refused) where it
@@ -24,9 +24,11 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from scoring_data import expected, make_items
 
-from rewardq.broker.judge_core import judge_request, judge_spec, judge_verdict, read_reply
 from rewardq.broker.keys import judge_fingerprint
-from rewardq.broker.logprob_scores import (
+from rewardq.broker.schemas import JudgeSpec, JudgeVerdict, ResultStatus, ScoreItem, Usage
+from rewardq.broker.settings import Settings
+from rewardq.judge.judge_core import judge_request, judge_spec, judge_verdict, read_reply
+from rewardq.judge.logprob_scores import (
     NEGLIGIBLE_SHARE,
     PARTIAL_LIMIT,
     LogprobScore,
@@ -34,10 +36,8 @@ from rewardq.broker.logprob_scores import (
     logprob_score,
     score_distribution,
 )
-from rewardq.broker.rollout_view import view_items
-from rewardq.broker.rubrics import builtin_rubrics
-from rewardq.broker.schemas import JudgeSpec, JudgeVerdict, ResultStatus, ScoreItem, Usage
-from rewardq.broker.settings import Settings
+from rewardq.judge.rollout_view import view_items
+from rewardq.judge.rubrics import builtin_rubrics
 from rewardq.judge_server.config import JudgeConfig
 from rewardq.judge_server.digit_logprobs import intended_expectation
 from rewardq.judge_server.server import BackgroundJudgeServer

@@ -31,7 +31,7 @@ from rewardq.broker.errors import (
 )
 from rewardq.broker.schemas import ResultStatus
 from rewardq.broker.settings import Settings
-from rewardq.broker.verdicts import classify
+from rewardq.judge.verdicts import classify
 from rewardq.monitoring.metrics import (
     METRICS_PORT_SPAN,
     WorkerMetrics,

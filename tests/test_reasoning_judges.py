@@ -15,10 +15,10 @@ import pytest
 from conftest import worker_logs
 from scoring_data import expected, make_items
 
-from rewardq.broker.judge_core import judge_spec
-from rewardq.broker.rubrics import builtin_rubrics
 from rewardq.broker.schemas import JudgeOptions, ResultStatus, ScoreItem
 from rewardq.broker.settings import Settings
+from rewardq.judge.judge_core import judge_spec
+from rewardq.judge.rubrics import builtin_rubrics
 from rewardq.judge_server.digit_logprobs import intended_expectation, neighbour
 from rewardq.monitoring.costs import PriceTable
 from rewardq.monitoring.metrics import WorkerMetrics

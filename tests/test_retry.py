@@ -21,7 +21,7 @@ from rewardq.broker.errors import (
     TransientJudgeError,
     UnparseableReplyError,
 )
-from rewardq.broker.verdicts import classify
+from rewardq.judge.verdicts import classify
 from rewardq.workers.retry import RetryDecision, RetryPolicy, decide
 
 POLICY = RetryPolicy(max_attempts=5, base_delay_s=0.1, max_delay_s=1.0)

@@ -29,7 +29,7 @@ from transformers import PreTrainedTokenizerFast
 
 from rewardq.broker.schemas import ResultStatus, ScoreResult
 from rewardq.broker.settings import Settings
-from rewardq.broker.verdicts import normalize
+from rewardq.judge.verdicts import normalize
 from rewardq.judge_server.grading import expected_raw_score
 from rewardq.judge_server.server import BackgroundJudgeServer
 from rewardq.producer.config import LengthPenaltyConfig

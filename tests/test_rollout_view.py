@@ -10,20 +10,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rewardq.broker.errors import CutReplyError, PermanentJudgeError, RefusedParameterError
-from rewardq.broker.judge_core import ChatReply, answer_text, judge_request, judge_spec, read_reply
-from rewardq.broker.judge_request import (
+from rewardq.broker.keys import judge_fingerprints
+from rewardq.broker.schemas import JudgeOptions, ResultStatus, ScoreItem, ScoreResult, Usage
+from rewardq.broker.settings import Settings
+from rewardq.judge.judge_core import ChatReply, answer_text, judge_request, judge_spec, read_reply
+from rewardq.judge.judge_request import (
     DEFAULT_MAX_TOKENS,
     REASONING_MAX_TOKENS,
     LearnedRequests,
     model_family,
     request_body,
 )
-from rewardq.broker.keys import judge_fingerprints
-from rewardq.broker.rollout_view import END_OF_TURN_TOKENS, NoAnswer, rollout_view, view_items
-from rewardq.broker.rubrics import builtin_rubrics
-from rewardq.broker.schemas import JudgeOptions, ResultStatus, ScoreItem, ScoreResult, Usage
-from rewardq.broker.settings import Settings
-from rewardq.broker.verdicts import http_error, refused_param
+from rewardq.judge.rollout_view import END_OF_TURN_TOKENS, NoAnswer, rollout_view, view_items
+from rewardq.judge.rubrics import builtin_rubrics
+from rewardq.judge.verdicts import http_error, refused_param
 
 # -- the rollout view -----------------------------------------------------------------
 

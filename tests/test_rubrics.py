@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from rewardq.broker.errors import ConfigError, InvalidItemError
-from rewardq.broker.judge_core import judge_spec
 from rewardq.broker.keys import judge_fingerprint
-from rewardq.broker.rubrics import RubricBook, builtin_rubrics, load_rubrics
 from rewardq.broker.schemas import ResultStatus, ScoreItem
 from rewardq.broker.settings import Settings
-from rewardq.broker.verdicts import normalize
+from rewardq.judge.judge_core import judge_spec
+from rewardq.judge.rubrics import RubricBook, builtin_rubrics, load_rubrics
+from rewardq.judge.verdicts import normalize
 from rewardq.judge_server.dispatch import grade_messages
 from rewardq.producer.client import RewardClient
 from rewardq.stack import JudgeProcess

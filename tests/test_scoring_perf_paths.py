@@ -22,7 +22,6 @@ from rewardq.broker.connections import OUTAGE_ERRORS, async_redis_client
 from rewardq.broker.embedded import EmbeddedRedis, free_port
 from rewardq.broker.errors import BrokerUnavailableError
 from rewardq.broker.keys import cache_key, inflight_key, judge_fingerprint, judge_fingerprints
-from rewardq.broker.rubrics import builtin_rubrics
 from rewardq.broker.schemas import (
     GroupSpec,
     JudgeSpec,
@@ -35,6 +34,7 @@ from rewardq.broker.schemas import (
     parse_items,
 )
 from rewardq.broker.settings import Settings
+from rewardq.judge.rubrics import builtin_rubrics
 from rewardq.monitoring.metrics import WorkerMetrics
 from rewardq.producer.client import RewardClient
 from rewardq.workers.cache import ClaimState, JudgeCache

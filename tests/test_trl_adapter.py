@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from rewardq.broker.settings import Settings
-from rewardq.broker.verdicts import normalize
+from rewardq.judge.verdicts import normalize
 from rewardq.judge_server.grading import expected_raw_score
 from rewardq.judge_server.server import BackgroundJudgeServer
 from rewardq.producer.sync_judge import SyncJudge

@@ -1,4 +1,4 @@
-"""The judge-reply parser (``rewardq.broker.verdicts``): known reply shapes and a fuzz.
+"""The judge-reply parser (``rewardq.judge.verdicts``): known reply shapes and a fuzz.
 
 The contract a worker relies on: for any reply text, ``extract_raw_score`` returns a
 finite float or raises ``UnparseableReplyError`` (which the retry policy understands) and
@@ -15,7 +15,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from rewardq.broker.errors import UnparseableReplyError
-from rewardq.broker.verdicts import extract_raw_score, normalize
+from rewardq.judge.verdicts import extract_raw_score, normalize
 
 
 @pytest.mark.parametrize(("reply", "raw"), [

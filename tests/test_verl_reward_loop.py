@@ -39,7 +39,7 @@ from verl import DataProto  # noqa: E402
 from verl.protocol import pad_dataproto_to_divisor  # noqa: E402
 
 from rewardq.broker.settings import Settings  # noqa: E402
-from rewardq.broker.verdicts import normalize  # noqa: E402
+from rewardq.judge.verdicts import normalize  # noqa: E402
 from rewardq.judge_server.grading import expected_raw_score  # noqa: E402
 from rewardq.producer.config import LengthPenaltyConfig  # noqa: E402
 from rewardq.producer.reward_manager import exact_final_answer  # noqa: E402

@@ -1,7 +1,7 @@
 """Group judging: a GRPO group's members judged together, wherever they arrive.
 
 With ``JudgeSpec.group`` set, the items sharing a ``uid`` are judged relative to each
-other (``rewardq.broker.group_prompts``): ``listwise``, one call scores the whole group;
+other (``rewardq.judge.group_prompts``): ``listwise``, one call scores the whole group;
 ``pairwise``, every pair of members is judged in both orders (position swap), a member's
 score is its share of wins (ties half) and its ``agreement`` the share of its pairs whose
 two orders named the same winner.
@@ -57,19 +57,7 @@ import redis.asyncio as aioredis
 
 from rewardq.broker.connections import is_outage
 from rewardq.broker.errors import JudgeError, JudgeErrorKind, UnparseableReplyError
-from rewardq.broker.group_prompts import (
-    Winner,
-    labels,
-    listwise_max_tokens,
-    listwise_request,
-    pairwise_request,
-    parse_listwise,
-    parse_pairwise,
-    presentation_order,
-)
-from rewardq.broker.judge_request import reply_budget
 from rewardq.broker.keys import cache_key, judge_fingerprint, judge_group_key, judge_group_lock_key
-from rewardq.broker.rollout_view import GROUP_NO_ANSWER
 from rewardq.broker.schemas import (
     GroupSpec,
     JudgeSpec,
@@ -80,7 +68,19 @@ from rewardq.broker.schemas import (
     ScoreResult,
     Usage,
 )
-from rewardq.broker.verdicts import normalize
+from rewardq.judge.group_prompts import (
+    Winner,
+    labels,
+    listwise_max_tokens,
+    listwise_request,
+    pairwise_request,
+    parse_listwise,
+    parse_pairwise,
+    presentation_order,
+)
+from rewardq.judge.judge_request import reply_budget
+from rewardq.judge.rollout_view import GROUP_NO_ANSWER
+from rewardq.judge.verdicts import normalize
 from rewardq.monitoring.metrics import WorkerMetrics, call_status
 from rewardq.workers.cache import DEFAULT_MAX_MEMORY_RATIO, MAKE_ROOM, run_making_room
 from rewardq.workers.judge_client import TimedReply

@@ -1,5 +1,5 @@
 """The async judge client: a thin I/O shell around the one judge core
-(``rewardq.broker.judge_core``).
+(``rewardq.judge.judge_core``).
 
 One ``JudgeClient`` per worker process, living on the process's asyncio loop, holding
 one HTTP transport per judge endpoint (and so one connection pool each) reused across
@@ -10,19 +10,19 @@ that does.
 
 Transports (``Settings.judge_transport``), each POSTing the same chat-completions body
 to ``<base_url>/chat/completions`` and returning the reply's bytes for
-``rewardq.broker.judge_core.read_reply``:
+``rewardq.judge.judge_core.read_reply``:
 
 - ``direct`` (the default): one long-lived ``aiohttp.ClientSession`` per endpoint,
   opened on the loop at the first call (``TCPConnector(limit=max_concurrent_requests)``,
   keep-alive), fixed headers (``Authorization: Bearer <key>``, JSON content type), the
   SDK's per-phase timeout of ``judge_timeout_s``. Its errors are built by
-  ``rewardq.broker.verdicts.http_error``/``timeout_error``/``network_error``, the functions
+  ``rewardq.judge.verdicts.http_error``/``timeout_error``/``network_error``, the functions
   ``classify`` uses for the SDK's, so retries, breakers and dead letters see the same
   errors. The workers are the "async OpenAI client" of the design without the ``openai``
   SDK on the hot path: the SDK's request building and httpx2 layers cost ~0.7 ms of
   client CPU per call over a plain aiohttp POST (``benchmarks/PROFILE.md``).
 - ``aiohttp`` / ``httpx``: ``openai.AsyncOpenAI`` (``max_retries=0``) on the SDK's
-  aiohttp or default httpx transport, errors mapped by ``rewardq.broker.verdicts.classify``.
+  aiohttp or default httpx transport, errors mapped by ``rewardq.judge.verdicts.classify``.
 
 The SDK stays the client of the in-process sync judge (``rewardq.producer.sync_judge``) and of
 ``rewardq bench``'s one-process asyncio baseline.
@@ -55,7 +55,9 @@ from rewardq.broker.errors import (
     PermanentJudgeError,
     UnparseableReplyError,
 )
-from rewardq.broker.judge_core import (
+from rewardq.broker.schemas import JudgeSpec, JudgeVerdict, ScoreItem, Usage
+from rewardq.broker.settings import Settings
+from rewardq.judge.judge_core import (
     COMPLETIONS_PATH,
     TokenLogprob,
     answer_text,
@@ -63,11 +65,9 @@ from rewardq.broker.judge_core import (
     judge_verdict,
     read_reply,
 )
-from rewardq.broker.judge_request import LearnedRequests, reply_budget
-from rewardq.broker.rubrics import RubricBook, builtin_rubrics
-from rewardq.broker.schemas import JudgeSpec, JudgeVerdict, ScoreItem, Usage
-from rewardq.broker.settings import Settings
-from rewardq.broker.verdicts import (
+from rewardq.judge.judge_request import LearnedRequests, reply_budget
+from rewardq.judge.rubrics import RubricBook, builtin_rubrics
+from rewardq.judge.verdicts import (
     classify,
     http_error,
     network_error,
@@ -206,7 +206,7 @@ class DirectTransport:
 
 class LearningTransport:
     """A transport that learns which parameters its endpoint refuses, per model
-    (``rewardq.broker.judge_request.LearnedRequests``): the refused call is made again at once
+    (``rewardq.judge.judge_request.LearnedRequests``): the refused call is made again at once
     without them, and every later call leaves them out. One WARNING per lesson.
 
     Args:
@@ -245,8 +245,8 @@ def judge_transport(settings: Settings, base_url: str) -> JudgeTransport:
 
 
 class TimedReply(NamedTuple):
-    """A chat completion's reply (``rewardq.broker.judge_core.ChatReply``) and how long it took;
-    ``content`` is the judge's final answer (``rewardq.broker.judge_core.answer_text``)."""
+    """A chat completion's reply (``rewardq.judge.judge_core.ChatReply``) and how long it took;
+    ``content`` is the judge's final answer (``rewardq.judge.judge_core.answer_text``)."""
 
     content: str | None
     usage: Usage
@@ -262,7 +262,7 @@ class JudgeClient:
         redis: the worker's asyncio Redis client (holds the fleet-wide rate-limit state).
         metrics: where calls, tokens, cost and rate-limit waits are counted.
         prices: the price table for cost accounting.
-        rubrics: the run's rubrics (``rewardq.broker.rubrics.rubric_book``); built-in by default.
+        rubrics: the run's rubrics (``rewardq.judge.rubrics.rubric_book``); built-in by default.
         budget: the fleet-wide judge budget every call reserves from (none: unlimited).
     """
 

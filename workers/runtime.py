@@ -14,9 +14,9 @@ import contextlib
 import redis.asyncio as aioredis
 
 from rewardq.broker.connections import async_redis_client
-from rewardq.broker.rubrics import rubric_book
 from rewardq.broker.schemas import ScoreChunk, ScoreResult
 from rewardq.broker.settings import Settings
+from rewardq.judge.rubrics import rubric_book
 from rewardq.monitoring.costs import PriceTable
 from rewardq.monitoring.metrics import WorkerMetrics
 from rewardq.workers.bridge import AsyncioBridge

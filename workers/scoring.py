@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Protocol
 from rewardq.broker.connections import is_outage
 from rewardq.broker.errors import JudgeError, JudgeErrorKind
 from rewardq.broker.keys import judge_fingerprints
-from rewardq.broker.rubrics import RubricBook, builtin_rubrics
 from rewardq.broker.schemas import (
     JudgeSpec,
     JudgeVerdict,
@@ -31,6 +30,7 @@ from rewardq.broker.schemas import (
     ScoreItem,
     ScoreResult,
 )
+from rewardq.judge.rubrics import RubricBook, builtin_rubrics
 from rewardq.monitoring.metrics import WorkerMetrics, call_status
 from rewardq.workers.cache import Claim, ClaimState, JudgeCache
 from rewardq.workers.ensembles import aggregate, ensemble_members

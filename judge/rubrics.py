@@ -50,7 +50,9 @@ from pathlib import Path
 from typing import Any
 
 from rewardq.broker.errors import ConfigError, InvalidItemError, RubricMismatchError
-from rewardq.broker.prompts import (
+from rewardq.broker.schemas import MAX_ID_CHARS, JudgeSpec, ScoreItem, ScoreMode, View
+from rewardq.broker.settings import Settings
+from rewardq.judge.prompts import (
     CORRECTNESS_V1,
     QUALITY_V1,
     SCALE_MAX,
@@ -58,8 +60,6 @@ from rewardq.broker.prompts import (
     SYSTEM_V1,
     VERSIONS,
 )
-from rewardq.broker.schemas import MAX_ID_CHARS, JudgeSpec, ScoreItem, ScoreMode, View
-from rewardq.broker.settings import Settings
 
 __all__ = ["FIELDS", "Rubric", "RubricBook", "builtin_rubrics", "load_rubrics", "rubric_book"]
 

@@ -14,7 +14,7 @@ handles each:
 
     score = logprob_score(tokens, scale=(1, 10))  # LogprobScore | None
 
-**Where the score is.** In the final answer only (``rewardq.broker.rollout_view.final_answer``):
+**Where the score is.** In the final answer only (``rewardq.judge.rollout_view.final_answer``):
 the text after the last closing thinking tag (``</think>``, ``</thinking>``,
 ``</reasoning>``), so a draft verdict inside the thinking is never read; a thinking block
 left open means there is no final answer, and no score. Given the final answer the caller
@@ -69,7 +69,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from rewardq.broker.rollout_view import final_answer
+from rewardq.judge.rollout_view import final_answer
 
 __all__ = ["MAX_DIGIT_CHUNK", "NEGLIGIBLE_SHARE", "PARTIAL_LIMIT", "LogprobScore",
            "ScoreDistribution", "TokenLogprob", "logprob_score", "score_distribution"]

@@ -28,7 +28,7 @@ from rewardq.broker.errors import (
     TransientJudgeError,
     UnparseableReplyError,
 )
-from rewardq.broker.prompts import SCALE_MAX, SCALE_MIN
+from rewardq.judge.prompts import SCALE_MAX, SCALE_MIN
 
 if TYPE_CHECKING:
     import openai

@@ -12,7 +12,7 @@ A GRPO group (the items sharing a ``uid``) is judged relative to itself
   The worker asks about every pair in both orders, so a judge that prefers whatever it
   reads first (position bias) cannot favour a member.
 
-Like ``rewardq.broker.prompts``, every user message names its kind on its first line
+Like ``rewardq.judge.prompts``, every user message names its kind on its first line
 (``rewardq-group v1 listwise`` / ``... pairwise``) and carries its sections between
 ``<<<NAME>>>`` / ``<<<END NAME>>>`` markers (``<<<RESPONSE A>>>`` ...), so the local judge
 can read it back.
@@ -32,9 +32,9 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 from rewardq.broker.errors import UnparseableReplyError
-from rewardq.broker.judge_request import reply_budget, request_body
-from rewardq.broker.prompts import SCALE_MAX, SCALE_MIN
 from rewardq.broker.schemas import JudgeSpec
+from rewardq.judge.judge_request import reply_budget, request_body
+from rewardq.judge.prompts import SCALE_MAX, SCALE_MIN
 
 __all__ = ["GROUP_PROMPT_VERSION", "Winner", "labels", "listwise_messages",
            "listwise_request", "pairwise_messages", "pairwise_request", "parse_listwise",
@@ -138,7 +138,7 @@ def pairwise_request(spec: JudgeSpec, prompt: str, reference: str | None, first:
 
 def listwise_max_tokens(spec: JudgeSpec, n: int) -> int:
     """The reply budget of a listwise call over ``n`` responses: the judge's
-    (``rewardq.broker.judge_request.reply_budget``), or more when ``n`` scores (about 6 tokens each)
+    (``rewardq.judge.judge_request.reply_budget``), or more when ``n`` scores (about 6 tokens each)
     and a reason would not fit."""
     return max(reply_budget(spec), 32 + 6 * n)
 

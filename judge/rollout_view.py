@@ -32,8 +32,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from rewardq.broker.rubrics import RubricBook
 from rewardq.broker.schemas import JudgeSpec, ResultStatus, ScoreItem, ScoreResult, View
+from rewardq.judge.rubrics import RubricBook
 
 __all__ = ["CHARS_PER_TOKEN", "END_OF_TURN_TOKENS", "GROUP_NO_ANSWER", "THINKING_TAGS",
            "NoAnswer", "final_answer", "rollout_view", "view_items"]

@@ -6,17 +6,17 @@ chat-completions body from the same ``JudgeSpec`` and read the reply with the sa
 functions, so for the same judge answers every path gives the same score.
 
     spec = judge_spec(settings)                  # what changes the answer (and the cache key)
-    rubric = book.rubric_for(spec, item)         # the item's instructions (rewardq.broker.rubrics)
+    rubric = book.rubric_for(spec, item)         # the item's instructions (rewardq.judge.rubrics)
     body = judge_request(spec, rubric, item)     # POST {base_url}/chat/completions
     reply = read_reply(response_bytes)           # text, usage, logprobs, finish reason
     answer = answer_text(reply)                  # after the thinking; CutReplyError if cut
     verdict = judge_verdict(answer, reply.usage, reply.tokens,
                             mode=rubric.score_mode_for(spec), scale=rubric.scale)
 
-The request carries the parameters the judge model takes (``rewardq.broker.judge_request``). In
+The request carries the parameters the judge model takes (``rewardq.judge.judge_request``). In
 ``logprobs`` mode (G-Eval) it asks for ``top_logprobs`` and the score is the expectation
 over the rubric's scale where the judge wrote its score, whatever its tokenizer
-(``rewardq.broker.logprob_scores``); a reply without them falls back to the written integer,
+(``rewardq.judge.logprob_scores``); a reply without them falls back to the written integer,
 flagged ``parsed_fallback``.
 """
 
@@ -26,14 +26,14 @@ import json
 from typing import Any, NamedTuple
 
 from rewardq.broker.errors import CutReplyError, UnparseableReplyError
-from rewardq.broker.judge_request import TOP_LOGPROBS, request_body
-from rewardq.broker.logprob_scores import TokenLogprob, logprob_score
-from rewardq.broker.prompts import SCALE_MAX, SCALE_MIN
-from rewardq.broker.rollout_view import final_answer
-from rewardq.broker.rubrics import Rubric, RubricBook
 from rewardq.broker.schemas import GroupSpec, JudgeSpec, JudgeVerdict, ScoreItem, ScoreMode, Usage
 from rewardq.broker.settings import Settings
-from rewardq.broker.verdicts import extract_raw_score, normalize
+from rewardq.judge.judge_request import TOP_LOGPROBS, request_body
+from rewardq.judge.logprob_scores import TokenLogprob, logprob_score
+from rewardq.judge.prompts import SCALE_MAX, SCALE_MIN
+from rewardq.judge.rollout_view import final_answer
+from rewardq.judge.rubrics import Rubric, RubricBook
+from rewardq.judge.verdicts import extract_raw_score, normalize
 
 __all__ = ["COMPLETIONS_PATH", "TOP_LOGPROBS", "ChatReply", "TokenLogprob", "answer_text",
            "judge_request", "judge_spec", "judge_verdict", "read_reply"]
@@ -79,7 +79,7 @@ def judge_spec(settings: Settings, rubrics: RubricBook | None = None) -> JudgeSp
 
 def judge_request(spec: JudgeSpec, rubric: Rubric, item: ScoreItem) -> dict[str, Any]:
     """The chat-completions request body asking the judge to score ``item`` by ``rubric``,
-    with the parameters ``spec.model`` takes (``rewardq.broker.judge_request``)."""
+    with the parameters ``spec.model`` takes (``rewardq.judge.judge_request``)."""
     structured = rubric.structured_output if rubric.structured_output is not None else None
     return request_body(spec, rubric.messages(item),
                         logprobs=rubric.score_mode_for(spec) == "logprobs",
@@ -149,7 +149,7 @@ def judge_verdict(content: str | None, usage: Usage | None,
         usage: the reply's token usage.
         tokens: the reply's per-token logprobs (``ChatReply.tokens``).
         mode: the rubric's score mode; in ``logprobs`` mode the score is
-            ``rewardq.broker.logprob_scores.logprob_score`` of ``tokens`` (``logprobs`` or
+            ``rewardq.judge.logprob_scores.logprob_score`` of ``tokens`` (``logprobs`` or
             ``logprobs_partial``), or the integer (``parsed_fallback``) when they say
             nothing provable about the score.
         scale: the rubric's lowest and highest score: the score is clamped to it and

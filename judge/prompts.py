@@ -1,4 +1,4 @@
-"""The built-in judge prompt texts (v1); ``rewardq.broker.rubrics`` makes them the default rubrics.
+"""The built-in judge prompt texts (v1); ``rewardq.judge.rubrics`` makes them the default rubrics.
 
 A template version is part of the cache key (``JudgeSpec.prompt_version``): change the
 wording, bump the version, and old cache entries stop matching.
@@ -46,5 +46,5 @@ Reply with JSON only: {{"score": <integer 1-10>, "reason": "<one short sentence>
 {response}
 <<<END RESPONSE>>>"""
 
-#: The built-in template versions (``JudgeSpec.prompt_version``); see ``rewardq.broker.rubrics``.
+#: The built-in template versions (``JudgeSpec.prompt_version``); see ``rewardq.judge.rubrics``.
 VERSIONS = ("v1",)
