@@ -101,3 +101,24 @@ def test_the_fleet_liveness_metric_drops_when_a_worker_is_killed(
         assert time.monotonic() < deadline, "the killed worker still counts as up"
         time.sleep(0.5)
     assert second.poll() is None
+
+
+def test_reasoning_tokens_and_cut_replies_reach_the_operators_view() -> None:
+    """What a worker's metrics endpoint serves, summed and shown by ``rewardq stats``."""
+    from prometheus_client import generate_latest
+
+    from rewardq.monitoring.metrics import WorkerMetrics
+    from rewardq.stats_view import FleetMetrics, StatsSnapshot, render
+
+    metrics = WorkerMetrics()
+    metrics.usage("gpt-5-mini", 100, 900, 0.01, reasoning_tokens=850)
+    metrics.judge_call("gpt-5-mini", "ok", 1.0)
+    metrics.judge_call("gpt-5-mini", "cut", 2.0)
+    fleet = FleetMetrics()
+    fleet.add_exposition(generate_latest(metrics.registry).decode())
+    fleet.add_exposition(generate_latest(metrics.registry).decode())  # a second worker
+    assert (fleet.reasoning_tokens, fleet.cut_replies, fleet.judge_errors) == (1700, 2, 2)
+    assert fleet.completion_tokens == 1800  # the reasoning is part of it
+    shown = render(StatsSnapshot(taken_at=0.0, queue_depth=0, in_progress=0, dead_letters=0,
+                                 workers=[], metrics=fleet))
+    assert "(cut 2)" in shown and "(1,700 reasoning)" in shown
