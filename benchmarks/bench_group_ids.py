@@ -1,42 +1,38 @@
-"""Time ``group_ids`` (uid -> dense group id) now against the versions before it.
+"""Time ``group_ids`` (uid -> dense group id) alone and inside a whole step's penalty path.
 
 The batch is a GRPO step's uids: ``--batch`` samples, one uuid4 string per prompt, each
-repeated ``--group`` times. It is timed in the forms a caller may hold:
+repeated ``--group`` times. ``group_ids`` is timed in the forms a caller may hold:
 
 - ``object array``: verl's ``non_tensor_batch["uid"]``, a numpy object array built by
-  ``np.repeat`` (so each prompt's uid is one object, repeated side by side); what the
-  reward manager now passes as it is;
+  ``np.repeat`` (each prompt's uid one object, repeated side by side), which the reward
+  manager passes as it is;
 - ``object array, shuffled``: the same after verl's ``balance_batch`` reorders the batch
-  (on by default, and done before the reward is computed), so a group's samples are
-  scattered; the objects are still shared;
-- ``list``: the same uids as a Python list (what the reward manager passed before);
-- ``list, equal copies``: every uid an equal but distinct ``str`` (uids rebuilt from
-  text), which takes the slower exact path (a dict over the distinct objects);
+  (on by default, and done before the reward is computed);
+- ``list``: the same uids as a Python list;
+- ``list, equal copies``: every uid an equal but distinct ``str`` (uids rebuilt from text);
 - ``int64 tensor`` and ``int64 tensor, shuffled``: group ids already hashed by the caller.
 
-The implementations, called in turn (each round in another of their orders),
-``--repeats`` times each after a warm-up, in the same run (medians, with ratios to
-``now``):
+``step`` times what the reward manager does for the penalty of one step, on the shuffled
+object array: response lengths from a verl-like int64 attention mask of shape
+``(batch, --prompt-len + --max-resp)``, group ids, group medians, the group-median
+penalty, and the reward placed on each sample's last token (a ``(batch, --max-resp)``
+tensor), the trainer's other work left out.
 
-- ``loop``: the per-sample dict loop that ``group_ids`` first was (for a tensor, the
-  loop over the same ids as a list of ints: that version hashed each element tensor by
-  identity);
-- ``runs``: the version that found runs of one repeated object by their addresses and
-  fell back to the loop for any other layout (kept below, verbatim in behaviour);
-- ``base`` (with ``--baseline REV``): ``group_ids`` as ``producer/penalties.py`` is at
-  git revision ``REV``, for a before -> after in one run;
+Implementations, called in turn (each round in another of their orders, so that none
+finds its data left warm in the caches by itself), ``--repeats`` times each after a
+warm-up, in the same run (medians, with the ratio to ``now``):
+
+- ``base`` (with ``--baseline REV``): ``group_ids`` as ``producer/penalties.py`` is at git
+  revision ``REV``;
 - ``now``: :func:`rewardq.producer.penalties.group_ids`.
 
-All are checked to give the same ids before timing. Each call follows calls of the
-others, so it does not find its data left warm in the caches by itself, as in a trainer
-step; called back to back, ``now`` on the shuffled array measured 1.5 ms where this
-benchmark gave 1.8-1.9 ms.
+Both are checked to give the same ids before timing.
 
 Usage::
 
     .venv/bin/python benchmarks/bench_group_ids.py [--batch 131072] [--group 8] \\
         [--repeats 24] [--device cpu|cuda] [--baseline REV] [--forms FORM ...] \\
-        [--json FILE]
+        [--step-repeats 8] [--prompt-len 512] [--max-resp 1024] [--json FILE]
 """
 
 from __future__ import annotations
@@ -51,92 +47,28 @@ import sys
 import time
 import types
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rewardq.producer.penalties import group_ids  # noqa: E402
+from rewardq.producer.config import LengthPenaltyConfig  # noqa: E402
+from rewardq.producer.penalties import (  # noqa: E402
+    group_ids,
+    group_medians,
+    length_penalty,
+    place_at_last_token,
+    response_lengths,
+)
 
-TARGET_MS = 2.0  # issue 14: 131,072 uids -> group ids
-
-
-# --- "loop": the first version --------------------------------------------------------------
-
-
-def group_ids_loop(
-    uids: Sequence[object | None], device: torch.device | str | None = None
-) -> torch.Tensor:
-    """``group_ids`` as it first was: one dict lookup per sample, in Python."""
-    dense: dict[object, int] = {}
-    ids: list[int] = []
-    next_id = 0
-    for uid in uids:
-        if uid is None:
-            ids.append(next_id)
-            next_id += 1
-            continue
-        gid = dense.get(uid)
-        if gid is None:
-            gid = dense[uid] = next_id
-            next_id += 1
-        ids.append(gid)
-    return torch.tensor(ids, dtype=torch.long, device=device)
+GroupIds = Callable[..., torch.Tensor]
 
 
-# --- "runs": the second version (commit e5d0050) ------------------------------------------
-
-
-def group_ids_runs(uids: Any, device: torch.device | str | None = None) -> torch.Tensor:
-    """``group_ids`` as it was before the address table: runs of one repeated object,
-    then a ``set`` of the heads, else the per-head dict loop."""
-    if isinstance(uids, torch.Tensor):
-        uids = uids.numpy()
-    if isinstance(uids, np.ndarray):
-        values = np.ascontiguousarray(uids)
-    else:
-        values = np.fromiter(uids, dtype=object, count=len(uids))
-    ids = torch.empty(values.shape, dtype=torch.long)
-    by_identity = values.dtype == object
-    starts = _runs_run_starts(values, by_identity=by_identity)
-    runs = np.cumsum(starts, dtype=np.int64, out=ids.numpy())
-    runs -= 1
-    heads = values[starts]
-    if by_identity:
-        if 2 * len(heads) <= len(values) and _runs_all_distinct(heads):
-            return ids.to(device)
-        value_starts = _runs_run_starts(heads, by_identity=False)
-        heads = heads[value_starts]
-        np.take(np.cumsum(value_starts, dtype=np.int64) - 1, runs, out=runs)
-    if not _runs_all_distinct(heads):
-        np.take(group_ids_loop(heads.tolist()).numpy(), runs, out=runs)
-    return ids.to(device)
-
-
-def _runs_run_starts(values: npt.NDArray[Any], *, by_identity: bool) -> npt.NDArray[np.bool_]:
-    starts = np.ones(values.shape, dtype=bool)
-    if values.dtype != object:
-        np.not_equal(values[1:], values[:-1], out=starts[1:])
-        return starts
-    address = np.frombuffer(values, dtype=np.intp)
-    if by_identity:
-        np.not_equal(address[1:], address[:-1], out=starts[1:])
-    else:
-        np.logical_not(np.equal(values[1:], values[:-1], dtype=bool), out=starts[1:])
-    starts |= address == id(None)
-    return starts
-
-
-def _runs_all_distinct(values: npt.NDArray[Any]) -> bool:
-    return len(set(values.tolist())) == len(values)
-
-
-def load_group_ids(rev: str) -> Callable[..., torch.Tensor]:
+def load_group_ids(rev: str) -> GroupIds:
     """``group_ids`` as ``producer/penalties.py`` is at git revision ``rev``."""
     root = Path(__file__).resolve().parents[1]
     source = subprocess.run(
@@ -145,16 +77,12 @@ def load_group_ids(rev: str) -> Callable[..., torch.Tensor]:
     ).stdout
     module = types.ModuleType(f"penalties_at_{rev}")
     exec(compile(source, f"producer/penalties.py@{rev}", "exec"), module.__dict__)
-    function: Callable[..., torch.Tensor] = module.group_ids
+    function: GroupIds = module.group_ids
     return function
 
 
-# --- the benchmark --------------------------------------------------------------------------
-
-
-def make_inputs(batch: int, group: int, seed: int) -> dict[str, tuple[Any, Any]]:
-    """The uids of one step in each form that is timed: (input of "loop", input of the
-    others)."""
+def make_inputs(batch: int, group: int, seed: int) -> dict[str, Any]:
+    """The uids of one step in each form that is timed."""
     rng = np.random.default_rng(seed)
     prompts = np.array(
         [str(uuid.UUID(bytes=rng.bytes(16), version=4)) for _ in range(-(-batch // group))],
@@ -162,33 +90,53 @@ def make_inputs(batch: int, group: int, seed: int) -> dict[str, tuple[Any, Any]]
     )
     verl = np.repeat(prompts, group)[:batch]
     order = rng.permutation(batch)
-    shuffled = verl[order]
-    as_list = verl.tolist()
-    copies = ["".join(list(uid)) for uid in as_list]
     ints = torch.arange(batch) // group
     return {
-        "object array": (as_list, verl),
-        "object array, shuffled": (shuffled.tolist(), shuffled),
-        "list": (as_list, as_list),
-        "list, equal copies": (copies, copies),
-        "int64 tensor": (ints.tolist(), ints),
-        "int64 tensor, shuffled": (ints[order].tolist(), ints[order]),
+        "object array": verl,
+        "object array, shuffled": verl[order],
+        "list": verl.tolist(),
+        "list, equal copies": ["".join(list(uid)) for uid in verl.tolist()],
+        "int64 tensor": ints,
+        "int64 tensor, shuffled": ints[order],
     }
+
+
+def make_mask(batch: int, prompt_len: int, max_resp: int, seed: int) -> torch.Tensor:
+    """A verl-like int64 attention mask: left-padded prompts, right-padded responses."""
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.zeros((batch, prompt_len + max_resp), dtype=torch.long)
+    prompt_lens = torch.randint(1, prompt_len + 1, (batch,), generator=gen)
+    resp_lens = torch.randint(0, max_resp + 1, (batch,), generator=gen)
+    cols = torch.arange(prompt_len + max_resp)
+    for start in range(0, batch, 8192):  # in slices: no full-size boolean temporaries
+        rows = slice(start, start + 8192)
+        prompt_part = cols >= (prompt_len - prompt_lens[rows]).unsqueeze(1)
+        resp_part = (cols >= prompt_len) & (cols < (prompt_len + resp_lens[rows]).unsqueeze(1))
+        mask[rows] = torch.where(cols < prompt_len, prompt_part, resp_part)
+    return mask
+
+
+def penalty_step(
+    find_groups: GroupIds, mask: torch.Tensor, uids: Any, prompt_len: int,
+    cfg: LengthPenaltyConfig,
+) -> torch.Tensor:
+    """The reward manager's penalty path for one step, as ``producer/reward_manager.py``
+    runs it: lengths, group ids, medians, penalty, the reward on the last token."""
+    lengths = response_lengths(mask, prompt_len)
+    groups = find_groups(uids, device=lengths.device)
+    group_medians(lengths, groups)  # the reward manager reports them beside the rewards
+    penalty = length_penalty(lengths, groups, cfg)
+    reward = -cfg.penalty_scale * penalty  # the judge's score left out
+    return place_at_last_token(reward, lengths, (mask.shape[0], mask.shape[1] - prompt_len))
 
 
 def timed_medians(
     functions: dict[str, Callable[[], object]], repeats: int, sync: Callable[[], None]
 ) -> dict[str, tuple[float, float]]:
     """Median (wall, process CPU) time in ms of each function, called in turn ``repeats``
-    times. The CPU time is the steadier figure on a shared, loaded host.
-
-    Each round calls them in another of their orders (all of them, in a seeded random
-    sequence), so that each follows each of the others as often (exactly, when
-    ``repeats`` is a multiple of the number of orders: 24 for four): a call that follows
-    one doing the same work finds it warm (the same data in the caches, the same blocks
-    of memory free). In a fixed order ``now`` after ``base`` measured a third faster than
-    ``base`` with identical code; in random orders, 10-15% either way.
-    """
+    times, each round in another of their orders (a seeded random sequence of all of
+    them), so that each follows each of the others as often. The CPU time is the steadier
+    figure on a shared, loaded host."""
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in functions}
     for fn in functions.values():
         fn()
@@ -209,6 +157,13 @@ def timed_medians(
     }
 
 
+def print_row(label: str, medians: dict[str, tuple[float, float]], names: list[str]) -> None:
+    now = medians["now"][0]
+    print(f"{label:<25}" + "".join(f"{medians[n][0]:>10.2f}" for n in names)
+          + "".join(f"{medians[n][0] / now:>9.2f}x" for n in names if n != "now")
+          + "".join(f"{medians[n][1]:>10.2f}" for n in names))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--batch", type=int, default=131072)
@@ -216,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=24)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--device", default="cpu", help="where the ids go, e.g. cuda (default: cpu)"
+        "--device", default="cpu", help="where the ids and the mask go, e.g. cuda (default: cpu)"
     )
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     parser.add_argument(
@@ -224,8 +179,12 @@ def main(argv: list[str] | None = None) -> int:
         help="also time group_ids as it is at this git revision (column 'base')",
     )
     parser.add_argument(
-        "--forms", nargs="+", metavar="FORM", help="time only these forms of the uids"
+        "--forms", nargs="*", metavar="FORM", help="time only these forms of the uids"
     )
+    parser.add_argument("--step-repeats", type=int, default=8,
+                        help="rounds of the whole-step penalty path (0: skip it)")
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--max-resp", type=int, default=1024)
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -234,14 +193,13 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    implementations: dict[str, Callable[..., torch.Tensor]] = {
-        "loop": group_ids_loop, "runs": group_ids_runs}
+    implementations: dict[str, GroupIds] = {}
     if args.baseline is not None:
         implementations["base"] = load_group_ids(args.baseline)
     implementations["now"] = group_ids
-    others = [name for name in implementations if name != "now"]
+    names = list(implementations)
     inputs = make_inputs(args.batch, args.group, args.seed)
-    if args.forms:
+    if args.forms is not None:
         inputs = {form: inputs[form] for form in args.forms}
     print(
         f"batch={args.batch} group={args.group} device={device} repeats={args.repeats} "
@@ -249,48 +207,57 @@ def main(argv: list[str] | None = None) -> int:
         + (f" base={args.baseline}" if args.baseline else "")
         + "; medians in ms, same run"
     )
-    print(f"{'uids':<25}" + "".join(f"{name:>9}" for name in implementations)
-          + "".join(f"{name + '/now':>10}" for name in others) + f"{'now cpu':>9}")
+    print(f"{'':<25}" + "".join(f"{n:>10}" for n in names)
+          + "".join(f"{n + '/now':>10}" for n in names if n != "now")
+          + "".join(f"{n + ' cpu':>10}" for n in names))
     results: dict[str, dict[str, float]] = {}
-    for form, (loop_uids, uids) in inputs.items():
-        expected = group_ids_loop(loop_uids, device=device)
-        for name in others[1:] + ["now"]:
-            if not torch.equal(implementations[name](uids, device=device), expected):
-                print(f"{form}: {name} disagrees with the loop", file=sys.stderr)
-                return 1
-        medians = timed_medians(
-            {
-                name: (lambda fn=fn, arg=loop_uids if name == "loop" else uids:
-                       fn(arg, device=device))
-                for name, fn in implementations.items()
-            },
-            args.repeats,
-            sync,
-        )
-        now = medians["now"][0]
-        results[form] = {
-            **{f"{name}_ms": medians[name][0] for name in implementations},
-            **{f"{name}_over_now": medians[name][0] / now for name in others},
-            **{f"{name}_cpu_ms": medians[name][1] for name in implementations},
+
+    def record(label: str, medians: dict[str, tuple[float, float]]) -> None:
+        results[label] = {
+            **{f"{n}_ms": medians[n][0] for n in names},
+            **{f"{n}_cpu_ms": medians[n][1] for n in names},
         }
-        print(f"{form:<25}" + "".join(f"{medians[name][0]:>9.2f}" for name in implementations)
-              + "".join(f"{medians[name][0] / now:>9.2f}x" for name in others)
-              + f"{medians['now'][1]:>9.2f}")
+        print_row(label, medians, names)
+
+    for form, uids in inputs.items():
+        expected = group_ids(uids, device=device)
+        for name, fn in implementations.items():
+            if not torch.equal(fn(uids, device=device), expected):
+                print(f"{form}: {name} disagrees with now", file=sys.stderr)
+                return 1
+        record(form, timed_medians(
+            {name: (lambda fn=fn, uids=uids: fn(uids, device=device))
+             for name, fn in implementations.items()},
+            args.repeats, sync))
+
+    if args.step_repeats > 0:
+        cfg = LengthPenaltyConfig()
+        mask = make_mask(args.batch, args.prompt_len, args.max_resp, args.seed).to(device)
+        uids = make_inputs(args.batch, args.group, args.seed)["object array, shuffled"]
+        steps = {name: (lambda fn=fn: penalty_step(fn, mask, uids, args.prompt_len, cfg))
+                 for name, fn in implementations.items()}
+        reference = steps["now"]()
+        for name, step in steps.items():
+            if not torch.equal(step(), reference):
+                print(f"step: {name} disagrees with now", file=sys.stderr)
+                return 1
+        print(f"whole step's penalty path: mask {tuple(mask.shape)} int64 on {device}, "
+              f"shuffled object array, {args.step_repeats} rounds")
+        record("step", timed_medians(steps, args.step_repeats, sync))
+        del mask
+
     if args.json is not None:
         payload = {
             "batch": args.batch,
             "group": args.group,
             "device": str(device),
             "repeats": args.repeats,
+            "step_repeats": args.step_repeats,
+            "mask_shape": [args.batch, args.prompt_len + args.max_resp],
             "baseline": args.baseline,
             "median_ms": results,
         }
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
-    if "object array" in results and "object array, shuffled" in results:
-        verl = [results[form] for form in ("object array", "object array, shuffled")]
-        print(f"verl's uid column, side by side / shuffled: {verl[0]['now_ms']:.2f} / "
-              f"{verl[1]['now_ms']:.2f} ms wall, {verl[0]['now_cpu_ms']:.2f} / "
-              f"{verl[1]['now_cpu_ms']:.2f} ms CPU (target <= {TARGET_MS} ms for 131,072)")
     return 0
 
 
