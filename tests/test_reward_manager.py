@@ -29,15 +29,12 @@ from transformers import PreTrainedTokenizerFast
 
 from rewardq.broker.schemas import ResultStatus, ScoreResult
 from rewardq.broker.settings import Settings
+from rewardq.integrations.verl_batch import LengthPenaltyRewardManager
 from rewardq.judge.verdicts import normalize
 from rewardq.judge_server.grading import expected_raw_score
 from rewardq.judge_server.server import BackgroundJudgeServer
 from rewardq.producer.config import LengthPenaltyConfig
-from rewardq.producer.reward_manager import (
-    LengthPenaltyRewardManager,
-    combine_rewards,
-    exact_final_answer,
-)
+from rewardq.producer.rewards import combine_rewards, exact_final_answer
 from rewardq.producer.sync_judge import SyncJudge
 
 try:

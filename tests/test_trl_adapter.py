@@ -19,11 +19,7 @@ from typing import Any
 import pytest
 
 from rewardq.broker.settings import Settings
-from rewardq.judge.verdicts import normalize
-from rewardq.judge_server.grading import expected_raw_score
-from rewardq.judge_server.server import BackgroundJudgeServer
-from rewardq.producer.sync_judge import SyncJudge
-from rewardq.producer.trl import (
+from rewardq.integrations.trl import (
     ASYNC_DEFAULT_NAME,
     DEFAULT_NAME,
     SYNC_DEFAULT_NAME,
@@ -32,6 +28,10 @@ from rewardq.producer.trl import (
     make_trl_reward,
     message_text,
 )
+from rewardq.judge.verdicts import normalize
+from rewardq.judge_server.grading import expected_raw_score
+from rewardq.judge_server.server import BackgroundJudgeServer
+from rewardq.producer.sync_judge import SyncJudge
 from rewardq.stack import JudgeProcess
 
 QUESTIONS = [("What is 3 plus 4?", "7"), ("What is 12 times 3?", "36")]

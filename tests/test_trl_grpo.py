@@ -27,13 +27,13 @@ from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
 from rewardq.broker.schemas import MAX_TEXT_CHARS, ResultStatus
 from rewardq.broker.settings import Settings
-from rewardq.judge_server.server import BackgroundJudgeServer
-from rewardq.producer.trl import (
+from rewardq.integrations.trl import (
     make_async_trl_reward,
     make_sync_trl_reward,
     make_trl_reward,
     metric_name,
 )
+from rewardq.judge_server.server import BackgroundJudgeServer
 
 GENERATIONS = 2
 #: One prompt judged normally, one whose reference no judge item may carry.

@@ -42,7 +42,7 @@ from rewardq.broker.settings import Settings  # noqa: E402
 from rewardq.judge.verdicts import normalize  # noqa: E402
 from rewardq.judge_server.grading import expected_raw_score  # noqa: E402
 from rewardq.producer.config import LengthPenaltyConfig  # noqa: E402
-from rewardq.producer.reward_manager import exact_final_answer  # noqa: E402
+from rewardq.producer.rewards import exact_final_answer  # noqa: E402
 from rewardq.stack import JudgeProcess  # noqa: E402
 from rewardq.verl import EXTRA_KEYS, RewardqRewardManager  # noqa: E402
 
@@ -308,7 +308,7 @@ def test_a_streamed_validation_sample_does_not_wait_for_a_training_sized_group(
     marks it, and validation groups have ``val_kwargs.n`` (here 1) samples: no wait."""
     import asyncio
 
-    from rewardq.producer.reward_manager import exact_final_answer as rule
+    from rewardq.producer.rewards import exact_final_answer as rule
 
     config = verl_config.copy()
     config.reward.reward_kwargs.rewardq.enable_openai_reward = False

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rewardq.producer.reward_manager import exact_final_answer
+from rewardq.producer.rewards import exact_final_answer
 
 
 def compute_score(data_source: str, solution_str: str, ground_truth: Any,

@@ -1,4 +1,4 @@
-"""rewardq as a TRL reward function (``GRPOTrainer(reward_funcs=[...])``).
+"""TRL: rewardq as a reward function (``GRPOTrainer(reward_funcs=[...])``).
 
 TRL calls ``reward(prompts=..., completions=..., **columns)`` with one entry per
 completion (each prompt repeated ``num_generations`` times), every other dataset column
@@ -46,8 +46,8 @@ from pydantic import ValidationError
 
 from rewardq.broker.schemas import ResultStatus, ScoreItem, ScoreResult
 from rewardq.broker.settings import Settings
+from rewardq.integrations.judging import score_each_once, without_invalid
 from rewardq.producer.client import RewardClient
-from rewardq.producer.reward_manager import score_each_once, without_invalid
 from rewardq.producer.sync_judge import SyncJudge
 
 __all__ = [

@@ -1,11 +1,12 @@
-"""rewardq in verl >= 0.7: a reward-loop manager and a custom reward function.
+"""verl >= 0.7: rewardq as a reward-loop manager and as a custom reward function.
 
 verl >= 0.7 scores every sample alone: ``RewardLoopWorker`` processes call
 ``await reward_manager.run_single(data)`` once per sample, in the batch path
 (``RewardLoopManager.compute_rm_score``: the padded batch split over the workers, then
 ``assemble_rm_scores``) and, by default, streamed from the agent loop as each rollout
 finishes. Two entry points (verl 0.7-0.9; verl <= 0.6 uses
-``rewardq.producer.reward_manager.LengthPenaltyRewardManager``):
+``rewardq.integrations.verl_batch.LengthPenaltyRewardManager``), which verl configs name
+through ``rewardq.verl`` (it re-exports them):
 
 ``RewardqRewardManager`` (reward = rule + reward_coefficient * judge - penalty_scale *
 penalty)::
@@ -43,7 +44,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import math
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
@@ -54,17 +54,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rewardq.broker.errors import InvalidItemError
 from rewardq.broker.schemas import ResultStatus, ScoreItem, ScoreResult
 from rewardq.broker.settings import Settings
+from rewardq.integrations.judging import judge_key, shared_result
 from rewardq.producer.async_client import AsyncRewardClient
 from rewardq.producer.config import LengthPenaltyConfig
 from rewardq.producer.groups import GroupMedian, GroupMedians, GroupStatus, member_id
 from rewardq.producer.penalties import group_median_penalty, length_penalty
-from rewardq.producer.reward_manager import (
-    DISABLED,
-    SKIPPED,
-    combine_rewards,
-    judge_key,
-    shared_result,
-)
+from rewardq.producer.rewards import combine_rewards, judge_score, judge_status
 from rewardq.producer.sync_judge import SyncJudge
 
 try:  # verl is the caller's; rewardq does not depend on it
@@ -109,7 +104,7 @@ class VerlOptions(BaseModel):
         default=5.0, ge=0, description="Coalescing window of concurrent judge calls.")
 
 
-class RewardqRewardManager(RewardManagerBase):  # type: ignore[misc,valid-type]
+class RewardqRewardManager(RewardManagerBase):  # type: ignore[misc,valid-type,unused-ignore]
     """A verl reward-loop manager: rule score, LLM judge through rewardq, length penalty.
 
     Built by verl as ``(config, tokenizer, compute_score, reward_router_address=None,
@@ -194,9 +189,10 @@ class RewardqRewardManager(RewardManagerBase):  # type: ignore[misc,valid-type]
         uid = non_tensor.get("uid")
         uid = None if uid is None else str(uid)
 
+        tokenizer: Any = self.tokenizer  # any Hugging Face tokenizer
         prompt_text, response_text = await loop.run_in_executor(None, lambda: (
-            self.tokenizer.decode(prompt_ids, skip_special_tokens=True),
-            self.tokenizer.decode(response_ids, skip_special_tokens=True)))
+            tokenizer.decode(prompt_ids, skip_special_tokens=True),
+            tokenizer.decode(response_ids, skip_special_tokens=True)))
         rule, rule_extra = await self._rule(data_source, response_text, ground_truth,
                                             extra_info)
         cfg = self.config_lp
@@ -222,12 +218,10 @@ class RewardqRewardManager(RewardManagerBase):  # type: ignore[misc,valid-type]
             penalty = length_penalty(lengths, None, cfg)
         reward = float(combine_rewards(torch.tensor([rule], dtype=torch.float64),
                                        [judged], penalty, cfg)[0])
-        off = DISABLED if not cfg.enable_openai_reward else SKIPPED
         extra: dict[str, Any] = {
             "rule_score": rule,
-            "judge_score": judged.score if judged is not None and judged.score is not None
-            else math.nan,
-            "judge_status": judged.status.value if judged is not None else off,
+            "judge_score": judge_score(judged),
+            "judge_status": judge_status(judged, cfg),
             "length": length,
             "group_median": group.median,
             "group_size": group.size,
@@ -254,15 +248,16 @@ class RewardqRewardManager(RewardManagerBase):  # type: ignore[misc,valid-type]
 
     async def _rule(self, data_source: Any, response: str, ground_truth: Any,
                     extra_info: dict[str, Any]) -> tuple[float, dict[str, Any]]:
-        if self.compute_score is None:
+        rule: Any = self.compute_score  # verl's resolved rule function, or None
+        if rule is None:
             return 0.0, {}
         kwargs = {"data_source": data_source, "solution_str": response,
                   "ground_truth": ground_truth, "extra_info": extra_info}
-        if inspect.iscoroutinefunction(self.compute_score):
-            answer = await self.compute_score(**kwargs)
+        if inspect.iscoroutinefunction(rule):
+            answer = await rule(**kwargs)
         else:
             answer = await asyncio.get_running_loop().run_in_executor(
-                None, lambda: self.compute_score(**kwargs))
+                None, lambda: rule(**kwargs))
         if isinstance(answer, Mapping):
             return float(answer["score"]), {k: v for k, v in answer.items() if k != "score"}
         return float(answer), {}

@@ -1,8 +1,8 @@
-"""``LengthPenaltyRewardManager``: rewardq as a verl reward manager.
+"""verl <= 0.6: ``LengthPenaltyRewardManager``, rewardq as a verl batch reward manager.
 
 verl builds it as ``cls(tokenizer=..., num_examine=..., compute_score=...,
 reward_fn_key=..., **reward_kwargs)`` and calls it with a ``DataProto`` once per step.
-For every sample the reward is::
+For every sample the reward is :mod:`rewardq.producer.rewards`'::
 
     rule_score + reward_coefficient * judge_score - penalty_scale * penalty
 
@@ -27,13 +27,12 @@ scores) next to the judge's wall time.
 
 Identical samples are judged once on both paths: the fleet dedups by the items'
 fingerprints (``rewardq.broker.keys``), and the in-process sync judge goes through
-:func:`score_each_once`, which asks it once per distinct fingerprint.
+:func:`rewardq.integrations.judging.score_each_once`, which asks it once per distinct
+fingerprint.
 """
 
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -42,12 +41,10 @@ import torch
 from pydantic import ValidationError
 from torch import Tensor
 
-from rewardq.broker.errors import ConfigError, InvalidItemError
-from rewardq.broker.keys import judge_fingerprints
+from rewardq.broker.errors import ConfigError
 from rewardq.broker.schemas import ResultStatus, ScoreItem, ScoreResult
 from rewardq.broker.settings import Settings
-from rewardq.judge.rollout_view import view_items
-from rewardq.judge.rubrics import RubricBook
+from rewardq.integrations.judging import score_each_once, without_invalid
 from rewardq.producer.client import PendingScores, RewardClient
 from rewardq.producer.config import LengthPenaltyConfig
 from rewardq.producer.penalties import (
@@ -57,24 +54,16 @@ from rewardq.producer.penalties import (
     place_at_last_token,
     response_lengths,
 )
+from rewardq.producer.rewards import (
+    combine_rewards,
+    exact_final_answer,
+    judge_score,
+    judge_status,
+)
 from rewardq.producer.step_timing import JudgeMode, StepTiming, now, synchronize
 from rewardq.producer.sync_judge import SyncJudge
 
-__all__ = [
-    "DataProtoLike",
-    "LengthPenaltyRewardManager",
-    "combine_rewards",
-    "exact_final_answer",
-    "judge_key",
-    "score_each_once",
-    "shared_result",
-    "without_invalid",
-]
-
-#: ``judge_status`` of a sample the judge was not asked about (rule score <= 0).
-SKIPPED = "skipped"
-#: ``judge_status`` of every sample when ``enable_openai_reward`` is false.
-DISABLED = "disabled"
+__all__ = ["DataProtoLike", "LengthPenaltyRewardManager"]
 
 ComputeScore = Callable[..., "float | Mapping[str, Any]"]
 RewardOutput = Tensor | dict[str, Any]
@@ -92,181 +81,6 @@ class DataProtoLike(Protocol):
         """Per-sample numpy object arrays: ``data_source``, ``reward_model``, ``uid``, ..."""
 
     def __len__(self) -> int: ...
-
-
-# --------------------------------------------------------------------------- rule score
-
-_BOXED = re.compile(r"\\boxed\s*\{([^{}]*)\}")
-_MARKER = re.compile(r"(?:####|answer\s*(?:is\b\s*:?|:))", re.IGNORECASE)
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
-
-def _canonical(answer: str) -> str:
-    text = answer.strip().strip("$*` ").rstrip(".").strip().lower()
-    if _NUMBER.fullmatch(text):
-        text = text.replace(",", "")
-        if "." in text:
-            text = text.rstrip("0").rstrip(".")
-    return text
-
-
-def _final_answer(text: str) -> str | None:
-    boxed = _BOXED.findall(text)
-    if boxed:
-        return _canonical(boxed[-1])
-    markers = list(_MARKER.finditer(text))
-    if markers:
-        rest = text[markers[-1].end():].strip().split("\n", 1)[0]
-        candidate = _canonical(rest.split(". ", 1)[0])
-        if candidate:
-            return candidate
-    numbers = _NUMBER.findall(text)
-    return _canonical(numbers[-1]) if numbers else None
-
-
-def exact_final_answer(data_source: str, solution_str: str, ground_truth: Any,
-                       extra_info: Any = None) -> float:
-    """The built-in rule score: 1.0 if the response's final answer equals the ground truth.
-
-    The final answer is the last ``\\boxed{...}``, else what follows the last "####" or
-    "answer is"/"answer:" up to the end of the sentence, else the last number; both
-    sides are compared after stripping ``$``/``*``/backticks, a trailing period, case,
-    and a number's thousands commas and trailing decimal zeros (``"1,000.50"`` ==
-    ``"1000.5"``). The ground truth is read the same way (GSM8K's ``"... #### 42"`` works).
-
-    Args:
-        data_source: unused; part of verl's ``compute_score`` signature.
-        solution_str: the decoded response.
-        ground_truth: the reference answer (anything ``str()`` turns into one), or None.
-        extra_info: unused.
-
-    Returns:
-        1.0 or 0.0 (0.0 when there is no ground truth or no final answer).
-    """
-    if ground_truth is None:
-        return 0.0
-    want = _final_answer(str(ground_truth)) or _canonical(str(ground_truth))
-    got = _final_answer(solution_str)
-    return 1.0 if got is not None and got == want else 0.0
-
-
-# --------------------------------------------------------------------------- combining
-
-
-def combine_rewards(rule: Tensor, judge: Sequence[ScoreResult | None], penalty: Tensor,
-                    cfg: LengthPenaltyConfig) -> Tensor:
-    """``rule + reward_coefficient * judge - penalty_scale * penalty``, judge failures handled.
-
-    Args:
-        rule: ``(batch,)`` rule scores.
-        judge: per sample, its judge result, or ``None`` if it was not judged (judge term 0).
-        penalty: ``(batch,)`` non-negative length penalties.
-        cfg: supplies ``reward_coefficient``, ``penalty_scale`` and ``on_judge_failure``
-            (``rule_only``: the judge term is 0; ``zero``: the reward is 0; ``nan``: NaN).
-
-    Returns:
-        ``(batch,)`` rewards on the device of ``penalty``, in float64 (float32 on MPS).
-    """
-    device = penalty.device
-    dtype = torch.float32 if device.type == "mps" else torch.float64
-    judge_scores = [r.score if r is not None and r.score is not None
-                    and r.status is ResultStatus.OK else 0.0 for r in judge]
-    failed = [r is not None and r.status is not ResultStatus.OK for r in judge]
-    judge_t = torch.tensor(judge_scores, dtype=dtype, device=device)
-    failed_t = torch.tensor(failed, dtype=torch.bool, device=device)
-    reward = (rule.to(device=device, dtype=dtype) + cfg.reward_coefficient * judge_t
-              - cfg.penalty_scale * penalty.to(dtype))
-    if cfg.on_judge_failure == "zero":
-        reward = torch.where(failed_t, torch.zeros_like(reward), reward)
-    elif cfg.on_judge_failure == "nan":
-        reward = torch.where(failed_t, torch.full_like(reward, math.nan), reward)
-    return reward
-
-
-# --------------------------------------------------------------------------- items
-
-
-def without_invalid(rubrics: RubricBook, items: Sequence[ScoreItem],
-                    judged: list[ScoreResult | None]) -> list[ScoreItem]:
-    """``items`` less those the producer would refuse, each of which gets its ``invalid``
-    result in ``judged`` (at the position its id names), so that one bad item fails
-    alone instead of failing the submit of its whole step.
-
-    ``RewardClient.submit`` and ``SyncJudge.score`` check every item's rubric (a name the
-    run does not know, a correctness rubric without a reference) and refuse the whole
-    list for one bad item; this checks the list once and only looks at the items one by
-    one when it holds a bad one.
-    """
-    try:
-        rubrics.assign(items)
-    except InvalidItemError:
-        pass
-    else:
-        return list(items)
-    kept: list[ScoreItem] = []
-    for item in items:
-        try:
-            rubrics.assign([item])
-        except InvalidItemError as exc:
-            judged[int(item.id)] = ScoreResult.failure(item.id, ResultStatus.INVALID,
-                                                       f"not a valid judge item: {exc}")
-        else:
-            kept.append(item)
-    return kept
-
-
-def judge_key(judge: SyncJudge, item: ScoreItem) -> tuple[ScoreItem, str] | ScoreResult:
-    """``item`` with its rubric assigned and what identifies it to the judge: the
-    fingerprint of its view (``rewardq.judge.rollout_view``), the key the fleet caches and dedups
-    its verdicts under; or, for an item that gets no judge call, its result
-    (``no_answer``: nothing to judge; ``invalid``: its rubric is unknown or needs a
-    reference it lacks)."""
-    try:
-        [assigned] = judge.rubrics.assign([item])
-    except InvalidItemError as exc:
-        return ScoreResult.failure(item.id, ResultStatus.INVALID,
-                                   f"not a valid judge item: {exc}")
-    [viewed] = view_items([assigned], judge.spec, judge.rubrics)
-    if isinstance(viewed, ScoreResult):
-        return viewed
-    return assigned, judge_fingerprints(judge.spec, [viewed])[0]
-
-
-def shared_result(result: ScoreResult, item_id: str) -> ScoreResult:
-    """``result`` as the answer of an identical item judged by another's call: its id,
-    no attempts of its own, and ``cached`` when it carries a verdict (as the fleet marks
-    the items that joined another's call)."""
-    return result.model_copy(update={"id": item_id, "attempts": 0,
-                                     "cached": result.status is ResultStatus.OK})
-
-
-def score_each_once(judge: SyncJudge, items: Sequence[ScoreItem]) -> list[ScoreResult]:
-    """``SyncJudge`` results for ``items``, in order, with one judge call per distinct
-    fingerprint: identical samples (common within a GRPO group) share one call, as the
-    fleet's in-flight dedup makes them. Never raises for an item: a bad one comes back
-    ``invalid``, one without a final answer ``no_answer``.
-    """
-    results: list[ScoreResult | None] = [None] * len(items)
-    owners: dict[str, int] = {}
-    followers: list[tuple[int, int]] = []
-    to_judge: list[tuple[int, ScoreItem]] = []
-    for i, item in enumerate(items):
-        keyed = judge_key(judge, item)
-        if isinstance(keyed, ScoreResult):
-            results[i] = keyed
-            continue
-        assigned, key = keyed
-        owner = owners.setdefault(key, i)
-        if owner == i:
-            to_judge.append((i, assigned))
-        else:
-            followers.append((i, owner))
-    once: dict[int, ScoreResult] = {}
-    for i, assigned in to_judge:
-        results[i] = once[i] = judge.score_one(assigned)
-    for i, owner in followers:
-        results[i] = shared_result(once[owner], items[i].id)
-    return [r for r in results if r is not None]
 
 
 # --------------------------------------------------------------------------- the manager
@@ -473,8 +287,7 @@ class LengthPenaltyRewardManager:
             return reward_tensor
         extra: dict[str, list[Any]] = {
             "rule_score": rule_scores,
-            "judge_score": [r.score if r is not None and r.score is not None else math.nan
-                            for r in judged],
+            "judge_score": [judge_score(r) for r in judged],
             "judge_status": statuses,
             "length": lengths.tolist(),
             "group_median": medians.tolist(),
@@ -568,8 +381,7 @@ class LengthPenaltyRewardManager:
 
     def _statuses(self, judged: Sequence[ScoreResult | None]) -> list[str]:
         # Every sample asked about has a result; ``None`` means it was not asked.
-        off = DISABLED if not self.config.enable_openai_reward else SKIPPED
-        return [r.status.value if r is not None else off for r in judged]
+        return [judge_status(r, self.config) for r in judged]
 
     def _examine(self, samples: _Samples, rule_scores: Sequence[float],
                  judged: Sequence[ScoreResult | None], statuses: Sequence[str],
