@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench install clean
+.PHONY: demo test lint bench docs install clean
 
 # torch first, pinned, and CPU: the demo and the tests need no GPU. Where the CPU wheel is
 # not the default (PyPI on Linux resolves torch to the CUDA build, several GB), point
@@ -37,6 +37,11 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/rewardq bench
+
+# The documentation site (mkdocs.yml) into build/site; --strict fails on a broken link,
+# a broken anchor or a page missing from the nav.
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
