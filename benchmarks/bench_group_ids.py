@@ -32,7 +32,7 @@ Usage::
 
     .venv/bin/python benchmarks/bench_group_ids.py [--batch 131072] [--group 8] \\
         [--repeats 24] [--device cpu|cuda] [--baseline REV] [--forms FORM ...] \\
-        [--step-repeats 8] [--prompt-len 512] [--max-resp 1024] [--json FILE]
+        [--step-repeats 8] [--prompt-len 512] [--max-resp 1024] [--threads N] [--json FILE]
 """
 
 from __future__ import annotations
@@ -185,7 +185,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="rounds of the whole-step penalty path (0: skip it)")
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--max-resp", type=int, default=1024)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
 

@@ -1,6 +1,6 @@
 """The gateway's own request and reply models, and item validation with structured errors.
 
-Items are the broker's ``ScoreItem`` JSON (DESIGN.md), checked by the broker's own
+Items are the broker's ``ScoreItem`` JSON, checked by the broker's own
 ``parse_items``; a request with any invalid item is refused as a whole (422), each
 problem naming the item's index, its id when it has one, and the field, and nothing is
 enqueued.

@@ -1,6 +1,6 @@
 """Length penalties in torch, computed on the trainer's device while the judge works.
 
-Two shapes (formulas in DESIGN.md):
+Two shapes (formulas in :func:`group_median_penalty` and :func:`overlong_penalty`):
 
 - ``"group_median"``, the group-median trapezoid: no penalty within ``peak_ratio`` of the
   median length of the sample's GRPO group (``uid``), a linear ramp up to ``max_penalty``
@@ -179,8 +179,8 @@ def _order_by_group_then_length(lengths: Tensor, dense: Tensor, num_groups: int)
     if not lengths.is_floating_point():
         low, high = (int(v) for v in torch.stack(torch.aminmax(lengths)).tolist())
         span = high - low + 1
-        # One sort of a combined key is 2-4x faster than two stable sorts on CPU, but only
-        # when the key cannot overflow int64; token counts always qualify.
+        # One sort of a combined key (group, length) rather than two stable sorts, where
+        # the key cannot overflow int64; token counts always fit.
         if num_groups * span < 2**62:
             return torch.sort(dense * span + (lengths.to(torch.long) - low)).indices
     by_length = torch.sort(lengths, stable=True).indices
@@ -188,7 +188,7 @@ def _order_by_group_then_length(lengths: Tensor, dense: Tensor, num_groups: int)
 
 
 def group_median_penalty(lengths: Tensor, medians: Tensor, cfg: LengthPenaltyConfig) -> Tensor:
-    """The group-median trapezoid (DESIGN.md), a non-negative penalty.
+    """The group-median trapezoid, a non-negative penalty.
 
     With ``L`` the length, ``M`` its group median, ``p = cfg.peak_ratio`` and
     ``o = cfg.outer_ratio``: 0 for ``M(1-p) <= L <= M(1+p)``; a linear ramp to

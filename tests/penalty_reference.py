@@ -1,8 +1,9 @@
 """Plain-Python reference of the length penalties, one sample at a time.
 
-Written from DESIGN.md's formulas as literally as possible and independently of
-``rewardq.producer.penalties`` (no torch, no numpy), so the tests compare two implementations
-rather than one implementation with itself. The benchmark times it as the per-sample loop.
+Written from the formulas in the docstrings of ``rewardq.producer.penalties`` as literally
+as possible and independently of its code (no torch, no numpy), so the tests compare two
+implementations rather than one implementation with itself. The benchmark times it as the
+per-sample loop.
 The sign convention is ``rewardq.producer.penalties``': a *penalty* is non-negative and
 subtracted; DAPO's overlong term is non-positive and added.
 """
@@ -36,7 +37,7 @@ def group_medians(lengths: Sequence[int], uids: Sequence[object | None]) -> list
 def trapezoid(
     length: float, median: float, peak_ratio: float, outer_ratio: float, max_penalty: float
 ) -> float:
-    """The group-median trapezoid penalty of one sample, DESIGN.md's cases in order."""
+    """The group-median trapezoid penalty of one sample, the cases in order."""
     L, M, p, o = length, median, peak_ratio, outer_ratio  # noqa: N806 - the formula's names
     if not M > 0:
         return 0.0
