@@ -3,9 +3,8 @@
 Celery's prefetch limit counts messages: a gevent worker with a pool of 64 takes up to 64
 chunks at once, however few judge calls it may make (``Settings.max_concurrent_requests``).
 At a step's start the first workers to poll take most of its chunks, and the others then
-run out early: measured on 2 cores, 4 workers at 4 calls each were dealt 5/9/5/5 chunks of
-a step, 1.6-1.7 x the ideal wall time, and a fleet-wide rate limit was used at 0.68 of
-itself at 2 calls each.
+run out early: the step waits on the workers that hold too many, and a fleet-wide rate
+limit goes partly unused (``benchmarks/PROFILE.md`` has the figures).
 
 :class:`ChunkIntake` weighs chunks by their items instead. A worker takes another chunk
 only while the items it holds (chunks received and not yet finished) are fewer than two
@@ -15,13 +14,13 @@ chunk is always taken, however large.
 
 When the gate closes, kombu's Redis transport pauses its BRPOP, and under gevent its poll
 then sleeps for up to a second before it looks at the gate again (Celery's ``synloop``
-polls with a 2 s timeout and kombu sleeps ``min(timeout, 1)`` with nothing to poll):
-measured, a pool sized to the judge's slots ran at 0.43 of the ideal. The consumer loop
-here waits on the gate itself, and polls again within ``RECHECK_S`` of a chunk finishing.
+polls with a 2 s timeout and kombu sleeps ``min(timeout, 1)`` with nothing to poll), so
+a pool merely sized to the judge's slots idles. The consumer loop here waits on the gate
+itself, and polls again within ``RECHECK_S`` of a chunk finishing.
 
 A Celery consumer bootstep, so that it is installed again on every consumer (re)start.
 Redis brokers only (the default): with RabbitMQ (``REWARDQ_CELERY_BROKER_URL``) the
-broker keeps the prefetch count, in messages, and workers take chunks as before.
+broker keeps the prefetch count, in messages, and workers take chunks by that count.
 """
 
 from __future__ import annotations
