@@ -198,3 +198,44 @@ def test_every_rewardq_name_the_pages_show_exists(tmp_path: Path) -> None:
     failures = _run(tmp_path, [(", ".join(where), name, f"resolve({name!r})")
                                for name, where in names.items()], prelude=_RESOLVE)
     assert not failures, "\n".join(failures)
+
+
+#: The names the docs import from ``rewardq`` itself: the front door.
+FRONT_DOOR = ("RewardClient", "AsyncRewardClient", "PendingScores", "Settings", "ScoreItem",
+              "ScoreResult", "ResultStatus", "LengthPenaltyConfig", "DeadLetters",
+              "SyncJudge", "RewardqError", "ConfigError", "InvalidItemError",
+              "BrokerUnavailableError", "RedisFullError", "ScoringTimeoutError",
+              "NoWorkersError", "ChunksLostError", "JudgeError")
+
+_FRONT_DOOR_CHECK = """
+import json, sys
+import rewardq, rewardq.integrations
+light = sorted(m for m in sys.modules if m != "rewardq.integrations"
+               and m.startswith(("rewardq.", "torch", "celery", "redis", "pydantic")))
+names = json.loads(sys.argv[1])
+homes = {name: getattr(rewardq, name).__module__ for name in names}
+import rewardq.verl, rewardq.integrations.verl as adapter
+same = all(getattr(rewardq.verl, n) is getattr(adapter, n) for n in rewardq.verl.__all__)
+print(json.dumps({"light": light, "homes": homes, "all": sorted(rewardq.__all__),
+                  "same": same}))
+"""
+
+
+@pytest.mark.processes
+def test_the_front_door_exports_every_public_name_and_loads_none_until_asked(
+        tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-c", _FRONT_DOOR_CHECK, json.dumps(FRONT_DOOR)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    # ``import rewardq`` (a worker, ``rewardq --help``) and the adapters' package load
+    # nothing: no client stack, no torch, no Celery.
+    assert found["light"] == []
+    assert found["all"] == sorted([*FRONT_DOOR, "__version__"])
+    # Each name is the class its component defines (one object, whichever path imports it).
+    assert all(home.startswith(("rewardq.broker.", "rewardq.producer."))
+               for home in found["homes"].values()), found["homes"]
+    assert found["homes"]["NoWorkersError"] == "rewardq.broker.errors"
+    assert found["homes"]["RewardClient"] == "rewardq.producer.client"
+    # The path verl configs name is the adapter itself.
+    assert found["same"] is True
