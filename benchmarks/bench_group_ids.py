@@ -38,6 +38,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import random
@@ -47,7 +48,7 @@ import sys
 import time
 import types
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +132,7 @@ def penalty_step(
 
 
 def timed_medians(
-    functions: dict[str, Callable[[], object]], repeats: int, sync: Callable[[], None]
+    functions: Mapping[str, Callable[[], object]], repeats: int, sync: Callable[[], None]
 ) -> dict[str, tuple[float, float]]:
     """Median (wall, process CPU) time in ms of each function, called in turn ``repeats``
     times, each round in another of their orders (a seeded random sequence of all of
@@ -229,17 +230,18 @@ def main(argv: list[str] | None = None) -> int:
             if not torch.equal(fn(uids, device=device), expected):
                 print(f"{form}: {name} disagrees with now", file=sys.stderr)
                 return 1
-        record(form, timed_medians(
-            {name: (lambda fn=fn, uids=uids: fn(uids, device=device))
-             for name, fn in implementations.items()},
-            args.repeats, sync))
+        calls: dict[str, Callable[[], object]] = {
+            name: functools.partial(fn, uids, device=device)
+            for name, fn in implementations.items()}
+        record(form, timed_medians(calls, args.repeats, sync))
 
     if args.step_repeats > 0:
         cfg = LengthPenaltyConfig()
         mask = make_mask(args.batch, args.prompt_len, args.max_resp, args.seed).to(device)
         uids = make_inputs(args.batch, args.group, args.seed)["object array, shuffled"]
-        steps = {name: (lambda fn=fn: penalty_step(fn, mask, uids, args.prompt_len, cfg))
-                 for name, fn in implementations.items()}
+        steps: dict[str, Callable[[], torch.Tensor]] = {
+            name: functools.partial(penalty_step, fn, mask, uids, args.prompt_len, cfg)
+            for name, fn in implementations.items()}
         reference = steps["now"]()
         for name, step in steps.items():
             if not torch.equal(step(), reference):
