@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench docs install clean
+.PHONY: demo test test-fast lint bench docs install clean
 
 # torch first, pinned, and CPU: the demo and the tests need no GPU. Where the CPU wheel is
 # not the default (PyPI on Linux resolves torch to the CUDA build, several GB), point
@@ -27,6 +27,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The tests that start no process, server or connection (tests/conftest.py marks the others
+# `processes`): pure modules and the judge client on an in-memory transport, in under a minute.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not processes" -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check broker judge workers producer gateway monitoring judge_server rewardq tests \

