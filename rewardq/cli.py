@@ -1,4 +1,9 @@
-"""The ``rewardq`` console script: one subcommand per job, settings read once here."""
+"""The ``rewardq`` console script: one subcommand per job, settings read once here.
+
+Only the core install's modules are imported up front, so ``rewardq --help`` and the client
+commands work in a core install; a command that needs an extra (:data:`COMMAND_EXTRAS`)
+checks it first and, when it is missing, says in one line which extra to install.
+"""
 
 from __future__ import annotations
 
@@ -9,20 +14,17 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from rewardq import __version__
-from rewardq.bench import add_bench_parser
 from rewardq.broker.app import QUEUE_JUDGE
 from rewardq.broker.errors import InvalidItemError, RewardqError
 from rewardq.broker.settings import EMBEDDED_REDIS_PORT, Settings
 from rewardq.budget_cli import add_budget_parser
+from rewardq.extras import missing_modules, require
 from rewardq.failed_cli import add_failed_parser
-from rewardq.judge_server.__main__ import DESCRIPTION as JUDGE_DESCRIPTION
-from rewardq.judge_server.__main__ import add_arguments as add_judge_server_arguments
-from rewardq.judge_server.__main__ import serve as serve_judge
 from rewardq.judge_server.config import ConfigValueError
 from rewardq.ops_cli import add_ops_parsers
 
@@ -56,6 +58,8 @@ def _redis(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _judge_server(args: argparse.Namespace, _settings: Settings) -> int:
+    from rewardq.judge_server.__main__ import serve as serve_judge
+
     try:
         return serve_judge(args)
     except ConfigValueError as exc:
@@ -207,10 +211,16 @@ def build_parser() -> argparse.ArgumentParser:
     redis.add_argument("--dir", help="data directory (keeps an append-only file)")
     redis.set_defaults(func=_redis)
 
-    judge = sub.add_parser("judge-server", help="the local OpenAI-compatible judge",
-                           description=JUDGE_DESCRIPTION)
-    add_judge_server_arguments(judge)
-    judge.set_defaults(func=_judge_server)
+    judge_help = "the local OpenAI-compatible judge"
+    if _installed("judge-server"):
+        from rewardq.judge_server.__main__ import DESCRIPTION as JUDGE_DESCRIPTION
+        from rewardq.judge_server.__main__ import add_arguments as add_judge_server_arguments
+
+        judge = sub.add_parser("judge-server", help=judge_help, description=JUDGE_DESCRIPTION)
+        add_judge_server_arguments(judge)
+        judge.set_defaults(func=_judge_server)
+    else:
+        _stand_in(sub, "judge-server", judge_help)
 
     worker = sub.add_parser("worker", help="a gevent-pooled Celery worker")
     worker.add_argument("--concurrency", type=int, default=None,
@@ -253,8 +263,46 @@ def build_parser() -> argparse.ArgumentParser:
     add_failed_parser(sub)
     add_budget_parser(sub)
     add_ops_parsers(sub)
-    add_bench_parser(sub)
+    bench_help = "time the fleet against ideal, sync and in-process asyncio"
+    if _installed("bench"):
+        from rewardq.bench import add_bench_parser
+
+        add_bench_parser(sub)
+    else:
+        _stand_in(sub, "bench", bench_help)
     return parser
+
+
+#: The extras each command needs beyond the core install, checked before it runs (the
+#: local stack of ``demo`` and ``bench`` is the embedded Redis, the judge and workers).
+COMMAND_EXTRAS: dict[str, tuple[str, ...]] = {
+    "demo": ("embedded", "judge", "trainer", "worker"),
+    "bench": ("embedded", "judge", "worker"),
+    "redis": ("embedded",),
+    "judge-server": ("judge",),
+    "worker": ("worker",),
+    "flower": ("worker",),
+    "stats": ("worker",),
+    "serve": ("gateway",),
+}
+
+
+def _installed(command: str) -> bool:
+    return not missing_modules(*COMMAND_EXTRAS[command])
+
+
+def _stand_in(sub: Any, command: str, help_text: str) -> None:
+    """Register ``command`` without its options, whose module needs a missing extra: it
+    is listed in ``rewardq --help`` and, run, says which extra to install."""
+    spec = ",".join(sorted(COMMAND_EXTRAS[command]))
+    stand_in = sub.add_parser(command, help=f"{help_text} (needs rewardq[{spec}])",
+                              description=f"{help_text}. Needs rewardq[{spec}], which is "
+                                          f"not installed here.")
+    stand_in.set_defaults(func=_never)
+
+
+def _never(_args: argparse.Namespace, _settings: Settings) -> int:
+    raise AssertionError("main() checks a command's extras before it runs")
 
 
 def _raise_interrupt(signum: int, _frame: object) -> None:
@@ -263,7 +311,17 @@ def _raise_interrupt(signum: int, _frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``rewardq`` console script."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Known arguments only, so a command whose options could not be registered (its extra
+    # is missing) is told which extra to install rather than that its options are unknown.
+    args, unknown = parser.parse_known_args(argv)
+    try:
+        require(f"rewardq {args.command}", *COMMAND_EXTRAS.get(args.command, ()))
+    except RewardqError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     # SIGTERM unwinds like Ctrl-C, so every child process started here is stopped. SIGINT
     # gets the same handler, raising at once: asyncio's own (which only cancels the main
     # task) can lose an interrupt that lands as a task finishes, and a command started in
