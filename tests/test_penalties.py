@@ -679,7 +679,7 @@ def test_cuda_matches_cpu() -> None:
 # --- config -------------------------------------------------------------------------------
 
 
-def test_config_defaults_match_the_design_table() -> None:
+def test_config_defaults() -> None:
     cfg = LengthPenaltyConfig()
     assert cfg.model_dump() == {
         "enable": True,
