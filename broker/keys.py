@@ -13,7 +13,9 @@ key                                    type    meaning, TTL
 ``rewardq:inflight:<sha256>``          STRING  owner token of the one judge call in flight
                                                for that cache key; TTL
                                                ``Settings.inflight_lock_ttl_s``, renewed by
-                                               its live owner every third of it
+                                               its live owner every third of it (a
+                                               token-owned lease,
+                                               ``rewardq.workers.leases``)
 ``rewardq:dead:index``                 ZSET    dead-letter id -> failed-at unix time
 ``rewardq:dead:<id>``                  STRING  JSON dead letter (payload, error, attempts,
                                                step, timestamps); TTL
@@ -29,25 +31,31 @@ key                                    type    meaning, TTL
                                                above); readers remove members whose beat
                                                expired; no TTL
 ``rewardq:group:<uid>``                HASH    one GRPO group scored sample by sample
-                                               (``rewardq.producer.groups``): ``m:<member>`` ->
-                                               length, ``c:<member>`` -> arrivals,
-                                               ``sealed`` -> JSON median/size/status; TTL
-                                               max(1 h, 2 x the group wait), renewed per
-                                               arrival
+                                               (``rewardq.producer.groups``), a group
+                                               rendezvous (``rewardq.broker.rendezvous``):
+                                               ``m:<member>`` -> length, ``n`` -> distinct
+                                               members, ``sealed`` -> JSON
+                                               median/size/status, and ``c:<member>`` ->
+                                               arrivals; TTL max(1 h, 2 x the group
+                                               wait), renewed per arrival
 ``rewardq:judgegroup:<sha256>``        HASH    one GRPO group judged together (group
-                                               judging, ``rewardq.workers.group_judging``), keyed
-                                               by spec and uid: ``i:<item id>`` -> member
-                                               fingerprint, ``m:<fingerprint>`` -> item
-                                               JSON, ``w:<item id>`` -> the process that
-                                               brought it, ``n`` -> distinct item ids,
-                                               ``sealed`` -> JSON fingerprint -> count once
-                                               complete; TTL max(1 h, 2 x the chunk's time
+                                               judging, ``rewardq.workers.group_judging``),
+                                               keyed by spec and uid, a group rendezvous
+                                               (``rewardq.broker.rendezvous``) of item ids:
+                                               ``m:<item id>`` -> member fingerprint,
+                                               ``n`` -> distinct item ids, ``sealed`` ->
+                                               JSON fingerprint -> count once complete;
+                                               and ``p:<fingerprint>`` -> item JSON,
+                                               ``w:<item id>`` -> the process that brought
+                                               it; TTL max(1 h, 2 x the chunk's time
                                                left), renewed per arrival
 ``rewardq:judgegroup:<sha256>:lock``   STRING  owner token (``<host>:<pid>/<uuid>``) of the
                                                process judging that group; TTL
                                                ``Settings.inflight_lock_ttl_s``, renewed by
-                                               its live owner every third of it
-                                               (a lease: a dead owner's group is taken over)
+                                               its live owner every third of it (a
+                                               token-owned lease,
+                                               ``rewardq.workers.leases``: a dead owner's
+                                               group is taken over)
 ``rewardq:stats:submit_cache_hits``    STRING  items producers answered from the cache at
                                                submit, never enqueued (INCRBY); no TTL
 ``rewardq:stats:cache_evictions``      STRING  cache entries deleted to make room (INCRBY);

@@ -9,7 +9,8 @@ without blocking its event loop, until the group is complete:
   tokens), so the copies of the first rows that verl pads a batch with count once;
 - the group is complete when it has ``expected`` distinct members; the first process to
   see that *seals* it (the median, the member count, the status), atomically, and every
-  other member, late ones included, reads the seal: all members use one median;
+  other member, late ones included, reads the seal: all members use one median (a group
+  rendezvous, ``rewardq.broker.rendezvous``);
 - two rollouts of one prompt can also be token for token the same (a short answer): when
   the arrivals, repeats included, reach ``expected`` but the distinct members do not,
   the repeats count as genuine identical samples once ``settle_s`` has passed with no
@@ -40,27 +41,27 @@ import redis
 
 from rewardq.broker.errors import BrokerUnavailableError
 from rewardq.broker.keys import group_key
+from rewardq.broker.rendezvous import RENDEZVOUS_LUA, read_group
 
 __all__ = ["GroupMedian", "GroupMedians", "GroupStatus", "member_id"]
 
 _FIRST_POLL_S = 0.01
 _MAX_POLL_S = 0.2
 
+# A group rendezvous (rewardq.broker.rendezvous): members join with their length.
 # KEYS[1] group hash. ARGV: member id, length, ttl seconds.
-# Fields: "m:<member>" -> length, "c:<member>" -> arrivals, "sealed" -> JSON seal.
-# Returns {seal or false, flat list of member, length, count}.
-_JOIN = """
+# The rendezvous' fields (m:<member> -> length, n, sealed -> JSON seal), and
+# c:<member> -> arrivals. Returns the hash (HGETALL).
+_JOIN = RENDEZVOUS_LUA + """
 local key, member = KEYS[1], ARGV[1]
-redis.call('HSETNX', key, 'm:' .. member, ARGV[2])
+join_group(key, member, ARGV[2], ARGV[3])
 redis.call('HINCRBY', key, 'c:' .. member, 1)
-redis.call('EXPIRE', key, tonumber(ARGV[3]))
 return redis.call('HGETALL', key)
 """
 
 # KEYS[1] group hash. ARGV: seal JSON. Returns the seal that holds (first one wins).
-_SEAL = """
-redis.call('HSETNX', KEYS[1], 'sealed', ARGV[1])
-return redis.call('HGET', KEYS[1], 'sealed')
+_SEAL = RENDEZVOUS_LUA + """
+return seal_group(KEYS[1], ARGV[1])
 """
 
 
@@ -155,16 +156,16 @@ class GroupMedians:
 
 
 def _arrivals(state: Any) -> int:
-    return sum(int(v) for k, v in _as_dict(state).items() if k.startswith("c:"))
+    return sum(int(v) for k, v in read_group(state).fields.items() if k.startswith("c:"))
 
 
 def _decided(state: Any, expected: int, *, repeats_ok: bool, final: bool) -> str | None:
     """The seal to write now, or ``None`` to keep waiting."""
-    fields = _as_dict(state)
-    if "sealed" in fields:
-        return fields["sealed"]
-    lengths = {k[2:]: int(v) for k, v in fields.items() if k.startswith("m:")}
-    counts = {k[2:]: int(v) for k, v in fields.items() if k.startswith("c:")}
+    group = read_group(state)
+    if group.sealed is not None:
+        return group.sealed
+    lengths = {member: int(value) for member, value in group.members.items()}
+    counts = {k[2:]: int(v) for k, v in group.fields.items() if k.startswith("c:")}
     if len(lengths) >= expected:
         return _seal_json(list(lengths.values()), GroupStatus.COMPLETE)
     arrivals = [lengths[m] for m, n in counts.items() if m in lengths for _ in range(n)]
@@ -180,17 +181,6 @@ def _decided(state: Any, expected: int, *, repeats_ok: bool, final: bool) -> str
     return _seal_json(list(lengths.values()), GroupStatus.INCOMPLETE)
 
 
-def _as_dict(state: Any) -> dict[str, str]:
-    # HGETALL gives a dict from redis-py, a flat list from a script.
-    pairs = state.items() if isinstance(state, dict) else zip(state[::2], state[1::2],
-                                                                 strict=True)
-    return {_text(k): _text(v) for k, v in pairs}
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _seal_json(lengths: list[int], status: GroupStatus) -> str:
     # numpy's median: the mean of the two middle values of an even-sized group.
     return json.dumps({"median": statistics.median(lengths), "size": len(lengths),
@@ -198,6 +188,6 @@ def _seal_json(lengths: list[int], status: GroupStatus) -> str:
 
 
 def _parse_seal(raw: Any) -> GroupMedian:
-    seal = json.loads(_text(raw))
+    seal = json.loads(raw.decode() if isinstance(raw, bytes) else str(raw))
     return GroupMedian(float(seal["median"]), int(seal["size"]), GroupStatus(seal["status"]))
 

@@ -111,6 +111,7 @@ from rewardq.broker.keys import (
 )
 from rewardq.broker.schemas import Usage
 from rewardq.broker.settings import Settings
+from rewardq.judge.messages import message_texts
 from rewardq.monitoring.costs import Price, PriceTable
 
 log = logging.getLogger(__name__)
@@ -353,22 +354,10 @@ def worst_case_tokens(body: Mapping[str, Any], max_tokens: int) -> tuple[int, in
     messages: Sequence[Any] = body.get("messages") or ()
     prompt = REPLY_PRIMING_TOKENS
     for message in messages:
-        prompt += TOKENS_PER_MESSAGE_MAX
-        if not isinstance(message, Mapping):
-            continue
-        for key in ("content", "name"):
-            prompt += _text_bytes(message.get(key))
+        texts = message_texts(message, ("content", "name"))
+        prompt += TOKENS_PER_MESSAGE_MAX + sum(len(text.encode()) for text in texts)
     choices = body.get("n")
     return prompt, max_tokens * (choices if isinstance(choices, int) and choices > 0 else 1)
-
-
-def _text_bytes(content: object) -> int:
-    if isinstance(content, str):
-        return len(content.encode())
-    if isinstance(content, Sequence):
-        return sum(len(part["text"].encode()) for part in content
-                   if isinstance(part, Mapping) and isinstance(part.get("text"), str))
-    return 0
 
 
 async def in_step(step: int | None, work: Awaitable[T], deadline: float | None = None) -> T:

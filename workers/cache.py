@@ -9,10 +9,11 @@ process that finishes close to it (group commit: the verdicts finished in one lo
 or while the previous batch was on its way to Redis, go in one call). Each ``store``
 still returns only once its own verdict is in Redis.
 
-Locks are leases: the owning process renews all the locks it holds in one Lua call every
-third of their TTL, however long a call waits for a concurrency slot or backs off between
-retries. A process that dies (SIGKILL) stops renewing, so its locks lapse within one TTL
-and a waiter takes the work over.
+Locks are token-owned leases (``rewardq.workers.leases``): the claim and store scripts take
+and give them back with the writes they guard, and the owning process renews all the
+locks it holds in one Lua call every third of their TTL, however long a call waits for a
+concurrency slot or backs off between retries. A process that dies (SIGKILL) stops
+renewing, so its locks lapse within one TTL and a waiter takes the work over.
 
 The cache is a cache: it gives way so that nothing else has to. Redis runs with
 ``noeviction`` (queued chunks, results, leases and heartbeats must never be dropped), so
@@ -46,6 +47,7 @@ from rewardq.broker.connections import is_redis_full, redis_full_error
 from rewardq.broker.keys import CACHE_EVICTIONS, cache_key, inflight_key
 from rewardq.broker.schemas import JudgeVerdict
 from rewardq.broker.settings import Settings
+from rewardq.workers.leases import LEASE_LUA, Leases
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +108,7 @@ end
 # ARGV[1] = owner token, ARGV[2] = lock TTL in ms, ARGV[3] = cache_max_memory_ratio.
 # Returns, per pair, the cached verdict JSON, or 1 (now ours), or 0 (another owner), then
 # the number of cache entries deleted to make room.
-_CLAIM = MAKE_ROOM + """
+_CLAIM = MAKE_ROOM + LEASE_LUA + """
 local n = (#KEYS - 1) / 2
 local evicted = make_room(tonumber(ARGV[3]), n, KEYS[#KEYS])
 local out = {}
@@ -114,7 +116,7 @@ for i = 1, #KEYS - 1, 2 do
   local v = redis.call('GET', KEYS[i])
   if v then
     out[#out + 1] = v
-  elseif redis.call('SET', KEYS[i + 1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  elseif claim_lease(KEYS[i + 1], ARGV[1], ARGV[2]) then
     out[#out + 1] = 1
   else
     out[#out + 1] = 0
@@ -131,35 +133,16 @@ return out
 # verdict JSON and owner token of pair i. A lock is deleted only while it still holds the
 # token (a lapsed lock re-taken by another owner is left alone). Returns the number of
 # cache entries deleted to make room.
-_STORE_MANY = MAKE_ROOM + """
+_STORE_MANY = MAKE_ROOM + LEASE_LUA + """
 local evicted = make_room(tonumber(ARGV[2]), (#KEYS - 1) / 2, KEYS[#KEYS])
 for i = 1, #KEYS - 1, 2 do
   redis.call('SET', KEYS[i], ARGV[i + 2], 'EX', ARGV[1])
-  if redis.call('GET', KEYS[i + 1]) == ARGV[i + 3] then redis.call('DEL', KEYS[i + 1]) end
+  release_lease(KEYS[i + 1], ARGV[i + 3])
 end
 return evicted
 """
 #: The most verdicts one store call carries (bounds how long one script holds Redis).
 STORE_BATCH_MAX = 256
-# Renew our locks. KEYS = n inflight keys; ARGV[1] = TTL ms, ARGV[1 + i] = our token for
-# KEYS[i]. Only locks still holding our token are extended; returns how many were.
-_RENEW = """
-local renewed = 0
-for i = 1, #KEYS do
-  if redis.call('GET', KEYS[i]) == ARGV[i + 1] then
-    redis.call('PEXPIRE', KEYS[i], ARGV[1])
-    renewed = renewed + 1
-  end
-end
-return renewed
-"""
-# KEYS[1] = inflight key; ARGV[1] = token: delete only our own lock.
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-
 #: How long ``close`` waits for a store call under way.
 CLOSE_WAIT_S = 5.0
 
@@ -242,15 +225,11 @@ class JudgeCache:
         self._redis = redis
         self._ttl_s = ttl_s
         self._ratio = max_memory_ratio
-        self._lock_ttl_ms = lock_ttl_ms
         self._poll_s = poll_s
         self._claim = redis.register_script(_CLAIM)
         self._store_many = redis.register_script(_STORE_MANY)
-        self._renew = redis.register_script(_RENEW)
-        self._release = redis.register_script(_RELEASE)
-        #: fingerprint -> our token, for every lock this process holds right now
-        self._held: dict[str, str] = {}
-        self._renewer: asyncio.Task[None] | None = None
+        #: the in-flight locks this process holds, renewed while held
+        self._locks = Leases(redis, lock_ttl_ms, "in-flight lock")
         #: verdicts waiting for the next store call: (fingerprint, JSON, token, stored)
         self._to_store: list[tuple[str, str, str, asyncio.Future[None]]] = []
         self._storer: asyncio.Task[None] | None = None
@@ -268,7 +247,7 @@ class JudgeCache:
     @property
     def held_locks(self) -> int:
         """How many in-flight locks this process holds (and renews) right now."""
-        return len(self._held)
+        return self._locks.held
 
     async def claim(self, fingerprints: list[str], token: str) -> list[Claim]:
         """For each fingerprint: its cached verdict, or its lock (``token``), or busy.
@@ -277,10 +256,9 @@ class JudgeCache:
         """
         if not fingerprints:
             return []
-        self._start_renewer()
         keys = [k for fp in fingerprints for k in (cache_key(fp), inflight_key(fp))]
         raw = await run_making_room(self._claim, self._redis, keys,
-                                    [token, self._lock_ttl_ms, self._ratio],
+                                    [token, self._locks.ttl_ms, self._ratio],
                                     f"cannot claim {len(fingerprints)} verdict(s)")
         self.evicted += int(raw.pop())
         claims = [Claim(ClaimState.CACHED, JudgeVerdict.model_validate_json(v))
@@ -288,7 +266,7 @@ class JudgeCache:
                   else Claim(ClaimState.OWNED if v == 1 else ClaimState.BUSY) for v in raw]
         for fp, claim in zip(fingerprints, claims, strict=True):
             if claim.state is ClaimState.OWNED:
-                self._held[fp] = token
+                self._locks.hold(inflight_key(fp), token)
         return claims
 
     async def store(self, fingerprint: str, verdict: JudgeVerdict, token: str) -> None:
@@ -313,7 +291,7 @@ class JudgeCache:
         # A caller cancelled here cancels only its own future: its verdict is still
         # stored with the batch, and others waiting on that batch are not disturbed.
         await stored
-        self._forget(fingerprint, token)
+        self._locks.forget(inflight_key(fingerprint), token)
 
     async def _store_queued(self) -> None:
         """Store the queued verdicts, a batch per call, until none is left."""
@@ -346,17 +324,11 @@ class JudgeCache:
 
     async def release_lock(self, fingerprint: str, token: str) -> None:
         """Release our lock without a verdict; a lock re-taken by another is left alone."""
-        self._forget(fingerprint, token)
-        await self._release(keys=[inflight_key(fingerprint)], args=[token])
+        await self._locks.release(inflight_key(fingerprint), token)
 
     async def renew_locks(self) -> int:
         """Push the expiry of every lock we hold out by a full TTL; returns how many."""
-        held = list(self._held.items())
-        if not held:
-            return 0
-        renewed: int = await self._renew(keys=[inflight_key(fp) for fp, _ in held],
-                                         args=[self._lock_ttl_ms, *(t for _, t in held)])
-        return renewed
+        return await self._locks.renew()
 
     async def close(self) -> None:
         """Finish storing the verdicts queued (for up to ``CLOSE_WAIT_S``), then stop
@@ -376,28 +348,7 @@ class JudgeCache:
             for waiters in self._waiting.values():
                 _resolve(waiters, None)
             self._waiting.clear()
-        if self._renewer is not None:
-            self._renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renewer
-            self._renewer = None
-
-    def _forget(self, fingerprint: str, token: str) -> None:
-        if self._held.get(fingerprint) == token:
-            del self._held[fingerprint]
-
-    def _start_renewer(self) -> None:
-        if self._renewer is None or self._renewer.done():
-            self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
-
-    async def _renew_forever(self) -> None:
-        period = self._lock_ttl_ms / 3000
-        while True:
-            await asyncio.sleep(period)
-            try:
-                await self.renew_locks()
-            except Exception:  # Redis away for a moment: the next round tries again
-                log.warning("could not renew in-flight locks", exc_info=True)
+        await self._locks.close()
 
     async def wait_for_owner(self, fingerprint: str, deadline: float) -> JudgeVerdict | None:
         """Wait while another caller judges ``fingerprint``.

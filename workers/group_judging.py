@@ -8,17 +8,19 @@ two orders named the same winner.
 
 The members of a group reach the fleet in different chunks, on different worker
 processes. Each one registers in the group's Redis hash (``rewardq.broker.keys``:
-``rewardq:judgegroup:<sha256>``) under its item id; the arrival that completes the group
-(``JudgeSpec.group.size`` distinct item ids) seals the member list and takes the group's
-lease, both atomically in one Lua call. That process makes the group's calls through
-``JudgeClient.complete`` (slots, rate limiter, usage), retried by ``rewardq.workers.retry``, and
-stores every member's verdict in the verdict cache under its fingerprint
-(``rewardq.broker.keys.judge_fingerprint``, which carries the group mode, size and uid), all in
-one Lua call. The other members, in this process or another, poll until their verdict
-is cached or their chunk's deadline passes (then ``timeout``, with how many members had
-arrived; never a hang).
+``rewardq:judgegroup:<sha256>``, a group rendezvous, ``rewardq.broker.rendezvous``)
+under its item id; the arrival that completes the group (``JudgeSpec.group.size``
+distinct item ids) seals the member list and takes the group's lease, both atomically in
+one Lua call. That process makes the group's calls through ``JudgeClient.complete``
+(slots, rate limiter, usage), retried by ``rewardq.workers.retry``, and stores every
+member's verdict in the verdict cache under its fingerprint
+(``rewardq.broker.keys.judge_fingerprint``, which carries the group mode, size and uid),
+all in one Lua call. The other members, in this process or another, poll until their
+verdict is cached or their chunk's deadline passes (then ``timeout``, with how many
+members had arrived; never a hang).
 
-The lease is renewed every third of ``Settings.inflight_lock_ttl_s`` while the calls run.
+The lease is a token-owned lease (``rewardq.workers.leases``), renewed every third of
+``Settings.inflight_lock_ttl_s`` while the calls run.
 An owner that dies stops renewing: once the lease lapses, the next waiting member's poll
 takes the group over (the items are in the hash) and judges it. An owner whose calls
 fail for good releases the lease and its process's members come back ``failed`` (or
@@ -58,6 +60,7 @@ import redis.asyncio as aioredis
 from rewardq.broker.connections import is_outage
 from rewardq.broker.errors import JudgeError, JudgeErrorKind, UnparseableReplyError
 from rewardq.broker.keys import cache_key, judge_fingerprint, judge_group_key, judge_group_lock_key
+from rewardq.broker.rendezvous import RENDEZVOUS_LUA
 from rewardq.broker.schemas import (
     GroupSpec,
     JudgeSpec,
@@ -84,6 +87,7 @@ from rewardq.judge.verdicts import normalize
 from rewardq.monitoring.metrics import WorkerMetrics, call_status
 from rewardq.workers.cache import DEFAULT_MAX_MEMORY_RATIO, MAKE_ROOM, run_making_room
 from rewardq.workers.judge_client import TimedReply
+from rewardq.workers.leases import LEASE_LUA, Leases
 from rewardq.workers.retry import RetryPolicy, decide
 from rewardq.workers.scoring import JudgeFailed, Outcome
 
@@ -100,66 +104,46 @@ _RESULT_GRACE_S = 1.0
 
 # Join (or poll) a group for one member; the one place a group is completed and taken.
 # Makes room first, as the verdict cache's claim does (rewardq.workers.cache.MAKE_ROOM).
-# KEYS[1] group hash, KEYS[2] group lease (STRING token, PX), KEYS[3] the member's
-# cache key, KEYS[4] the cache evictions counter. ARGV: item id, member fingerprint,
-# item JSON, group size, hash TTL s, token, lease ms, joining process,
-# cache_max_memory_ratio.
-# Hash fields: i:<id> -> fingerprint, m:<fp> -> item JSON, w:<id> -> process,
-# n -> distinct ids, sealed -> JSON {fingerprint: ids} (written once, when complete).
+# KEYS[1] group hash, KEYS[2] group lease (a token-owned lease,
+# rewardq.workers.leases), KEYS[3] the member's cache key, KEYS[4] the cache evictions
+# counter. ARGV: item id, member fingerprint, item JSON, group size, hash TTL s, token,
+# lease ms, joining process, cache_max_memory_ratio.
+# The hash is a group rendezvous (rewardq.broker.rendezvous) whose members are item ids:
+# m:<id> -> fingerprint, n -> distinct ids, sealed -> JSON {fingerprint: ids} (written
+# once, when complete); and p:<fp> -> item JSON, w:<id> -> the process that brought it.
 # Returns {state, payload}: cached (verdict JSON), waiting (ids so far), late (seal),
 # owner (seal: the lease is now ours), busy (seal: another holds the lease).
-_JOIN = MAKE_ROOM + """
+_JOIN = MAKE_ROOM + LEASE_LUA + RENDEZVOUS_LUA + """
 make_room(tonumber(ARGV[9]), 1, KEYS[4])
 local v = redis.call('GET', KEYS[3])
 if v then return {'cached', v} end
 local h, id, fp = KEYS[1], ARGV[1], ARGV[2]
-if redis.call('HSETNX', h, 'i:' .. id, fp) == 1 then
-  redis.call('HINCRBY', h, 'n', 1)
-  redis.call('HSET', h, 'w:' .. id, ARGV[8])
-end
-redis.call('HSETNX', h, 'm:' .. fp, ARGV[3])
-redis.call('EXPIRE', h, tonumber(ARGV[5]))
+local new, n = join_group(h, id, fp, ARGV[5])
+if new then redis.call('HSET', h, 'w:' .. id, ARGV[8]) end
+redis.call('HSETNX', h, 'p:' .. fp, ARGV[3])
 local sealed = redis.call('HGET', h, 'sealed')
 if not sealed then
-  local n = tonumber(redis.call('HGET', h, 'n') or '0')
   if n < tonumber(ARGV[4]) then return {'waiting', tostring(n)} end
   local counts = {}
-  local all = redis.call('HGETALL', h)
-  for i = 1, #all, 2 do
-    if string.sub(all[i], 1, 2) == 'i:' then
-      counts[all[i + 1]] = (counts[all[i + 1]] or 0) + 1
-    end
+  for _, member_fp in pairs(group_members(h)) do
+    counts[member_fp] = (counts[member_fp] or 0) + 1
   end
-  sealed = cjson.encode(counts)
-  redis.call('HSET', h, 'sealed', sealed)
+  sealed = seal_group(h, cjson.encode(counts))
 end
 if not cjson.decode(sealed)[fp] then return {'late', sealed} end
-if redis.call('SET', KEYS[2], ARGV[6], 'NX', 'PX', ARGV[7]) then return {'owner', sealed} end
+if claim_lease(KEYS[2], ARGV[6], ARGV[7]) then return {'owner', sealed} end
 return {'busy', sealed}
 """
 # Store the members' verdicts and release our lease, making room first as the verdict
 # cache's store does. KEYS[1] lease, KEYS[2..n-1] the members' cache keys, KEYS[n] the
 # cache evictions counter; ARGV[1] token, ARGV[2] cache TTL s, ARGV[3]
 # cache_max_memory_ratio, ARGV[4..] verdict JSONs. Returns the entries deleted for room.
-_STORE = MAKE_ROOM + """
+_STORE = MAKE_ROOM + LEASE_LUA + """
 local evicted = make_room(tonumber(ARGV[3]), #KEYS - 2, KEYS[#KEYS])
 for i = 2, #KEYS - 1 do redis.call('SET', KEYS[i], ARGV[i + 2], 'EX', ARGV[2]) end
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+release_lease(KEYS[1], ARGV[1])
 return evicted
 """
-# KEYS[1] lease; ARGV[1] token, ARGV[2] lease ms: extend it if it is still ours.
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-# KEYS[1] lease; ARGV[1] token: delete it if it is still ours.
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
 
 class GroupCaller(Protocol):
     """What group judging needs of a judge client: one chat-completions call, no retries
@@ -268,13 +252,12 @@ class GroupJudging:
         self._policy = policy
         self._metrics = metrics or WorkerMetrics()
         self._cache_ttl_s = cache_ttl_s
-        self._lease_ms = lease_ms
         self._poll_s = poll_s
         self._max_poll_s = max_poll_s
         self._join = redis.register_script(_JOIN)
         self._store = redis.register_script(_STORE)
-        self._renew = redis.register_script(_RENEW)
-        self._release = redis.register_script(_RELEASE)
+        #: the leases of the groups this process judges, renewed while held
+        self._leases = Leases(redis, lease_ms, "judge group lease")
         self._node = f"{socket.gethostname()}:{os.getpid()}"
         #: (fingerprint, item id) -> the task resolving that member in this process
         self._members: dict[tuple[str, str], asyncio.Task[Outcome]] = {}
@@ -415,7 +398,8 @@ class GroupJudging:
                           size: int, ttl_s: int, token: str) -> _Joined:
         state, payload = await run_making_room(
             self._join, self._redis, [key, judge_group_lock_key(key), cache_key(fingerprint)],
-            [item.id, fingerprint, item_json, size, ttl_s, token, self._lease_ms, self._node,
+            [item.id, fingerprint, item_json, size, ttl_s, token, self._leases.ttl_ms,
+             self._node,
              self._ratio], f"cannot join group {key}")
         state, text = _text(state), _text(payload)
         if state == "cached":
@@ -429,10 +413,10 @@ class GroupJudging:
                            ) -> tuple[dict[str, JudgeVerdict], int]:
         """Make the group's calls under our lease and cache every member's verdict."""
         lease = judge_group_lock_key(key)
-        renewer = asyncio.get_running_loop().create_task(self._renew_forever(lease, token))
+        self._leases.hold(lease, token)
         stored = False
         try:
-            raw = await self._redis.hmget(key, [f"m:{fp}" for fp in sealed])
+            raw = await self._redis.hmget(key, [f"p:{fp}" for fp in sealed])
             items = {}
             for fp, value in zip(sealed, raw, strict=True):
                 if value is None:
@@ -461,10 +445,10 @@ class GroupJudging:
                         exc.attempts, exc.error)
             raise
         finally:
-            renewer.cancel()
+            self._leases.forget(lease, token)  # the store gave it back, or:
             if not stored:
                 with contextlib.suppress(Exception):  # else the lease lapses on its own
-                    await asyncio.shield(self._release(keys=[lease], args=[token]))
+                    await asyncio.shield(self._leases.release(lease, token))
 
     async def _verdicts(self, spec: JudgeSpec, group: GroupSpec, key: str, uid: str,
                         items: dict[str, ScoreItem], counts: dict[str, int], deadline: float
@@ -531,18 +515,6 @@ class GroupJudging:
                     raise JudgeFailed(exc, attempt) from exc
                 self._metrics.retry(call_status(exc))
             await asyncio.sleep(decision.delay_s)
-
-    async def _renew_forever(self, lease: str, token: str) -> None:
-        period = self._lease_ms / 3000
-        while True:
-            await asyncio.sleep(period)
-            try:
-                if not await self._renew(keys=[lease], args=[token, self._lease_ms]):
-                    log.warning("lost the lease of a judge group (%s) while judging it; "
-                                "another worker may judge it too", lease)
-                    return
-            except Exception:  # Redis away for a moment: the next round tries again
-                log.warning("could not renew a judge group's lease", exc_info=True)
 
 
 def _timeout_message(uid: str, group: GroupSpec, joined: _Joined | None) -> str:

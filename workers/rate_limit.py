@@ -76,6 +76,8 @@ from rewardq.broker.connections import is_outage, is_redis_full, redis_full_erro
 from rewardq.broker.errors import BrokerUnavailableError, ConfigError
 from rewardq.broker.keys import rate_limit_key
 from rewardq.broker.settings import Settings
+from rewardq.judge.messages import message_texts
+from rewardq.judge.rollout_view import CHARS_PER_TOKEN
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +94,6 @@ CLOCK_AGING = 0.001
 """How fast a Redis-clock sample loses weight: 1 ms of round trip per second of age
 (worse than any clock's drift), so a newer sample replaces it in time."""
 
-CHARS_PER_TOKEN = 4
 TOKENS_PER_MESSAGE = 3
 """Chat-format overhead per message (role, separators) in the token estimate."""
 
@@ -591,9 +592,9 @@ class RedisRateLimiter:
 def estimate_tokens(messages: Sequence[Mapping[str, object]], max_tokens: int) -> int:
     """Tokens a chat-completions call may cost, before the call: to debit the limit.
 
-    Counts one token per 4 characters of message text (rounded up), 3 tokens of
-    chat-format overhead per message, and the whole ``max_tokens`` for the reply (what
-    the API itself reserves). :meth:`RedisRateLimiter.reconcile` corrects the estimate.
+    Counts one token per 4 characters of message text (``rewardq.judge.messages``,
+    rounded up), 3 tokens of chat-format overhead per message, and the whole
+    ``max_tokens`` for the reply (what the API itself reserves). :meth:`RedisRateLimiter.reconcile` corrects the estimate.
 
     Args:
         messages: OpenAI chat messages; ``content`` is a string, ``None``, or a list of
@@ -605,14 +606,5 @@ def estimate_tokens(messages: Sequence[Mapping[str, object]], max_tokens: int) -
     """
     if max_tokens < 0:
         raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
-    chars = 0
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, str):
-            chars += len(content)
-        elif isinstance(content, Sequence):
-            for part in content:
-                text = part.get("text") if isinstance(part, Mapping) else None
-                if isinstance(text, str):
-                    chars += len(text)
+    chars = sum(len(text) for message in messages for text in message_texts(message))
     return -(-chars // CHARS_PER_TOKEN) + TOKENS_PER_MESSAGE * len(messages) + max_tokens
