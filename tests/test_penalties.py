@@ -16,7 +16,6 @@ from pydantic import SecretStr, ValidationError
 
 from rewardq.producer.config import LengthPenaltyConfig
 from rewardq.producer.penalties import (
-    _dense_integer_ids,
     group_ids,
     group_median_penalty,
     group_medians,
@@ -312,8 +311,6 @@ def test_integer_group_ids_are_made_dense_in_first_appearance_order(values: list
     expected = first_appearance_ids(values)
     assert group_ids(torch.tensor(values, dtype=torch.long)).tolist() == expected
     assert group_ids(np.array(values, dtype=np.int64)).tolist() == expected
-    # What a CUDA tensor of ids goes through, run here on the CPU.
-    assert _dense_integer_ids(torch.tensor(values, dtype=torch.long)).tolist() == expected
 
 
 def verl_uids(prompts: int, group: int, rng: np.random.Generator) -> np.ndarray:
