@@ -27,6 +27,11 @@ to ``<base_url>/chat/completions`` and returning the reply's bytes for
 The SDK stays the client of the in-process sync judge (``rewardq.producer.sync_judge``) and of
 ``rewardq bench``'s one-process asyncio baseline.
 
+``JudgeClient(..., transport_factory=...)`` builds each endpoint's transport with another
+factory than :func:`http_transport` (any :class:`JudgeTransport`: an in-memory judge lets
+a test drive the whole client without a server); the client still learns refused
+parameters, routes, counts and reads the reply as it does over HTTP.
+
 With several base URLs (``Settings.judge_endpoints``) ``rewardq.workers.endpoints.EndpointPool``
 routes each call (fewest in flight, a circuit breaker per endpoint); a call that finds
 its endpoint down fails over at once to another inside the same call, before
@@ -40,6 +45,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 from urllib.parse import urlsplit
 
@@ -236,12 +242,22 @@ class LearningTransport:
         await self._inner.close()
 
 
-def judge_transport(settings: Settings, base_url: str) -> JudgeTransport:
-    """The transport ``settings.judge_transport`` names, for the endpoint ``base_url``,
-    learning the parameters the endpoint refuses."""
-    inner: JudgeTransport = DirectTransport(settings, base_url) \
-        if settings.judge_transport == "direct" else SdkTransport(settings, base_url)
-    return LearningTransport(inner, base_url)
+#: Builds one endpoint's transport from the settings and the endpoint's base URL.
+TransportFactory = Callable[[Settings, str], JudgeTransport]
+
+
+def http_transport(settings: Settings, base_url: str) -> JudgeTransport:
+    """The HTTP transport ``settings.judge_transport`` names, for the endpoint ``base_url``."""
+    if settings.judge_transport == "direct":
+        return DirectTransport(settings, base_url)
+    return SdkTransport(settings, base_url)
+
+
+def judge_transport(settings: Settings, base_url: str,
+                    factory: TransportFactory = http_transport) -> JudgeTransport:
+    """The transport ``factory`` builds for the endpoint ``base_url``, learning the
+    parameters the endpoint refuses."""
+    return LearningTransport(factory(settings, base_url), base_url)
 
 
 class TimedReply(NamedTuple):
@@ -264,16 +280,19 @@ class JudgeClient:
         prices: the price table for cost accounting.
         rubrics: the run's rubrics (``rewardq.judge.rubrics.rubric_book``); built-in by default.
         budget: the fleet-wide judge budget every call reserves from (none: unlimited).
+        transport_factory: builds each endpoint's transport (default :func:`http_transport`);
+            the client wraps each in a :class:`LearningTransport`.
     """
 
     def __init__(self, settings: Settings, redis: aioredis.Redis | None = None,
                  metrics: WorkerMetrics | None = None, prices: PriceTable | None = None,
-                 rubrics: RubricBook | None = None, budget: FleetBudget | None = None
-                 ) -> None:
+                 rubrics: RubricBook | None = None, budget: FleetBudget | None = None,
+                 *, transport_factory: TransportFactory = http_transport) -> None:
         self._rubrics = rubrics or builtin_rubrics()
         endpoints = settings.judge_endpoints
         # One transport (one connection pool) per endpoint; the first alone when there is one.
-        self._transports = [judge_transport(settings, url) for url in endpoints]
+        self._transports = [judge_transport(settings, url, transport_factory)
+                            for url in endpoints]
         self._slots = asyncio.Semaphore(settings.max_concurrent_requests)
         self._metrics = metrics or WorkerMetrics()
         self._pool = None if len(endpoints) == 1 else EndpointPool(
