@@ -11,14 +11,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 # Dependencies before the code, so a code change does not reinstall them; exact versions
-# from constraints.txt, the set the tests ran with.
-COPY pyproject.toml README.md constraints.txt ./
+# from constraints.txt, the set the tests ran with. The extras of what the image runs.
+COPY pyproject.toml README.md LICENSE constraints.txt ./
 # The component folders install as rewardq.<component> through links in rewardq/.
 RUN mkdir -p broker judge workers producer gateway monitoring judge_server rewardq \
     && for c in broker judge workers producer gateway monitoring judge_server; do \
            touch "$c/__init__.py" && ln -s "../$c" "rewardq/$c"; done \
-    && touch rewardq/__init__.py \
-    && pip install -c constraints.txt ".[worker]" \
+    && mkdir rewardq/integrations \
+    && touch rewardq/__init__.py rewardq/integrations/__init__.py \
+    && pip install -c constraints.txt ".[worker,gateway,judge]" \
     && pip uninstall -y rewardq \
     && rm -rf broker judge workers producer gateway monitoring judge_server rewardq build
 COPY broker ./broker

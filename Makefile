@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_INDEX) torch==2.13.0
-	# Everything else at the exact versions the tests ran with (constraints.txt).
+	# Everything else at the exact versions the tests ran with (constraints.txt): [dev] is
+	# every extra ([all]: what the demo runs) with the trainer libraries and test tools.
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
