@@ -1,4 +1,5 @@
-"""``rewardq.verl`` driven by verl 0.9.1's own reward loop, in both of its paths.
+"""``rewardq.verl`` (the verl adapter, ``rewardq.integrations.verl``, under the path verl
+configs name) driven by verl 0.9.1's own reward loop, in both of its paths.
 
 verl's ``RewardLoopWorker`` (its class, built from an OmegaConf config the way the Ray
 actor builds it, with an offline tokenizer saved as the model path) runs in two OS
@@ -269,12 +270,12 @@ def test_compute_score_as_verls_custom_reward_function_in_its_naive_manager(
 
     from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
 
-    import rewardq.verl as rq_verl
+    import rewardq.integrations.verl as adapter  # what pkg://rewardq.verl re-exports
 
     workers(1)
     monkeypatch.setenv("REWARDQ_REDIS_URL", settings.redis_url or "")
     monkeypatch.setenv("REWARDQ_JUDGE_BASE_URL", settings.judge_base_url)
-    monkeypatch.setattr(rq_verl, "_shared", {})  # a fresh per-process client
+    monkeypatch.setattr(adapter, "_shared", {})  # a fresh per-process client
     config = verl_config.copy()
     config.reward.reward_manager = {"source": "register", "name": "naive"}
     config.reward.custom_reward_function = {"path": "pkg://rewardq.verl",
