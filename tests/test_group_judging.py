@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 from rewardq.broker.errors import UnparseableReplyError
 from rewardq.broker.keys import judge_fingerprint, judge_group_key, judge_group_lock_key
-from rewardq.broker.schemas import GroupSpec, JudgeSpec, ResultStatus, ScoreItem
+from rewardq.broker.schemas import GroupSpec, JudgeSpec, ResultStatus, ScoreItem, ScoreResult
 from rewardq.broker.settings import Settings
 from rewardq.judge.group_prompts import (
     labels,
@@ -113,6 +113,23 @@ def group_settings(settings: Settings, mode: str, **overrides: Any) -> Settings:
                                        "chunk_size": SIZE - 1, **overrides})
 
 
+def worker_knobs(s: Settings, *more: str) -> dict[str, Any]:
+    """What a test's worker processes take from ``s``: the group mode and size, and ``more``."""
+    return {k: getattr(s, k) for k in ("judge_group_mode", "judge_group_size", *more)}
+
+
+def score_on_two_workers(s: Settings, workers: Any, items: list[dict[str, Any]],
+                         timeout: float) -> list[ScoreResult]:
+    """``items`` scored as one step by two worker processes in ``s``'s group mode."""
+    workers(2, **worker_knobs(s))
+    started = time.perf_counter()
+    with RewardClient(s) as client:
+        results = client.submit(items, step=1).result(timeout=timeout)
+    print(f"\n{s.judge_group_mode}: {GROUPS} groups of {SIZE} in chunks of {SIZE - 1}, "
+          f"2 workers: {time.perf_counter() - started:.2f}s")
+    return results
+
+
 def joiners(settings: Settings, groups: list[list[dict[str, Any]]]) -> list[set[str]]:
     """Per group, the worker processes its members were brought to (from its hash)."""
     spec = judge_spec(settings)
@@ -139,12 +156,7 @@ def test_listwise_scores_every_member_of_groups_spread_over_two_workers(
     s = group_settings(settings, "listwise")
     groups = make_groups("lw")
     items = shuffled(groups, seed=1)
-    workers(2, **{k: getattr(s, k) for k in ("judge_group_mode", "judge_group_size")})
-    started = time.perf_counter()
-    with RewardClient(s) as client:
-        results = client.submit(items, step=1).result(timeout=120)
-    print(f"\nlistwise: {GROUPS} groups of {SIZE} in chunks of {SIZE - 1}, 2 workers: "
-          f"{time.perf_counter() - started:.2f}s")
+    results = score_on_two_workers(s, workers, items, timeout=120)
 
     by_id = {r.id: r for r in results}
     for item in items:
@@ -173,12 +185,7 @@ def test_pairwise_judges_both_orders_and_the_swap_removes_the_judges_position_bi
     s = group_settings(settings, "pairwise")
     groups = make_groups("pw")
     items = shuffled(groups, seed=2)
-    workers(2, **{k: getattr(s, k) for k in ("judge_group_mode", "judge_group_size")})
-    started = time.perf_counter()
-    with RewardClient(s) as client:
-        results = client.submit(items, step=1).result(timeout=180)
-    print(f"\npairwise: {GROUPS} groups of {SIZE} in chunks of {SIZE - 1}, 2 workers: "
-          f"{time.perf_counter() - started:.2f}s")
+    results = score_on_two_workers(s, workers, items, timeout=180)
 
     stats = judge.stats()
     ordered_pairs = GROUPS * SIZE * (SIZE - 1)
@@ -237,7 +244,7 @@ def test_pairwise_without_bias_agrees_everywhere_and_identical_rollouts_tie(
     groups = make_groups("pw0", n_groups=2)
     # two rollouts of the second group wrote the same text: two members, one verdict
     groups[1][3]["response"] = groups[1][2]["response"]
-    workers(1, **{k: getattr(s, k) for k in ("judge_group_mode", "judge_group_size")})
+    workers(1, **worker_knobs(s))
     with RewardClient(s) as client:
         results = client.submit(shuffled(groups, seed=3), step=1).result(timeout=120)
     by_id = {r.id: r for r in results}
@@ -257,8 +264,7 @@ def test_an_incomplete_group_times_out_and_uidless_and_late_items_are_invalid(
     s = group_settings(settings, "listwise", chunk_deadline_s=4.0)
     complete, partial = make_groups("inc", n_groups=2)
     lone = {"id": "no-uid", "prompt": "What is 1 + 1?", "response": "The answer is 2."}
-    workers(1, **{k: getattr(s, k) for k in ("judge_group_mode", "judge_group_size",
-                                             "chunk_deadline_s")})
+    workers(1, **worker_knobs(s, "chunk_deadline_s"))
     with RewardClient(s) as client:
         results = client.submit([*partial[:3], lone, *complete], step=1).result(timeout=60)
 
@@ -287,8 +293,7 @@ def test_a_group_whose_owner_is_killed_mid_call_is_taken_over(
     s = group_settings(settings, "listwise", inflight_lock_ttl_s=2.0, chunk_lease_s=3.0)
     judge.configure(latency_ms=3000)
     (group,) = make_groups("kill", n_groups=1)
-    procs = workers(2, **{k: getattr(s, k) for k in (
-        "judge_group_mode", "judge_group_size", "inflight_lock_ttl_s", "chunk_lease_s")})
+    procs = workers(2, **worker_knobs(s, "inflight_lock_ttl_s", "chunk_lease_s"))
     lease = judge_group_lock_key(judge_group_key(judge_spec(s), group[0]["uid"]))
     client_redis = redis.Redis.from_url(s.redis_url or "")
     with RewardClient(s) as client:

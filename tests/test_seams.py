@@ -5,11 +5,11 @@ text of a chat message (``rewardq.judge.messages``), on a real Redis."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+from test_budget import run
 
 from rewardq.broker.rendezvous import RENDEZVOUS_LUA, read_group
 from rewardq.judge.messages import message_texts
@@ -17,24 +17,11 @@ from rewardq.workers.budget import worst_case_tokens
 from rewardq.workers.leases import LEASE_LUA, Leases
 from rewardq.workers.rate_limit import estimate_tokens
 
-T = TypeVar("T")
-
 # A script that takes a lease the way the cache's claim and group judging's join do.
 _CLAIM = LEASE_LUA + """
 if claim_lease(KEYS[1], ARGV[1], ARGV[2]) then return 1 end
 return 0
 """
-
-
-def run(url: str, body: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
-    async def main() -> T:
-        client = aioredis.Redis.from_url(url)
-        try:
-            return await body(client)
-        finally:
-            await client.aclose()
-
-    return asyncio.run(main())
 
 
 def test_a_lease_is_claimed_once_renewed_and_released_by_its_token_only(

@@ -437,8 +437,7 @@ class RedisRateLimiter:
             ValueError: ``tokens`` is negative.
             BrokerUnavailableError: Redis could not be reached.
         """
-        if tokens < 0:
-            raise ValueError(f"tokens must be >= 0, got {tokens}")
+        _check_tokens(tokens)
         if self.limit.unlimited:
             return Reservation(booked=True, wait_s=0.0, now_us=0, tokens=tokens)
         try:
@@ -505,8 +504,7 @@ class RedisRateLimiter:
             ValueError: ``tokens`` is negative.
             BrokerUnavailableError: Redis could not be reached.
         """
-        if tokens < 0:
-            raise ValueError(f"tokens must be >= 0, got {tokens}")
+        _check_tokens(tokens)
         if self.limit.unlimited:
             return Admission(waited_s=0.0, slot_us=0, late_s=0.0, bookings=0)
         loop = asyncio.get_running_loop()
@@ -589,12 +587,18 @@ class RedisRateLimiter:
             raise self._outage(exc) from exc
 
 
+def _check_tokens(tokens: int) -> None:
+    if tokens < 0:
+        raise ValueError(f"tokens must be >= 0, got {tokens}")
+
+
 def estimate_tokens(messages: Sequence[Mapping[str, object]], max_tokens: int) -> int:
     """Tokens a chat-completions call may cost, before the call: to debit the limit.
 
     Counts one token per 4 characters of message text (``rewardq.judge.messages``,
     rounded up), 3 tokens of chat-format overhead per message, and the whole
-    ``max_tokens`` for the reply (what the API itself reserves). :meth:`RedisRateLimiter.reconcile` corrects the estimate.
+    ``max_tokens`` for the reply (what the API itself reserves).
+    :meth:`RedisRateLimiter.reconcile` corrects the estimate.
 
     Args:
         messages: OpenAI chat messages; ``content`` is a string, ``None``, or a list of
