@@ -164,7 +164,8 @@ def judge_score(batch: Batch, i: int) -> float:
 
 def expected_rewards(batch: Batch, cfg: LengthPenaltyConfig, *,
                      judge_fails: bool = False) -> list[float]:
-    """Per sample: rule + coef * judge - scale * penalty, with DESIGN.md's judge rules."""
+    """Per sample: rule + coef * judge - scale * penalty; a sample the judge was asked
+    about and failed gets ``on_judge_failure`` (``rule_only``: no judge term)."""
     uids = [s.uid for s in batch.samples] if "uid" in batch.non_tensor_batch else None
     penalties = ref.length_penalties(batch.lengths, uids, cfg)
     out = []
