@@ -172,9 +172,8 @@ class Settings(BaseSettings):
         default="direct",
         description="How workers POST to the judge: direct (one aiohttp session per "
                     "endpoint, no SDK) is the default: the openai SDK's request building "
-                    "and httpx2 layers cost more CPU than the rest of a judged item (rewardq "
-                    "bench, 2 cores: ours 1.81 -> 1.03 ms per item; benchmarks/PROFILE.md); "
-                    "aiohttp or httpx: the SDK's AsyncOpenAI on that transport (e.g. to send "
+                    "and httpx2 layers cost more CPU than the rest of a judged item "
+                    "(benchmarks/PROFILE.md); aiohttp or httpx: the SDK's AsyncOpenAI on that transport (e.g. to send "
                     "the OPENAI_ORG_ID/OPENAI_PROJECT_ID headers). Same errors, retries and "
                     "failover on each.")
     judge_timeout_s: float = Field(default=30.0, gt=0)

@@ -1,1 +1,2 @@
-"""What a trainer imports: ``RewardClient``, length penalties, the verl and TRL adapters."""
+"""What a trainer imports: the clients, the length penalties and the reward formula (the
+trainer adapters are ``rewardq.integrations``)."""

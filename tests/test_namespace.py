@@ -31,7 +31,7 @@ def trainer_repo(tmp_path: Path) -> Path:
 
 def test_the_client_and_the_cli_ignore_the_folders_packages(trainer_repo: Path) -> None:
     code = ("from rewardq import RewardClient, AsyncRewardClient, Settings\n"
-            "import rewardq.verl, rewardq.producer.trl\n"
+            "import rewardq.verl, rewardq.integrations.trl\n"
             "print(RewardClient.__module__)")
     done = subprocess.run([sys.executable, "-c", code], cwd=trainer_repo, capture_output=True,
                           text=True, timeout=120)
