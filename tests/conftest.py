@@ -7,12 +7,13 @@ never leak into another; the judge is shared and reset before each test.
 
 Two tiers. A test that starts a process, a server or a network connection is marked
 ``processes``: every test using one of :data:`PROCESS_FIXTURES` (directly or through
-another fixture), the tests and module fixtures :data:`STARTS_PROCESSES` names, and any
-test its module marks ``@pytest.mark.processes``. ``make test-fast`` (``pytest -m "not
-processes"``) runs the others: pure modules, in memory, in well under a minute. In a run
-that selects no ``processes`` test, every test runs under a guard: starting a process, or
-connecting or binding a network socket, fails the test and names what it tried, so a
-test that needs them and is not marked cannot slip into the fast tier.
+another fixture), the tests of :data:`PROCESS_MODULES`, the tests and module fixtures
+:data:`STARTS_PROCESSES` names, and any test its module marks ``@pytest.mark.processes``.
+``make test-fast`` (``pytest -m "not processes"``) runs the others: pure modules, in
+memory, in well under a minute. In a run that selects no ``processes`` test, every test
+runs under a guard: starting a process, or connecting or binding a network socket, fails
+the test and names what it tried, so a test that needs them and is not marked cannot slip
+into the fast tier.
 """
 
 from __future__ import annotations
@@ -68,15 +69,20 @@ PROCESS_FIXTURES = frozenset({
     "redis_server", "judge_server", "local_judge", "background_judge", "failing_judge",
     "workers"})
 
+#: Test modules whose every test starts a process, a server or a connection: all their
+#: tests are ``processes``, and the fast tier does not even import them (trl, verl, ray).
+PROCESS_MODULES = frozenset({
+    "test_alerts", "test_data_loss", "test_dead_letters", "test_fleet", "test_gateway",
+    "test_gateway_clients", "test_gateway_operations", "test_heartbeat", "test_judge_transport",
+    "test_lean_install", "test_memory", "test_namespace", "test_outages",
+    "test_reasoning_judges", "test_result_wakeup", "test_security", "test_trl_grpo",
+    "test_verl_reward_loop", "test_worker_logs"})
+
 #: Per test module, the tests and module fixtures that start a process, a server or a
 #: network connection themselves (a CLI run, a judge in a thread, a connection to a
 #: Redis that is not there). A test module may also mark its own with
 #: ``@pytest.mark.processes``.
 STARTS_PROCESSES: dict[str, frozenset[str]] = {
-    "test_alerts": frozenset({
-        "test_alert_rule_unit_tests_pass",
-        "test_alert_rules_are_valid_and_every_alert_has_a_test_case",
-        "test_the_shipped_scrape_config_checks_outside_the_container"}),
     "test_architecture": frozenset({"test_only_entry_points_read_the_environment"}),
     "test_bench": frozenset({"test_bench_writes_every_phase_ratio_and_per_item_figures"}),
     "test_budget": frozenset({
@@ -87,25 +93,19 @@ STARTS_PROCESSES: dict[str, frozenset[str]] = {
         "test_every_subcommand_answers_help_with_its_usage",
         "test_readme_long_running_command_starts_serves_and_stops",
         "test_version_is_the_distributions"}),
-    "test_dead_letters": frozenset({"test_an_unreachable_redis_is_a_broker_unavailable_error"}),
     "test_demo": frozenset({
         "test_ctrl_c_stops_the_demo_and_everything_it_started",
         "test_demo_prints_a_row_per_step_exits_0_and_leaves_nothing_running",
         "test_stream_demo_shows_both_modes_and_streaming_waits_less_than_batch"}),
-    "test_heartbeat": frozenset({
-        "test_an_unreachable_redis_is_logged_once_and_never_ends_the_beat"}),
     "test_intake": frozenset({"test_without_redis_the_producer_keeps_the_configured_chunk_size"}),
     "test_items": frozenset({"test_submit_command_names_line_id_and_field"}),
     "test_judge_server": frozenset({
         "server", "test_background_server_in_a_thread", "test_cli_flags_and_clean_exit_on_signals",
         "test_cli_refuses_bad_flags"}),
     "test_judge_server_profiles": frozenset({"test_help_documents_every_profile_and_option"}),
-    "test_judge_transport": frozenset({
-        "server", "test_a_dead_port_is_a_transient_endpoint_failure"}),
     "test_monitoring": frozenset({
         "test_docker_compose_config_passes_and_describes_the_stack",
         "test_endpoint_serves_over_http_on_a_free_port_or_the_next_one_in_range"}),
-    "test_namespace": frozenset({"test_the_client_and_the_cli_ignore_the_folders_packages"}),
     "test_rate_limit": frozenset({"test_a_lost_redis_is_an_outage_that_the_task_retries"}),
     "test_reliability": frozenset({
         "test_submit_to_an_unreachable_redis_fails_clearly_and_at_once"}),
@@ -120,12 +120,23 @@ STARTS_PROCESSES: dict[str, frozenset[str]] = {
 }
 
 PROCESSES = "processes"
+#: The fast tier's mark expression (``make test-fast``): it skips :data:`PROCESS_MODULES`.
+FAST = "not processes"
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", f"{PROCESSES}: starts a process, a server or a network connection "
         "(deselected by make test-fast: -m 'not processes')")
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """The fast tier leaves :data:`PROCESS_MODULES` uncollected: each would be imported
+    for nothing."""
+    if (config.getoption("markexpr") or "").strip() == FAST \
+            and collection_path.suffix == ".py" and collection_path.stem in PROCESS_MODULES:
+        return True
+    return None
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -136,7 +147,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         fixtures = set(getattr(item, "fixturenames", ()))
         own = STARTS_PROCESSES.get(item.path.stem, frozenset())
         name = getattr(item, "originalname", item.name)
-        if fixtures & PROCESS_FIXTURES or fixtures & own or name in own:
+        if (item.path.stem in PROCESS_MODULES or fixtures & PROCESS_FIXTURES
+                or fixtures & own or name in own):
             item.add_marker(PROCESSES)
 
 
