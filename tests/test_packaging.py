@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import email
+import functools
 import json
 import os
 import subprocess
@@ -69,6 +70,7 @@ def _source_files() -> Iterator[Path]:
         yield from (Path(folder) / f for f in files if f.endswith(".py"))
 
 
+@functools.cache
 def _imported_top_names() -> dict[str, str]:
     """Each third-party top-level module the shipped code imports, and one file that does."""
     found: dict[str, str] = {}
@@ -87,8 +89,13 @@ def _imported_top_names() -> dict[str, str]:
     return found
 
 
+@functools.cache
+def _module_distributions() -> dict[str, list[str]]:
+    return packages_distributions()
+
+
 def _distributions_of(module: str) -> set[str]:
-    return {canonicalize_name(d) for d in packages_distributions().get(module, [])}
+    return {canonicalize_name(d) for d in _module_distributions().get(module, [])}
 
 
 def _closure(names: set[str]) -> set[str]:
