@@ -5,8 +5,8 @@ The client's own logic, each call made through ``JudgeClient.judge`` as a worker
 the request it sends, the parameters an endpoint refuses (learned once, per endpoint and
 model, and left out from then on), a reply cut by its token limit (counted ``cut``, billed,
 never scored), reasoning tokens in the usage and the metrics, the verdict read after the
-thinking, and the failover between endpoints. ``test_judge_transport`` covers the HTTP
-transports themselves against a real server.
+thinking, a logprobs verdict, and the failover between endpoints. ``test_judge_transport``
+covers the HTTP transports themselves against a real server.
 """
 
 from __future__ import annotations
@@ -258,3 +258,21 @@ def test_with_every_breaker_open_the_call_is_not_made() -> None:
     assert second.retry_after_s is not None and 0 < second.retry_after_s <= 60
     assert [r.base_url for r in judge.requests] == [A, B]  # none for the second call
     assert metrics.snapshot().requests == {(CHAT, "network"): 2}
+
+
+# -- logprobs --------------------------------------------------------------------------
+
+def test_in_logprobs_mode_the_score_is_the_expectation_where_the_judge_wrote_it() -> None:
+    half = -0.6931471805599453  # ln 0.5
+    tokens = [{"token": "Score", "logprob": 0.0, "top_logprobs": []},
+              {"token": ":", "logprob": 0.0, "top_logprobs": []},
+              {"token": " ", "logprob": 0.0, "top_logprobs": []},
+              {"token": "8", "logprob": half,
+               "top_logprobs": [{"token": "8", "logprob": half},
+                                {"token": "6", "logprob": half}]}]
+    judge = InMemoryJudge(lambda url, body: completion("Score: 8", logprobs=tokens))
+    (outcome,) = judged(settings(judge_score_mode="logprobs"), judge)
+    assert verdict(outcome).score_source == "logprobs"
+    assert verdict(outcome).raw_score == pytest.approx(7.0)
+    (body,) = judge.bodies()
+    assert body["logprobs"] is True and body["top_logprobs"] == 20
