@@ -74,6 +74,12 @@ class _FullCounter:
 _FULL = _FullCounter()
 
 
+
+def reply_text(value: object) -> str:
+    """A Redis reply (bytes without ``decode_responses``, or already text) as ``str``."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def redis_full_errors() -> int:
     """How many times this process met a full Redis so far (every write refused counts;
     an operation retried through a full Redis counts each refusal)."""

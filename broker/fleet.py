@@ -27,6 +27,7 @@ import redis
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from rewardq.broker.app import QUEUE_JUDGE
+from rewardq.broker.connections import reply_text
 from rewardq.broker.keys import WORKER_INDEX, worker_key
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ def fleet_counts(client: redis.Redis, queue: str | None = QUEUE_JUDGE) -> tuple[
 
 
 def _beats(client: redis.Redis, queue: str | None) -> list[WorkerBeat]:
-    nodes = sorted(_text(n) for n in client.smembers(WORKER_INDEX))
+    nodes = sorted(reply_text(n) for n in client.smembers(WORKER_INDEX))
     if not nodes:
         return []
     raws = client.mget([worker_key(n) for n in nodes])
@@ -140,5 +141,3 @@ def chunk_size_for(configured: int, beats: Sequence[WorkerBeat]) -> int:
     return max(1, min(configured, CHUNK_ROUNDS * min(calls)))
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -24,6 +24,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from rewardq.broker.connections import reply_text
+
 __all__ = ["MEMBER", "RENDEZVOUS_LUA", "SEALED", "Rendezvous", "read_group"]
 
 #: Prefix of a member's field: ``m:<member>`` -> its value.
@@ -79,10 +81,8 @@ def read_group(state: Mapping[Any, Any] | Sequence[Any]) -> Rendezvous:
     returns it (a flat list of fields and values), bytes or text."""
     pairs = state.items() if isinstance(state, Mapping) else zip(state[::2], state[1::2],
                                                                    strict=True)
-    fields = {_text(k): _text(v) for k, v in pairs}
+    fields = {reply_text(k): reply_text(v) for k, v in pairs}
     members = {k[len(MEMBER):]: v for k, v in fields.items() if k.startswith(MEMBER)}
     return Rendezvous(members, fields.get(SEALED), fields)
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

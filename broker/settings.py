@@ -173,9 +173,9 @@ class Settings(BaseSettings):
         description="How workers POST to the judge: direct (one aiohttp session per "
                     "endpoint, no SDK) is the default: the openai SDK's request building "
                     "and httpx2 layers cost more CPU than the rest of a judged item "
-                    "(benchmarks/PROFILE.md); aiohttp or httpx: the SDK's AsyncOpenAI on that transport (e.g. to send "
-                    "the OPENAI_ORG_ID/OPENAI_PROJECT_ID headers). Same errors, retries and "
-                    "failover on each.")
+                    "(benchmarks/PROFILE.md); aiohttp or httpx: the SDK's AsyncOpenAI on "
+                    "that transport (e.g. to send the OPENAI_ORG_ID/OPENAI_PROJECT_ID "
+                    "headers). Same errors, retries and failover on each.")
     judge_timeout_s: float = Field(default=30.0, gt=0)
     judge_max_attempts: int = Field(default=5, ge=1)
     judge_rpm: int | None = Field(default=None, gt=0)

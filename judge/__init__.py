@@ -9,6 +9,7 @@ Modules:
     verdicts        reading a written score; the judge errors of an HTTP answer
     logprob_scores  the score a judge meant, from its logprobs, whatever its tokenizer
     group_prompts   a GRPO group judged together (listwise, pairwise)
+    messages        the text of chat messages, for token estimates
 
 It imports only the contract (``rewardq.broker``); the producer, the workers and the
 gateway import it.

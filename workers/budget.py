@@ -100,6 +100,7 @@ from typing import Any, TypeVar
 import redis
 import redis.asyncio as aioredis
 
+from rewardq.broker.connections import reply_text
 from rewardq.broker.errors import BrokerUnavailableError, BudgetExceededError
 from rewardq.broker.keys import (
     BUDGET_RUNS,
@@ -586,7 +587,7 @@ class FleetBudget:
             if not self._checked:
                 self._check_limits(raw[2], raw[3])
             return BudgetHold(self, call, int(raw[1]))
-        answer = _Answer(int(raw[0]) == 0, _text(raw[1]), *(int(x) for x in raw[2:6]))
+        answer = _Answer(int(raw[0]) == 0, reply_text(raw[1]), *(int(x) for x in raw[2:6]))
         if answer.refused:
             raise BudgetExceededError(self._refusal(answer, call))
         return answer
@@ -709,13 +710,10 @@ class FleetBudget:
                 f"{option} ...`, then `rewardq failed replay --all`)")
 
 
-def _text(raw: object) -> str:
-    return raw.decode() if isinstance(raw, bytes) else str(raw)
-
 
 def _units(raw: object) -> int | None:
     """A stored limit in nano-USD; ``None`` when absent (``""``) or ``"none"``."""
     try:
-        return int(_text(raw))
+        return int(reply_text(raw))
     except ValueError:
         return None

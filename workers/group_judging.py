@@ -57,7 +57,7 @@ from typing import Any, Protocol, TypeVar
 
 import redis.asyncio as aioredis
 
-from rewardq.broker.connections import is_outage
+from rewardq.broker.connections import is_outage, reply_text
 from rewardq.broker.errors import JudgeError, JudgeErrorKind, UnparseableReplyError
 from rewardq.broker.keys import cache_key, judge_fingerprint, judge_group_key, judge_group_lock_key
 from rewardq.broker.rendezvous import RENDEZVOUS_LUA
@@ -401,7 +401,7 @@ class GroupJudging:
             [item.id, fingerprint, item_json, size, ttl_s, token, self._leases.ttl_ms,
              self._node,
              self._ratio], f"cannot join group {key}")
-        state, text = _text(state), _text(payload)
+        state, text = reply_text(state), reply_text(payload)
         if state == "cached":
             return _Joined(state, verdict=JudgeVerdict.model_validate_json(text))
         if state == "waiting":
@@ -534,9 +534,6 @@ def _split(usage: Usage, n: int) -> list[Usage]:
                   completion_tokens=share(usage.completion_tokens, k),
                   reasoning_tokens=share(usage.reasoning_tokens, k)) for k in range(n)]
 
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 async def _ready(result: ScoreResult) -> ScoreResult:

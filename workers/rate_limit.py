@@ -72,7 +72,12 @@ from dataclasses import dataclass
 import redis
 import redis.asyncio
 
-from rewardq.broker.connections import is_outage, is_redis_full, redis_full_error
+from rewardq.broker.connections import (
+    is_outage,
+    is_redis_full,
+    redis_full_error,
+    reply_text,
+)
 from rewardq.broker.errors import BrokerUnavailableError, ConfigError
 from rewardq.broker.keys import rate_limit_key
 from rewardq.broker.settings import Settings
@@ -315,9 +320,6 @@ def _ms_per_unit(per_minute: int | None) -> float:
     return 60_000.0 / per_minute if per_minute else 0.0
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
 
 @dataclass(frozen=True, slots=True)
 class Reservation:
@@ -449,7 +451,8 @@ class RedisRateLimiter:
             raise self._outage(exc) from exc
         return Reservation(booked=bool(booked), wait_s=int(wait_us) / 1_000_000,
                            now_us=int(now_us), tokens=tokens,
-                           request_tat=_text(request_tat), token_tat=_text(token_tat))
+                           request_tat=reply_text(request_tat),
+                           token_tat=reply_text(token_tat))
 
     async def try_acquire(self, tokens: int) -> float:
         """Ask once, without waiting: admit the request now or say how long to wait.
