@@ -151,7 +151,7 @@ def judge_fingerprints(spec: JudgeSpec, items: Iterable[ScoreItem]) -> list[str]
 
     The item's strings are encoded one by one with the C string encoder that ``json``
     uses for ``ensure_ascii=False`` (a whole-list ``encode`` per item spent most of its
-    time setting an encoder up): the same bytes, 3x faster (2,048 items: 6.9 -> 2.3 ms).
+    time setting an encoder up): the same bytes, for less CPU (``benchmarks/PROFILE.md``).
     """
     head = _encode_material([spec.model, spec.prompt_version, spec.temperature,
                              spec.max_tokens])[:-1]  # "[...,max_tokens" without the "]"

@@ -49,9 +49,7 @@ RULES: dict[str, re.Pattern[str]] = {
 # CITING_OUTSIDE, on the same terms.
 CITING_OUTSIDE: set[str] = set()
 ALLOWED: dict[str, set[str]] = {
-    "broker/keys.py": {"timing"},
     "workers/judge_client.py": {"issue number", "timing"},
-    "workers/rate_limit.py": {"issue number", "timing"},
 }
 
 

@@ -11,9 +11,6 @@ which both the request limit (RPM) and the token limit (TPM) admit it, *reserves
 slot in both streams, and returns how long until it. The caller sleeps until exactly
 then and goes; within ``RateLimit.max_late_s`` of its slot it never asks again, so a
 waiter that wakes a little late (a busy host, a slow event loop) still owns its slot.
-(Ask–sleep–ask, before issue 14, admitted at the time of asking: a late head waiter
-found its slot gone unless another process's head took it, and every head asked at
-every slot, 2–5 Redis calls per request.)
 
 What the judge sees is sends, not slots, and a send lies after its slot by the caller's
 lateness. So the judge's margin over the rate has two parts, and any ``w`` seconds at
@@ -30,25 +27,17 @@ max_late_s)`` requests (``burst_s`` counts as at least one interval):
   clock from the fastest round trips, so a reply read late counts towards lateness and
   no caller goes before its slot.
 
-The defaults, 20 ms and 30 ms, give 52 per second at 3,000 RPM (50/s), the bound that
-slots alone had with 50 ms of burst. Measured on the full stack, same runs, against 50 ms
-of burst and 250 ms of lateness before (``benchmarks/bench_rate_limit.py``, 4 workers at
-2, 4 and 64 calls each, with and without 2 CPU hogs): busiest second at the judge 52–57
-in 12 steps before, 51–53 in 9 after (53 twice, both at 4 calls each with the hogs: a
-send leaves the loaded host after the limiter let it go); steady utilization at 4 and
-64 calls each 0.965–1.0 before, 0.997–1.0 after. The price is the slots of callers
-woken more than 30 ms late: with a thread holding every process's GIL a fifth of the time
-(``benchmarks/bench_rate_limit_ab.py --gil-duty 0.2 --cpu-hogs 2``) 8% of requests book
-again and 2 or 4 callers per process use 0.89–0.90 of the limit instead of 0.93–0.99
-(0.98 instead of 1.0 with 16).
+The defaults, 20 ms and 30 ms, give 52 per second at 3,000 RPM (50/s). The price is the
+slots of callers woken more than 30 ms late, which book again. The figures measured on
+the full stack are in ``benchmarks/RESULTS.md`` (rate limiter) and
+``docs/internals.md``.
 
 A process also books only ``RateLimit.horizon_s`` ahead of itself: its waiters queue
 locally (FIFO) and book one at a time, each once the process's last booked slot is less
 than ``horizon_s`` away. So the fleet's slots interleave across processes instead of one
-process holding a block of them (booking at once, a chunk's items took 16 consecutive
-slots, and a 0.33 s stall of that one process then sent them together: 57–75 requests
-in a second at the judge), and a stalled process misses only the one or two slots it
-booked last.
+process holding a block of them (booked at once, a chunk's items would take consecutive
+slots that one stalled process then sends together), and a stalled process misses only
+the one or two slots it booked last.
 
 A request costing more tokens than the token burst gets a slot once the token stream is
 idle (its TAT has reached the slot) and then holds later requests back for its full
