@@ -66,6 +66,7 @@ sys.path.insert(0, str(ROOT))
 import redis.asyncio  # noqa: E402
 
 from rewardq.broker.embedded import EmbeddedRedis  # noqa: E402  (needs ROOT on the path)
+from rewardq.judge_server.stats import max_in_window  # noqa: E402
 from rewardq.workers.rate_limit import (  # noqa: E402
     Admission,
     RateLimit,
@@ -218,16 +219,6 @@ def _spin(stop: Any) -> None:
             pass
 
 
-def max_in_window(stamps: list[float], window: float = 1.0) -> int:
-    """Most stamps within any closed window of ``window`` seconds."""
-    stamps, best, lo = sorted(stamps), 0, 0
-    for hi, stamp in enumerate(stamps):
-        while stamp - stamps[lo] > window:
-            lo += 1
-        best = max(best, hi - lo + 1)
-    return best
-
-
 def measure(designs: list[str], rpm: int, workers: int, callers: int, latency_ms: float,
             cpu_ms: float, seconds: float, warm_s: float, cpu_hogs: int,
             url: str, stalls: tuple[float, float, float] = (0.0, 0.1, 0.0)
@@ -275,7 +266,7 @@ def measure(designs: list[str], rpm: int, workers: int, callers: int, latency_ms
                       "max_late_s": limit.max_late_s},
             "sends": len(sends),
             "utilization": round(steady / (rate * (hi - lo)), 4),
-            "peak_in_any_1s": max_in_window(sends),
+            "peak_in_any_1s": max_in_window(sends, 1.0),
             "limiter_bound_per_1s": limit.peak_requests(),
             "calls_per_request": round(calls / max(1, len(sends)), 2),
             "late_ms": {f"p{q}": round(1000 * lates[min(len(lates) - 1,

@@ -211,3 +211,14 @@ class JudgeStats:
             "uptime_s": round(time.monotonic() - self._started, 3),
             "process_cpu_s": round(time.process_time(), 4),
         }
+
+
+def max_in_window(stamps: Iterable[float], window: float) -> int:
+    """Most of ``stamps`` inside any closed window of length ``window`` (same unit): the
+    busiest stretch a rate limit held, computed after the fact from send or arrival times."""
+    ordered, best, lo = sorted(stamps), 0, 0
+    for hi, stamp in enumerate(ordered):
+        while stamp - ordered[lo] > window:
+            lo += 1
+        best = max(best, hi - lo + 1)
+    return best

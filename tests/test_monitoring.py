@@ -21,8 +21,8 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 from scoring_data import make_items
+from worker_endpoints import worker_endpoints
 
-from rewardq.broker.app import create_app
 from rewardq.broker.errors import (
     JudgeError,
     PermanentJudgeError,
@@ -36,7 +36,6 @@ from rewardq.monitoring.metrics import (
     METRICS_PORT_SPAN,
     WorkerMetrics,
     call_status,
-    discover_endpoints,
     start_metrics_server,
 )
 from rewardq.ops_cli import add_ops_parsers
@@ -242,11 +241,7 @@ def test_worker_endpoints_count_exactly_what_the_run_did(
         settings: Settings, workers, judge: JudgeProcess) -> None:
     """Scrape every worker after a run with injected faults and duplicates."""
     workers(2, metrics_port=0)
-    app = create_app(settings)
-    try:
-        endpoints = discover_endpoints(app)
-    finally:
-        app.close()
+    endpoints = worker_endpoints(settings)
     assert len(endpoints) == 2
 
     judge.configure(error_rate=0.25, error_kinds=["500", "429"])

@@ -25,6 +25,7 @@ from rewardq.broker.embedded import EmbeddedRedis, free_port
 from rewardq.broker.errors import BrokerUnavailableError, ConfigError
 from rewardq.broker.keys import rate_limit_key
 from rewardq.broker.settings import Settings
+from rewardq.judge_server.stats import max_in_window
 from rewardq.workers.rate_limit import (
     DEFAULT_BURST_S,
     RESERVE_LUA,
@@ -374,16 +375,6 @@ def _hammer(url: str, rpm: int, seconds: float, seed: int, start: Barrier,
                 time.sleep(rng.uniform(0, wait_us / 1e6))
     out.put(stamps)
     client.close()
-
-
-def max_in_window(stamps_us: list[int], window_us: int) -> int:
-    """Most stamps inside any closed window of ``window_us``."""
-    stamps, best, lo = sorted(stamps_us), 0, 0
-    for hi, stamp in enumerate(stamps):
-        while stamp - stamps[lo] > window_us:
-            lo += 1
-        best = max(best, hi - lo + 1)
-    return best
 
 
 def spawn_all(target: Callable[..., None], args_for: Callable[[int, Barrier, Queue[T]],

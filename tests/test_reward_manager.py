@@ -25,6 +25,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from rubric_texts import MATH_RUBRIC
 from transformers import PreTrainedTokenizerFast
 
 from rewardq.broker.schemas import ResultStatus, ScoreResult
@@ -491,24 +492,7 @@ def test_async_mode_judge_failure_policy(tokenizer: PreTrainedTokenizerFast, set
 
 # --------------------------------------------------------------------------- items that fail alone
 
-MATH_RUBRIC = '''\
-default = "math"
-
-[rubrics.math]
-data_sources = ["gsm8k"]
-user = """math rubric v1
-Does the RESPONSE reach the REFERENCE answer?
-<<<PROMPT>>>
-{prompt}
-<<<END PROMPT>>>
-<<<REFERENCE>>>
-{reference}
-<<<END REFERENCE>>>
-<<<RESPONSE>>>
-{response}
-<<<END RESPONSE>>>
-Reply with JSON only: {{"score": <integer 1-10>}}"""
-'''
+MATH_BOOK = 'default = "math"\n\n' + MATH_RUBRIC
 
 
 @pytest.mark.parametrize("use_async_io", [False, True], ids=["sync", "fleet"])
@@ -520,7 +504,7 @@ def test_a_sample_its_rubric_refuses_fails_alone(
     one such item); the manager fails it alone as ``invalid`` and scores the rest, each
     identical pair with one judge call."""
     path = tmp_path / "rubrics.toml"
-    path.write_text(MATH_RUBRIC, encoding="utf-8")
+    path.write_text(MATH_BOOK, encoding="utf-8")
     run = settings.model_copy(update={"rubrics_file": path})
     if use_async_io:
         workers(1, rubrics_file=path)

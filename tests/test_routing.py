@@ -22,15 +22,15 @@ from conftest import worker_logs
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from scoring_data import expected, make_items
+from worker_endpoints import worker_endpoints
 
-from rewardq.broker.app import create_app
 from rewardq.broker.embedded import free_port
 from rewardq.broker.errors import JudgeErrorKind, PermanentJudgeError, TransientJudgeError
 from rewardq.broker.schemas import ResultStatus
 from rewardq.broker.settings import Settings
 from rewardq.judge_server.config import JudgeConfig
 from rewardq.judge_server.server import BackgroundJudgeServer
-from rewardq.monitoring.metrics import WorkerMetrics, discover_endpoints
+from rewardq.monitoring.metrics import WorkerMetrics
 from rewardq.producer.client import RewardClient
 from rewardq.stack import JudgeProcess, start_judge
 from rewardq.workers.endpoints import (
@@ -424,11 +424,7 @@ def test_a_judge_sigkilled_mid_run_costs_no_item_and_the_rest_share_the_load(
     assert all(abs(c - mean) <= 0.2 * mean for c in counts), counts
     assert sum(counts) + before_kill >= 2000
 
-    app = create_app(settings)
-    try:
-        endpoints = discover_endpoints(app)
-    finally:
-        app.close()
+    endpoints = worker_endpoints(settings)
     assert len(endpoints) == 2
     found = [samples(httpx.get(e.url_for("127.0.0.1")).text) for e in endpoints.values()]
     for s in found:

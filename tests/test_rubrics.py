@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from rubric_texts import MATH_RUBRIC, STYLE_RUBRIC
 
 from rewardq.broker.errors import ConfigError, InvalidItemError
 from rewardq.broker.keys import judge_fingerprint
@@ -24,36 +25,12 @@ ROOT = Path(__file__).resolve().parent.parent
 _SCRIPT = Path(sys.executable).with_name("rewardq")
 RQ = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "rewardq.cli"]
 
-RUBRICS = '''\
+RUBRICS = f"""\
 # Two rubrics for two data sources; "style" is the default.
 default = "style"
 
-[rubrics.math]
-data_sources = ["gsm8k"]
-user = """math rubric v1
-Does the RESPONSE reach the REFERENCE answer?
-<<<PROMPT>>>
-{prompt}
-<<<END PROMPT>>>
-<<<REFERENCE>>>
-{reference}
-<<<END REFERENCE>>>
-<<<RESPONSE>>>
-{response}
-<<<END RESPONSE>>>
-Reply with JSON only: {{"score": <integer 1-10>}}"""
-
-[rubrics.style]
-data_sources = ["chat"]
-scale = [0, 5]
-system = "You grade writing style."
-user = """style rubric v1
-Rate the style of the RESPONSE from 0 to 5.
-<<<RESPONSE>>>
-{response}
-<<<END RESPONSE>>>
-Reply with JSON only: {{"score": <integer 0-5>}}"""
-'''
+{MATH_RUBRIC}
+{STYLE_RUBRIC}"""
 
 
 def write(tmp_path: Path, text: str, name: str = "rubrics.toml") -> Path:
