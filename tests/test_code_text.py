@@ -49,7 +49,6 @@ RULES: dict[str, re.Pattern[str]] = {
 # CITING_OUTSIDE, on the same terms.
 CITING_OUTSIDE: set[str] = set()
 ALLOWED: dict[str, set[str]] = {
-    "workers/judge_client.py": {"issue number", "timing"},
 }
 
 

@@ -129,7 +129,7 @@ class SdkTransport:
         try:
             # The raw route: the SDK's per-call transform of the params (TypedDict
             # introspection) and pydantic parse of the reply cost more client CPU than
-            # the HTTP exchange itself (issue 5: 1.7 -> 0.9 ms per call).
+            # the HTTP exchange itself (benchmarks/PROFILE.md).
             response = await self._client.post(COMPLETIONS_PATH, cast_to=httpx2.Response,
                                                body=body)
         except openai.APIError as exc:
