@@ -109,7 +109,7 @@ def start_judge(port: int = 0, *, latency_ms: float = 0, jitter_ms: float = 0,
     Raises:
         RewardqError: the server exited or did not report its address in time.
     """
-    cmd = [sys.executable, "-m", "judge_server", "--port", str(port),
+    cmd = [sys.executable, "-m", "rewardq.judge_server", "--port", str(port),
            "--latency-ms", str(latency_ms), "--jitter-ms", str(jitter_ms),
            "--error-rate", str(error_rate), "--rpm-limit", str(rpm_limit), "--seed", str(seed)]
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True)

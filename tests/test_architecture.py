@@ -72,7 +72,9 @@ def _module_name(path: Path) -> str:
 
 
 def _folder(package: str) -> Path:
-    return ROOT / (package.split(".", 1)[1] if package != TOP else TOP)
+    """Where a package's files are: a component's folder at the top, else under rewardq/."""
+    name = package.split(".", 1)[1] if package != TOP else TOP
+    return ROOT / name if name in COMPONENTS or package == TOP else ROOT / TOP / name
 
 
 def _files() -> dict[str, Path]:

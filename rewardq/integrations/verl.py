@@ -48,6 +48,10 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
+from rewardq.extras import require
+
+require("rewardq.integrations.verl", "trainer")  # before torch: a one-line error without it
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 

@@ -37,6 +37,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from rewardq.extras import require
+
+require("rewardq.integrations.verl_batch", "trainer")  # before torch: a one-line error without it
+
 import torch
 from pydantic import ValidationError
 from torch import Tensor
