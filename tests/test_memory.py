@@ -38,6 +38,13 @@ CAP = 8_000_000
 RATIO = 0.6
 
 
+def wait_for_a_call_in_flight(judge: JudgeProcess, timeout_s: float = 60) -> None:
+    """Until the judge holds a call (a loaded host takes its time, never the test's)."""
+    deadline = time.monotonic() + timeout_s
+    while judge.stats()["in_flight"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 @pytest.fixture
 def own_redis() -> Iterator[EmbeddedRedis]:
     """A Redis of this test's own: its maxmemory is the test's to set."""
@@ -187,9 +194,7 @@ def test_a_result_refused_for_memory_is_stored_once_memory_is_freed(
     items = step_items(1, 20, 300)
     with RewardClient(own) as client:
         pending = client.submit(items, step=1)
-        deadline = time.monotonic() + 60
-        while judge.stats()["in_flight"] == 0 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_for_a_call_in_flight(judge)
         assert judge.stats()["in_flight"] > 0, worker_logs(tmp_path)
         used = int(raw.info("memory")["used_memory"])
         raw.set("someone-else", b"x" * 4_000_000)
@@ -261,9 +266,7 @@ def test_a_full_redis_inside_the_rate_limiter_is_waited_out_not_an_item_failure(
     items = step_items(3, 6, 300)
     with RewardClient(own) as client:
         pending = client.submit(items, step=3)
-        deadline = time.monotonic() + 60
-        while judge.stats()["in_flight"] == 0 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_for_a_call_in_flight(judge)
         used = int(raw.info("memory")["used_memory"])
         raw.set("someone-else", b"x" * 4_000_000)
         raw.config_set("maxmemory", used + 2_000_000)
