@@ -151,8 +151,15 @@ def test_a_redis_full_of_something_else_is_named_and_recovers_without_a_restart(
         assert message.startswith("Redis is full (maxmemory ") and "raise maxmemory" in message
         assert "cannot enqueue chunk" in message
         assert caught.value.maxmemory_bytes == int(raw.config_get("maxmemory")["maxmemory"])
-        with pytest.raises(RedisFullError, match="cannot count cache hits"):
-            client.submit(step_items(0, 40, 500), step=1)  # every item cached: no chunk
+        with pytest.raises(RedisFullError) as caught:
+            client.submit(step_items(0, 40, 500), step=1)  # cached: no chunk to enqueue
+        # A worker's claim while the cap is exceeded (a chunk redelivered on a loaded host)
+        # deletes cache entries first; no write can add any back while Redis is full.
+        if sum(1 for _ in raw.scan_iter(cache_key("*"))) == 40:
+            assert "cannot count cache hits" in str(caught.value)
+        else:  # step 0's verdicts went before or during the submit: it needed a chunk
+            assert "cannot count cache hits" in str(caught.value) \
+                or "cannot enqueue chunk" in str(caught.value)
         deadline = time.monotonic() + 30  # the next heartbeat (every 2 s) is refused
         while "Redis is full" not in worker_logs(tmp_path) and time.monotonic() < deadline:
             time.sleep(0.2)

@@ -91,12 +91,16 @@ def tokenize(tokenizer: Any, samples: list[dict[str, Any]]) -> None:
         s["response_text"] = tokenizer.decode(s["response_ids"], skip_special_tokens=True)
 
 
-def non_tensor(samples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+def non_tensor(samples: list[dict[str, Any]], first: int = 0) -> dict[str, np.ndarray]:
+    """The columns verl 0.9.1's trainer and agent loop give a batch, ``priority`` included
+    (``AgentLoopManager.generate_sequences``: each sample's position in the step's batch,
+    unique per sample; the padding copies carry their original's)."""
     def column(values: list[Any]) -> np.ndarray:
         out = np.empty(len(values), dtype=object)
         out[:] = values
         return out
     return {
+        "priority": np.arange(first, first + len(samples), dtype=np.int64),
         "data_source": column(["arith"] * len(samples)),
         "reward_model": column([{"ground_truth": s["truth"], "style": "rule"}
                                 for s in samples]),
@@ -122,15 +126,16 @@ def padded_batch(samples: list[dict[str, Any]], pad: int) -> DataProto:
         non_tensors=non_tensor(samples), meta_info={"global_steps": 3})
 
 
-def streamed_sample(sample: dict[str, Any]) -> DataProto:
-    """What the agent loop sends for one finished rollout: unpadded, all-ones mask."""
+def streamed_sample(sample: dict[str, Any], position: int = 0) -> DataProto:
+    """What the agent loop sends for one finished rollout: unpadded, all-ones mask;
+    ``position`` is the sample's place in the step's batch (its ``priority``)."""
     prompts = torch.tensor([sample["prompt_ids"]])
     responses = torch.tensor([sample["response_ids"]])
     input_ids = torch.cat([prompts, responses], dim=1)
     return DataProto.from_dict(
         tensors={"prompts": prompts, "responses": responses, "input_ids": input_ids,
                  "attention_mask": torch.ones_like(input_ids)},
-        non_tensors=non_tensor([sample]))
+        non_tensors=non_tensor([sample], first=position))
 
 
 # --------------------------------------------------------------------------- expectations
@@ -197,6 +202,44 @@ def check(outputs: list[dict[str, Any]], samples: list[dict[str, Any]],
         assert abs(out["reward_score"] - reward) < 1e-4, (i, out, reward)
 
 
+def batch_path(config: Any, data: DataProto) -> list[dict[str, Any]]:
+    """``RewardLoopManager.compute_rm_score`` minus Ray: verl pads the batch to three
+    reward-loop workers (two in one process, one in the other), chunks it, scores each
+    chunk with ``compute_score_batch`` and drops the padding's outputs."""
+    padded, pad_size = pad_dataproto_to_divisor(data, 3)
+    assert pad_size > 0  # the first rows are copied in
+    chunks = padded.chunk(3)
+    with harness(config, 2) as first, harness(config, 1) as second:
+        futures = [first.submit(verl_harness.compute_score_batch, 0, chunks[0]),
+                   second.submit(verl_harness.compute_score_batch, 0, chunks[1]),
+                   first.submit(verl_harness.compute_score_batch, 1, chunks[2])]
+        return [o for f in futures for o in f.result(timeout=180)][:len(data)]
+
+
+def streaming_path(config: Any, samples: list[dict[str, Any]], seed: int
+                   ) -> list[dict[str, Any]]:
+    """The agent loop's streaming: every sample alone, shuffled, at spread times, on a
+    random one of two reward-loop processes."""
+    rng = random.Random(seed)
+    order = list(range(len(samples)))
+    rng.shuffle(order)
+    per_process: list[list[int]] = [[], []]
+    for i in order:
+        per_process[rng.randrange(2)].append(i)
+    assert all(per_process)
+    with harness(config, 1) as first, harness(config, 1) as second:
+        futures = [pool.submit(verl_harness.compute_score_stream, 0,
+                               [(rng.uniform(0, 0.8), streamed_sample(samples[i], i))
+                                for i in mine])
+                   for pool, mine in zip((first, second), per_process, strict=True)]
+        outputs: list[dict[str, Any] | None] = [None] * len(samples)
+        for future, mine in zip(futures, per_process, strict=True):
+            for i, out in zip(mine, future.result(timeout=180), strict=True):
+                outputs[i] = out
+    assert all(o is not None for o in outputs)
+    return [o for o in outputs if o is not None]
+
+
 # --------------------------------------------------------------------------- the tests
 
 
@@ -209,15 +252,7 @@ def test_batch_path_over_three_workers_in_two_processes(
     data = padded_batch(samples, tokenizer.pad_token_id)
     cfg = LengthPenaltyConfig(penalty_scale=0.5, reward_coefficient=2.0, use_async_io=True)
 
-    # RewardLoopManager.compute_rm_score, minus Ray: pad, chunk, score, unpad, assemble.
-    padded, pad_size = pad_dataproto_to_divisor(data, 3)
-    assert pad_size > 0  # 32 rows over 3 workers: the first row is copied in
-    chunks = padded.chunk(3)
-    with harness(verl_config, 2) as first, harness(verl_config, 1) as second:
-        futures = [first.submit(verl_harness.compute_score_batch, 0, chunks[0]),
-                   second.submit(verl_harness.compute_score_batch, 0, chunks[1]),
-                   first.submit(verl_harness.compute_score_batch, 1, chunks[2])]
-        outputs = [o for f in futures for o in f.result(timeout=180)][:len(data)]
+    outputs = batch_path(verl_config, data)
 
     check(outputs, samples, cfg)
     rm_scores = RewardqRewardManager.assemble_rm_scores(data, [o["reward_score"]
@@ -238,27 +273,37 @@ def test_streaming_path_one_sample_at_a_time_on_random_processes(
     samples = rollouts(seed=2)
     tokenize(tokenizer, samples)
     cfg = LengthPenaltyConfig(penalty_scale=0.5, reward_coefficient=2.0, use_async_io=True)
-    rng = random.Random(7)
-    order = list(range(len(samples)))
-    rng.shuffle(order)
-    per_process: list[list[int]] = [[], []]
-    for i in order:
-        per_process[rng.randrange(2)].append(i)
-    assert all(per_process)
 
-    with harness(verl_config, 1) as first, harness(verl_config, 1) as second:
-        futures = [pool.submit(verl_harness.compute_score_stream, 0,
-                               [(rng.uniform(0, 0.8), streamed_sample(samples[i]))
-                                for i in mine])
-                   for pool, mine in zip((first, second), per_process, strict=True)]
-        outputs: list[dict[str, Any] | None] = [None] * len(samples)
-        for future, mine in zip(futures, per_process, strict=True):
-            for i, out in zip(mine, future.result(timeout=180), strict=True):
-                outputs[i] = out
-
-    assert all(o is not None for o in outputs)
-    check([o for o in outputs if o is not None], samples, cfg)
+    check(streaming_path(verl_config, samples, seed=7), samples, cfg)
     assert judge.stats()["requests_total"] == judged_pairs(samples)
+
+
+@pytest.mark.parametrize("path", ["batch", "streaming"])
+def test_group_judging_completes_every_group(
+        verl_config: Any, workers, judge: JudgeProcess, path: str) -> None:
+    """Group judging (listwise, groups of N) through verl's reward loop: each sample joins
+    its uid's group as a member of its own (verl's per-sample ``priority``), so every group
+    completes with one judge call and every sample is ok; the padding copies of verl's
+    batch path count as their originals, and two rollouts of one group that wrote the same
+    text are two members sharing one verdict."""
+    workers(2)
+    rewardq_options = verl_config.reward.reward_kwargs.rewardq
+    rewardq_options.judge_when = "always"
+    rewardq_options.settings.judge_group_mode = "listwise"
+    rewardq_options.settings.judge_group_size = N
+    rewardq_options.settings.chunk_deadline_s = 60  # a group that cannot complete ends
+    tokenizer = build_tokenizer()
+    samples = rollouts(seed=13)
+    samples[1] = dict(samples[0])  # group 0: two members wrote the same text
+    tokenize(tokenizer, samples)
+
+    outputs = batch_path(verl_config, padded_batch(samples, tokenizer.pad_token_id)) \
+        if path == "batch" else streaming_path(verl_config, samples, seed=5)
+
+    infos = [o["reward_extra_info"] for o in outputs]
+    assert [info["judge_status"] for info in infos] == ["ok"] * len(samples), infos
+    assert infos[1]["judge_score"] == infos[0]["judge_score"]
+    assert judge.stats()["requests_total"] == GROUPS  # one listwise call per group
 
 
 def test_compute_score_as_verls_custom_reward_function_in_its_naive_manager(

@@ -201,12 +201,13 @@ class RewardqRewardManager(RewardManagerBase):  # type: ignore[misc,valid-type,u
                                             extra_info)
         cfg = self.config_lp
         expected = self._expected_group_size(data, extra_info)
+        member = sample_member(prompt_ids, response_ids, non_tensor.get("priority"))
         group_task = None
         if cfg.enable and cfg.penalty_shape == "group_median":
             group_task = asyncio.ensure_future(self.groups.median(
-                uid, member_id(prompt_ids, response_ids), length, expected))
+                uid, member, length, expected))
         judged = await self._judge(rule, prompt_text, response_text, ground_truth,
-                                   data_source, uid)
+                                   data_source, uid, member)
         group = await group_task if group_task is not None else GroupMedian(
             float(length), 1, GroupStatus.SINGLE)
         if group.status is GroupStatus.INCOMPLETE:
@@ -267,17 +268,19 @@ class RewardqRewardManager(RewardManagerBase):  # type: ignore[misc,valid-type,u
         return float(answer), {}
 
     async def _judge(self, rule: float, prompt: str, response: str, ground_truth: Any,
-                     data_source: Any, uid: str | None) -> ScoreResult | None:
+                     data_source: Any, uid: str | None, member: str
+                     ) -> ScoreResult | None:
         cfg = self.config_lp
         if not cfg.enable_openai_reward or (cfg.judge_when == "correct_only" and rule <= 0):
             return None
         try:
-            item = ScoreItem(id=uid or "sample", prompt=prompt, response=response,
+            # The sample's own id: group judging counts a group's members by item id.
+            item = ScoreItem(id=member, prompt=prompt, response=response,
                              reference=None if ground_truth is None else str(ground_truth),
                              data_source=None if data_source is None else str(data_source),
                              uid=uid)
         except ValidationError as exc:
-            return ScoreResult.failure(uid or "sample", ResultStatus.INVALID,
+            return ScoreResult.failure(member, ResultStatus.INVALID,
                                        f"not a valid judge item: {exc.errors()[0]['msg']}")
         if not cfg.use_async_io:
             return await self._judge_in_process(item)
@@ -374,6 +377,23 @@ async def compute_score(data_source: Any, solution_str: str, ground_truth: Any,
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def sample_member(prompt_ids: Any, response_ids: Any, priority: Any) -> str:
+    """A sample's identity among its group's members (its judge item id, and its member
+    id for the group median).
+
+    Its tokens' :func:`member_id`, so that the copies of the first rows that verl's batch
+    path pads with count as their originals, and verl's per-sample ``priority`` where the
+    batch carries one (verl >= 0.9 gives each sample of a step its place in the batch;
+    the padding copies keep their original's), so that two rollouts of one group that
+    wrote the same tokens are two members. Without ``priority`` (verl < 0.9), such
+    rollouts are one member: the group median waits ``group_settle_s`` before it counts
+    them, and group judging finds their group a member short (its samples end
+    ``timeout`` at the chunk deadline).
+    """
+    member = member_id(prompt_ids, response_ids)
+    return member if priority is None else f"{member}.{int(priority)}"
 
 
 def _get(node: Any, key: str) -> Any:
