@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from rewardq.broker.schemas import JudgeSpec, ResultStatus, ScoreItem, ScoreResult, View
+from rewardq.judge.conversation import prompt_view
 from rewardq.judge.rubrics import RubricBook
 
 __all__ = ["CHARS_PER_TOKEN", "END_OF_TURN_TOKENS", "GROUP_NO_ANSWER", "THINKING_TAGS",
@@ -135,8 +136,9 @@ GROUP_NO_ANSWER = "the rollout has no final answer (it is empty, or its thinking
 
 def view_items(items: Sequence[ScoreItem], spec: JudgeSpec, rubrics: RubricBook
                ) -> list[ScoreItem | ScoreResult]:
-    """Each item as the judge will see it (its response replaced by its view), or its
-    ``no_answer`` result when there is nothing to judge.
+    """Each item as the judge will see it (its response replaced by its view, its prompt
+    by :func:`rewardq.judge.conversation.prompt_view`), or its ``no_answer`` result when
+    there is nothing to judge.
 
     With group judging (``spec.group``) a member with nothing to judge still goes to the
     fleet, with an empty response, so that its group completes; the workers answer it
@@ -154,10 +156,12 @@ def view_items(items: Sequence[ScoreItem], spec: JudgeSpec, rubrics: RubricBook
         shown = rollout_view(item.response, view=view, max_tokens=spec.view_max_tokens,
                              prompt=item.prompt)
         if isinstance(shown, NoAnswer):
-            views.append(ScoreResult.failure(item.id, ResultStatus.NO_ANSWER, shown.reason)
-                         if spec.group is None else item.model_copy(update={"response": ""}))
-        elif shown == item.response:
-            views.append(item)
-        else:
-            views.append(item.model_copy(update={"response": shown}))
+            if spec.group is None:
+                views.append(ScoreResult.failure(item.id, ResultStatus.NO_ANSWER,
+                                                 shown.reason))
+                continue
+            shown = ""
+        update = {"prompt": prompt_view(item.prompt), "response": shown}
+        changed = {k: v for k, v in update.items() if v != getattr(item, k)}
+        views.append(item.model_copy(update=changed) if changed else item)
     return views

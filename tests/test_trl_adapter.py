@@ -26,8 +26,8 @@ from rewardq.integrations.trl import (
     make_async_trl_reward,
     make_sync_trl_reward,
     make_trl_reward,
-    message_text,
 )
+from rewardq.judge.conversation import conversation_text
 from rewardq.judge.verdicts import normalize
 from rewardq.judge_server.grading import expected_raw_score
 from rewardq.judge_server.server import BackgroundJudgeServer
@@ -84,8 +84,8 @@ def grpo_call(conversational: bool = False, *, with_solution: bool = True
 
 def expected_scores(prompts: Sequence[Any], completions: Sequence[Any],
                     references: Sequence[str | None]) -> list[float | None]:
-    return [normalize(expected_raw_score(message_text(p), message_text(c), r))
-            if message_text(c) else None
+    return [normalize(expected_raw_score(conversation_text(p), conversation_text(c), r))
+            if conversation_text(c) else None
             for p, c, r in zip(prompts, completions, references, strict=True)]
 
 
@@ -164,16 +164,6 @@ def test_misaligned_columns_are_a_clear_error(local_judge: BackgroundJudgeServer
         reward(prompts[:-1], completions, **kwargs)
     with pytest.raises(ValueError, match="solution"):
         reward(prompts, completions, solution=kwargs["solution"][:2])
-
-
-def test_message_text_reads_both_formats() -> None:
-    assert message_text("plain") == "plain"
-    assert message_text([{"role": "assistant", "content": "only"}]) == "only"
-    parts = [{"role": "user", "content": [{"type": "text", "text": "a"},
-                                          {"type": "text", "text": "b"}]}]
-    assert message_text(parts) == "ab"
-    assert message_text([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
-                        ) == "system: s\n\nuser: u"
 
 
 def test_fleet_rewards_blocking_and_async(settings: Settings, workers: Any) -> None:

@@ -40,6 +40,7 @@ from verl import DataProto  # noqa: E402
 from verl.protocol import pad_dataproto_to_divisor  # noqa: E402
 
 from rewardq.broker.settings import Settings  # noqa: E402
+from rewardq.judge.conversation import conversation_text  # noqa: E402
 from rewardq.judge.verdicts import normalize  # noqa: E402
 from rewardq.judge_server.grading import expected_raw_score  # noqa: E402
 from rewardq.producer.config import LengthPenaltyConfig  # noqa: E402
@@ -58,6 +59,7 @@ except ImportError:  # pytest put tests/ itself, not the repository root, on sys
 
 TESTS = Path(__file__).resolve().parent
 GROUPS, N = 8, 4
+SYSTEM_PROMPT = "Answer with the final number."
 FILLER = ["let me think step by step.", "first we add.", "then we compute the sum.",
           "hmm wait.", "so the result is it.", "yes."]
 
@@ -79,7 +81,9 @@ def rollouts(seed: int) -> list[dict[str, Any]]:
             response = f"{steps} {a} plus {b} = {value}. the answer is {value}." if steps \
                 else f"the answer is {value}."
             out.append({"prompt": prompt, "response": response,
-                        "truth": str(a + b), "uid": f"uid-{seed}-{g}"})
+                        "truth": str(a + b), "uid": f"uid-{seed}-{g}",
+                        "messages": [{"role": "system", "content": SYSTEM_PROMPT},
+                                     {"role": "user", "content": prompt}]})
     return out
 
 
@@ -87,17 +91,22 @@ def tokenize(tokenizer: Any, samples: list[dict[str, Any]]) -> None:
     for s in samples:
         s["prompt_ids"] = encode(tokenizer, s["prompt"])
         s["response_ids"] = encode(tokenizer, s["response"]) + [tokenizer.eos_token_id]
-        s["prompt_text"] = tokenizer.decode(s["prompt_ids"], skip_special_tokens=True)
+        # What the judge is shown: verl's raw_prompt (the dataset's messages) where the
+        # batch carries it, else the prompt tokens decoded.
+        s["prompt_text"] = conversation_text(s["messages"]) if "messages" in s else \
+            tokenizer.decode(s["prompt_ids"], skip_special_tokens=True)
         s["response_text"] = tokenizer.decode(s["response_ids"], skip_special_tokens=True)
 
 
 def non_tensor(samples: list[dict[str, Any]], first: int = 0) -> dict[str, np.ndarray]:
-    """The columns verl 0.9.1's trainer and agent loop give a batch, ``priority`` included
-    (``AgentLoopManager.generate_sequences``: each sample's position in the step's batch,
-    unique per sample; the padding copies carry their original's)."""
+    """The columns verl 0.9.1's trainer and agent loop give a batch: ``raw_prompt`` (the
+    dataset's chat messages, ``RLHFDataset``) where the samples have messages, and
+    ``priority`` (``AgentLoopManager.generate_sequences``: each sample's position in the
+    step's batch, unique per sample; the padding copies carry their original's)."""
     def column(values: list[Any]) -> np.ndarray:
         out = np.empty(len(values), dtype=object)
-        out[:] = values
+        for i, value in enumerate(values):  # each value whole (a list of messages too)
+            out[i] = value
         return out
     return {
         "priority": np.arange(first, first + len(samples), dtype=np.int64),
@@ -106,6 +115,8 @@ def non_tensor(samples: list[dict[str, Any]], first: int = 0) -> dict[str, np.nd
                                 for s in samples]),
         "extra_info": column([{"index": i, "split": "train"} for i in range(len(samples))]),
         "uid": column([s["uid"] for s in samples]),
+        **({"raw_prompt": column([s["messages"] for s in samples])}
+           if all("messages" in s for s in samples) else {}),
     }
 
 
@@ -264,6 +275,9 @@ def test_batch_path_over_three_workers_in_two_processes(
         assert math.isclose(float(row[last]), outputs[i]["reward_score"], abs_tol=1e-5)
         assert float(row.abs().sum() - row[last].abs()) == 0.0
     assert judge.stats()["requests_total"] == judged_pairs(samples)
+    # The judge read the dataset's messages (verl's raw_prompt), not the decoded tokens.
+    shown = [request["user"] for request in judge.requests()]
+    assert shown and all(f"system: {SYSTEM_PROMPT}\n\nuser: what is " in u for u in shown)
 
 
 def test_streaming_path_one_sample_at_a_time_on_random_processes(

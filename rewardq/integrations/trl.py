@@ -47,6 +47,7 @@ from pydantic import ValidationError
 from rewardq.broker.schemas import ResultStatus, ScoreItem, ScoreResult
 from rewardq.broker.settings import Settings
 from rewardq.integrations.judging import score_each_once, without_invalid
+from rewardq.judge.conversation import conversation_text
 from rewardq.producer.client import RewardClient
 from rewardq.producer.sync_judge import SyncJudge
 
@@ -61,7 +62,6 @@ __all__ = [
     "make_sync_trl_reward",
     "make_trl_reward",
     "merge_results",
-    "message_text",
     "metric_name",
     "report_statuses",
     "score_list",
@@ -82,42 +82,6 @@ SYNC_DEFAULT_NAME = "rewardq_judge_sync"
 #: First part of every metric the adapters log through TRL.
 METRIC_PREFIX = "rewardq"
 DEFAULT_TIMEOUT_S = 600.0
-
-
-def message_text(value: Any) -> str:
-    """A prompt or completion as text, in either of TRL's formats.
-
-    A string is returned as is. A conversation (a list of ``{"role", "content"}``
-    messages, content a string or a list of ``{"type": "text", "text"}`` parts) becomes
-    its single message's content, or, with several messages, ``"role: content"`` blocks
-    separated by blank lines, so the judge sees the system prompt and earlier turns too.
-
-    Args:
-        value: a string, a message dict, or a list of message dicts.
-
-    Returns:
-        The text (empty if there is none).
-    """
-    if isinstance(value, str):
-        return value
-    if isinstance(value, Mapping):
-        return _content(value.get("content"))
-    if isinstance(value, Sequence):
-        messages = [m for m in value if isinstance(m, Mapping)]
-        if len(messages) == 1:
-            return _content(messages[0].get("content"))
-        return "\n\n".join(f"{m.get('role', 'user')}: {_content(m.get('content'))}"
-                           for m in messages)
-    return "" if value is None else str(value)
-
-
-def _content(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, Sequence):
-        return "".join(part if isinstance(part, str) else str(part.get("text", ""))
-                       for part in content if isinstance(part, str | Mapping))
-    return ""
 
 
 def trl_items(prompts: Sequence[Any], completions: Sequence[Any], columns: Mapping[str, Any],
@@ -155,8 +119,8 @@ def trl_items(prompts: Sequence[Any], completions: Sequence[Any], columns: Mappi
     for i, (prompt, completion, reference) in enumerate(zip(prompts, completions, references,
                                                             strict=True)):
         try:
-            items.append(ScoreItem(id=str(i), prompt=message_text(prompt),
-                                   response=message_text(completion),
+            items.append(ScoreItem(id=str(i), prompt=conversation_text(prompt),
+                                   response=conversation_text(completion),
                                    reference=None if reference is None else str(reference)))
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"

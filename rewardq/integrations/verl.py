@@ -59,6 +59,7 @@ from rewardq.broker.errors import InvalidItemError
 from rewardq.broker.schemas import ResultStatus, ScoreItem, ScoreResult
 from rewardq.broker.settings import Settings
 from rewardq.integrations.judging import judge_key, shared_result
+from rewardq.judge.conversation import conversation_text
 from rewardq.producer.async_client import AsyncRewardClient
 from rewardq.producer.config import LengthPenaltyConfig
 from rewardq.producer.groups import GroupMedian, GroupMedians, GroupStatus, member_id
@@ -195,7 +196,7 @@ class RewardqRewardManager(RewardManagerBase):  # type: ignore[misc,valid-type,u
 
         tokenizer: Any = self.tokenizer  # any Hugging Face tokenizer
         prompt_text, response_text = await loop.run_in_executor(None, lambda: (
-            tokenizer.decode(prompt_ids, skip_special_tokens=True),
+            _prompt_text(non_tensor.get("raw_prompt"), tokenizer, prompt_ids),
             tokenizer.decode(response_ids, skip_special_tokens=True)))
         rule, rule_extra = await self._rule(data_source, response_text, ground_truth,
                                             extra_info)
@@ -377,6 +378,19 @@ async def compute_score(data_source: Any, solution_str: str, ground_truth: Any,
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _prompt_text(raw_prompt: Any, tokenizer: Any, prompt_ids: list[int]) -> str:
+    """The question the judge is shown: verl's ``raw_prompt`` (the dataset's chat
+    messages, which verl >= 0.8 keeps beside the tokens) as a conversation, else the
+    prompt tokens decoded without their special tokens."""
+    if isinstance(raw_prompt, str):
+        return raw_prompt
+    if raw_prompt is not None and not isinstance(raw_prompt, Mapping):
+        text = conversation_text(list(raw_prompt))
+        if text:
+            return text
+    return str(tokenizer.decode(prompt_ids, skip_special_tokens=True))
 
 
 def sample_member(prompt_ids: Any, response_ids: Any, priority: Any) -> str:
