@@ -38,6 +38,10 @@ TEAM_A = "tok-a-" + "A" * 26
 TOKENS = {"REWARDQ_API_TOKENS": f"team-a:{TEAM_A}"}
 AUTH_A = {"Authorization": f"Bearer {TEAM_A}"}
 END_OF_TURN = "<|im_end|>"
+#: ChatML, the chat template of Qwen's instruct models.
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] "
+          "+ '<|im_end|>\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
 # ---------------------------------------------------------------------- the clients' world
@@ -268,6 +272,24 @@ def test_a_chat_end_of_turn_token_never_reaches_the_judge(
     assert slime == [expected({"prompt": "[eot-slime] What is 40 + 2?",
                                "response": "The answer is 42.", "reference": "42"})[0]]
     assert not [r for r in judge.requests() if END_OF_TURN in r["user"]]
+    # --apply_chat_template: OpenRLHF's dataset renders each prompt with the tokenizer's
+    # chat template (ChatML here, as Qwen's); the judge reads the question, not the markup.
+    tokenizer.chat_template = CHATML
+    chat = [math_item(i, "chat") for i in range(4)]
+    for item in chat:
+        item["question"] = item["prompt"]
+        item["prompt"] = tokenizer.apply_chat_template(
+            [{"role": "user", "content": item["question"]}], tokenize=False,
+            add_generation_prompt=True)
+        assert item["prompt"].startswith("<|im_start|>user\n[chat] What is")
+    before = judge.stats()["requests_total"]
+    outputs = run_openrlhf_011(with_token(gateway, "/get_reward"), chat)
+    assert [o["reward"] for o in outputs] == [[expected(i)[0]] for i in chat]
+    shown = [r["user"] for r in judge.requests()[-len(chat):]]
+    assert judge.stats()["requests_total"] == before + len(chat)
+    assert sorted(i["question"] for i in chat) == sorted(
+        q for u in shown for q in (i["question"] for i in chat) if q in u)
+    assert not [u for u in shown if "<|im_start|>" in u or "<|im_end|>" in u]
     # --reward.remote_url URL,URL splits each one-rollout batch: the second URL gets
     # empty lists, answered with empty lists; the reward comes from the first.
     split = run_openrlhf_011([with_token(gateway, "/get_reward")] * 2, items[:2])
