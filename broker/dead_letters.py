@@ -2,8 +2,11 @@
 
 Redis schema (``rewardq.broker.keys``)::
 
-    rewardq:dead:index  ZSET    letter id -> failed-at unix time
-    rewardq:dead:<id>   STRING  JSON ``DeadLetter``; TTL ``Settings.dead_letter_ttl_s``
+    rewardq:dead:index            ZSET    letter id -> failed-at unix time
+    rewardq:dead:<id>             STRING  JSON ``DeadLetter``; TTL ``Settings.dead_letter_ttl_s``
+    rewardq:dead:fp:<sha256>      SET     ids of the item letters of one judge fingerprint;
+                                          TTL ``Settings.dead_letter_ttl_s``, renewed per letter
+    rewardq:stats:letters_cleared STRING  letters cleared by a later verdict (INCRBY)
 
 A worker records a chunk's letters in one MULTI pipeline, which also trims index entries
 older than the TTL; listing drops index entries whose body has expired since. Letter ids
@@ -11,9 +14,27 @@ are deterministic (``<task id>.<position>`` for an item, ``<task id>`` for a chu
 chunk redelivered after a crash that fails again overwrites its letters instead of
 doubling them.
 
+A letter is about work, and the same work can succeed later: a judge outage fails an
+item, then the gateway or the trainer sends it again and it gets its verdict. A letter
+left behind would be a false failure: it would keep the dead-letter count up, and a
+replay would judge again what already has a verdict. So an item letter that ended
+``failed`` or ``budget_exceeded`` carries the judge fingerprint of its work
+(``rewardq.broker.keys.judge_fingerprint``, of the item as the worker received it) and is
+indexed under it; once a chunk holds a verdict for a fingerprint, one Lua script deletes
+the letters indexed under it (bodies and index entries, atomically) and adds their number
+to ``rewardq:stats:letters_cleared``. The worker sends that script in the same MULTI
+pipeline as the chunk's own letters: one round trip per chunk, none for a chunk with
+neither a letter nor a verdict (``settle``). ``invalid`` letters and chunk letters carry
+no fingerprint and stay until replayed, purged or expired: what made them fail is in the
+item or the message itself, so the same work does not succeed later. A letter recorded
+just after the verdict that would have cleared it (two chunks of the same work racing)
+stays too, until the next verdict for that work or its TTL.
+
 Replay takes each letter out (GETDEL and ZREM in one MULTI) before sending its work
 again, so two replays of one letter cannot both send it: the second finds nothing and
-says so. Work that fails again is dead-lettered again, under the replay's task id.
+says so. Work that fails again is dead-lettered again, under the replay's task id. A
+fingerprint set may still name letters replayed or purged since: clearing skips ids
+whose body is gone, and the set expires with its letters.
 """
 
 from __future__ import annotations
@@ -31,16 +52,40 @@ from typing import Any, TypeVar
 import redis
 from celery import Celery, states
 from pydantic import BaseModel, ConfigDict
+from redis.exceptions import NoScriptError
 
 from rewardq.broker.app import create_app
 from rewardq.broker.connections import redis_client
 from rewardq.broker.errors import BrokerUnavailableError, DeadLetterNotFound
 from rewardq.broker.jobs import item_results, read_chunks, send_chunk
-from rewardq.broker.keys import DEAD_INDEX, dead_letter_key
+from rewardq.broker.keys import (
+    DEAD_INDEX,
+    DEAD_LETTERS_CLEARED,
+    dead_fingerprint_key,
+    dead_letter_key,
+)
 from rewardq.broker.settings import Settings
 
 REPLAY_JOB_PREFIX = "replay-"
 T = TypeVar("T")
+
+#: Clears the letters indexed under fingerprint sets. KEYS: the index, the cleared
+#: counter, then one set per fingerprint; ARGV[1]: the prefix of the letters' body keys.
+#: Counts only the bodies it deleted (a set may name letters replayed or purged since).
+#: The body keys are read from the sets, so they are not in KEYS: one Redis, no cluster.
+_CLEAR_LUA = """
+local cleared = 0
+for i = 3, #KEYS do
+  local ids = redis.call('SMEMBERS', KEYS[i])
+  for _, id in ipairs(ids) do
+    cleared = cleared + redis.call('DEL', ARGV[1] .. id)
+    redis.call('ZREM', KEYS[1], id)
+  end
+  if #ids > 0 then redis.call('DEL', KEYS[i]) end
+end
+if cleared > 0 then redis.call('INCRBY', KEYS[2], cleared) end
+return cleared
+"""
 
 
 class LetterKind(enum.StrEnum):
@@ -61,6 +106,9 @@ class DeadLetter(BaseModel):
         attempts: judge calls made for the item (0 when none was made).
         payload: the item's JSON for an item; the task's positional args for a chunk.
         spec: the ``JudgeSpec`` JSON the item was to be judged with (items only).
+        fingerprint: the judge fingerprint of the item's work, for the letters that a
+            later verdict for that work clears (``failed`` and ``budget_exceeded`` item
+            letters); ``None`` for the others.
         received_at: when the worker received the work (unix time).
         failed_at: when it was dead-lettered (unix time).
     """
@@ -81,6 +129,7 @@ class DeadLetter(BaseModel):
     worker: str | None = None
     payload: Any = None
     spec: dict[str, Any] | None = None
+    fingerprint: str | None = None
     received_at: float | None = None
     failed_at: float
 
@@ -118,6 +167,7 @@ class DeadLetters:
         self._settings = settings
         self._app = app
         self._own_app = False
+        self._clear = client.register_script(_CLEAR_LUA)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DeadLetters:
@@ -144,15 +194,60 @@ class DeadLetters:
         Raises:
             redis.RedisError: Redis is unreachable (the worker retries the chunk).
         """
-        if not letters:
-            return
-        ttl = self._settings.dead_letter_ttl_s
+        self.settle(letters, ())
+
+    def settle(self, letters: Sequence[DeadLetter], succeeded: Iterable[str]) -> int:
+        """Store ``letters``, and clear the letters of the judge fingerprints in
+        ``succeeded`` (work that now has a verdict), in one MULTI pipeline: one round
+        trip, none when both are empty. Returns how many letters were cleared.
+
+        Clearing runs after the new letters are stored, so a letter for work that has a
+        verdict already is cleared at once: the verdict supersedes it.
+
+        Raises:
+            redis.RedisError: Redis is unreachable (the worker retries the chunk).
+        """
+        fingerprints = list(dict.fromkeys(succeeded))
+        if not letters and not fingerprints:
+            return 0
+        keys = [DEAD_INDEX, DEAD_LETTERS_CLEARED,
+                *(dead_fingerprint_key(fp) for fp in fingerprints)]
         with self._redis.pipeline(transaction=True) as pipe:
-            for letter in letters:
-                pipe.set(dead_letter_key(letter.id), letter.model_dump_json(), ex=ttl)
-            pipe.zadd(DEAD_INDEX, {letter.id: letter.failed_at for letter in letters})
-            pipe.zremrangebyscore(DEAD_INDEX, "-inf", f"({time.time() - ttl}")
-            pipe.execute()
+            if letters:
+                self._queue_record(pipe, letters)
+            if fingerprints:
+                pipe.evalsha(self._clear.sha, len(keys), *keys, dead_letter_key(""))
+            replies = pipe.execute(raise_on_error=False)
+        cleared = replies[-1] if fingerprints else 0
+        if isinstance(cleared, NoScriptError):
+            # First use on this Redis (or its script cache was flushed): the letters
+            # above are stored; the script object loads the script and runs it.
+            replies[-1] = cleared = self._clear(keys=keys, args=[dead_letter_key("")])
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return int(cleared)
+
+    def cleared(self) -> int:
+        """How many letters later verdicts for the same work have cleared, in all.
+
+        Raises:
+            BrokerUnavailableError: Redis is unreachable.
+        """
+        return _redis_call(lambda: int(self._redis.get(DEAD_LETTERS_CLEARED) or 0))
+
+    def _queue_record(self, pipe: redis.client.Pipeline, letters: Sequence[DeadLetter]) -> None:
+        """Queue on ``pipe`` the commands storing ``letters`` (bodies, index, and the
+        fingerprint sets of the letters that carry one)."""
+        ttl = self._settings.dead_letter_ttl_s
+        for letter in letters:
+            pipe.set(dead_letter_key(letter.id), letter.model_dump_json(), ex=ttl)
+            if letter.fingerprint is not None:
+                fingerprint_key = dead_fingerprint_key(letter.fingerprint)
+                pipe.sadd(fingerprint_key, letter.id)
+                pipe.expire(fingerprint_key, ttl)
+        pipe.zadd(DEAD_INDEX, {letter.id: letter.failed_at for letter in letters})
+        pipe.zremrangebyscore(DEAD_INDEX, "-inf", f"({time.time() - ttl}")
 
     def count(self) -> int:
         """How many letters the index holds (expired ones included until the next list)."""

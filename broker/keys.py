@@ -20,6 +20,13 @@ key                                    type    meaning, TTL
 ``rewardq:dead:<id>``                  STRING  JSON dead letter (payload, error, attempts,
                                                step, timestamps); TTL
                                                ``Settings.dead_letter_ttl_s``
+``rewardq:dead:fp:<sha256>``           SET     ids of the ``failed`` / ``budget_exceeded``
+                                               item letters of one judge fingerprint, so a
+                                               later verdict for that work clears them
+                                               (``rewardq.broker.dead_letters``); may name
+                                               letters replayed or purged since; TTL
+                                               ``Settings.dead_letter_ttl_s``, renewed per
+                                               letter
 ``rewardq:rl:<model>:rpm``             STRING  GCRA theoretical arrival time (requests)
 ``rewardq:rl:<model>:tpm``             STRING  GCRA theoretical arrival time (tokens)
 ``rewardq:worker:<node>``              STRING  JSON ``rewardq.broker.fleet.WorkerBeat`` of one live
@@ -60,6 +67,8 @@ key                                    type    meaning, TTL
                                                submit, never enqueued (INCRBY); no TTL
 ``rewardq:stats:cache_evictions``      STRING  cache entries deleted to make room (INCRBY);
                                                no TTL
+``rewardq:stats:letters_cleared``      STRING  item dead letters cleared because the same
+                                               work later got a verdict (INCRBY); no TTL
 ``rewardq:budget:run:<run>``           HASH    the judge budget of one run, in integer
                                                nano-USD (``BUDGET_UNITS_PER_USD``):
                                                ``limit``, ``step_limit`` (absent or ``none``
@@ -118,6 +127,9 @@ WORKER_INDEX = f"{PREFIX}:workers"
 SUBMIT_CACHE_HITS = f"{PREFIX}:stats:submit_cache_hits"
 #: Counter of cache entries deleted to make room (``rewardq.workers.cache``).
 CACHE_EVICTIONS = f"{PREFIX}:stats:cache_evictions"
+#: Counter of item dead letters cleared by a later verdict for the same work
+#: (``rewardq.broker.dead_letters``).
+DEAD_LETTERS_CLEARED = f"{PREFIX}:stats:letters_cleared"
 #: Index of the runs whose judge budget is kept (``budget_key``).
 BUDGET_RUNS = f"{PREFIX}:budget:runs"
 #: The unit of the budget hashes' amounts: nano-dollars (integers add up exactly).
@@ -204,6 +216,11 @@ def inflight_key(fingerprint: str) -> str:
 def dead_letter_key(letter_id: str) -> str:
     """Key of one dead letter's JSON body."""
     return f"{PREFIX}:dead:{letter_id}"
+
+
+def dead_fingerprint_key(fingerprint: str) -> str:
+    """Key of the set of item dead letters recorded for one judge fingerprint."""
+    return f"{PREFIX}:dead:fp:{fingerprint}"
 
 
 def rate_limit_key(model: str, dimension: str) -> str:

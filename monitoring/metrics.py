@@ -18,6 +18,7 @@ metric                                                type       labels
 ``rewardq_rate_limit_wait_seconds_total``             counter
 ``rewardq_retries_total``                             counter    reason
 ``rewardq_dead_letters_total``                        counter    kind
+``rewardq_dead_letters_cleared_total``                counter
 ``rewardq_chunks_total``                              counter    status
 ``rewardq_items_total``                               counter    status
 ``rewardq_fleet_workers_up``                          gauge
@@ -176,7 +177,8 @@ class WorkerMetrics:
         self._endpoint_breaker: dict[str, float] = {}
         self._endpoint_failovers: dict[str, float] = {}
         self._scalars = {"cache_hits": 0.0, "cache_misses": 0.0, "dedup_waits": 0.0,
-                         "rate_limit_waits": 0.0, "rate_limit_wait_seconds": 0.0}
+                         "rate_limit_waits": 0.0, "rate_limit_wait_seconds": 0.0,
+                         "dead_letters_cleared": 0.0}
         self.registry.register(_Collector(self))
 
     # -- hot path -----------------------------------------------------------------
@@ -231,6 +233,11 @@ class WorkerMetrics:
         """A dead letter of ``kind`` (e.g. ``item``, ``chunk``) was recorded."""
         with self._lock:
             self._dead_letters[kind] = self._dead_letters.get(kind, 0.0) + 1
+
+    def dead_letters_cleared(self, n: int) -> None:
+        """``n`` item dead letters were cleared: the same work got a verdict since."""
+        with self._lock:
+            self._scalars["dead_letters_cleared"] += n
 
     def usage(self, model: str, prompt_tokens: int, completion_tokens: int,
               cost_usd: float, *, reasoning_tokens: int = 0) -> None:
@@ -362,7 +369,9 @@ class _Collector(Collector):
                 ("cache_misses", "Fingerprints not in the cache when claimed."),
                 ("dedup_waits", "Items that waited for another caller's judge call."),
                 ("rate_limit_waits", "Judge calls held back by the fleet-wide rate limiter."),
-                ("rate_limit_wait_seconds", "Seconds judge calls waited for the rate limiter.")):
+                ("rate_limit_wait_seconds", "Seconds judge calls waited for the rate limiter."),
+                ("dead_letters_cleared", "Item dead letters cleared: the same work got a "
+                                         "verdict since.")):
             yield _counter(name, doc, [], {(): s.scalars[name]})
         yield _counter("retries", "Judge calls retried, by reason.", ["reason"],
                        {(k,): v for k, v in s.retries.items()})

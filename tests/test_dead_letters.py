@@ -20,8 +20,14 @@ from rewardq.broker.app import QUEUE_JUDGE, TASK_SCORE_CHUNK, create_app
 from rewardq.broker.dead_letters import DeadLetter, DeadLetters, LetterKind
 from rewardq.broker.embedded import free_port
 from rewardq.broker.errors import BrokerUnavailableError, DeadLetterNotFound
-from rewardq.broker.keys import DEAD_INDEX, dead_letter_key
-from rewardq.broker.schemas import JudgeSpec, ResultStatus
+from rewardq.broker.keys import (
+    DEAD_INDEX,
+    DEAD_LETTERS_CLEARED,
+    dead_fingerprint_key,
+    dead_letter_key,
+    judge_fingerprint,
+)
+from rewardq.broker.schemas import JudgeSpec, ResultStatus, ScoreItem
 from rewardq.broker.settings import Settings
 from rewardq.producer.client import RewardClient
 from rewardq.stack import JudgeProcess, settings_env
@@ -38,14 +44,16 @@ def letters(settings: Settings) -> Iterator[DeadLetters]:
 
 
 def item_letter(n: int, *, step: int | None = 3, failed_at: float | None = None,
-                item: dict[str, Any] | None = None) -> DeadLetter:
+                item: dict[str, Any] | None = None, reason: str = "failed",
+                fingerprint: str | None = None) -> DeadLetter:
     """A dead letter for item ``n`` of a made-up chunk."""
     payload = item or make_items(n + 1, "dl")[n]
-    return DeadLetter(id=f"job-0.{n}", kind=LetterKind.ITEM, reason="failed",
+    return DeadLetter(id=f"job-0.{n}", kind=LetterKind.ITEM, reason=reason,
                       error="judge answered HTTP 500: boom", attempts=3, job_id="job",
                       chunk_index=0, position=n, item_id=payload.get("id"), step=step,
                       task_id="job-0", worker="w0@host", payload=payload, spec=SPEC,
-                      received_at=time.time() - 1, failed_at=failed_at or time.time() + n)
+                      fingerprint=fingerprint, received_at=time.time() - 1,
+                      failed_at=failed_at or time.time() + n)
 
 
 def queued_messages(settings: Settings) -> list[tuple[str, list[Any]]]:
@@ -172,6 +180,31 @@ def test_purge_deletes_the_letters_given_or_all(letters: DeadLetters) -> None:
     assert letters.list() == [] and letters.count() == 0 and letters.purge() == 0
 
 
+def test_a_verdict_for_the_same_work_clears_its_letters_and_counts_them(
+        letters: DeadLetters, settings: Settings) -> None:
+    letters.record([item_letter(0, fingerprint="f1"),
+                    item_letter(1, reason="budget_exceeded", fingerprint="f1"),
+                    item_letter(2, fingerprint="f2"), item_letter(3, fingerprint="f3"),
+                    item_letter(4, reason="invalid")])
+    client = redis.Redis.from_url(settings.broker_url)
+    try:
+        set_ttl = client.ttl(dead_fingerprint_key("f1"))
+        letters.replay(["job-0.3"])  # taken out: its fingerprint set still names it
+
+        cleared = letters.settle([], ["f1", "f3", "f9", "f1"])
+        again = letters.settle([], ["f1"])
+        left_sets = client.exists(dead_fingerprint_key("f1"), dead_fingerprint_key("f3"))
+        left_bodies = client.exists(*(dead_letter_key(f"job-0.{n}") for n in (0, 1, 3)))
+    finally:
+        client.close()
+
+    assert 0 < set_ttl <= settings.dead_letter_ttl_s
+    assert (cleared, again) == (2, 0)  # the replayed letter is not counted
+    assert left_sets == 0 and left_bodies == 0
+    assert [letter.id for letter in letters.list()] == ["job-0.4", "job-0.2"]
+    assert letters.count() == 2 and letters.cleared() == 2
+
+
 def test_an_unreachable_redis_is_a_broker_unavailable_error() -> None:
     dead = DeadLetters.from_settings(Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0"))
     try:
@@ -275,6 +308,40 @@ def test_a_replayed_item_that_fails_again_is_dead_lettered_again(
     assert {letter.id for letter in second}.isdisjoint({letter.id for letter in first})
     assert all(letter.job_id == replay.job_id for letter in second)
     assert judge.stats()["requests_total"] == 6  # permanent: one call per item per run
+
+
+@pytest.mark.timeout(180)
+def test_an_item_scored_ok_later_clears_its_dead_letter(
+        settings: Settings, workers, judge: JudgeProcess, letters: DeadLetters) -> None:
+    """A failed item's letter goes once the same item is scored ok (a trainer or the
+    gateway sending it again); the letter of an item not sent again stays."""
+    judge.configure(error_rate=1.0, error_kinds=["400"])
+    workers(1)
+    healed, still_failed = make_items(2, "superseded")
+    with RewardClient(settings) as client:
+        failed = client.score([healed, still_failed], timeout=60)
+        before = letters.list()
+        judge.configure(error_rate=0.0)
+        (again,) = client.score([healed], timeout=60)
+    after = letters.list()
+    by_item = {letter.item_id: letter for letter in before}
+    sets = redis.Redis.from_url(settings.broker_url)
+    try:
+        counter = sets.get(DEAD_LETTERS_CLEARED)
+        healed_set, kept_set = (sets.exists(dead_fingerprint_key(by_item[i["id"]].fingerprint))
+                                for i in (healed, still_failed))
+    finally:
+        sets.close()
+
+    assert [r.status for r in failed] == [ResultStatus.FAILED, ResultStatus.FAILED]
+    assert sorted(by_item) == [healed["id"], still_failed["id"]]
+    for letter in before:  # the fingerprint of the item as the worker received it
+        assert letter.fingerprint == judge_fingerprint(
+            JudgeSpec.model_validate(letter.spec), ScoreItem.model_validate(letter.payload))
+    assert again.status is ResultStatus.OK and again.score == expected(healed)[0]
+    assert [letter.item_id for letter in after] == [still_failed["id"]]
+    assert letters.count() == 1 and (healed_set, kept_set) == (0, 1)
+    assert int(counter) == 1 and letters.cleared() == 1
 
 
 @pytest.mark.timeout(180)
