@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench docs install clean
+.PHONY: demo test test-fast test-install lint bench docs install clean
 
 # torch first, pinned, and CPU: the demo and the tests need no GPU. Where the CPU wheel is
 # not the default (PyPI on Linux resolves torch to the CUDA build, several GB), point
@@ -33,6 +33,12 @@ test: $(STAMP)
 # `processes`): pure modules and the judge client on an in-memory transport, in under a minute.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not processes" -q
+
+# The install checks, from the wheel built from this checkout: fresh lean venvs (the core
+# install, and a worker from rewardq[worker]) and rewardq[trainer] resolved beside verl and
+# TRL. Minutes of pip, so outside `make test`; CI runs them after it.
+test-install: $(STAMP)
+	REWARDQ_TEST_LEAN_INSTALL=1 REWARDQ_TEST_PIP_CHECK=1 $(BIN)/python -m pytest -m install
 
 lint: $(STAMP)
 	$(BIN)/ruff check broker judge workers producer gateway monitoring judge_server rewardq tests \

