@@ -5,7 +5,8 @@ pipeline and one HTTP scrape per worker):
 
 - queue depth: ``LLEN rewardq.judge`` (chunks waiting; kombu's base priority list);
   in progress: ``HLEN unacked`` (chunks delivered to a worker and not yet acked);
-- dead letters: ``ZCARD rewardq:dead:index``;
+- dead letters: ``ZCARD rewardq:dead:index``; cleared by a later verdict of the same work:
+  ``rewardq:stats:letters_cleared``;
 - workers: their heartbeats in Redis (``rewardq.broker.fleet``: pid, queues, age of the last
   beat; a worker whose last beat is older than two beat periods is shown ``down``, and
   one whose beat expired is gone), with Celery ``inspect stats`` (pool size, chunks
@@ -44,7 +45,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from rewardq.broker.app import QUEUE_JUDGE, TASK_SCORE_CHUNK, create_app
 from rewardq.broker.connections import redis_client
 from rewardq.broker.fleet import BEAT_INTERVAL_S, live_workers
-from rewardq.broker.keys import CACHE_EVICTIONS, DEAD_INDEX, SUBMIT_CACHE_HITS
+from rewardq.broker.keys import (
+    CACHE_EVICTIONS,
+    DEAD_INDEX,
+    DEAD_LETTERS_CLEARED,
+    SUBMIT_CACHE_HITS,
+)
 from rewardq.broker.settings import Settings
 from rewardq.budget_cli import BudgetState, read_budget
 from rewardq.monitoring.metrics import INSPECT_COMMAND
@@ -152,6 +158,8 @@ class StatsSnapshot:
     dead_letters: int
     workers: list[WorkerRow]
     metrics: FleetMetrics | None
+    #: letters cleared because the same work got a verdict later (ever)
+    dead_letters_cleared: int = 0
     endpoints_scraped: int = 0
     errors: list[str] = field(default_factory=list)
     submit_cache_hits: int = 0
@@ -205,7 +213,8 @@ def collect(app: Celery, client: redis.Redis, *, timeout_s: float = 1.0,
         pipe.zcard(DEAD_INDEX)
         pipe.get(SUBMIT_CACHE_HITS)
         pipe.get(CACHE_EVICTIONS)
-        depth, in_progress, dead, submit_hits, cache_evictions = pipe.execute()
+        pipe.get(DEAD_LETTERS_CLEARED)
+        depth, in_progress, dead, submit_hits, cache_evictions, cleared = pipe.execute()
     try:
         memory, redis_stats = client.info("memory"), client.info("stats")
     except redis.ResponseError:  # a managed Redis that refuses INFO
@@ -239,6 +248,7 @@ def collect(app: Celery, client: redis.Redis, *, timeout_s: float = 1.0,
     budget = read_budget(client, budget_run) if budget_run is not None else None
     return StatsSnapshot(taken_at=time.time(), queue_depth=int(depth),
                          in_progress=int(in_progress), dead_letters=int(dead),
+                         dead_letters_cleared=int(cleared or 0),
                          workers=rows, metrics=metrics, endpoints_scraped=scraped,
                          errors=errors, submit_cache_hits=int(submit_hits or 0),
                          budget=budget, redis_used_bytes=memory.get("used_memory"),
@@ -302,7 +312,9 @@ def render(current: StatsSnapshot, previous: StatsSnapshot | None = None, *,
     lines = [f"rewardq stats  {when}" + ("  (Ctrl-C quits)" if live else ""), "",
              f"queue depth     {current.queue_depth:>10,} chunks waiting"
              f"   in progress {current.in_progress:,}",
-             f"dead letters    {current.dead_letters:>10,}",
+             f"dead letters    {current.dead_letters:>10,}"
+             + (f"   {current.dead_letters_cleared:,} cleared by a later verdict"
+                if current.dead_letters_cleared else ""),
              f"workers         {current.workers_up:>10,} up"
              + (f", {len(current.workers) - current.workers_up} down"
                 if current.workers_up < len(current.workers) else "")

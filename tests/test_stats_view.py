@@ -122,3 +122,15 @@ def test_reasoning_tokens_and_cut_replies_reach_the_operators_view() -> None:
     shown = render(StatsSnapshot(taken_at=0.0, queue_depth=0, in_progress=0, dead_letters=0,
                                  workers=[], metrics=fleet))
     assert "(cut 2)" in shown and "(1,700 reasoning)" in shown
+
+
+def test_dead_letters_cleared_by_a_later_verdict_are_shown_beside_the_count() -> None:
+    from rewardq.stats_view import StatsSnapshot, render
+
+    quiet = StatsSnapshot(taken_at=0.0, queue_depth=0, in_progress=0, dead_letters=2,
+                          workers=[], metrics=None)
+    assert "cleared" not in render(quiet)
+    cleared = StatsSnapshot(taken_at=0.0, queue_depth=0, in_progress=0, dead_letters=2,
+                            workers=[], metrics=None, dead_letters_cleared=1_500)
+    line = next(x for x in render(cleared).splitlines() if x.startswith("dead letters"))
+    assert line.split()[2] == "2" and "1,500 cleared by a later verdict" in line

@@ -6,8 +6,10 @@ What the task guarantees, whatever arrives on the queue:
   is dead-lettered with its reason and fails alone; the worker goes on.
 - A bad item inside a good chunk becomes an ``invalid`` result naming its field; the
   other items are scored.
-- Items that fail for good (``failed``, ``invalid``) are dead-lettered, one pipeline per
-  chunk, before the chunk's results are stored.
+- Items that fail for good (``failed``, ``invalid``, ``budget_exceeded``) are
+  dead-lettered, one pipeline per chunk, before the chunk's results are stored; in the
+  same round trip, the chunk's ``ok`` verdicts clear the ``failed`` and
+  ``budget_exceeded`` letters of the same work (``rewardq.workers.dead_lettering``).
 - A Redis outage inside a chunk does not fail its items, wherever it hits (cache,
   in-flight locks, rate limiter, dead letters): the chunk is scored again in place after
   a backoff (finished items come from the cache) until ``Settings.redis_retry_s`` or the
