@@ -30,15 +30,18 @@ Message = dict[str, str]
 # One turn of each template: the role, then the content up to the turn's end (or the next
 # turn, or the end of the prompt: the generation prompt has no end).
 _TURNS = (
-    # ChatML: <|im_start|>user\n...<|im_end|>
-    re.compile(r"<\|im_start\|>(?P<role>\w+)\n?(?P<content>.*?)"
+    # ChatML: <|im_start|>user\n...<|im_end|> (Phi-4: <|im_start|>user<|im_sep|>...)
+    re.compile(r"<\|im_start\|>(?P<role>\w+)(?:<\|im_sep\|>|\n)?(?P<content>.*?)"
                r"(?:<\|im_end\|>|(?=<\|im_start\|>)|\Z)", re.DOTALL),
     # Llama 3: <|start_header_id|>user<|end_header_id|>\n\n...<|eot_id|>
     re.compile(r"<\|start_header_id\|>(?P<role>\w+)<\|end_header_id\|>(?P<content>.*?)"
                r"(?:<\|eot_id\|>|(?=<\|start_header_id\|>)|\Z)", re.DOTALL),
-    # gpt-oss (harmony): <|start|>user<|message|>...<|end|>
-    re.compile(r"<\|start\|>(?P<role>\w+)(?:<\|channel\|>\w+)?(?:<\|message\|>)?"
-               r"(?P<content>.*?)(?:<\|end\|>|<\|return\|>|(?=<\|start\|>)|\Z)", re.DOTALL),
+    # gpt-oss (harmony): <|start|>user<|message|>...<|end|>; a tool call's header carries
+    # its recipient and constraint (<|start|>assistant<|channel|>commentary to=f
+    # <|constrain|>json<|message|>...<|call|>)
+    re.compile(r"<\|start\|>(?P<role>\w+)[^<]*(?:<\|channel\|>[^<]*)?"
+               r"(?:<\|constrain\|>[^<]*)?(?:<\|message\|>)?(?P<content>.*?)"
+               r"(?:<\|end\|>|<\|return\|>|<\|call\|>|(?=<\|start\|>)|\Z)", re.DOTALL),
     # Gemma: <start_of_turn>user\n...<end_of_turn>
     re.compile(r"<start_of_turn>(?P<role>\w+)\n?(?P<content>.*?)"
                r"(?:<end_of_turn>|(?=<start_of_turn>)|\Z)", re.DOTALL),
@@ -54,7 +57,12 @@ _TURNS = (
 )
 _BEGIN = re.compile(r"<\|begin_of_text\|>|<｜begin▁of▁sentence｜>|<bos>|<s>")
 _LLAMA2_SYSTEM = re.compile(r"<<SYS>>\n?(?P<system>.*?)\n?<</SYS>>", re.DOTALL)
-_THINKING = re.compile(r"<(think|thinking|reasoning)>.*?(?:</\1>|\Z)", re.DOTALL)
+#: Thinking blocks, closed or left open, and a closing tag alone (a non-thinking mode's
+#: generation prompt closes the block the model would open).
+_THINKING = re.compile(r"<(think|thinking|reasoning)>.*?(?:</\1>|\Z)"
+                       r"|</(?:think|thinking|reasoning)>", re.DOTALL)
+#: What may stand between two turns, or before the first: whitespace and BOS tokens.
+_BETWEEN = re.compile(r"(?:\s|<\|begin_of_text\|>|<｜begin▁of▁sentence｜>|<bos>|<s>)*")
 _ROLES = {"model": "assistant", "User": "user", "Assistant": "assistant",
           "developer": "system"}
 
@@ -88,7 +96,7 @@ def read_chat_template(prompt: str) -> list[Message] | None:
         return None
     for turn in _TURNS:
         matches = list(turn.finditer(prompt))
-        if not matches:
+        if not matches or not _rendered(prompt, matches):
             continue
         messages: list[Message] = []
         before = _clean(_BEGIN.sub("", prompt[:matches[0].start()]))
@@ -105,9 +113,24 @@ def read_chat_template(prompt: str) -> list[Message] | None:
 
 def prompt_view(prompt: str) -> str:
     """What the judge is shown of a prompt: a rendered chat template as its conversation
-    (:func:`conversation_text`), anything else as it is."""
+    (:func:`conversation_text`), anything else (and a template with no text in it) as it
+    is."""
     messages = read_chat_template(prompt)
-    return prompt if messages is None else conversation_text(messages)
+    shown = conversation_text(messages) if messages is not None else ""
+    return shown if shown.strip() else prompt
+
+
+def _rendered(prompt: str, matches: list[re.Match[str]]) -> bool:
+    """Whether the turns found make up the whole prompt, as a template renders it: the
+    prompt starts with the first turn (after BOS tokens; DeepSeek's system prompt may come
+    first, after its BOS) and nothing but whitespace lies between turns. A prompt that
+    only mentions a template's marker ("what does <|im_start|> mean?") is no rendering."""
+    head = prompt[:matches[0].start()]
+    if _BETWEEN.fullmatch(head) is None and not (
+            prompt.startswith("<｜begin▁of▁sentence｜>") and "｜>" in matches[0][0]):
+        return False
+    return all(_BETWEEN.fullmatch(prompt, a.end(), b.start()) is not None
+               for a, b in zip(matches, matches[1:], strict=False))
 
 
 def _messages(match: re.Match[str]) -> list[Message]:

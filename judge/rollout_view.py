@@ -37,7 +37,7 @@ from rewardq.judge.conversation import prompt_view
 from rewardq.judge.rubrics import RubricBook
 
 __all__ = ["CHARS_PER_TOKEN", "END_OF_TURN_TOKENS", "GROUP_NO_ANSWER", "THINKING_TAGS",
-           "NoAnswer", "final_answer", "rollout_view", "view_items"]
+           "NoAnswer", "ends_inside_thinking", "final_answer", "rollout_view", "view_items"]
 
 #: The estimate of text length in tokens used wherever rewardq sizes text before a call.
 CHARS_PER_TOKEN = 4
@@ -79,7 +79,7 @@ def rollout_view(response: str, *, view: View = "final_answer", max_tokens: int 
     """
     text = _END_OF_TURN.sub("", response) if "<" in response else response
     if view == "final_answer":
-        answer = final_answer(text, opened=_ends_inside_thinking(prompt))
+        answer = final_answer(text, opened=ends_inside_thinking(prompt))
         if answer is None:
             return NoAnswer("the rollout's thinking was never closed (cut at the policy's "
                             "length limit?): it has no final answer to judge")
@@ -109,7 +109,9 @@ def final_answer(text: str, *, opened: bool = False) -> str | None:
     return None if opened or _OPEN.search(text) else text
 
 
-def _ends_inside_thinking(prompt: str) -> bool:
+def ends_inside_thinking(prompt: str) -> bool:
+    """Whether ``prompt`` ends inside an open thinking block (a generation prompt that
+    opens ``<think>``, as R1-style chat templates write it): its rollout starts inside."""
     if "<" not in prompt:
         return False
     tail = prompt[-4096:]

@@ -109,10 +109,39 @@ def test_chatml_reads_back_the_messages_it_rendered(contents: list[str]) -> None
     "Compare a < b and b > c: which is larger?",
     "Explain the HTML tag <div> and the list [1, 2].",
     "",
+    # prompts that mention a template's markers are no rendering of one
+    "Explain what <|im_start|>user means in ChatML.",
+    "In Mistral prompts, [INST] starts an instruction and [/INST] ends it. Why?",
+    "What does <|user|> do in Phi-3?",
+    "Parse <|start|>user<|message|>hi<|end|> as harmony.",
+    "Explain the <｜User｜> token of DeepSeek.",
 ])
 def test_a_prompt_in_no_template_is_shown_as_it_is(prompt: str) -> None:
     assert read_chat_template(prompt) is None
     assert prompt_view(prompt) == prompt
+
+
+@pytest.mark.parametrize("prompt", ["<|im_start|>assistant\n", "<start_of_turn>model\n",
+                                    "[INST][/INST]"])
+def test_a_template_with_no_text_in_it_is_shown_as_it_is(prompt: str) -> None:
+    """An empty view would be no prompt at all: the item would be invalid."""
+    assert prompt_view(prompt) == prompt
+
+
+@pytest.mark.parametrize(("rendered", "shown"), [
+    # Phi-4: ChatML with <|im_sep|> after the role
+    ("<|im_start|>system<|im_sep|>Be brief.<|im_end|><|im_start|>user<|im_sep|>What is 2+2?"
+     "<|im_end|><|im_start|>assistant<|im_sep|>", "system: Be brief.\n\nuser: What is 2+2?"),
+    # DeepSeek V3.1 in non-thinking mode: the generation prompt closes the thinking
+    ("<｜begin▁of▁sentence｜><｜User｜>What is 2+2?<｜Assistant｜></think>", "What is 2+2?"),
+    # gpt-oss: a tool call and its result
+    ("<|start|>user<|message|>Weather?<|end|><|start|>assistant<|channel|>commentary "
+     "to=functions.get_weather <|constrain|>json<|message|>{}<|call|>"
+     "<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>sunny"
+     "<|end|><|start|>assistant", "user: Weather?\n\nassistant: {}\n\nfunctions: sunny"),
+])
+def test_variants_of_the_templates(rendered: str, shown: str) -> None:
+    assert prompt_view(rendered) == shown
 
 
 def test_the_judge_items_carry_the_prompts_view_and_the_thinking_it_opened_counts() -> None:

@@ -499,3 +499,37 @@ def test_rollouts_as_policies_write_them_complete_the_step(
     assert stats["requests_with_thinking"] == 0, stats
     assert stats["requests_with_end_of_turn"] == 0, stats
     assert stats["max_response_chars"] < 40_000, stats  # the 200k answer, capped
+
+
+def test_a_generation_prompt_that_opens_thinking_still_counts_with_raw_prompt(
+        verl_config: Any, judge: JudgeProcess, tmp_path: Path) -> None:
+    """R1-style templates end the prompt tokens with ``<think>``: the rollout starts inside
+    it. The judge reads the question from ``raw_prompt`` (which has no generation prompt),
+    and still a rollout cut inside that thinking has no final answer (``no_answer``, no
+    call), while one that closes it is judged on what follows."""
+    tokenizer = build_tokenizer()
+    tokenizer.add_tokens(REASONING_TOKENS)
+    tokenizer.save_pretrained(tmp_path / "reasoning-tokenizer")
+    verl_config.actor_rollout_ref.model.path = str(tmp_path / "reasoning-tokenizer")
+    rewardq_options = verl_config.reward.reward_kwargs.rewardq
+    rewardq_options.judge_when = "always"
+    rewardq_options.use_async_io = False  # the in-process judge: no workers needed
+    cases = [("let me think step by step. first we add. </think> so the answer is 5.", "ok"),
+             ("hmm wait. so the result is it. " * 20, "no_answer")]
+    verl_config.actor_rollout_ref.rollout.n = len(cases)
+    samples = [{"prompt": "what is 2 plus 3? <think>", "response": response, "truth": "5",
+                "uid": "uid-opened", "outcome": outcome,
+                "messages": [{"role": "user", "content": "what is 2 plus 3?"}]}
+               for response, outcome in cases]
+    tokenize(tokenizer, samples)
+    assert tokenizer.decode(samples[0]["prompt_ids"]).endswith("<think>")
+
+    with harness(verl_config, 1) as only:
+        outputs = only.submit(verl_harness.compute_score_batch, 0, padded_batch(
+            samples, tokenizer.pad_token_id)).result(timeout=180)
+
+    assert [o["reward_extra_info"]["judge_status"] for o in outputs] == ["ok", "no_answer"]
+    assert judge.stats()["requests_total"] == 1
+    [request] = judge.requests()
+    assert "what is 2 plus 3?" in request["user"] and "<think>" not in request["user"]
+    assert "so the answer is 5." in request["user"] and "first we add" not in request["user"]

@@ -60,6 +60,7 @@ from rewardq.broker.schemas import ResultStatus, ScoreItem, ScoreResult
 from rewardq.broker.settings import Settings
 from rewardq.integrations.judging import judge_key, shared_result
 from rewardq.judge.conversation import conversation_text
+from rewardq.judge.rollout_view import THINKING_TAGS, ends_inside_thinking
 from rewardq.producer.async_client import AsyncRewardClient
 from rewardq.producer.config import LengthPenaltyConfig
 from rewardq.producer.groups import GroupMedian, GroupMedians, GroupStatus, member_id
@@ -195,8 +196,8 @@ class RewardqRewardManager(RewardManagerBase):  # type: ignore[misc,valid-type,u
         uid = None if uid is None else str(uid)
 
         tokenizer: Any = self.tokenizer  # any Hugging Face tokenizer
-        prompt_text, response_text = await loop.run_in_executor(None, lambda: (
-            _prompt_text(non_tensor.get("raw_prompt"), tokenizer, prompt_ids),
+        (prompt_text, opened), response_text = await loop.run_in_executor(None, lambda: (
+            _judge_prompt(non_tensor.get("raw_prompt"), tokenizer, prompt_ids),
             tokenizer.decode(response_ids, skip_special_tokens=True)))
         rule, rule_extra = await self._rule(data_source, response_text, ground_truth,
                                             extra_info)
@@ -207,8 +208,12 @@ class RewardqRewardManager(RewardManagerBase):  # type: ignore[misc,valid-type,u
         if cfg.enable and cfg.penalty_shape == "group_median":
             group_task = asyncio.ensure_future(self.groups.median(
                 uid, member, length, expected))
-        judged = await self._judge(rule, prompt_text, response_text, ground_truth,
-                                   data_source, uid, member)
+        # A rollout that starts inside the <think> its generation prompt opened shows the
+        # judge that tag, so that a rollout cut inside its thinking has no final answer.
+        judged = await self._judge(rule, prompt_text,
+                                   THINKING_TAGS[0][0] + response_text if opened
+                                   else response_text,
+                                   ground_truth, data_source, uid, member)
         group = await group_task if group_task is not None else GroupMedian(
             float(length), 1, GroupStatus.SINGLE)
         if group.status is GroupStatus.INCOMPLETE:
@@ -380,17 +385,28 @@ async def compute_score(data_source: Any, solution_str: str, ground_truth: Any,
 # --------------------------------------------------------------------------- helpers
 
 
-def _prompt_text(raw_prompt: Any, tokenizer: Any, prompt_ids: list[int]) -> str:
-    """The question the judge is shown: verl's ``raw_prompt`` (the dataset's chat
-    messages, which verl >= 0.8 keeps beside the tokens) as a conversation, else the
-    prompt tokens decoded without their special tokens."""
-    if isinstance(raw_prompt, str):
-        return raw_prompt
+#: Prompt tokens decoded to see whether the generation prompt opened a thinking block.
+_PROMPT_TAIL_TOKENS = 32
+
+
+def _judge_prompt(raw_prompt: Any, tokenizer: Any, prompt_ids: list[int]
+                  ) -> tuple[str, bool]:
+    """The question the judge is shown, and whether the rollout starts inside a thinking
+    block that the generation prompt opened.
+
+    The question is verl's ``raw_prompt`` (the dataset's chat messages, which verl >= 0.8
+    keeps beside the tokens) as a conversation, else the prompt tokens decoded without
+    their special tokens. The messages do not hold the generation prompt, so whether it
+    opened ``<think>`` (R1-style templates) is read from the last prompt tokens.
+    """
     if raw_prompt is not None and not isinstance(raw_prompt, Mapping):
-        text = conversation_text(list(raw_prompt))
-        if text:
-            return text
-    return str(tokenizer.decode(prompt_ids, skip_special_tokens=True))
+        text = raw_prompt if isinstance(raw_prompt, str) else conversation_text(
+            list(raw_prompt))
+        if text.strip():
+            tail = tokenizer.decode(prompt_ids[-_PROMPT_TAIL_TOKENS:],
+                                    skip_special_tokens=True)
+            return text, ends_inside_thinking(str(tail))
+    return str(tokenizer.decode(prompt_ids, skip_special_tokens=True)), False
 
 
 def sample_member(prompt_ids: Any, response_ids: Any, priority: Any) -> str:
@@ -407,7 +423,7 @@ def sample_member(prompt_ids: Any, response_ids: Any, priority: Any) -> str:
     ``timeout`` at the chunk deadline).
     """
     member = member_id(prompt_ids, response_ids)
-    return member if priority is None else f"{member}.{int(priority)}"
+    return member if priority is None else f"{member}.{str(priority)[:64]}"
 
 
 def _get(node: Any, key: str) -> Any:
