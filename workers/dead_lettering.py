@@ -12,6 +12,8 @@
   ``budget_exceeded`` item letters carry the judge fingerprint of the item as the worker
   received it, and each chunk's ``ok`` results clear the letters of their fingerprints,
   in the same Redis round trip as the chunk's own letters (none for a chunk with neither).
+  Without letters of its own, a chunk clears best effort: a full or unreachable Redis
+  never holds its results for housekeeping.
   An ``invalid`` letter is never cleared this way: the item (or its group) is what is
   wrong, so the same work cannot succeed later; it waits for a replay or a purge.
 
@@ -26,6 +28,8 @@ import logging
 import time
 from collections.abc import Sequence
 from typing import Any
+
+import redis
 
 from rewardq.broker.dead_letters import DeadLetter, DeadLetters, LetterKind
 from rewardq.broker.errors import InvalidItemError
@@ -70,12 +74,28 @@ class DeadLetterHook(WorkerHook):
         letters = item_letters(run, results, fingerprints)
         succeeded = [fp for fp, result in zip(fingerprints, results, strict=True)
                      if fp is not None and result.status is ResultStatus.OK]
-        cleared = self.letters.settle(letters, succeeded)
+        if letters:  # what failed must be kept: retried through outages like the results
+            cleared = self.letters.settle(letters, succeeded)
+        else:
+            cleared = self._clear(run, succeeded)
         self._count(letters)
         if cleared:
             log.info("cleared %d dead letter(s): the same work got a verdict in chunk %s",
                      cleared, run.task_id)
             self._metrics.dead_letters_cleared(cleared)
+
+    def _clear(self, run: ChunkRun, succeeded: Sequence[str]) -> int:
+        """Clear the letters of work that now has a verdict, best effort: clearing is
+        housekeeping, so a chunk's results never wait for it (a full or unreachable
+        Redis); the letters stay until a later verdict, a replay, a purge or their TTL."""
+        if not succeeded:
+            return 0
+        try:
+            return self.letters.settle((), succeeded)
+        except redis.RedisError as exc:
+            log.debug("chunk %s: dead letters of its verdicts not cleared: %s",
+                      run.task_id, exc)
+            return 0
 
     def chunk_failed(self, run: ChunkRun, reason: str, error: BaseException) -> None:
         chunk = run.chunk
