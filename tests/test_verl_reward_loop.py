@@ -387,6 +387,33 @@ def test_a_streamed_validation_sample_does_not_wait_for_a_training_sized_group(
     assert out["reward_score"] == rule("arith", sample["response_text"], sample["truth"])
 
 
+def test_group_judging_judges_a_validation_sample_alone(
+        verl_config: Any, workers, judge: JudgeProcess) -> None:
+    """Group judging on (groups of N in training): a validation sample (``val_kwargs.n``
+    is 1) is judged alone, at once, instead of waiting for members that never come."""
+    import asyncio
+
+    from rewardq.producer.rewards import exact_final_answer as rule
+
+    workers(1)
+    rewardq_options = verl_config.reward.reward_kwargs.rewardq
+    rewardq_options.judge_when = "always"
+    rewardq_options.settings.judge_group_mode = "listwise"
+    rewardq_options.settings.judge_group_size = N
+    rewardq_options.settings.chunk_deadline_s = 60
+    tokenizer = build_tokenizer()
+    [sample] = rollouts(seed=4)[:1]
+    tokenize(tokenizer, [sample])
+    data = streamed_sample(sample)
+    data.non_tensor_batch["extra_info"][0]["split"] = "test"
+    manager = RewardqRewardManager(verl_config, tokenizer, rule)
+
+    out = asyncio.run(asyncio.wait_for(manager.run_single(data), timeout=50))
+    assert out["reward_extra_info"]["judge_status"] == "ok"
+    assert judge.stats()["requests_total"] == 1
+    assert "rewardq-group" not in judge.requests()[0]["user"]  # a plain call, no group
+
+
 # --------------------------------------------------------------------------- identical rollouts
 
 

@@ -143,6 +143,8 @@ class RewardqRewardManager(RewardManagerBase):  # type: ignore[misc,valid-type,u
         self.settings = Settings(**{**self.options.settings,
                                     **{k: v for k, v in overrides.items() if v}})
         self._client: AsyncRewardClient | None = None
+        #: Clients for groups of another size than group judging's (validation's, say).
+        self._sized_clients: dict[int, AsyncRewardClient] = {}
         self._groups: GroupMedians | None = None
         self._sync_judge: SyncJudge | None = None
         #: In-process judging: the call in flight and the latest ok results, by fingerprint.
@@ -158,6 +160,24 @@ class RewardqRewardManager(RewardManagerBase):  # type: ignore[misc,valid-type,u
             self._client = AsyncRewardClient(self.settings,
                                              window_s=self.options.window_ms / 1000)
         return self._client
+
+    def client_for(self, group_size: int) -> AsyncRewardClient:
+        """The client that judges samples whose groups have ``group_size`` members.
+
+        Group judging (``REWARDQ_JUDGE_GROUP_MODE``) waits for ``judge_group_size``
+        members per uid; groups of another size (validation's ``val_kwargs.n``, often 1)
+        are judged with their own size, and a sample alone is judged alone.
+        """
+        settings = self.settings
+        if settings.judge_group_mode is None or group_size == settings.judge_group_size:
+            return self.client
+        client = self._sized_clients.get(group_size)
+        if client is None:
+            update: dict[str, Any] = ({"judge_group_size": group_size} if group_size >= 2
+                                      else {"judge_group_mode": None})
+            client = self._sized_clients[group_size] = AsyncRewardClient(
+                settings.model_copy(update=update), window_s=self.options.window_ms / 1000)
+        return client
 
     @property
     def groups(self) -> GroupMedians:
@@ -213,7 +233,7 @@ class RewardqRewardManager(RewardManagerBase):  # type: ignore[misc,valid-type,u
         judged = await self._judge(rule, prompt_text,
                                    THINKING_TAGS[0][0] + response_text if opened
                                    else response_text,
-                                   ground_truth, data_source, uid, member)
+                                   ground_truth, data_source, uid, member, expected)
         group = await group_task if group_task is not None else GroupMedian(
             float(length), 1, GroupStatus.SINGLE)
         if group.status is GroupStatus.INCOMPLETE:
@@ -274,7 +294,7 @@ class RewardqRewardManager(RewardManagerBase):  # type: ignore[misc,valid-type,u
         return float(answer), {}
 
     async def _judge(self, rule: float, prompt: str, response: str, ground_truth: Any,
-                     data_source: Any, uid: str | None, member: str
+                     data_source: Any, uid: str | None, member: str, group_size: int
                      ) -> ScoreResult | None:
         cfg = self.config_lp
         if not cfg.enable_openai_reward or (cfg.judge_when == "correct_only" and rule <= 0):
@@ -291,7 +311,7 @@ class RewardqRewardManager(RewardManagerBase):  # type: ignore[misc,valid-type,u
         if not cfg.use_async_io:
             return await self._judge_in_process(item)
         try:
-            return await asyncio.wait_for(self.client.score(item),
+            return await asyncio.wait_for(self.client_for(group_size).score(item),
                                           timeout=cfg.score_timeout_s)
         except InvalidItemError as exc:  # this sample's alone (an unknown rubric, say)
             return ScoreResult.failure(item.id, ResultStatus.INVALID,
