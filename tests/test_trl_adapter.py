@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from rewardq.broker.errors import ConfigError
 from rewardq.broker.settings import Settings
 from rewardq.integrations.trl import (
     ASYNC_DEFAULT_NAME,
@@ -242,3 +243,15 @@ def test_rollouts_as_policies_write_them_in_one_call(
     assert stats["requests_with_thinking"] == 0, stats
     assert stats["requests_with_end_of_turn"] == 0, stats
     assert stats["max_response_chars"] < 40_000, stats  # the 200k answer, capped
+
+
+def test_group_judging_is_refused_at_once_with_the_reason(settings: Settings) -> None:
+    """TRL gives its reward functions no group ids: rather than every completion coming
+    back invalid (None) at each step, building the function says why."""
+    grouped = settings.model_copy(update={"judge_group_mode": "listwise",
+                                          "judge_group_size": GENERATIONS})
+    for factory in (make_trl_reward, make_async_trl_reward):
+        with pytest.raises(ConfigError, match="REWARDQ_JUDGE_GROUP_MODE"):
+            factory(grouped)
+    with pytest.raises(ConfigError, match="group judging"):
+        make_sync_trl_reward(grouped)

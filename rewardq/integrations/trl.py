@@ -44,6 +44,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from rewardq.broker.errors import ConfigError
 from rewardq.broker.schemas import ResultStatus, ScoreItem, ScoreResult
 from rewardq.broker.settings import Settings
 from rewardq.integrations.judging import score_each_once, without_invalid
@@ -202,9 +203,14 @@ def _step(columns: Mapping[str, Any]) -> int | None:
 
 
 def _client(client_or_settings: RewardClient | Settings) -> RewardClient:
-    if isinstance(client_or_settings, Settings):
-        return RewardClient(client_or_settings)
-    return client_or_settings
+    client = RewardClient(client_or_settings) if isinstance(client_or_settings, Settings) \
+        else client_or_settings
+    if client.spec.group is not None:
+        raise ConfigError(
+            "group judging (REWARDQ_JUDGE_GROUP_MODE) needs each completion's GRPO group id, "
+            "which TRL does not give its reward functions: unset REWARDQ_JUDGE_GROUP_MODE "
+            "for the TRL reward functions (verl's reward loop and /v1/score items carry it)")
+    return client
 
 
 def make_trl_reward(client_or_settings: RewardClient | Settings, *,
@@ -229,6 +235,8 @@ def make_trl_reward(client_or_settings: RewardClient | Settings, *,
         (see :func:`report_statuses`).
 
     Raises:
+        ConfigError: the settings ask for group judging, which needs group ids TRL does
+            not pass.
         (from the returned function) BrokerUnavailableError: Redis could not be reached;
         ValueError: prompts or references not aligned with the completions.
     """
