@@ -251,6 +251,28 @@ def streaming_path(config: Any, samples: list[dict[str, Any]], seed: int
     return [o for o in outputs if o is not None]
 
 
+def judge_in_groups(config: Any) -> None:
+    """Group judging on: listwise, groups of N (training's ``rollout.n``), every sample
+    judged; a group that cannot complete ends at a 60 s chunk deadline."""
+    options = config.reward.reward_kwargs.rewardq
+    options.judge_when = "always"
+    options.settings.judge_group_mode = "listwise"
+    options.settings.judge_group_size = N
+    options.settings.chunk_deadline_s = 60
+
+
+def streamed_validation_sample(config: Any, rule: Any
+                               ) -> tuple[RewardqRewardManager, DataProto, dict[str, Any]]:
+    """A manager built from ``config``, and one streamed sample its dataset marks as
+    validation (``extra_info.split``), with the sample it was made from."""
+    tokenizer = build_tokenizer()
+    [sample] = rollouts(seed=4)[:1]
+    tokenize(tokenizer, [sample])
+    data = streamed_sample(sample)
+    data.non_tensor_batch["extra_info"][0]["split"] = "test"
+    return RewardqRewardManager(config, tokenizer, rule), data, sample
+
+
 # --------------------------------------------------------------------------- the tests
 
 
@@ -301,11 +323,7 @@ def test_group_judging_completes_every_group(
     batch path count as their originals, and two rollouts of one group that wrote the same
     text are two members sharing one verdict."""
     workers(2)
-    rewardq_options = verl_config.reward.reward_kwargs.rewardq
-    rewardq_options.judge_when = "always"
-    rewardq_options.settings.judge_group_mode = "listwise"
-    rewardq_options.settings.judge_group_size = N
-    rewardq_options.settings.chunk_deadline_s = 60  # a group that cannot complete ends
+    judge_in_groups(verl_config)
     tokenizer = build_tokenizer()
     samples = rollouts(seed=13)
     samples[1] = dict(samples[0])  # group 0: two members wrote the same text
@@ -373,12 +391,7 @@ def test_a_streamed_validation_sample_does_not_wait_for_a_training_sized_group(
     config = verl_config.copy()
     config.reward.reward_kwargs.rewardq.enable_openai_reward = False
     config.reward.reward_kwargs.rewardq.group_wait_s = 600  # a wait would hang the test
-    tokenizer = build_tokenizer()
-    [sample] = rollouts(seed=4)[:1]
-    tokenize(tokenizer, [sample])
-    data = streamed_sample(sample)
-    data.non_tensor_batch["extra_info"][0]["split"] = "test"
-    manager = RewardqRewardManager(config, tokenizer, rule)
+    manager, data, sample = streamed_validation_sample(config, rule)
 
     out = asyncio.run(asyncio.wait_for(manager.run_single(data), timeout=60))
     info = out["reward_extra_info"]
@@ -396,17 +409,8 @@ def test_group_judging_judges_a_validation_sample_alone(
     from rewardq.producer.rewards import exact_final_answer as rule
 
     workers(1)
-    rewardq_options = verl_config.reward.reward_kwargs.rewardq
-    rewardq_options.judge_when = "always"
-    rewardq_options.settings.judge_group_mode = "listwise"
-    rewardq_options.settings.judge_group_size = N
-    rewardq_options.settings.chunk_deadline_s = 60
-    tokenizer = build_tokenizer()
-    [sample] = rollouts(seed=4)[:1]
-    tokenize(tokenizer, [sample])
-    data = streamed_sample(sample)
-    data.non_tensor_batch["extra_info"][0]["split"] = "test"
-    manager = RewardqRewardManager(verl_config, tokenizer, rule)
+    judge_in_groups(verl_config)
+    manager, data, _ = streamed_validation_sample(verl_config, rule)
 
     out = asyncio.run(asyncio.wait_for(manager.run_single(data), timeout=50))
     assert out["reward_extra_info"]["judge_status"] == "ok"
